@@ -1,0 +1,1 @@
+"""The aggregator service: consumer loop, pure aggregation strategies, Redis model store."""

@@ -1,0 +1,44 @@
+"""Every Redis key fedq uses, in one place.
+
+Per-task keys carry the task in a hash tag (``{task}``) so that one task's keys
+live in one Redis Cluster slot and a commit stays a single-slot transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under a prefix (``fedq`` by default)."""
+
+    prefix: str = "fedq"
+
+    def tasks(self) -> str:
+        """Set of registered task ids."""
+        return f"{self.prefix}:tasks"
+
+    def spec(self, task: str) -> str:
+        """The task's spec (JSON)."""
+        return f"{self.prefix}:{{{task}}}:spec"
+
+    def head(self, task: str) -> str:
+        """The task's head version number."""
+        return f"{self.prefix}:{{{task}}}:head"
+
+    def applied(self, task: str) -> str:
+        """Hash: update id -> the version it was applied in."""
+        return f"{self.prefix}:{{{task}}}:applied"
+
+    def meta(self, task: str, version: int) -> str:
+        """A version's metadata (JSON)."""
+        return f"{self.prefix}:{{{task}}}:v:{version}:meta"
+
+    def lineage(self, task: str, version: int) -> str:
+        """A version's lineage: its ordered input updates with weights (JSON)."""
+        return f"{self.prefix}:{{{task}}}:v:{version}:lineage"
+
+    def blob(self, task: str, version: int) -> str:
+        """A version's parameters (a model envelope, docs/wire-format.md)."""
+        return f"{self.prefix}:{{{task}}}:v:{version}:blob"

@@ -1,0 +1,137 @@
+"""What the store returns: version records, commit outcomes, verification reports."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import StoreError
+from common.hashing import LineageEntry
+
+#: Free-form, JSON-serialisable facts about how a version was made (strategy, settings).
+Info = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """A version's metadata and lineage (everything but its parameters)."""
+
+    task: str
+    version: int
+    parent: int | None
+    param_hash: bytes
+    version_hash: bytes
+    created_at: float
+    lineage: tuple[LineageEntry, ...] = ()
+    info: Info = field(default_factory=dict)
+
+    def meta_json(self) -> bytes:
+        """The metadata document stored in Redis."""
+        return json.dumps(
+            {
+                "task": self.task,
+                "version": self.version,
+                "parent": self.parent,
+                "param_hash": self.param_hash.hex(),
+                "version_hash": self.version_hash.hex(),
+                "created_at": self.created_at,
+                "updates": len(self.lineage),
+                "info": dict(self.info),
+            },
+            sort_keys=True,
+        ).encode()
+
+    @staticmethod
+    def lineage_json(lineage: tuple[LineageEntry, ...]) -> bytes:
+        """The lineage document stored in Redis."""
+        return json.dumps(
+            [
+                {
+                    "update_id": e.update_id,
+                    "participant": e.participant,
+                    "base_version": e.base_version,
+                    "staleness": e.staleness,
+                    "weight": e.weight,
+                    "content_hash": e.content_hash.hex(),
+                }
+                for e in lineage
+            ]
+        ).encode()
+
+    @classmethod
+    def from_json(cls, meta: bytes, lineage: bytes) -> VersionRecord:
+        """Rebuild a record from its two stored documents."""
+        try:
+            m = json.loads(meta)
+            entries = tuple(
+                LineageEntry(
+                    update_id=str(e["update_id"]),
+                    participant=str(e["participant"]),
+                    base_version=int(e["base_version"]),
+                    staleness=int(e["staleness"]),
+                    weight=float(e["weight"]),
+                    content_hash=bytes.fromhex(e["content_hash"]),
+                )
+                for e in json.loads(lineage)
+            )
+            return cls(
+                task=str(m["task"]),
+                version=int(m["version"]),
+                parent=None if m["parent"] is None else int(m["parent"]),
+                param_hash=bytes.fromhex(m["param_hash"]),
+                version_hash=bytes.fromhex(m["version_hash"]),
+                created_at=float(m["created_at"]),
+                lineage=entries,
+                info=dict(m.get("info", {})),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"stored version record is unreadable: {e}") from e
+
+
+class CommitOutcome(enum.Enum):
+    """How a commit ended. Only COMMITTED changed anything."""
+
+    COMMITTED = "committed"
+    #: The parent is no longer the head: another writer committed first.
+    LOST_RACE = "lost_race"
+    #: At least one update id was already applied in an earlier version.
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """The outcome of a commit and, when it committed, the new version's record."""
+
+    outcome: CommitOutcome
+    record: VersionRecord | None = None
+    #: The head seen when the commit was refused as a lost race.
+    head: int | None = None
+    #: update id -> version it was already applied in (DUPLICATE).
+    duplicates: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def committed(self) -> bool:
+        """Whether the version was written."""
+        return self.outcome is CommitOutcome.COMMITTED
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The result of recomputing a task's hash chain from what the store holds."""
+
+    task: str
+    checked: int
+    #: The recomputed hash of the last version checked.
+    head_hash: bytes
+    first_bad_version: int | None = None
+    reason: str = ""
+    #: Versions whose parameters were pruned: their stored parameter hash was trusted.
+    unverified_params: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every checked version matched."""
+        return self.first_bad_version is None

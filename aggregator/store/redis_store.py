@@ -1,0 +1,386 @@
+"""The model store on Redis (redis.asyncio), or in-process on fakeredis.
+
+Writes are optimistic transactions (WATCH/MULTI/EXEC): a commit names its parent
+version and succeeds only if the parent is still the head and none of its update
+ids was applied before. A lost race is an expected outcome, returned, not raised.
+Redis errors are converted to :class:`~common.errors.StoreError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import fakeredis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from aggregator.store.keys import Keys
+from aggregator.store.records import (
+    CommitOutcome,
+    CommitResult,
+    Info,
+    VerifyReport,
+    VersionRecord,
+)
+from common.errors import (
+    BlobPrunedError,
+    DecodeError,
+    NotFoundError,
+    StoreError,
+    TaskConflictError,
+)
+from common.hashing import GENESIS_PARENT, LineageEntry, lineage_bytes, version_hash
+from common.spec import TaskSpec
+from common.wire import DecodeLimits, ModelEnvelope, Tensors, decode_model, encode_model
+from common.wire import tensors_hash as compute_tensors_hash
+
+#: Blobs are our own, written by us: allow large models, keep every other check.
+_BLOB_LIMITS = DecodeLimits(max_message_bytes=4 * 1024**3, max_tensor_bytes=16 * 1024**3)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """How the store names its keys and which parameter blobs it keeps."""
+
+    prefix: str = "fedq"
+    #: Keep the parameters of the newest N versions (and always version 0, where
+    #: replay starts); None keeps all. Metadata and lineage are never dropped.
+    keep_blobs: int | None = None
+    #: Codec of stored parameter blobs.
+    blob_codec: str = "zstd"
+
+    def __post_init__(self) -> None:
+        if self.keep_blobs is not None and self.keep_blobs < 1:
+            raise ValueError("keep_blobs must be at least 1 (the head) or None")
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """A client for ``url``; ``memory://`` gives a private in-process Redis (fakeredis)."""
+    if url.startswith("memory://"):
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        return aioredis.Redis.from_url(url)
+    except (ValueError, RedisError) as e:
+        raise StoreError(f"invalid Redis URL {url!r}: {e}") from e
+
+
+@asynccontextmanager
+async def _redis_errors(action: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except WatchError:
+        raise
+    except RedisError as e:
+        raise StoreError(f"Redis failed while {action}: {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    version: int
+    blob: bytes
+    param_hash: bytes
+    version_hash: bytes
+
+
+class RedisModelStore:
+    """Model versions, lineage and applied update ids of every task."""
+
+    def __init__(self, redis: aioredis.Redis, config: StoreConfig | None = None) -> None:
+        self._r = redis
+        self.config = config or StoreConfig()
+        self.keys = Keys(self.config.prefix)
+
+    async def close(self) -> None:
+        """Close the Redis connection pool."""
+        await self._r.aclose()
+
+    async def ping(self) -> bool:
+        """Whether Redis answers."""
+        try:
+            return bool(await self._r.ping())
+        except RedisError:
+            return False
+
+    # ------------------------------------------------------------------ tasks
+
+    async def register_task(self, spec: TaskSpec) -> bool:
+        """Register a task; True if new. The same spec again is a no-op; another one conflicts."""
+        key = self.keys.spec(spec.task_id)
+        doc = spec.to_json().encode()
+        async with _redis_errors("registering a task"):
+            created = await self._r.set(key, doc, nx=True)
+            if not created:
+                existing = await self._r.get(key)
+                if existing is not None and TaskSpec.from_json(existing) != spec:
+                    raise TaskConflictError(
+                        f"task {spec.task_id!r} is registered with another spec"
+                    )
+            await self._r.sadd(self.keys.tasks(), spec.task_id)
+        return bool(created)
+
+    async def get_spec(self, task: str) -> TaskSpec:
+        """The task's spec."""
+        async with _redis_errors("reading a task spec"):
+            doc = await self._r.get(self.keys.spec(task))
+        if doc is None:
+            raise NotFoundError(f"task {task!r} is not registered")
+        return TaskSpec.from_json(doc)
+
+    async def tasks(self) -> list[str]:
+        """Registered task ids, sorted."""
+        async with _redis_errors("listing tasks"):
+            members = await self._r.smembers(self.keys.tasks())
+        return sorted(_as_bytes(m).decode() for m in members)
+
+    # ------------------------------------------------------------------ reads
+
+    async def head(self, task: str) -> int | None:
+        """The head version, or None before version 0 exists."""
+        async with _redis_errors("reading the head"):
+            raw = await self._r.get(self.keys.head(task))
+        return None if raw is None else int(raw)
+
+    async def get_version(self, task: str, version: int) -> VersionRecord:
+        """A version's metadata and lineage."""
+        async with _redis_errors("reading a version"):
+            meta, lineage = await self._r.mget(
+                self.keys.meta(task, version), self.keys.lineage(task, version)
+            )
+        if meta is None or lineage is None:
+            raise NotFoundError(f"task {task!r} has no version {version}")
+        return VersionRecord.from_json(_as_bytes(meta), _as_bytes(lineage))
+
+    async def get_head(self, task: str) -> VersionRecord:
+        """The head version's record."""
+        head = await self.head(task)
+        if head is None:
+            raise NotFoundError(f"task {task!r} has no versions")
+        return await self.get_version(task, head)
+
+    async def get_blob(self, task: str, version: int) -> bytes:
+        """A version's parameters as stored: a model envelope (docs/wire-format.md)."""
+        async with _redis_errors("reading parameters"):
+            blob = await self._r.get(self.keys.blob(task, version))
+            if blob is None:
+                exists = await self._r.exists(self.keys.meta(task, version))
+        if blob is None:
+            if exists:
+                raise BlobPrunedError(
+                    f"parameters of {task!r} version {version} were dropped by retention"
+                )
+            raise NotFoundError(f"task {task!r} has no version {version}")
+        return _as_bytes(blob)
+
+    async def get_params(self, task: str, version: int) -> ModelEnvelope:
+        """A version's parameters, decoded and checked against their content hash."""
+        blob = await self.get_blob(task, version)
+        try:
+            return await asyncio.to_thread(decode_model, blob, _BLOB_LIMITS)
+        except DecodeError as e:
+            raise StoreError(f"stored parameters of {task!r} v{version} are corrupt: {e}") from e
+
+    async def applied_in(self, task: str, update_ids: Sequence[str]) -> dict[str, int]:
+        """For those of ``update_ids`` already applied: the version each went into."""
+        if not update_ids:
+            return {}
+        async with _redis_errors("reading applied update ids"):
+            found = await self._r.hmget(self.keys.applied(task), list(update_ids))
+        return {u: int(v) for u, v in zip(update_ids, found, strict=True) if v is not None}
+
+    # ------------------------------------------------------------------ writes
+
+    async def create_genesis(
+        self, task: str, params: Tensors, info: Info | None = None
+    ) -> VersionRecord:
+        """Create version 0 of a registered task; refuses if any version exists."""
+        await self.get_spec(task)
+        prepared = await asyncio.to_thread(self._prepare, task, 0, GENESIS_PARENT, params, ())
+        record = VersionRecord(
+            task=task,
+            version=0,
+            parent=None,
+            param_hash=prepared.param_hash,
+            version_hash=prepared.version_hash,
+            created_at=time.time(),
+            info=dict(info or {}),
+        )
+        head_key = self.keys.head(task)
+        async with _redis_errors("creating version 0"), self._r.pipeline() as pipe:
+            try:
+                await pipe.watch(head_key)
+                if await pipe.get(head_key) is not None:
+                    raise TaskConflictError(f"task {task!r} already has versions")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                self._queue_version(pipe, record, prepared.blob)
+                await pipe.execute()
+            except WatchError:
+                raise TaskConflictError(
+                    f"task {task!r} got version 0 from another writer"
+                ) from None
+        return record
+
+    async def commit(
+        self,
+        task: str,
+        *,
+        parent: int,
+        params: Tensors,
+        lineage: Sequence[LineageEntry],
+        info: Info | None = None,
+    ) -> CommitResult:
+        """Commit version ``parent + 1`` atomically, with its lineage and applied ids.
+
+        Returns LOST_RACE when ``parent`` is not the head (another writer won) and
+        DUPLICATE when an update id was applied before; nothing is written then.
+        """
+        entries = tuple(lineage)
+        ids = [e.update_id for e in entries]
+        if len(set(ids)) != len(ids):
+            raise StoreError("a version's lineage lists the same update id twice")
+        parent_record = await self.get_version(task, parent)
+        prepared = await asyncio.to_thread(
+            self._prepare, task, parent + 1, parent_record.version_hash, params, entries
+        )
+        record = VersionRecord(
+            task=task,
+            version=parent + 1,
+            parent=parent,
+            param_hash=prepared.param_hash,
+            version_hash=prepared.version_hash,
+            created_at=time.time(),
+            lineage=entries,
+            info=dict(info or {}),
+        )
+        head_key, applied_key = self.keys.head(task), self.keys.applied(task)
+        async with _redis_errors("committing a version"), self._r.pipeline() as pipe:
+            try:
+                await pipe.watch(head_key, applied_key)
+                raw_head = await pipe.get(head_key)
+                head = None if raw_head is None else int(raw_head)
+                if head != parent:
+                    return CommitResult(CommitOutcome.LOST_RACE, head=head)
+                if ids:
+                    found = await pipe.hmget(applied_key, ids)
+                    dups = {u: int(v) for u, v in zip(ids, found, strict=True) if v is not None}
+                    if dups:
+                        return CommitResult(CommitOutcome.DUPLICATE, head=head, duplicates=dups)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                self._queue_version(pipe, record, prepared.blob)
+                if ids:
+                    pipe.hset(applied_key, mapping=dict.fromkeys(ids, record.version))
+                self._queue_prune(pipe, task, record.version)
+                await pipe.execute()
+            except WatchError:
+                return CommitResult(CommitOutcome.LOST_RACE, head=await self.head(task))
+        return CommitResult(CommitOutcome.COMMITTED, record=record, head=record.version)
+
+    def _prepare(
+        self,
+        task: str,
+        version: int,
+        parent_hash: bytes,
+        params: Tensors,
+        lineage: tuple[LineageEntry, ...],
+    ) -> _Prepared:
+        """Hash and encode off the event loop (CPU work)."""
+        param_hash = compute_tensors_hash(params)
+        vh = version_hash(
+            task=task,
+            version=version,
+            parent_hash=parent_hash,
+            param_hash=param_hash,
+            lineage=lineage_bytes(lineage),
+        )
+        blob, _ = encode_model(
+            ModelEnvelope(
+                task=task,
+                version=version,
+                tensors=params,
+                version_hash=vh,
+                codec=self.config.blob_codec,
+            )
+        )
+        return _Prepared(version, blob, param_hash, vh)
+
+    def _queue_version(self, pipe: Any, record: VersionRecord, blob: bytes) -> None:
+        k, task, v = self.keys, record.task, record.version
+        pipe.set(k.blob(task, v), blob)
+        pipe.set(k.meta(task, v), record.meta_json())
+        pipe.set(k.lineage(task, v), VersionRecord.lineage_json(record.lineage))
+        pipe.set(k.head(task), v)
+
+    def _queue_prune(self, pipe: Any, task: str, version: int) -> None:
+        keep = self.config.keep_blobs
+        if keep is not None and (old := version - keep) > 0:
+            pipe.delete(self.keys.blob(task, old))
+
+    # ------------------------------------------------------------------ audit
+
+    async def verify_chain(self, task: str, *, to_version: int | None = None) -> VerifyReport:
+        """Recompute every version's parameter hash and chained hash from stored data.
+
+        Parameters are re-hashed from their blobs; pruned blobs fall back to the stored
+        parameter hash (reported as unverified). The chain is recomputed to the end
+        from recomputed hashes, so ``head_hash`` shows the effect of any divergence;
+        the report names the first version that diverges and why.
+        """
+        head = await self.head(task) if to_version is None else to_version
+        if head is None:
+            raise NotFoundError(f"task {task!r} has no versions")
+        parent_hash = GENESIS_PARENT
+        unverified: list[int] = []
+        first_bad: int | None = None
+        reason = ""
+        for v in range(head + 1):
+            record = await self.get_version(task, v)
+            param_hash, problem = await self._recompute_param_hash(task, record)
+            if problem is None and param_hash is None:
+                unverified.append(v)
+            recomputed = version_hash(
+                task=task,
+                version=v,
+                parent_hash=parent_hash,
+                param_hash=param_hash if param_hash is not None else record.param_hash,
+                lineage=lineage_bytes(record.lineage),
+            )
+            if problem is None and recomputed != record.version_hash:
+                problem = "version hash differs from the recorded one (lineage or chain altered)"
+            if problem is not None and first_bad is None:
+                first_bad, reason = v, problem
+            parent_hash = recomputed
+        return VerifyReport(task, head + 1, parent_hash, first_bad, reason, tuple(unverified))
+
+    async def _recompute_param_hash(
+        self, task: str, record: VersionRecord
+    ) -> tuple[bytes | None, str | None]:
+        """(recomputed parameter hash or None if pruned, the problem found or None)."""
+        try:
+            blob = await self.get_blob(task, record.version)
+        except BlobPrunedError:
+            return None, None
+        try:
+            env = await asyncio.to_thread(decode_model, blob, _BLOB_LIMITS)
+        except DecodeError as e:
+            # Still a hash, so the head's recomputed hash shows the damage.
+            return compute_blob_digest(blob), f"parameters do not decode ({e.reason}: {e.detail})"
+        if env.content_hash != record.param_hash:
+            return env.content_hash, "parameter hash differs from the recorded one"
+        if env.version_hash != record.version_hash or env.version != record.version:
+            return env.content_hash, "parameter blob names another version or version hash"
+        return env.content_hash, None
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    # The client is created without decode_responses, so replies are bytes.
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def compute_blob_digest(blob: bytes) -> bytes:
+    """SHA-256 of an undecodable blob's bytes (only to propagate damage along the chain)."""
+    return hashlib.sha256(blob).digest()

@@ -1,0 +1,1 @@
+"""What the aggregator and the participant share: wire format, codecs, specs, errors."""

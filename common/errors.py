@@ -1,0 +1,56 @@
+"""The one exception hierarchy of fedq.
+
+Every error fedq raises on purpose derives from :class:`FedqError`. Third-party
+exceptions (msgpack, zstandard, redis, aio-pika, torch) are converted where they
+enter our code, with the original kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class FedqError(Exception):
+    """Root of every error fedq raises on purpose."""
+
+
+class DecodeError(FedqError):
+    """Bytes that are not a valid envelope.
+
+    ``reason`` is a short machine-readable code (used as the dead-letter reason and
+    as a metrics label); ``detail`` is for humans.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class EncodeError(FedqError):
+    """Values that cannot be put on the wire (bad ids, unsupported dtype, too large)."""
+
+
+class SpecError(FedqError):
+    """An invalid task or model specification."""
+
+
+class StoreError(FedqError):
+    """The model store failed or was asked for something it does not hold."""
+
+
+class NotFoundError(StoreError):
+    """A task or version the store does not hold."""
+
+
+class BlobPrunedError(NotFoundError):
+    """The parameters of a version were dropped by the retention policy.
+
+    Its metadata and lineage are still there.
+    """
+
+
+class TaskConflictError(StoreError):
+    """A task registered again with a different spec, or version 0 created twice."""
+
+
+class ConfigError(FedqError):
+    """Invalid configuration given at the command line, in the environment or a file."""

@@ -1,0 +1,62 @@
+"""Models built deterministically from a spec and a seed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.dtypes import wire_name
+from common.spec import ModelSpec, TaskSpec
+from common.wire import Tensors, TensorSpec
+
+
+def build_model(spec: ModelSpec, input_dim: int, seed: int) -> nn.Sequential:
+    """A binary classifier (one logit out) whose initial weights depend only on the seed.
+
+    Weights are drawn from a private generator, so building a model neither reads
+    nor changes torch's global random state.
+    """
+    if input_dim < 1:
+        raise ValueError("input_dim must be at least 1")
+    layers: list[nn.Module] = []
+    width = input_dim
+    for h in spec.hidden:
+        layers.append(nn.Linear(width, h))
+        layers.append(nn.ReLU() if spec.activation == "relu" else nn.Tanh())
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    layers.append(nn.Linear(width, 1))
+    model = nn.Sequential(*layers)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def build_task_model(task: TaskSpec) -> nn.Sequential:
+    """The task's model with the task's seed."""
+    return build_model(task.model, task.input_dim, task.seed)
+
+
+def model_tensors(model: nn.Module) -> Tensors:
+    """The model's parameters and buffers, detached, in state_dict order."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def tensor_specs(tensors: Tensors) -> dict[str, TensorSpec]:
+    """Names, shapes and wire dtypes, for validating incoming envelopes."""
+    specs: dict[str, TensorSpec] = {}
+    for name, t in tensors.items():
+        dtype = wire_name(t.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
+        specs[name] = TensorSpec(shape=tuple(t.shape), dtype=dtype)
+    return specs

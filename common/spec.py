@@ -1,0 +1,166 @@
+"""Task specifications: the model, the features and target, the mode and its settings.
+
+A task spec is what every party agrees on before training starts. It is plain
+data (pydantic models, JSON or TOML on disk); everything is validated when it is
+built, so a bad spec fails with a reason at the edge, never deep in a run.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import SpecError
+from common.ids import NAME_RE
+
+Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$")]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NumericFeature(_Spec):
+    """A numeric column, standardised with statistics shared by every participant."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["numeric"] = "numeric"
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+    #: Value used for a missing cell before scaling; the mean when unset.
+    fill: float | None = None
+
+
+class CategoricalFeature(_Spec):
+    """A categorical column, one-hot encoded over a fixed vocabulary plus 'unknown'."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["categorical"] = "categorical"
+    vocabulary: tuple[str, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        if len(set(self.vocabulary)) != len(self.vocabulary):
+            raise ValueError(f"vocabulary of {self.name!r} has repeated values")
+        return self
+
+
+Feature = Annotated[NumericFeature | CategoricalFeature, Field(discriminator="kind")]
+
+
+class TargetSpec(_Spec):
+    """The binary target column; ``positive`` names the value of class 1 when it is not 1."""
+
+    name: str = Field(min_length=1)
+    positive: str | None = None
+
+
+class ModelSpec(_Spec):
+    """A binary classifier over the encoded features.
+
+    ``logreg`` is one linear layer; ``mlp`` has the given hidden layers. Both output
+    one logit; the probability is its sigmoid.
+    """
+
+    kind: Literal["logreg", "mlp"] = "logreg"
+    hidden: tuple[Annotated[int, Field(gt=0, le=65536)], ...] = ()
+    activation: Literal["relu", "tanh"] = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _hidden_matches_kind(self) -> Self:
+        if self.kind == "logreg" and self.hidden:
+            raise ValueError("logreg has no hidden layers; use kind 'mlp'")
+        if self.kind == "mlp" and not self.hidden:
+            raise ValueError("mlp needs at least one hidden layer")
+        return self
+
+
+class StalenessSpec(_Spec):
+    """Staleness weighting ``s(t - v)``, as written in DESIGN.md."""
+
+    kind: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    a: float = Field(default=0.5, ge=0)
+    b: int = Field(default=4, ge=0)
+
+
+class AsyncSettings(_Spec):
+    """FedAsync (mix each update in) or FedBuff (buffer K deltas, then step)."""
+
+    strategy: Literal["fedasync", "fedbuff"] = "fedasync"
+    mixing: float = Field(default=0.6, gt=0, le=1)
+    staleness: StalenessSpec = StalenessSpec()
+    max_staleness: int = Field(default=20, ge=0)
+    buffer_size: int = Field(default=3, ge=1)
+    server_lr: float = Field(default=1.0, gt=0)
+
+
+class SyncSettings(_Spec):
+    """FedAvg rounds: aggregate at a quorum, or at the deadline with a minimum."""
+
+    quorum: int = Field(default=0, ge=0, description="updates per round; 0 means every participant")
+    deadline_s: float | None = Field(default=None, gt=0)
+    min_updates: int = Field(default=1, ge=1)
+    weighted: bool = True
+    late: Literal["refuse", "stale"] = "refuse"
+
+
+class TrainingSettings(_Spec):
+    """Local training at each participant."""
+
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    prox_mu: float = Field(default=0.0, ge=0)
+
+
+class TaskSpec(_Spec):
+    """Everything the parties of one federation agree on."""
+
+    task_id: Name
+    model: ModelSpec = ModelSpec()
+    features: tuple[Feature, ...] = Field(min_length=1)
+    target: TargetSpec
+    mode: Literal["async", "sync"] = "async"
+    async_: AsyncSettings = Field(default=AsyncSettings(), alias="async")
+    sync: SyncSettings = SyncSettings()
+    training: TrainingSettings = TrainingSettings()
+    participants: tuple[Name, ...] = ()
+    seed: int = Field(default=0, ge=0, lt=2**63)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _columns_unique(self) -> Self:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names repeat")
+        if self.target.name in names:
+            raise ValueError(f"target {self.target.name!r} is also a feature")
+        return self
+
+    @property
+    def input_dim(self) -> int:
+        """Width of the encoded feature vector: 1 per numeric, vocabulary + 1 per categorical."""
+        return sum(1 if f.kind == "numeric" else len(f.vocabulary) + 1 for f in self.features)
+
+    def to_json(self) -> str:
+        """Canonical JSON (field aliases, sorted by definition order)."""
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> TaskSpec:
+        """Parse and validate; raises SpecError with pydantic's reasons."""
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise SpecError(f"invalid task spec: {e}") from e
+
+    @classmethod
+    def parse(cls, data: object) -> TaskSpec:
+        """Validate a mapping (from TOML or JSON); raises SpecError with reasons."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise SpecError(f"invalid task spec: {e}") from e

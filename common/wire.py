@@ -1,0 +1,481 @@
+"""The wire format: update and model envelopes in msgpack.
+
+Pure functions only: bytes in, envelopes out, and back. Every failure to decode
+raises :class:`~common.errors.DecodeError` with a machine-readable reason; on
+arbitrary bytes nothing else escapes. Limits are checked before anything large is
+allocated or decompressed. The format is specified in docs/wire-format.md.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import torch
+
+from common.codecs import get_codec
+from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES, itemsize, wire_name
+from common.errors import DecodeError, EncodeError
+from common.hashing import HASH_SIZE, TensorHasher
+from common.ids import is_name, is_update_id
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("fedq's wire format is implemented for little-endian hosts only")
+
+FORMAT_VERSION: Final = 1
+KIND_UPDATE: Final = "u"
+KIND_MODEL: Final = "m"
+
+#: An ordered mapping of tensor name to tensor, like a module's state_dict.
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """Hard limits a decoder enforces before it allocates or decompresses."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_tensor_bytes: int = 512 * 1024 * 1024
+    max_tensors: int = 4096
+    max_ndim: int = 8
+    max_name_len: int = 256
+    max_metrics: int = 64
+    max_signature_bytes: int = 256
+    require_finite: bool = True
+
+
+DEFAULT_LIMITS: Final = DecodeLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The name, shape and wire dtype a tensor must have (from the task's model)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateEnvelope:
+    """A participant's update: the delta it trained from ``base_version``."""
+
+    task: str
+    participant: str
+    update_id: str
+    base_version: int
+    num_samples: int
+    tensors: Tensors
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    codec: str = "zstd"
+    created_at: float | None = None
+    signature: bytes | None = None
+    #: SHA-256 over the raw tensors; set by encode and decode, ignored on input.
+    content_hash: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEnvelope:
+    """A model version's parameters, as announced to participants and stored."""
+
+    task: str
+    version: int
+    tensors: Tensors
+    version_hash: bytes = b""
+    codec: str = "zstd"
+    #: SHA-256 over the raw tensors (the version's parameter hash); set by encode/decode.
+    content_hash: bytes = b""
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode_update(env: UpdateEnvelope) -> tuple[bytes, bytes]:
+    """Encode an update; returns ``(message bytes, content hash)``."""
+    _check_name("task", env.task)
+    _check_name("participant", env.participant)
+    if not is_update_id(env.update_id):
+        raise EncodeError(f"invalid update id {env.update_id!r}")
+    _check_count("base_version", env.base_version, minimum=0)
+    _check_count("num_samples", env.num_samples, minimum=1)
+    metrics = {str(k): float(v) for k, v in env.metrics.items()}
+    tensors, digest = _encode_tensors(env.tensors, env.codec)
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_UPDATE,
+        "t": env.task,
+        "p": env.participant,
+        "id": env.update_id,
+        "bv": env.base_version,
+        "n": env.num_samples,
+        "m": metrics,
+        "c": env.codec,
+        "ts": tensors,
+        "h": digest,
+    }
+    if env.created_at is not None:
+        doc["at"] = float(env.created_at)
+    if env.signature is not None:
+        doc["sg"] = bytes(env.signature)
+    return _pack(doc), digest
+
+
+def encode_model(env: ModelEnvelope) -> tuple[bytes, bytes]:
+    """Encode a model version; returns ``(message bytes, parameter hash)``."""
+    _check_name("task", env.task)
+    _check_count("version", env.version, minimum=0)
+    if env.version_hash and len(env.version_hash) != HASH_SIZE:
+        raise EncodeError("version_hash must be empty or a 32-byte SHA-256 digest")
+    tensors, digest = _encode_tensors(env.tensors, env.codec)
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_MODEL,
+        "t": env.task,
+        "v": env.version,
+        "vh": bytes(env.version_hash),
+        "c": env.codec,
+        "ts": tensors,
+        "h": digest,
+    }
+    return _pack(doc), digest
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The content hash of tensors, as encode would compute it (no encoding)."""
+    hasher = TensorHasher()
+    for name, t in tensors.items():
+        dtype = _wire_dtype(name, t)
+        hasher.add(name, dtype, tuple(t.shape), _raw_view(t))
+    return hasher.digest()
+
+
+def _encode_tensors(
+    tensors: Mapping[str, torch.Tensor], codec_name: str
+) -> tuple[list[dict[str, Any]], bytes]:
+    try:
+        codec = get_codec(codec_name)
+    except DecodeError as e:
+        raise EncodeError(str(e)) from e
+    hasher = TensorHasher()
+    out: list[dict[str, Any]] = []
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise EncodeError(f"tensor names must be non-empty strings, got {name!r}")
+        dtype = _wire_dtype(name, t)
+        shape = tuple(int(d) for d in t.shape)
+        raw = _raw_view(t)
+        hasher.add(name, dtype, shape, raw)
+        out.append({"n": name, "d": dtype, "s": list(shape), "b": codec.encode(raw)})
+    return out, hasher.digest()
+
+
+def _wire_dtype(name: str, t: torch.Tensor) -> str:
+    if not isinstance(t, torch.Tensor):
+        raise EncodeError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    dtype = wire_name(t.dtype)
+    if dtype is None:
+        raise EncodeError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
+    return dtype
+
+
+def _raw_view(t: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy when it is contiguous on CPU."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return flat.numpy().data.cast("B")
+
+
+def _pack(doc: dict[str, Any]) -> bytes:
+    try:
+        packed: bytes = msgpack.packb(doc, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EncodeError(f"cannot encode envelope: {e}") from e
+    return packed
+
+
+def _check_name(what: str, value: object) -> None:
+    if not is_name(value):
+        raise EncodeError(f"invalid {what} id {value!r}: letters, digits, '_' and '-', 1-64 chars")
+
+
+def _check_count(what: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise EncodeError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    if value >= 2**63:
+        raise EncodeError(f"{what} must fit in a signed 64-bit integer")
+
+
+# --------------------------------------------------------------------------- decode
+
+_UPDATE_KEYS: Final = frozenset(
+    {"fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg"}
+)
+_UPDATE_REQUIRED: Final = frozenset({"fv", "k", "t", "p", "id", "bv", "n", "c", "ts", "h"})
+_MODEL_KEYS: Final = frozenset({"fv", "k", "t", "v", "vh", "c", "ts", "h"})
+_MODEL_REQUIRED: Final = frozenset({"fv", "k", "t", "v", "c", "ts", "h"})
+_TENSOR_KEYS: Final = frozenset({"n", "d", "s", "b"})
+
+
+def decode_update(
+    data: bytes,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    expected: Mapping[str, TensorSpec] | None = None,
+) -> UpdateEnvelope:
+    """Decode and validate an update envelope.
+
+    ``expected`` (from the task's model) fixes the tensor names, order, shapes and
+    dtypes; without it only the generic limits apply.
+    """
+    doc = _unpack(data, limits, KIND_UPDATE, _UPDATE_KEYS, _UPDATE_REQUIRED)
+    task = _get_name(doc, "t", "task")
+    participant = _get_name(doc, "p", "participant")
+    update_id = doc["id"]
+    if not is_update_id(update_id):
+        raise DecodeError("invalid_field", "id: not a valid update id")
+    base_version = _get_count(doc, "bv", minimum=0)
+    num_samples = _get_count(doc, "n", minimum=1)
+    metrics = _get_metrics(doc.get("m", {}), limits)
+    created_at = doc.get("at")
+    if created_at is not None and not (_is_real(created_at) and math.isfinite(created_at)):
+        raise DecodeError("invalid_field", "at: not a finite number")
+    signature = doc.get("sg")
+    if signature is not None and (
+        not isinstance(signature, bytes) or len(signature) > limits.max_signature_bytes
+    ):
+        raise DecodeError("invalid_field", "sg: not a byte string of bounded size")
+    codec = _get_str(doc, "c")
+    tensors, digest = _decode_tensors(doc, codec, limits, expected)
+    return UpdateEnvelope(
+        task=task,
+        participant=participant,
+        update_id=update_id,
+        base_version=base_version,
+        num_samples=num_samples,
+        tensors=tensors,
+        metrics=metrics,
+        codec=codec,
+        created_at=float(created_at) if created_at is not None else None,
+        signature=signature,
+        content_hash=digest,
+    )
+
+
+def decode_model(
+    data: bytes,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    expected: Mapping[str, TensorSpec] | None = None,
+) -> ModelEnvelope:
+    """Decode and validate a model envelope."""
+    doc = _unpack(data, limits, KIND_MODEL, _MODEL_KEYS, _MODEL_REQUIRED)
+    task = _get_name(doc, "t", "task")
+    version = _get_count(doc, "v", minimum=0)
+    version_hash = doc.get("vh", b"")
+    if not isinstance(version_hash, bytes) or len(version_hash) not in (0, HASH_SIZE):
+        raise DecodeError("invalid_field", "vh: not empty or a 32-byte digest")
+    codec = _get_str(doc, "c")
+    tensors, digest = _decode_tensors(doc, codec, limits, expected)
+    return ModelEnvelope(
+        task=task,
+        version=version,
+        tensors=tensors,
+        version_hash=version_hash,
+        codec=codec,
+        content_hash=digest,
+    )
+
+
+def peek_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> dict[str, object]:
+    """The envelope's small fields without decoding tensors (for routing and refusals)."""
+    doc = _unpack_any(data, limits)
+    return {k: v for k, v in doc.items() if k != "ts" and not isinstance(v, bytes | list)}
+
+
+def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError("malformed", f"expected bytes, got {type(data).__name__}")
+    if len(data) > limits.max_message_bytes:
+        raise DecodeError(
+            "too_large", f"message has {len(data)} bytes, limit {limits.max_message_bytes}"
+        )
+    try:
+        doc = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=limits.max_message_bytes,
+            max_str_len=64 * 1024,
+            max_array_len=max(limits.max_tensors, limits.max_ndim, 1024),
+            max_map_len=max(limits.max_metrics, 64),
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises many types on bad input; convert them all
+        raise DecodeError("malformed", f"not a msgpack document: {type(e).__name__}: {e}") from e
+    if not isinstance(doc, dict):
+        raise DecodeError("malformed", f"envelope is a {type(doc).__name__}, not a map")
+    return doc
+
+
+def _unpack(
+    data: bytes,
+    limits: DecodeLimits,
+    kind: str,
+    allowed: frozenset[str],
+    required: frozenset[str],
+) -> dict[str, Any]:
+    doc = _unpack_any(data, limits)
+    fv = doc.get("fv")
+    if fv != FORMAT_VERSION or isinstance(fv, bool):
+        raise DecodeError("unsupported_version", f"format version {fv!r}, this reader knows 1")
+    if doc.get("k") != kind:
+        raise DecodeError("wrong_kind", f"kind {doc.get('k')!r}, expected {kind!r}")
+    unknown = set(doc) - allowed
+    if unknown:
+        raise DecodeError("unknown_field", f"fields {sorted(unknown)} are not in format 1")
+    missing = required - set(doc)
+    if missing:
+        raise DecodeError("missing_field", f"fields {sorted(missing)} are required")
+    return doc
+
+
+def _get_str(doc: Mapping[str, Any], key: str) -> str:
+    value = doc[key]
+    if not isinstance(value, str):
+        raise DecodeError("invalid_field", f"{key}: not a string")
+    return value
+
+
+def _get_name(doc: Mapping[str, Any], key: str, what: str) -> str:
+    value = doc[key]
+    if not is_name(value):
+        raise DecodeError("invalid_field", f"{key}: not a valid {what} id")
+    return str(value)
+
+
+def _get_count(doc: Mapping[str, Any], key: str, *, minimum: int) -> int:
+    value = doc[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DecodeError("invalid_field", f"{key}: not an integer >= {minimum}")
+    if value >= 2**63:
+        raise DecodeError("invalid_field", f"{key}: does not fit in int64")
+    return value
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _get_metrics(value: object, limits: DecodeLimits) -> dict[str, float]:
+    if not isinstance(value, dict) or len(value) > limits.max_metrics:
+        raise DecodeError("invalid_field", f"m: not a map of at most {limits.max_metrics} entries")
+    metrics: dict[str, float] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not 0 < len(k) <= 64:
+            raise DecodeError("invalid_field", "m: metric names must be strings of 1-64 chars")
+        if not _is_real(v) or not math.isfinite(v):
+            raise DecodeError("invalid_field", f"m: metric {k!r} is not a finite number")
+        metrics[k] = float(v)
+    return metrics
+
+
+def _decode_tensors(
+    doc: Mapping[str, Any],
+    codec_name: str,
+    limits: DecodeLimits,
+    expected: Mapping[str, TensorSpec] | None,
+) -> tuple[Tensors, bytes]:
+    codec = get_codec(codec_name)
+    claimed = doc["h"]
+    if not isinstance(claimed, bytes) or len(claimed) != HASH_SIZE:
+        raise DecodeError("invalid_field", "h: not a 32-byte digest")
+    entries = doc["ts"]
+    if not isinstance(entries, list):
+        raise DecodeError("invalid_field", "ts: not an array")
+    if len(entries) > limits.max_tensors:
+        raise DecodeError("too_many_tensors", f"{len(entries)} tensors, limit {limits.max_tensors}")
+    if expected is not None and len(entries) != len(expected):
+        raise DecodeError(
+            "tensor_mismatch", f"{len(entries)} tensors, the task's model has {len(expected)}"
+        )
+    expected_iter = iter(expected.items()) if expected is not None else None
+
+    # First pass: validate every header and add up sizes before allocating anything.
+    headers: list[tuple[str, str, tuple[int, ...], bytes]] = []
+    seen: set[str] = set()
+    total = 0
+    for i, entry in enumerate(entries):
+        name, dtype, shape, payload = _tensor_header(i, entry, limits)
+        if name in seen:
+            raise DecodeError("invalid_tensor", f"tensor {name!r} appears twice")
+        seen.add(name)
+        if expected_iter is not None:
+            exp_name, exp = next(expected_iter)
+            if name != exp_name:
+                raise DecodeError(
+                    "tensor_mismatch", f"tensor #{i} is {name!r}, the model expects {exp_name!r}"
+                )
+            if shape != exp.shape or dtype != exp.dtype:
+                raise DecodeError(
+                    "tensor_mismatch",
+                    f"tensor {name!r} is {dtype}{list(shape)}, "
+                    f"the model expects {exp.dtype}{list(exp.shape)}",
+                )
+        nbytes = math.prod(shape) * itemsize(dtype)
+        total += nbytes
+        if total > limits.max_tensor_bytes:
+            raise DecodeError(
+                "too_large",
+                f"tensors need more than {limits.max_tensor_bytes} bytes once decoded",
+            )
+        headers.append((name, dtype, shape, payload))
+
+    hasher = TensorHasher()
+    tensors: Tensors = {}
+    for name, dtype, shape, payload in headers:
+        t = torch.empty(shape, dtype=WIRE_DTYPES[dtype])
+        buf = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+        try:
+            codec.decode_into(payload, buf)
+        except DecodeError as e:
+            raise DecodeError(e.reason, f"tensor {name!r}: {e.detail}") from e
+        hasher.add(name, dtype, shape, buf)
+        tensors[name] = t
+    digest = hasher.digest()
+    if digest != claimed:
+        raise DecodeError("hash_mismatch", "content hash does not match the tensors")
+    # Value checks after the hash: the bytes are what the sender meant to send.
+    for name, dtype, _, _ in headers:
+        t = tensors[name]
+        if dtype == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
+            raise DecodeError("invalid_tensor", f"tensor {name!r}: bool bytes must be 0 or 1")
+        if limits.require_finite and dtype in FLOAT_WIRE_DTYPES and not bool(t.isfinite().all()):
+            raise DecodeError("non_finite", f"tensor {name!r} holds NaN or Inf")
+    return tensors, digest
+
+
+def _tensor_header(
+    i: int, entry: object, limits: DecodeLimits
+) -> tuple[str, str, tuple[int, ...], bytes]:
+    if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
+        raise DecodeError("invalid_tensor", f"tensor #{i}: not a map with keys n, d, s, b")
+    name, dtype, shape, payload = entry["n"], entry["d"], entry["s"], entry["b"]
+    if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
+        raise DecodeError(
+            "invalid_tensor", f"tensor #{i}: name must be 1-{limits.max_name_len} chars"
+        )
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise DecodeError("bad_dtype", f"tensor {name!r}: dtype {dtype!r} is not allowed")
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise DecodeError(
+            "bad_shape", f"tensor {name!r}: shape must be an array of <= {limits.max_ndim} dims"
+        )
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d >= 2**32:
+            raise DecodeError(
+                "bad_shape", f"tensor {name!r}: dimension {d!r} is not an int in [0, 2^32)"
+            )
+    if not isinstance(payload, bytes):
+        raise DecodeError("invalid_tensor", f"tensor {name!r}: payload is not a byte string")
+    return name, dtype, tuple(shape), payload
