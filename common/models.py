@@ -23,13 +23,14 @@ def build_model(spec: ModelSpec, input_dim: int, seed: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = input_dim
     for h in spec.hidden:
-        layers.append(nn.Linear(width, h))
+        layers.append(nn.Linear(width, h, device="meta"))
         layers.append(nn.ReLU() if spec.activation == "relu" else nn.Tanh())
         if spec.dropout:
             layers.append(nn.Dropout(spec.dropout))
         width = h
-    layers.append(nn.Linear(width, 1))
-    model = nn.Sequential(*layers)
+    layers.append(nn.Linear(width, 1, device="meta"))
+    # Built on the meta device (no default init, no global RNG), then filled below.
+    model = nn.Sequential(*layers).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model:

@@ -19,7 +19,9 @@ from common.wire import ModelEnvelope, Tensors, encode_model, tensors_hash
 TASK = "credit"
 
 
-def _entry(update_id: str, *, weight: float = 0.5, base: int = 0, staleness: int = 0) -> LineageEntry:
+def _entry(
+    update_id: str, *, weight: float = 0.5, base: int = 0, staleness: int = 0
+) -> LineageEntry:
     return LineageEntry(
         update_id=update_id,
         participant="bank-a",
@@ -81,7 +83,9 @@ class TestModelStore:
         with pytest.raises(TaskConflictError):
             await store.create_genesis(TASK, params)
 
-    async def test_genesis_needs_a_registered_task(self, store: RedisModelStore, task_spec: TaskSpec) -> None:
+    async def test_genesis_needs_a_registered_task(
+        self, store: RedisModelStore, task_spec: TaskSpec
+    ) -> None:
         with pytest.raises(NotFoundError):
             await store.create_genesis(TASK, _params(task_spec))
 
@@ -91,7 +95,11 @@ class TestModelStore:
         await _init(store, task_spec)
         lineage = [_entry("a", weight=0.1), _entry("b", weight=0.9, staleness=2)]
         result = await store.commit(
-            TASK, parent=0, params=_params(task_spec, 1.0), lineage=lineage, info={"strategy": "fedasync"}
+            TASK,
+            parent=0,
+            params=_params(task_spec, 1.0),
+            lineage=lineage,
+            info={"strategy": "fedasync"},
         )
         assert result.outcome is CommitOutcome.COMMITTED and result.record is not None
         assert await store.head(TASK) == 1
@@ -108,7 +116,9 @@ class TestModelStore:
     ) -> None:
         await _init(store, task_spec)
         await _chain(store, task_spec, 2)
-        result = await store.commit(TASK, parent=1, params=_params(task_spec, 9.0), lineage=[_entry("late")])
+        result = await store.commit(
+            TASK, parent=1, params=_params(task_spec, 9.0), lineage=[_entry("late")]
+        )
         assert result.outcome is CommitOutcome.LOST_RACE and result.head == 2
         assert await store.head(TASK) == 2
         assert await store.applied_in(TASK, ["late"]) == {}
@@ -159,7 +169,9 @@ class TestModelStore:
     ) -> None:
         await _init(store, task_spec)
         await store.commit(TASK, parent=0, params=_params(task_spec, 1.0), lineage=[_entry("once")])
-        await store.commit(TASK, parent=1, params=_params(task_spec, 2.0), lineage=[_entry("other")])
+        await store.commit(
+            TASK, parent=1, params=_params(task_spec, 2.0), lineage=[_entry("other")]
+        )
         result = await store.commit(
             TASK, parent=2, params=_params(task_spec, 3.0), lineage=[_entry("new"), _entry("once")]
         )
@@ -173,9 +185,13 @@ class TestModelStore:
     ) -> None:
         await _init(store, task_spec)
         with pytest.raises(StoreError, match="twice"):
-            await store.commit(TASK, parent=0, params=_params(task_spec), lineage=[_entry("d"), _entry("d")])
+            await store.commit(
+                TASK, parent=0, params=_params(task_spec), lineage=[_entry("d"), _entry("d")]
+            )
 
-    async def test_missing_versions_are_not_found(self, store: RedisModelStore, task_spec: TaskSpec) -> None:
+    async def test_missing_versions_are_not_found(
+        self, store: RedisModelStore, task_spec: TaskSpec
+    ) -> None:
         await _init(store, task_spec)
         with pytest.raises(NotFoundError):
             await store.get_version(TASK, 5)
@@ -245,7 +261,9 @@ class TestTamperingChangesTheHeadHash:
     ) -> None:
         head_hash = await self._setup(store, task_spec)
         key = store.keys.blob(TASK, 3)
-        blob = bytearray(await redis_client.get(key) or b"")
+        stored = await redis_client.get(key)
+        assert isinstance(stored, bytes)
+        blob = bytearray(stored)
         blob[offset] ^= 0x01
         await redis_client.set(key, bytes(blob))
         report = await store.verify_chain(TASK)

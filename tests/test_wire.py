@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tracemalloc
 from typing import Any
@@ -57,7 +58,9 @@ tensor_st = st.builds(
     st.binary(min_size=0, max_size=64),
 )
 tensors_st = st.dictionaries(
-    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12),
+    st.text(
+        st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), min_size=1, max_size=12
+    ),
     tensor_st,
     min_size=0,
     max_size=6,
@@ -106,7 +109,9 @@ def test_update_round_trip_every_dtype_and_shape(tensors: Tensors, codec: str) -
 @settings(max_examples=100)
 def test_model_round_trip(tensors: Tensors, codec: str, version: int) -> None:
     data, digest = encode_model(
-        ModelEnvelope(task="credit", version=version, tensors=tensors, version_hash=b"\x07" * 32, codec=codec)
+        ModelEnvelope(
+            task="credit", version=version, tensors=tensors, version_hash=b"\x07" * 32, codec=codec
+        )
     )
     out = decode_model(data)
     _assert_same(tensors, out.tensors)
@@ -171,10 +176,8 @@ def _doc(**changes: Any) -> bytes:
 @settings(max_examples=500)
 def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
     for decode in (decode_update, decode_model, peek_header):
-        try:
+        with contextlib.suppress(DecodeError):
             decode(data)
-        except DecodeError:
-            pass
 
 
 @given(
@@ -208,31 +211,36 @@ def test_mutated_messages_raise_only_decode_error(
 
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
-@given(key=st.sampled_from(["fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg"]), value=json_like)
+@given(
+    key=st.sampled_from(["fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg"]),
+    value=json_like,
+)
 @settings(max_examples=400)
 def test_wrongly_typed_fields_raise_only_decode_error(key: str, value: Any) -> None:
     if value is None:
         value = _DROP if key in ("at", "sg") else None
-    try:
+    with contextlib.suppress(DecodeError):
         decode_update(_doc(**{key: value}))
-    except DecodeError:
-        pass
 
 
 @given(entry=json_like)
 @settings(max_examples=300)
 def test_malformed_tensor_entries_raise_only_decode_error(entry: Any) -> None:
-    try:
+    with contextlib.suppress(DecodeError):
         decode_update(_doc(ts=[entry]))
-    except DecodeError:
-        pass
 
 
 def test_refusal_reasons() -> None:
@@ -269,7 +277,10 @@ def test_invalid_bool_bytes_refused() -> None:
 
     h = TensorHasher()
     h.add("w", "bool", (2,), raw)
-    _expect("invalid_tensor", _doc(ts=[{"n": "w", "d": "bool", "s": [2], "b": raw}], c="raw", h=h.digest()))
+    _expect(
+        "invalid_tensor",
+        _doc(ts=[{"n": "w", "d": "bool", "s": [2], "b": raw}], c="raw", h=h.digest()),
+    )
 
 
 def test_shape_and_count_limits_refused_before_allocation() -> None:

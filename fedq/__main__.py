@@ -1,0 +1,3 @@
+from fedq.cli import main
+
+main()

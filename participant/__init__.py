@@ -1,0 +1,1 @@
+"""The participant worker: local data, local training, publishing updates."""
