@@ -84,13 +84,20 @@ class ZstdCodec:
             raise DecodeError(
                 "size_mismatch", f"zstd frame declares {declared} bytes, shape needs {expected}"
             )
+        size = _frame_size(data)
+        if size != len(data):
+            raise DecodeError(
+                "codec_error",
+                "payload is not exactly one zstd frame"
+                + (f" ({len(data) - size} bytes after it)" if size >= 0 else " (truncated)"),
+            )
         got = 0
         extra = b""
         try:
             dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
             # Read straight into the tensor's memory, never more than it holds; then
-            # one more byte: anything there (a second frame, junk) is refused.
-            with dctx.stream_reader(data, read_across_frames=True) as reader:
+            # one more byte: a frame that expands past the shape is refused.
+            with dctx.stream_reader(data, read_across_frames=False) as reader:
                 while got < expected:
                     n = reader.readinto(out[got:])
                     if n == 0:
@@ -106,6 +113,27 @@ class ZstdCodec:
                 "size_mismatch",
                 f"zstd payload decodes to {more}{got} bytes, shape needs {expected}",
             )
+
+
+def _frame_size(data: bytes) -> int:
+    """Compressed size of the zstd frame at the start of ``data``; -1 if it is cut short.
+
+    Walks the block headers (RFC 8878, 3.1.1.2): 3 bytes each, last-block bit,
+    type (raw, RLE, compressed) and size; then the optional 4-byte checksum.
+    """
+    try:
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError:
+        return -1
+    while pos + 3 <= len(data):
+        header = int.from_bytes(data[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            if data[4] & 0x04:  # Content_Checksum_flag in the frame header descriptor
+                pos += 4
+            return pos if pos <= len(data) else -1
+    return -1
 
 
 CODECS: Final[dict[str, Codec]] = {c.name: c for c in (ZstdCodec(), RawCodec())}

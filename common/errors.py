@@ -54,3 +54,7 @@ class TaskConflictError(StoreError):
 
 class ConfigError(FedqError):
     """Invalid configuration given at the command line, in the environment or a file."""
+
+
+class TransportError(FedqError):
+    """The message broker failed, refused an operation, or lacks a queue."""

@@ -101,7 +101,11 @@ def encode_update(env: UpdateEnvelope) -> tuple[bytes, bytes]:
         raise EncodeError(f"invalid update id {env.update_id!r}")
     _check_count("base_version", env.base_version, minimum=0)
     _check_count("num_samples", env.num_samples, minimum=1)
-    metrics = {str(k): float(v) for k, v in env.metrics.items()}
+    metrics = _encode_metrics(env.metrics)
+    if env.created_at is not None and not math.isfinite(env.created_at):
+        raise EncodeError("created_at must be a finite number")
+    if env.signature is not None and len(env.signature) > DEFAULT_LIMITS.max_signature_bytes:
+        raise EncodeError(f"signature longer than {DEFAULT_LIMITS.max_signature_bytes} bytes")
     tensors, digest = _encode_tensors(env.tensors, env.codec)
     doc: dict[str, Any] = {
         "fv": FORMAT_VERSION,
@@ -159,17 +163,41 @@ def _encode_tensors(
         codec = get_codec(codec_name)
     except DecodeError as e:
         raise EncodeError(str(e)) from e
+    limits = DEFAULT_LIMITS
+    if len(tensors) > limits.max_tensors:
+        raise EncodeError(f"{len(tensors)} tensors, the wire carries at most {limits.max_tensors}")
     hasher = TensorHasher()
     out: list[dict[str, Any]] = []
     for name, t in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise EncodeError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
+            raise EncodeError(f"tensor names must be strings of 1-{limits.max_name_len} chars")
+        try:
+            name.encode()
+        except UnicodeEncodeError as e:
+            raise EncodeError(f"tensor name {name!r} is not valid UTF-8 text") from e
         dtype = _wire_dtype(name, t)
+        if t.dim() > limits.max_ndim:
+            raise EncodeError(f"tensor {name!r} has {t.dim()} dims, at most {limits.max_ndim}")
+        if dtype in FLOAT_WIRE_DTYPES and not bool(t.isfinite().all()):
+            raise EncodeError(f"tensor {name!r} holds NaN or Inf")
         shape = tuple(int(d) for d in t.shape)
         raw = _raw_view(t)
         hasher.add(name, dtype, shape, raw)
         out.append({"n": name, "d": dtype, "s": list(shape), "b": codec.encode(raw)})
     return out, hasher.digest()
+
+
+def _encode_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    if len(metrics) > DEFAULT_LIMITS.max_metrics:
+        raise EncodeError(f"at most {DEFAULT_LIMITS.max_metrics} metrics")
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or not 0 < len(k) <= 64:
+            raise EncodeError(f"metric name {k!r} must be a string of 1-64 chars")
+        if not _is_real(v) or not math.isfinite(v):
+            raise EncodeError(f"metric {k!r} must be a finite number, got {v!r}")
+        out[k] = float(v)
+    return out
 
 
 def _wire_dtype(name: str, t: torch.Tensor) -> str:
@@ -237,11 +265,14 @@ def decode_update(
     base_version = _get_count(doc, "bv", minimum=0)
     num_samples = _get_count(doc, "n", minimum=1)
     metrics = _get_metrics(doc.get("m", {}), limits)
-    created_at = doc.get("at")
-    if created_at is not None and not (_is_real(created_at) and math.isfinite(created_at)):
-        raise DecodeError("invalid_field", "at: not a finite number")
+    created_at: float | None = None
+    if "at" in doc:
+        at = doc["at"]
+        if not _is_real(at) or not math.isfinite(at):
+            raise DecodeError("invalid_field", "at: not a finite number")
+        created_at = float(at)
     signature = doc.get("sg")
-    if signature is not None and (
+    if "sg" in doc and (
         not isinstance(signature, bytes) or len(signature) > limits.max_signature_bytes
     ):
         raise DecodeError("invalid_field", "sg: not a byte string of bounded size")
@@ -256,7 +287,7 @@ def decode_update(
         tensors=tensors,
         metrics=metrics,
         codec=codec,
-        created_at=float(created_at) if created_at is not None else None,
+        created_at=created_at,
         signature=signature,
         content_hash=digest,
     )
@@ -307,15 +338,24 @@ def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
             strict_map_key=True,
             max_bin_len=limits.max_message_bytes,
             max_str_len=64 * 1024,
-            max_array_len=max(limits.max_tensors, limits.max_ndim, 1024),
-            max_map_len=max(limits.max_metrics, 64),
+            # One above our own limits, so the first count over them gets its own reason.
+            max_array_len=max(limits.max_tensors, limits.max_ndim, 1024) + 1,
+            max_map_len=max(limits.max_metrics, 64) + 1,
             max_ext_len=0,
+            object_pairs_hook=_unique_keys,
         )
     except Exception as e:  # msgpack raises many types on bad input; convert them all
         raise DecodeError("malformed", f"not a msgpack document: {type(e).__name__}: {e}") from e
     if not isinstance(doc, dict):
         raise DecodeError("malformed", f"envelope is a {type(doc).__name__}, not a map")
     return doc
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a map repeats a key")
+    return out
 
 
 def _unpack(
@@ -327,7 +367,7 @@ def _unpack(
 ) -> dict[str, Any]:
     doc = _unpack_any(data, limits)
     fv = doc.get("fv")
-    if fv != FORMAT_VERSION or isinstance(fv, bool):
+    if type(fv) is not int or fv != FORMAT_VERSION:
         raise DecodeError("unsupported_version", f"format version {fv!r}, this reader knows 1")
     if doc.get("k") != kind:
         raise DecodeError("wrong_kind", f"kind {doc.get('k')!r}, expected {kind!r}")

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES
 from common.errors import DecodeError, EncodeError
+from common.hashing import TensorHasher
 from common.wire import (
     DecodeLimits,
     ModelEnvelope,
@@ -261,26 +262,64 @@ def test_refusal_reasons() -> None:
     _expect("too_large", b"\x00" * 101, limits=DecodeLimits(max_message_bytes=100))
 
 
+def _raw_tensor_doc(name: str, dtype: str, shape: list[int], raw: bytes) -> bytes:
+    """An update whose one tensor carries ``raw`` as is (bypassing the encoder's checks)."""
+    h = TensorHasher()
+    h.add(name, dtype, tuple(shape), raw)
+    return _doc(ts=[{"n": name, "d": dtype, "s": shape, "b": raw}], c="raw", h=h.digest())
+
+
 def test_nan_and_inf_are_refused() -> None:
     for bad in (float("nan"), float("inf"), float("-inf")):
-        data, _ = encode_update(_update({"w": torch.tensor([1.0, bad])}))
-        _expect("non_finite", data)
-    # ...unless the caller explicitly allows them.
-    data, _ = encode_update(_update({"w": torch.tensor([float("nan")])}))
+        raw = _raw(torch.tensor([1.0, bad]))
+        _expect("non_finite", _raw_tensor_doc("w", "f32", [2], raw))
+        with pytest.raises(EncodeError, match="NaN or Inf"):
+            encode_update(_update({"w": torch.tensor([1.0, bad])}))
+    # ...unless the decoder is explicitly told to allow them.
+    data = _raw_tensor_doc("w", "f32", [1], _raw(torch.tensor([float("nan")])))
     out = decode_update(data, limits=DecodeLimits(require_finite=False))
     assert torch.isnan(out.tensors["w"]).all()
 
 
 def test_invalid_bool_bytes_refused() -> None:
-    raw = b"\x00\x02"
-    from common.hashing import TensorHasher
+    _expect("invalid_tensor", _raw_tensor_doc("w", "bool", [2], b"\x00\x02"))
 
-    h = TensorHasher()
-    h.add("w", "bool", (2,), raw)
-    _expect(
-        "invalid_tensor",
-        _doc(ts=[{"n": "w", "d": "bool", "s": [2], "b": raw}], c="raw", h=h.digest()),
+
+def test_encoder_refuses_what_the_decoder_would() -> None:
+    w = {"w": torch.zeros(1)}
+    for bad in (
+        _update(w, metrics={"auc": float("nan")}),
+        _update(w, metrics={"": 1.0}),
+        _update(w, metrics={f"m{i}": 1.0 for i in range(65)}),
+        _update({"x" * 257: torch.zeros(1)}),
+        _update({"\ud800": torch.zeros(1)}),
+        _update({"w": torch.zeros([1] * 9)}),
+        _update(w, signature=b"s" * 257),
+        _update(w, created_at=float("inf")),
+    ):
+        with pytest.raises(EncodeError):
+            encode_update(bad)
+
+
+def test_limits_one_past_get_their_own_reason() -> None:
+    many = [{"n": f"w{i}", "d": "f32", "s": [0], "b": b""} for i in range(4097)]
+    _expect("too_many_tensors", _doc(ts=many))
+    _expect("invalid_field", _doc(m={f"m{i}": 1.0 for i in range(65)}))
+
+
+def test_repeated_map_keys_and_nil_optionals_are_refused() -> None:
+    body = _doc()
+    # Re-pack with "t" twice: build the map by hand (msgpack-python dicts cannot repeat keys).
+    doc = msgpack.unpackb(body)
+    items = [*list(doc.items()), ("t", "other")]
+    packer = msgpack.Packer()
+    repeated = packer.pack_map_header(len(items)) + b"".join(
+        packer.pack(k) + packer.pack(v) for k, v in items
     )
+    _expect("malformed", repeated)
+    _expect("invalid_field", _doc(at=None))
+    _expect("invalid_field", _doc(sg=None))
+    _expect("unsupported_version", _doc(fv=1.0))
 
 
 def test_shape_and_count_limits_refused_before_allocation() -> None:
@@ -321,8 +360,6 @@ def test_decompression_bomb_refused_before_it_expands(content_size: bool) -> Non
     expanded = 256 << 20  # 256 MiB of zeros in a few kilobytes
     payload = _bomb(expanded, content_size)
     assert len(payload) < 128 * 1024
-    from common.hashing import TensorHasher
-
     h = TensorHasher()
     h.add("w", "f32", (16,), bytes(64))
     data = _doc(ts=[{"n": "w", "d": "f32", "s": [16], "b": payload}], c="zstd", h=h.digest())
