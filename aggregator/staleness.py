@@ -1,0 +1,56 @@
+"""Staleness weighting ``s(t - v)`` for asynchronous aggregation. Pure, no I/O.
+
+An update trained on version ``v`` that reaches the aggregator when the head is
+version ``t`` has staleness ``t - v >= 0``. Its influence is scaled by
+``s(t - v)``, with ``s(0) = 1`` for every kind. The definitions are exactly those
+of DESIGN.md ("Modes"), with ``a >= 0`` and integer ``b >= 0`` from
+:class:`common.spec.StalenessSpec`:
+
+- ``constant``:   ``s(t - v) = 1``
+- ``polynomial``: ``s(t - v) = (t - v + 1) ** (-a)``   (``a = 0`` gives 1 everywhere)
+- ``hinge``:      ``s(t - v) = 1`` if ``t - v <= b``, else ``1 / (a * (t - v - b) + 1)``
+
+So the hinge is flat up to and including ``t - v == b``, and at ``t - v == b + 1``
+it is ``1 / (a + 1)``: continuous at the knee, then decaying like ``1 / x``.
+
+Implementations in the field disagree on the hinge. The FedAsync paper (Xie,
+Koyejo and Gupta, 2019) writes ``1 / (a (t - v - b) + 1)`` for ``t - v > b``,
+which is ours; some published code instead uses ``1 / (a (t - v + b) + 1)``
+(discontinuous at the knee), or a power of ``(t - v - b)``. Ours is DESIGN.md's
+and only DESIGN.md's; anyone comparing runs with another framework should check
+which one it uses.
+
+The weight is an ordinary Python float (IEEE binary64). ``constant`` and
+``hinge`` use only correctly rounded operations, so they are bit-identical on
+every platform; ``polynomial`` calls the C library's ``pow`` (through
+:func:`math.pow`), which is deterministic on one platform but not guaranteed to
+be correctly rounded everywhere. That is one reason each version's lineage
+records the weight actually used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import assert_never
+
+from common.spec import StalenessSpec
+
+
+def staleness_weight(spec: StalenessSpec, staleness: int) -> float:
+    """``s(staleness)`` for the given spec; a value in ``(0, 1]``.
+
+    Raises ValueError when ``staleness`` is negative (an update cannot be based on
+    a version newer than the head).
+    """
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    kind = spec.kind
+    if kind == "constant":
+        return 1.0
+    if kind == "polynomial":
+        return math.pow(float(staleness + 1), -float(spec.a))
+    if kind == "hinge":
+        if staleness <= spec.b:
+            return 1.0
+        return 1.0 / (float(spec.a) * float(staleness - spec.b) + 1.0)
+    assert_never(kind)

@@ -1,0 +1,433 @@
+"""The transport on RabbitMQ, with aio-pika.
+
+Publishing uses publisher confirms and mandatory routing, persistent messages,
+and retries with backoff until the broker confirms. Consumers use manual acks
+with a bounded prefetch; each subscription has its own channel, so closing it
+returns its unacked deliveries to the queue. aio-pika and aiormq errors are
+converted to :class:`~common.errors.TransportError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from yarl import URL
+
+from common.errors import TransportError
+from common.transport.base import DeadLetter, TaskTopology
+from common.transport.names import (
+    CONTENT_TYPE,
+    DEAD_LETTER_EXCHANGE,
+    DETAIL_HEADER,
+    MODELS_EXCHANGE,
+    REASON_HEADER,
+    UPDATES_EXCHANGE,
+    VERSION_HEADER,
+    audit_stream,
+    dead_key,
+    dead_queue,
+    model_key,
+    model_queue,
+    update_binding,
+    update_key,
+    work_queue,
+)
+
+#: Errors from aio-pika / aiormq / the socket that a retry may cure.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+#: ...and for a publish: also a nack or an unroutable return (no queue bound yet).
+_RETRYABLE_PUBLISH: tuple[type[BaseException], ...] = (
+    *_RETRYABLE,
+    aio_pika.exceptions.DeliveryError,
+    aio_pika.exceptions.PublishError,
+)
+
+T = TypeVar("T")
+
+
+def _redact(url: str) -> str:
+    u = URL(url)
+    return str(u.with_password("***")) if u.password else url
+
+
+class AmqpTransport:
+    """A connection to RabbitMQ for one party (a participant or the aggregator)."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        *,
+        user_id: str | None,
+        publish_timeout: float = 300.0,
+        confirm_timeout: float = 30.0,
+    ) -> None:
+        self._conn = connection
+        self.user_id = user_id
+        self.publish_timeout = publish_timeout
+        self.confirm_timeout = confirm_timeout
+        self._pub: AbstractChannel | None = None
+        self._pub_lock = asyncio.Lock()
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._subs: list[_AmqpSubscription[Any]] = []
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, name: str = "fedq", connect_timeout: float = 30.0, **kw: Any
+    ) -> AmqpTransport:
+        """Connect (robustly: the connection re-establishes itself after failures)."""
+        try:
+            conn = await aio_pika.connect_robust(
+                url, timeout=connect_timeout, client_properties={"connection_name": name}
+            )
+        except _RETRYABLE as e:
+            raise TransportError(f"cannot connect to RabbitMQ at {_redact(url)}: {e!r}") from e
+        except ValueError as e:
+            raise TransportError(f"invalid AMQP URL {_redact(url)}: {e}") from e
+        login = URL(url).user or "guest"
+        return cls(conn, user_id=kw.pop("user_id", login), **kw)
+
+    async def close(self) -> None:
+        for sub in list(self._subs):
+            await sub.close()
+        with contextlib.suppress(*_RETRYABLE):
+            await self._conn.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _publisher(self) -> AbstractChannel:
+        async with self._pub_lock:
+            if self._pub is None or self._pub.is_closed:
+                self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+                self._exchanges.clear()
+            return self._pub
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        channel = await self._publisher()
+        ex = self._exchanges.get(name)
+        if ex is None:
+            ex = await channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = ex
+        return ex
+
+    async def _publish_confirmed(
+        self, exchange: str, routing_key: str, message: aio_pika.Message
+    ) -> None:
+        """Publish until the broker confirms, with backoff; TransportError after the timeout."""
+        deadline = time.monotonic() + self.publish_timeout
+        delay = 0.05
+        while True:
+            try:
+                ex = await self._exchange(exchange)
+                await ex.publish(message, routing_key, mandatory=True, timeout=self.confirm_timeout)
+                return
+            except _RETRYABLE_PUBLISH as e:
+                self._exchanges.clear()
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(
+                        f"publish to {exchange}/{routing_key} not confirmed within "
+                        f"{self.publish_timeout:.0f}s: {e!r}"
+                    ) from e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _guard(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            raise TransportError(
+                f"{what}: the broker holds it with other settings ({e}); "
+                "delete it or align broker_config"
+            ) from e
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TransportError(f"{what}: not found on the broker ({e})") from e
+        except aiormq.exceptions.ChannelAccessRefused as e:
+            raise TransportError(f"{what}: access refused for this user ({e})") from e
+        except _RETRYABLE as e:
+            raise TransportError(f"{what}: {e!r}") from e
+
+    # ------------------------------------------------------------------ aggregator side
+
+    async def declare_task(self, topology: TaskTopology) -> None:
+        task = topology.task
+
+        async def declare() -> None:
+            ch = await self._conn.channel()
+            try:
+                updates = await ch.declare_exchange(
+                    UPDATES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                models = await ch.declare_exchange(
+                    MODELS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                dlx = await ch.declare_exchange(
+                    DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                work = await ch.declare_queue(
+                    work_queue(task),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-single-active-consumer": True,
+                        "x-delivery-limit": topology.delivery_limit,
+                        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                        "x-dead-letter-routing-key": dead_key(task),
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    },
+                )
+                await work.bind(updates, update_binding(task))
+                audit = await ch.declare_queue(
+                    audit_stream(task),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "stream",
+                        "x-max-age": topology.audit_max_age,
+                        "x-max-length-bytes": topology.audit_max_bytes,
+                    },
+                )
+                await audit.bind(updates, update_binding(task))
+                dead = await ch.declare_queue(
+                    dead_queue(task), durable=True, arguments={"x-queue-type": "quorum"}
+                )
+                await dead.bind(dlx, dead_key(task))
+                for p in topology.participants:
+                    q = await ch.declare_queue(
+                        model_queue(task, p),
+                        durable=True,
+                        arguments={"x-max-length": 1, "x-overflow": "drop-head"},
+                    )
+                    await q.bind(models, model_key(task))
+                    await q.bind(models, model_key(task, p))
+            finally:
+                with contextlib.suppress(*_RETRYABLE):
+                    await ch.close()
+
+        await self._guard(f"declaring the topology of task {task!r}", declare)
+
+    async def consume_updates(
+        self, task: str, *, prefetch: int
+    ) -> _AmqpSubscription[_UpdateDelivery]:
+        async def wrap(msg: AbstractIncomingMessage) -> _UpdateDelivery:
+            return _UpdateDelivery(self, task, msg)
+
+        return await self._subscribe(work_queue(task), prefetch, wrap)
+
+    async def announce_model(self, task: str, version: int, body: bytes) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"{task}-model-{version}",
+            headers={VERSION_HEADER: version},
+            user_id=self.user_id,
+        )
+        await self._publish_confirmed(MODELS_EXCHANGE, model_key(task), message)
+
+    async def queue_depth(self, task: str) -> int:
+        async def depth() -> int:
+            ch = await self._conn.channel()
+            try:
+                q = await ch.declare_queue(work_queue(task), passive=True)
+                count = q.declaration_result.message_count
+                return int(count or 0)
+            finally:
+                with contextlib.suppress(*_RETRYABLE):
+                    await ch.close()
+
+        return await self._guard(f"reading the depth of {work_queue(task)}", depth)
+
+    async def dead_letters(self, task: str, limit: int = 1000) -> list[DeadLetter]:
+        async def take() -> list[DeadLetter]:
+            ch = await self._conn.channel()
+            out: list[DeadLetter] = []
+            try:
+                q = await ch.declare_queue(dead_queue(task), passive=True)
+                while len(out) < limit:
+                    msg = await q.get(no_ack=False, fail=False)
+                    if msg is None:
+                        break
+                    out.append(_dead_letter(msg))
+                    await msg.ack()
+            finally:
+                with contextlib.suppress(*_RETRYABLE):
+                    await ch.close()
+            return out
+
+        return await self._guard(f"reading {dead_queue(task)}", take)
+
+    # ------------------------------------------------------------------ participant side
+
+    async def publish_update(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            user_id=self.user_id,
+            timestamp=time.time(),
+        )
+        await self._publish_confirmed(UPDATES_EXCHANGE, update_key(task, participant), message)
+
+    async def consume_models(
+        self, task: str, participant: str
+    ) -> _AmqpSubscription[_ModelDelivery]:
+        async def wrap(msg: AbstractIncomingMessage) -> _ModelDelivery:
+            return _ModelDelivery(msg)
+
+        return await self._subscribe(model_queue(task, participant), 2, wrap)
+
+    async def _subscribe(
+        self,
+        queue_name: str,
+        prefetch: int,
+        wrap: Callable[[AbstractIncomingMessage], Awaitable[T]],
+    ) -> _AmqpSubscription[T]:
+        async def subscribe() -> _AmqpSubscription[T]:
+            ch = await self._conn.channel()
+            await ch.set_qos(prefetch_count=prefetch)
+            queue = await ch.declare_queue(queue_name, passive=True)
+            sub: _AmqpSubscription[T] = _AmqpSubscription(self, ch, queue, wrap)
+            await sub.start()
+            return sub
+
+        sub = await self._guard(f"consuming {queue_name}", subscribe)
+        self._subs.append(sub)
+        return sub
+
+
+class _AmqpSubscription(Generic[T]):
+    def __init__(
+        self,
+        transport: AmqpTransport,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        wrap: Callable[[AbstractIncomingMessage], Awaitable[T]],
+    ) -> None:
+        self._transport = transport
+        self._channel = channel
+        self._queue = queue
+        self._wrap = wrap
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._tag: str | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._inbox.put)
+
+    async def get(self) -> T:
+        if self._closed:
+            raise TransportError("subscription is closed")
+        return await self._wrap(await self._inbox.get())
+
+    async def close(self) -> None:
+        """Cancel the consumer and close the channel: unacked deliveries return to the queue."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(*_RETRYABLE):
+            if self._tag is not None:
+                await self._queue.cancel(self._tag)
+        with contextlib.suppress(*_RETRYABLE):
+            await self._channel.close()
+        if self in self._transport._subs:
+            self._transport._subs.remove(self)
+
+
+def _dead_letter(msg: AbstractIncomingMessage) -> DeadLetter:
+    headers: dict[str, object] = dict(msg.headers or {})
+    reason = headers.get(REASON_HEADER)
+    detail = headers.get(DETAIL_HEADER)
+    if reason is None:  # dead-lettered by the broker itself (delivery limit, rejection)
+        deaths = headers.get("x-death")
+        first = deaths[0] if isinstance(deaths, list) and deaths else {}
+        reason = first.get("reason", "unknown") if isinstance(first, dict) else "unknown"
+        reason = "delivery_limit" if reason == "delivery_limit" else f"broker_{reason}"
+        detail = "dead-lettered by the broker"
+    return DeadLetter(
+        msg.body,
+        reason.decode() if isinstance(reason, bytes) else str(reason),
+        detail.decode() if isinstance(detail, bytes) else str(detail or ""),
+        headers,
+    )
+
+
+class _UpdateDelivery:
+    def __init__(self, transport: AmqpTransport, task: str, msg: AbstractIncomingMessage) -> None:
+        self._t, self._task, self._msg = transport, task, msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def user_id(self) -> str | None:
+        return self._msg.user_id
+
+    @property
+    def message_id(self) -> str | None:
+        return self._msg.message_id
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._msg.redelivered)
+
+    async def ack(self) -> None:
+        await self._t._guard("acking an update", self._msg.ack)
+
+    async def dead_letter(self, reason: str, detail: str = "") -> None:
+        """Publish to the dead-letter exchange with the reason (confirmed), then ack."""
+        headers: dict[str, Any] = dict(self._msg.headers or {})
+        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:1024]})
+        if self._msg.user_id:
+            headers["x-fedq-user-id"] = self._msg.user_id
+        copy = aio_pika.Message(
+            self._msg.body,
+            headers=headers,
+            content_type=self._msg.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=self._msg.message_id,
+        )
+        await self._t._publish_confirmed(DEAD_LETTER_EXCHANGE, dead_key(self._task), copy)
+        await self.ack()
+
+
+class _ModelDelivery:
+    def __init__(self, msg: AbstractIncomingMessage) -> None:
+        self._msg = msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def version(self) -> int:
+        v = (self._msg.headers or {}).get(VERSION_HEADER)
+        return v if isinstance(v, int) else -1
+
+    async def ack(self) -> None:
+        try:
+            await self._msg.ack()
+        except _RETRYABLE as e:
+            raise TransportError(f"acking a model: {e!r}") from e

@@ -1,0 +1,125 @@
+"""The transport interface both sides program against.
+
+Participants publish updates and receive models; the aggregator consumes updates,
+dead-letters refusals with a reason, and announces models. Every delivery must be
+acknowledged explicitly: an unacknowledged delivery goes back to its queue when
+its subscription closes (or its process dies), so nothing is lost before the
+receiver has saved its effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTopology:
+    """What the aggregator declares for one task."""
+
+    task: str
+    participants: Sequence[str] = ()
+    #: Deliveries of one update before the broker dead-letters it (poison messages).
+    delivery_limit: int = 5
+    #: Audit stream retention: age (RabbitMQ duration, e.g. "90D") and size in bytes.
+    audit_max_age: str = "90D"
+    audit_max_bytes: int = 20 * 1024**3
+
+
+class UpdateDelivery(Protocol):
+    """An update handed to the aggregator, to be acked or dead-lettered exactly once."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def user_id(self) -> str | None:
+        """The sender as the broker validated it (AMQP ``user_id``)."""
+        ...
+
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def redelivered(self) -> bool: ...
+    async def ack(self) -> None:
+        """Done with it: its effect is saved (or it is a harmless duplicate)."""
+        ...
+
+    async def dead_letter(self, reason: str, detail: str = "") -> None:
+        """Refuse it: it moves to the task's dead-letter queue with the reason."""
+        ...
+
+
+class ModelDelivery(Protocol):
+    """A model announced to a participant."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def version(self) -> int:
+        """The version named in the announcement's header (-1 if absent)."""
+        ...
+
+    async def ack(self) -> None: ...
+
+
+class Subscription(Protocol[T_co]):
+    """A consumer on one queue."""
+
+    async def get(self) -> T_co:
+        """The next delivery; wait for one (bound it with ``asyncio.timeout``)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop consuming; deliveries not acked go back to the queue."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A refused update as it sits in the dead-letter queue."""
+
+    body: bytes
+    reason: str
+    detail: str
+    headers: Mapping[str, object] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """One connection to the broker (or the in-process one)."""
+
+    async def close(self) -> None: ...
+
+    # --- aggregator side
+    async def declare_task(self, topology: TaskTopology) -> None:
+        """Declare the exchanges and the task's queues (idempotent)."""
+        ...
+
+    async def consume_updates(self, task: str, *, prefetch: int) -> Subscription[UpdateDelivery]:
+        """Consume the task's work queue with at most ``prefetch`` unacked deliveries."""
+        ...
+
+    async def announce_model(self, task: str, version: int, body: bytes) -> None:
+        """Send a model version to every participant's model queue (confirmed)."""
+        ...
+
+    async def queue_depth(self, task: str) -> int:
+        """Updates waiting in the task's work queue (ready, not yet delivered)."""
+        ...
+
+    async def dead_letters(self, task: str, limit: int = 1000) -> list[DeadLetter]:
+        """Take up to ``limit`` dead letters off the task's dead-letter queue."""
+        ...
+
+    # --- participant side
+    async def publish_update(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        """Publish an update; returns once the broker has confirmed it."""
+        ...
+
+    async def consume_models(self, task: str, participant: str) -> Subscription[ModelDelivery]:
+        """Consume the participant's model queue (latest model only)."""
+        ...

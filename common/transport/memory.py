@@ -1,0 +1,247 @@
+"""An in-process broker with the semantics fedq relies on from RabbitMQ.
+
+Manual acks; unacked deliveries return to their queue when a subscription
+closes; a delivery limit dead-letters poison messages; single active consumer on
+work queues; per-participant model queues that keep only the latest model; an
+append-only audit log of every update. Used by the embedded simulation and by the
+shared transport tests, next to the RabbitMQ implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from common.errors import TransportError
+from common.transport.base import DeadLetter, TaskTopology
+from common.transport.names import DETAIL_HEADER, REASON_HEADER
+
+_ids = itertools.count()
+
+
+@dataclass(slots=True)
+class _Message:
+    body: bytes
+    headers: dict[str, object]
+    user_id: str | None
+    message_id: str | None
+    deliveries: int = 0
+    tag: int = field(default_factory=lambda: next(_ids))
+
+
+class _Queue:
+    def __init__(
+        self,
+        *,
+        max_length: int | None = None,
+        delivery_limit: int | None = None,
+        dead: list[DeadLetter] | None = None,
+        single_active: bool = False,
+    ) -> None:
+        self.ready: deque[_Message] = deque()
+        self.max_length = max_length
+        self.delivery_limit = delivery_limit
+        self.dead = dead
+        self.single_active = single_active
+        self.consumers: list[_Subscription[object]] = []
+        self.changed = asyncio.Condition()
+
+    async def put(self, msg: _Message) -> None:
+        async with self.changed:
+            self.ready.append(msg)
+            while self.max_length is not None and len(self.ready) > self.max_length:
+                self.ready.popleft()  # drop-head
+            self.changed.notify_all()
+
+    async def requeue(self, msgs: list[_Message]) -> None:
+        async with self.changed:
+            for msg in reversed(msgs):
+                if self.delivery_limit is not None and msg.deliveries >= self.delivery_limit:
+                    if self.dead is not None:
+                        self.dead.append(
+                            DeadLetter(msg.body, "delivery_limit", "delivery limit reached")
+                        )
+                    continue
+                self.ready.appendleft(msg)
+            while self.max_length is not None and len(self.ready) > self.max_length:
+                self.ready.popleft()
+            self.changed.notify_all()
+
+
+T = TypeVar("T")
+
+
+class _Subscription(Generic[T]):
+    def __init__(self, queue: _Queue, prefetch: int, wrap: type[T]) -> None:
+        self._q = queue
+        self._prefetch = prefetch
+        self._wrap = wrap
+        self.unacked: dict[int, _Message] = {}
+        self.closed = False
+        queue.consumers.append(self)  # type: ignore[arg-type]
+
+    def _may_take(self) -> bool:
+        q = self._q
+        active = not q.single_active or (q.consumers and q.consumers[0] is self)
+        return bool(active and q.ready and len(self.unacked) < self._prefetch)
+
+    async def get(self) -> T:
+        q = self._q
+        async with q.changed:
+            await q.changed.wait_for(lambda: self.closed or self._may_take())
+            if self.closed:
+                raise TransportError("subscription is closed")
+            msg = q.ready.popleft()
+            msg.deliveries += 1
+            self.unacked[msg.tag] = msg
+        return self._wrap(self, msg)  # type: ignore[call-arg]
+
+    async def settle(self, msg: _Message) -> None:
+        async with self._q.changed:
+            if self.unacked.pop(msg.tag, None) is None:
+                raise TransportError("delivery already settled or its subscription closed")
+            self._q.changed.notify_all()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        pending = list(self.unacked.values())
+        self.unacked.clear()
+        if self in self._q.consumers:
+            self._q.consumers.remove(self)  # type: ignore[arg-type]
+        await self._q.requeue(pending)
+
+
+class _UpdateDelivery:
+    def __init__(self, sub: _Subscription[_UpdateDelivery], msg: _Message) -> None:
+        self._sub, self._msg = sub, msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def user_id(self) -> str | None:
+        return self._msg.user_id
+
+    @property
+    def message_id(self) -> str | None:
+        return self._msg.message_id
+
+    @property
+    def redelivered(self) -> bool:
+        return self._msg.deliveries > 1
+
+    async def ack(self) -> None:
+        await self._sub.settle(self._msg)
+
+    async def dead_letter(self, reason: str, detail: str = "") -> None:
+        dead = self._sub._q.dead
+        await self._sub.settle(self._msg)
+        if dead is not None:
+            headers = {**self._msg.headers, REASON_HEADER: reason, DETAIL_HEADER: detail}
+            dead.append(DeadLetter(self._msg.body, reason, detail, headers))
+
+
+class _ModelDelivery:
+    def __init__(self, sub: _Subscription[_ModelDelivery], msg: _Message) -> None:
+        self._sub, self._msg = sub, msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def version(self) -> int:
+        v = self._msg.headers.get("version")
+        return v if isinstance(v, int) else -1
+
+    async def ack(self) -> None:
+        await self._sub.settle(self._msg)
+
+
+@dataclass
+class _TaskQueues:
+    work: _Queue
+    dead: list[DeadLetter]
+    audit: list[bytes]
+    models: dict[str, _Queue]
+
+
+class MemoryBroker:
+    """The shared state: one per simulated federation."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, _TaskQueues] = {}
+
+    def task(self, task: str) -> _TaskQueues:
+        try:
+            return self.tasks[task]
+        except KeyError:
+            raise TransportError(f"no queues declared for task {task!r}") from None
+
+
+class MemoryTransport:
+    """A client of a :class:`MemoryBroker`; ``user`` plays the broker-validated user id."""
+
+    def __init__(self, broker: MemoryBroker, user: str | None = None) -> None:
+        self.broker = broker
+        self.user = user
+        self._subs: list[_Subscription[object]] = []
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            await sub.close()
+        self._subs.clear()
+
+    async def declare_task(self, topology: TaskTopology) -> None:
+        tq = self.broker.tasks.get(topology.task)
+        if tq is None:
+            dead: list[DeadLetter] = []
+            tq = _TaskQueues(
+                work=_Queue(delivery_limit=topology.delivery_limit, dead=dead, single_active=True),
+                dead=dead,
+                audit=[],
+                models={},
+            )
+            self.broker.tasks[topology.task] = tq
+        for p in topology.participants:
+            tq.models.setdefault(p, _Queue(max_length=1))
+
+    async def consume_updates(self, task: str, *, prefetch: int) -> _Subscription[_UpdateDelivery]:
+        sub = _Subscription(self.broker.task(task).work, prefetch, _UpdateDelivery)
+        self._subs.append(sub)  # type: ignore[arg-type]
+        return sub
+
+    async def announce_model(self, task: str, version: int, body: bytes) -> None:
+        for q in self.broker.task(task).models.values():
+            await q.put(_Message(body, {"version": version}, self.user, f"model-{version}"))
+
+    async def queue_depth(self, task: str) -> int:
+        return len(self.broker.task(task).work.ready)
+
+    async def dead_letters(self, task: str, limit: int = 1000) -> list[DeadLetter]:
+        dead = self.broker.task(task).dead
+        taken, dead[:limit] = dead[:limit], []
+        return taken
+
+    async def publish_update(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        tq = self.broker.tasks.get(task)
+        if tq is None:  # unroutable: like a mandatory publish to an exchange with no binding
+            raise TransportError(f"update for task {task!r} was not routed to any queue")
+        tq.audit.append(body)
+        await tq.work.put(_Message(body, {}, self.user, message_id))
+
+    async def consume_models(self, task: str, participant: str) -> _Subscription[_ModelDelivery]:
+        q = self.broker.task(task).models.get(participant)
+        if q is None:
+            raise TransportError(f"no model queue for participant {participant!r} of {task!r}")
+        sub = _Subscription(q, 2, _ModelDelivery)
+        self._subs.append(sub)  # type: ignore[arg-type]
+        return sub

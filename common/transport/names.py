@@ -1,0 +1,58 @@
+"""Exchange, queue and routing-key names: the broker topology in one place.
+
+They match broker_config/definitions.json and its policies.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+UPDATES_EXCHANGE: Final = "fedq.updates"
+MODELS_EXCHANGE: Final = "fedq.models"
+DEAD_LETTER_EXCHANGE: Final = "fedq.dlx"
+CONTENT_TYPE: Final = "application/x-fedq+msgpack"
+
+#: Headers the aggregator sets on a refused update it dead-letters.
+REASON_HEADER: Final = "x-fedq-reason"
+DETAIL_HEADER: Final = "x-fedq-detail"
+VERSION_HEADER: Final = "x-fedq-version"
+
+
+def update_key(task: str, participant: str) -> str:
+    """Routing key of a participant's update."""
+    return f"update.{task}.{participant}"
+
+
+def update_binding(task: str) -> str:
+    """Binding that matches every participant's updates of a task."""
+    return f"update.{task}.*"
+
+
+def model_key(task: str, participant: str | None = None) -> str:
+    """Routing key of a model announcement: to one participant, or to all."""
+    return f"model.{task}.{participant or 'all'}"
+
+
+def dead_key(task: str) -> str:
+    """Routing key of a task's dead letters."""
+    return f"dead.{task}"
+
+
+def work_queue(task: str) -> str:
+    """The aggregator's quorum work queue of a task."""
+    return f"fedq.work.{task}"
+
+
+def audit_stream(task: str) -> str:
+    """The stream that retains every update of a task, accepted or not."""
+    return f"fedq.audit.{task}"
+
+
+def dead_queue(task: str) -> str:
+    """Refused and poison updates of a task, with their reasons."""
+    return f"fedq.dead.{task}"
+
+
+def model_queue(task: str, participant: str) -> str:
+    """A participant's model queue: keeps only the latest announced model."""
+    return f"fedq.model.{task}.{participant}"

@@ -1,0 +1,219 @@
+"""The transport contract, run against the in-process broker and the real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aio_pika
+import pytest
+
+from common.errors import TransportError
+from common.transport import DeadLetter, TaskTopology, Transport
+from common.transport.amqp import AmqpTransport
+from common.transport.memory import MemoryBroker, MemoryTransport
+from common.transport.names import audit_stream, dead_queue, model_queue, work_queue
+
+T = TypeVar("T")
+AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@dataclass
+class Pair:
+    """An aggregator-side and a participant-side connection, and a fresh task."""
+
+    agg: Transport
+    bank: Transport
+    task: str
+    participants: tuple[str, ...] = ("bank-a", "bank-b")
+
+    def topology(self, delivery_limit: int = 5) -> TaskTopology:
+        return TaskTopology(self.task, self.participants, delivery_limit=delivery_limit)
+
+
+async def _delete_queues(task: str, participants: tuple[str, ...]) -> None:
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        names = [work_queue(task), audit_stream(task), dead_queue(task)]
+        names += [model_queue(task, p) for p in participants]
+        for name in names:
+            ch = await conn.channel()
+            try:
+                await ch.queue_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    task = f"t{uuid.uuid4().hex[:10]}"
+    if request.param == "memory":
+        broker = MemoryBroker()
+        p = Pair(MemoryTransport(broker, "fedq-aggregator"), MemoryTransport(broker, "guest"), task)
+        yield p
+    else:
+        try:
+            agg = await AmqpTransport.connect(AMQP_URL, name="test-aggregator", publish_timeout=1.0)
+            bank = await AmqpTransport.connect(AMQP_URL, name="test-bank", publish_timeout=1.0)
+        except TransportError as e:
+            pytest.fail(f"real RabbitMQ at {AMQP_URL} does not answer ({e}); see .ci/run")
+        p = Pair(agg, bank, task)
+        try:
+            yield p
+        finally:
+            await _delete_queues(task, p.participants)
+    await p.agg.close()
+    await p.bank.close()
+
+
+async def _within(aw: Awaitable[T], seconds: float = 5.0) -> T:
+    async with asyncio.timeout(seconds):
+        return await aw
+
+
+class TestTransport:
+    async def test_published_update_reaches_the_aggregator_with_identity(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        await pair.agg.declare_task(pair.topology())  # idempotent
+        await pair.bank.publish_update(pair.task, "bank-a", b"update-1", message_id="u1")
+        sub = await pair.agg.consume_updates(pair.task, prefetch=4)
+        d = await _within(sub.get())
+        assert d.body == b"update-1"
+        assert d.message_id == "u1"
+        assert d.user_id == "guest"
+        assert d.redelivered is False
+        await d.ack()
+        await sub.close()
+        assert await pair.agg.queue_depth(pair.task) == 0
+
+    async def test_unacked_updates_return_when_the_consumer_goes(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for i in range(3):
+            await pair.bank.publish_update(
+                pair.task, "bank-a", f"m{i}".encode(), message_id=f"u{i}"
+            )
+        sub = await pair.agg.consume_updates(pair.task, prefetch=10)
+        first = [await _within(sub.get()) for _ in range(3)]
+        assert [d.body for d in first] == [b"m0", b"m1", b"m2"]
+        await first[0].ack()
+        await sub.close()  # m1, m2 were never acked
+        sub = await pair.agg.consume_updates(pair.task, prefetch=10)
+        again = [await _within(sub.get()) for _ in range(2)]
+        assert sorted(d.body for d in again) == [b"m1", b"m2"]
+        assert all(d.redelivered for d in again)
+        for d in again:
+            await d.ack()
+        await sub.close()
+
+    async def test_prefetch_bounds_unacked_deliveries(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for i in range(5):
+            await pair.bank.publish_update(pair.task, "bank-a", b"x", message_id=f"u{i}")
+        sub = await pair.agg.consume_updates(pair.task, prefetch=2)
+        a, b = await _within(sub.get()), await _within(sub.get())
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.5)
+        await a.ack()
+        c = await _within(sub.get())
+        for d in (b, c):
+            await d.ack()
+        await sub.close()
+
+    async def test_dead_letter_keeps_body_and_reason(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        await pair.bank.publish_update(pair.task, "bank-a", b"\xc1bad", message_id="u-bad")
+        sub = await pair.agg.consume_updates(pair.task, prefetch=1)
+        d = await _within(sub.get())
+        await d.dead_letter("malformed", "not a msgpack document")
+        await sub.close()
+        dead: list[DeadLetter] = []
+        for _ in range(50):
+            dead += await pair.agg.dead_letters(pair.task)
+            if dead:
+                break
+            await asyncio.sleep(0.1)
+        assert len(dead) == 1
+        letter = dead[0]
+        assert letter.body == b"\xc1bad"
+        assert letter.reason == "malformed"
+        assert letter.detail == "not a msgpack document"
+        assert await pair.agg.queue_depth(pair.task) == 0
+
+    async def test_poison_message_is_dead_lettered_at_the_delivery_limit(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology(delivery_limit=2))
+        await pair.bank.publish_update(pair.task, "bank-a", b"poison", message_id="u-p")
+        for _ in range(3):  # a consumer that crashes before acking, again and again
+            sub = await pair.agg.consume_updates(pair.task, prefetch=1)
+            try:
+                await _within(sub.get(), 2.0)
+            except TimeoutError:
+                await sub.close()
+                break
+            await sub.close()
+        dead: list[DeadLetter] = []
+        for _ in range(50):
+            dead += await pair.agg.dead_letters(pair.task)
+            if dead:
+                break
+            await asyncio.sleep(0.1)
+        assert [(d.body, d.reason) for d in dead] == [(b"poison", "delivery_limit")]
+
+    async def test_single_active_consumer(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        first = await pair.agg.consume_updates(pair.task, prefetch=5)
+        second = await pair.agg.consume_updates(pair.task, prefetch=5)
+        await pair.bank.publish_update(pair.task, "bank-a", b"one", message_id="u1")
+        d = await _within(first.get())
+        assert d.body == b"one"
+        await pair.bank.publish_update(pair.task, "bank-a", b"two", message_id="u2")
+        with pytest.raises(TimeoutError):
+            await _within(second.get(), 0.5)
+        await first.close()  # both unacked go back; the standby takes over
+        got = sorted([(await _within(second.get())).body for _ in range(2)])
+        assert got == [b"one", b"two"]
+        await second.close()
+
+    async def test_model_queue_keeps_only_the_latest(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for v in (1, 2, 3):
+            await pair.agg.announce_model(pair.task, v, f"model-{v}".encode())
+        await asyncio.sleep(0.2)
+        sub = await pair.bank.consume_models(pair.task, "bank-a")
+        m3 = await _within(sub.get())
+        assert (m3.version, m3.body) == (3, b"model-3")
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.3)
+        # Held unacked while training; a newer one still arrives.
+        await pair.agg.announce_model(pair.task, 4, b"model-4")
+        m4 = await _within(sub.get())
+        assert m4.version == 4
+        await m3.ack()
+        await sub.close()  # m4 not acked: a restarted participant gets it again
+        sub = await pair.bank.consume_models(pair.task, "bank-a")
+        again = await _within(sub.get())
+        assert again.version == 4
+        await again.ack()
+        await sub.close()
+        other = await pair.bank.consume_models(pair.task, "bank-b")
+        assert (await _within(other.get())).version == 4
+        await other.close()
+
+    async def test_publishing_to_an_undeclared_task_fails_after_retrying(self, pair: Pair) -> None:
+        if isinstance(pair.bank, AmqpTransport):
+            pair.bank.publish_timeout = 0.5
+        with pytest.raises(TransportError):
+            await pair.bank.publish_update(pair.task, "bank-a", b"x", message_id="u1")
+
+    async def test_unknown_model_queue_is_an_error(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        with pytest.raises(TransportError):
+            await pair.bank.consume_models(pair.task, "bank-zz")
