@@ -111,6 +111,8 @@ class CommitResult:
     head: int | None = None
     #: update id -> version it was already applied in (DUPLICATE).
     duplicates: Mapping[str, int] = field(default_factory=dict)
+    #: The committed version's parameters as stored: a model envelope, ready to announce.
+    blob: bytes = b""
 
     @property
     def committed(self) -> bool:

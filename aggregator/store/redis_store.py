@@ -278,7 +278,9 @@ class RedisModelStore:
                 await pipe.execute()
             except WatchError:
                 return CommitResult(CommitOutcome.LOST_RACE, head=await self.head(task))
-        return CommitResult(CommitOutcome.COMMITTED, record=record, head=record.version)
+        return CommitResult(
+            CommitOutcome.COMMITTED, record=record, head=record.version, blob=prepared.blob
+        )
 
     def _prepare(
         self,
