@@ -7,6 +7,7 @@ from common.transport.base import (
     TaskTopology,
     Transport,
     UpdateDelivery,
+    next_or_none,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "TaskTopology",
     "Transport",
     "UpdateDelivery",
+    "next_or_none",
 ]

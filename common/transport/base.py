@@ -9,11 +9,13 @@ receiver has saved its effect.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 T_co = TypeVar("T_co", covariant=True)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +125,19 @@ class Transport(Protocol):
     async def consume_models(self, task: str, participant: str) -> Subscription[ModelDelivery]:
         """Consume the participant's model queue (latest model only)."""
         ...
+
+
+async def next_or_none(
+    sub: Subscription[T], stop: asyncio.Event, wait: float | None = None
+) -> T | None:
+    """The next delivery; None once ``stop`` is set or after ``wait`` seconds."""
+    getter = asyncio.ensure_future(sub.get())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    return None

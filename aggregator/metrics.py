@@ -1,0 +1,46 @@
+"""Prometheus metrics of one aggregator (own registry: no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class AggregatorMetrics:
+    """Counters, gauges and histograms the service updates; served at /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter(
+            "fedq_updates_accepted", "Updates accepted into a version", ["task"], registry=r
+        )
+        self.refused = Counter(
+            "fedq_updates_refused", "Updates refused, by reason", ["task", "reason"], registry=r
+        )
+        self.staleness = Histogram(
+            "fedq_update_staleness",
+            "Staleness (head - base version) of accepted updates",
+            ["task"],
+            buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55),
+            registry=r,
+        )
+        self.head = Gauge("fedq_head_version", "Head version of the task", ["task"], registry=r)
+        self.commit_seconds = Histogram(
+            "fedq_commit_seconds", "Time to commit a version to the store", ["task"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "fedq_queue_depth", "Updates waiting in the work queue", ["task"], registry=r
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+    def refused_total(self, task: str) -> float:
+        """All refusals of a task (for reports)."""
+        total = 0.0
+        for metric in self.refused.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels.get("task") == task:
+                    total += sample.value
+        return total

@@ -1,0 +1,279 @@
+"""The aggregator service: consume updates, validate, aggregate, commit, ack, announce.
+
+The path of one update (DESIGN.md): decode with hard limits and the task's shapes
+(off the event loop); check task, participant, sender identity, duplicates and
+staleness; offer it to the task's strategy; when the strategy emits a version,
+commit it to the store in one transaction and only then ack the deliveries that
+went into it; then announce the new model. A refused update goes to the
+dead-letter queue with its reason and is counted; the service keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.store import RedisModelStore, VersionRecord
+from aggregator.strategies import AcceptedUpdate, Step, Strategy, make_strategy
+from common.errors import BlobPrunedError, DecodeError, FedqError, NotFoundError
+from common.models import build_task_model, model_tensors, tensor_specs
+from common.spec import TaskSpec
+from common.transport import TaskTopology, Transport, UpdateDelivery, next_or_none
+from common.wire import DEFAULT_LIMITS, DecodeLimits, Tensors, UpdateEnvelope, decode_update
+
+log = structlog.get_logger("fedq.aggregator")
+
+#: Called after each commit with the new version's record and parameters.
+VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
+
+
+class FencedOutError(FedqError):
+    """Another writer committed to this task: this aggregator must stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """How the aggregator consumes and validates."""
+
+    #: Unacked deliveries at most (bounds memory together with the strategy's buffer).
+    prefetch: int = 64
+    #: Refuse an update whose broker-validated sender is not the participant it names.
+    require_sender_match: bool = True
+    limits: DecodeLimits = DEFAULT_LIMITS
+    #: How often the work queue's depth is sampled for metrics (seconds).
+    depth_poll_s: float = 5.0
+
+
+class AggregatorService:
+    """The single writer of one task."""
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        store: RedisModelStore,
+        transport: Transport,
+        config: ServiceConfig | None = None,
+        metrics: AggregatorMetrics | None = None,
+        on_version: VersionHook | None = None,
+    ) -> None:
+        self.spec = spec
+        self.task = spec.task_id
+        self.store = store
+        self.transport = transport
+        self.config = config or ServiceConfig()
+        self.metrics = metrics or AggregatorMetrics()
+        self.on_version = on_version
+        self.strategy: Strategy = make_strategy(spec.async_)
+        self.expected = tensor_specs(model_tensors(build_task_model(spec)))
+        self.head_version = -1
+        self.head_params: Tensors = {}
+        self._bases: OrderedDict[int, Tensors] = OrderedDict()
+        self._pending: dict[str, UpdateDelivery] = {}
+        self._consuming = False
+        self.accepted = 0
+        self.refused: dict[str, int] = {}
+        self.log = log.bind(task=self.task)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def prepare(self) -> None:
+        """Register the task, create version 0 if needed, declare topology, announce the head."""
+        await self.store.register_task(self.spec)
+        if await self.store.head(self.task) is None:
+            genesis = model_tensors(build_task_model(self.spec))
+            await self.store.create_genesis(self.task, genesis, info={"strategy": "genesis"})
+            self.log.info("version 0 created", seed=self.spec.seed)
+        await self.transport.declare_task(TaskTopology(self.task, self.spec.participants))
+        record = await self.store.get_head(self.task)
+        env = await self.store.get_params(self.task, record.version)
+        self._set_head(record.version, env.tensors)
+        await self.transport.announce_model(self.task, record.version, await self._blob(record))
+        self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; the commit in flight finishes first."""
+        await self.prepare()
+        sub = await self.transport.consume_updates(self.task, prefetch=self.config.prefetch)
+        self._consuming = True
+        poller = asyncio.create_task(self._poll_depth(stop))
+        try:
+            while not stop.is_set():
+                delivery = await next_or_none(sub, stop)
+                if delivery is None:
+                    break
+                await self.handle(delivery)
+        finally:
+            self._consuming = False
+            poller.cancel()
+            # Buffered updates were never acked: closing returns them to the queue.
+            await sub.close()
+            self.log.info(
+                "aggregator stopped",
+                version=self.head_version,
+                returned_to_queue=len(self._pending),
+            )
+            self._pending.clear()
+
+    async def health(self) -> dict[str, object]:
+        """What /healthz reports."""
+        store_ok = await self.store.ping()
+        return {
+            "ok": bool(store_ok and self._consuming),
+            "task": self.task,
+            "version": self.head_version,
+            "store": store_ok,
+            "consuming": self._consuming,
+        }
+
+    # ------------------------------------------------------------------ one update
+
+    async def handle(self, delivery: UpdateDelivery) -> None:
+        """Validate one delivery and offer it to the strategy; commit when it steps."""
+        try:
+            env = await asyncio.to_thread(
+                decode_update, delivery.body, self.config.limits, self.expected
+            )
+        except DecodeError as e:
+            await self._refuse(delivery, e.reason, e.detail)
+            return
+        problem = self._check(env, delivery)
+        if problem is not None:
+            await self._refuse(delivery, *problem, participant=env.participant)
+            return
+        if env.update_id in self._pending:
+            await self._refuse(delivery, "duplicate", "already buffered", env.participant)
+            return
+        applied = await self.store.applied_in(self.task, [env.update_id])
+        if applied:
+            detail = f"already applied in version {applied[env.update_id]}"
+            await self._refuse(delivery, "duplicate", detail, env.participant)
+            return
+        base = await self._base(env.base_version)
+        if base is None:
+            detail = f"parameters of base version {env.base_version} are no longer kept"
+            await self._refuse(delivery, "base_unavailable", detail, env.participant)
+            return
+        update = AcceptedUpdate(
+            update_id=env.update_id,
+            participant=env.participant,
+            base_version=env.base_version,
+            staleness=self.head_version - env.base_version,
+            num_samples=env.num_samples,
+            delta=env.tensors,
+            content_hash=env.content_hash,
+        )
+        try:
+            step = await asyncio.to_thread(self.strategy.offer, self.head_params, base, update)
+        except ValueError as e:
+            await self._refuse(delivery, "invalid_update", str(e), env.participant)
+            return
+        self._pending[env.update_id] = delivery
+        self.metrics.staleness.labels(self.task).observe(update.staleness)
+        if step is not None:
+            await self._commit(step)
+
+    def _check(self, env: UpdateEnvelope, delivery: UpdateDelivery) -> tuple[str, str] | None:
+        if env.task != self.task:
+            return "unknown_task", f"update names task {env.task!r}"
+        known = self.spec.participants
+        if known and env.participant not in known:
+            return "unknown_participant", f"{env.participant!r} is not a participant of the task"
+        if self.config.require_sender_match and delivery.user_id != env.participant:
+            return "sender_mismatch", (
+                f"sent by broker user {delivery.user_id!r}, names participant {env.participant!r}"
+            )
+        if env.base_version > self.head_version:
+            return "future_base", (
+                f"base version {env.base_version} is ahead of the head {self.head_version}"
+            )
+        staleness = self.head_version - env.base_version
+        if staleness > self.spec.async_.max_staleness:
+            return "too_stale", (
+                f"staleness {staleness} exceeds the maximum {self.spec.async_.max_staleness}"
+            )
+        return None
+
+    async def _refuse(
+        self, delivery: UpdateDelivery, reason: str, detail: str, participant: str | None = None
+    ) -> None:
+        await delivery.dead_letter(reason, detail)
+        self.metrics.refused.labels(self.task, reason).inc()
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.log.warning("update refused", reason=reason, detail=detail, participant=participant)
+
+    # ------------------------------------------------------------------ commit
+
+    async def _commit(self, step: Step) -> None:
+        started = time.perf_counter()
+        parent = self.head_version
+        result = await self.store.commit(
+            self.task,
+            parent=parent,
+            params=step.params,
+            lineage=step.lineage,
+            info={"strategy": self.strategy.name, "settings": self.strategy.settings()},
+        )
+        if not result.committed or result.record is None:
+            raise FencedOutError(
+                f"commit on version {parent} refused ({result.outcome.value}, head "
+                f"{result.head}): another aggregator writes this task"
+            )
+        record = result.record
+        # Only now is the effect saved: ack what went into it.
+        for entry in step.lineage:
+            delivery = self._pending.pop(entry.update_id)
+            await delivery.ack()
+        elapsed = time.perf_counter() - started
+        self._set_head(record.version, step.params)
+        self.accepted += len(step.lineage)
+        self.metrics.accepted.labels(self.task).inc(len(step.lineage))
+        self.metrics.commit_seconds.labels(self.task).observe(elapsed)
+        await self.transport.announce_model(self.task, record.version, result.blob)
+        self.log.info(
+            "version committed",
+            version=record.version,
+            updates=len(step.lineage),
+            participants=[e.participant for e in step.lineage],
+            staleness=[e.staleness for e in step.lineage],
+            weights=[round(e.weight, 6) for e in step.lineage],
+            commit_ms=round(elapsed * 1000, 2),
+        )
+        if self.on_version is not None:
+            await self.on_version(record, step.params)
+
+    def _set_head(self, version: int, params: Tensors) -> None:
+        self.head_version, self.head_params = version, params
+        self.metrics.head.labels(self.task).set(version)
+        self._bases[version] = params
+        keep = self.spec.async_.max_staleness + 1
+        while len(self._bases) > keep:
+            self._bases.popitem(last=False)
+
+    async def _base(self, version: int) -> Tensors | None:
+        cached = self._bases.get(version)
+        if cached is not None:
+            return cached
+        try:
+            env = await self.store.get_params(self.task, version)
+        except (BlobPrunedError, NotFoundError):
+            return None
+        return env.tensors
+
+    async def _blob(self, record: VersionRecord) -> bytes:
+        return await self.store.get_blob(self.task, record.version)
+
+    async def _poll_depth(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                depth = await self.transport.queue_depth(self.task)
+            except FedqError as e:
+                self.log.warning("queue depth unavailable", error=str(e))
+            else:
+                self.metrics.queue_depth.labels(self.task).set(depth)
+            await asyncio.sleep(self.config.depth_poll_s)
