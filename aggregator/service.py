@@ -76,6 +76,8 @@ class AggregatorService:
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         self._pending: dict[str, UpdateDelivery] = {}
         self._consuming = False
+        #: Set once the head is loaded and announced.
+        self.ready = asyncio.Event()
         self.accepted = 0
         self.refused: dict[str, int] = {}
         self.log = log.bind(task=self.task)
@@ -94,6 +96,7 @@ class AggregatorService:
         env = await self.store.get_params(self.task, record.version)
         self._set_head(record.version, env.tensors)
         await self.transport.announce_model(self.task, record.version, await self._blob(record))
+        self.ready.set()
         self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
 
     async def run(self, stop: asyncio.Event) -> None:
