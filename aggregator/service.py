@@ -76,6 +76,9 @@ class AggregatorService:
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         self._pending: dict[str, UpdateDelivery] = {}
         self._consuming = False
+        self._announce_slot: tuple[int, bytes] | None = None
+        self._announce_wake = asyncio.Event()
+        self._closing = False
         #: Set once the head is loaded and announced.
         self.ready = asyncio.Event()
         self.accepted = 0
@@ -105,6 +108,7 @@ class AggregatorService:
         sub = await self.transport.consume_updates(self.task, prefetch=self.config.prefetch)
         self._consuming = True
         poller = asyncio.create_task(self._poll_depth(stop))
+        announcer = asyncio.create_task(self._announcer())
         try:
             while not stop.is_set():
                 delivery = await next_or_none(sub, stop)
@@ -114,6 +118,7 @@ class AggregatorService:
         finally:
             self._consuming = False
             poller.cancel()
+            await self._flush_announcements(announcer)
             # Buffered updates were never acked: closing returns them to the queue.
             await sub.close()
             self.log.info(
@@ -237,7 +242,7 @@ class AggregatorService:
         self.accepted += len(step.lineage)
         self.metrics.accepted.labels(self.task).inc(len(step.lineage))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
-        await self.transport.announce_model(self.task, record.version, result.blob)
+        self._announce(record.version, result.blob)
         self.log.info(
             "version committed",
             version=record.version,
@@ -249,6 +254,38 @@ class AggregatorService:
         )
         if self.on_version is not None:
             await self.on_version(record, step.params)
+
+    def _announce(self, version: int, blob: bytes) -> None:
+        """Queue the newest model for announcement, replacing one not yet sent.
+
+        Model queues keep only the latest model anyway, so a superseded version need
+        not be published; announcing off the commit path keeps ingest fast.
+        """
+        self._announce_slot = (version, blob)
+        self._announce_wake.set()
+
+    async def _announcer(self) -> None:
+        while True:
+            await self._announce_wake.wait()
+            self._announce_wake.clear()
+            slot, self._announce_slot = self._announce_slot, None
+            if slot is not None:
+                try:
+                    await self.transport.announce_model(self.task, *slot)
+                except FedqError as e:
+                    self.log.error("announcement failed", version=slot[0], error=str(e))
+            if self._closing and self._announce_slot is None:
+                return
+
+    async def _flush_announcements(self, announcer: asyncio.Task[None]) -> None:
+        """Send the last queued announcement, then stop the announcer."""
+        self._closing = True
+        self._announce_wake.set()
+        try:
+            async with asyncio.timeout(30):
+                await announcer
+        except TimeoutError:
+            self.log.error("last announcement not confirmed in 30 s")
 
     def _set_head(self, version: int, params: Tensors) -> None:
         self.head_version, self.head_params = version, params

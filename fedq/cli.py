@@ -125,7 +125,7 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
 )
 @click.option(
     "--base-delay",
-    default=0.02,
+    default=0.1,
     show_default=True,
     type=click.FloatRange(min=0.0),
     help="Seconds a bank at speed 1 pauses after each local round.",
@@ -159,7 +159,7 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
 )
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option(
-    "--lr", default=0.05, show_default=True, type=click.FloatRange(min=0.0, min_open=True)
+    "--lr", default=0.1, show_default=True, type=click.FloatRange(min=0.0, min_open=True)
 )
 @click.option(
     "--versions",

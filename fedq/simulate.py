@@ -72,7 +72,7 @@ class SimulationConfig:
     #: Per-participant slowness factors (1 = base pace); shorter lists pad with 1.
     speeds: tuple[float, ...] = ()
     #: Pause per local round at speed 1 (seconds); a bank with speed 10 pauses 10x.
-    base_delay_s: float = 0.02
+    base_delay_s: float = 0.1
     mode: Literal["async"] = "async"
     strategy: Literal["fedasync", "fedbuff"] = "fedasync"
     mixing: float = 0.5
@@ -82,10 +82,10 @@ class SimulationConfig:
     server_lr: float = 1.0
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSettings = field(
-        default_factory=lambda: TrainingSettings(epochs=2, batch_size=32, lr=0.05)
+        default_factory=lambda: TrainingSettings(epochs=2, batch_size=32, lr=0.1)
     )
     baseline_epochs: int = 60
-    versions: int | None = 300
+    versions: int | None = 200
     seconds: float | None = 120.0
     test_fraction: float = 0.25
     seed: int = 0
@@ -294,7 +294,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
                 participant=name,
                 seed=config.seed + i,
                 delay_s=config.base_delay_s * speeds[i],
-                wait_for_model_s=0.2,
+                wait_for_model_s=2.0,
             ),
             bank_transports[name],
             prep.shards[name],

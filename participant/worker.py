@@ -40,8 +40,9 @@ class WorkerConfig:
     max_updates: int | None = None
     #: Extra pause after each local training (seconds): a slower bank, or a pace limit.
     delay_s: float = 0.0
-    #: After publishing, how long to wait for a newer model before training again.
-    wait_for_model_s: float = 2.0
+    #: After publishing, how long to wait for a newer model before training again on the
+    #: one it has (a version usually follows soon: waiting keeps staleness low).
+    wait_for_model_s: float = 5.0
     codec: str = "zstd"
 
 
