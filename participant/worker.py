@@ -52,6 +52,7 @@ class WorkerStats:
 
     published: int = 0
     models_seen: int = 0
+    first_version: int = -1
     last_version: int = -1
 
 
@@ -92,6 +93,8 @@ class ParticipantWorker:
                             await held.ack()
                         held, current = newest, model
                         self.stats.models_seen += 1
+                        if self.stats.first_version < 0:
+                            self.stats.first_version = model.version
                         self.stats.last_version = model.version
                         val_metrics = await asyncio.to_thread(
                             evaluate, self.spec, model.tensors, self.x_val, self.y_val

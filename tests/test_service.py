@@ -1,0 +1,254 @@
+"""The aggregator service on the in-process and the real broker and store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+import torch
+
+from aggregator.service import AggregatorService, ServiceConfig
+from aggregator.store import RedisModelStore, StoreConfig
+from common.models import build_task_model, model_tensors
+from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
+from common.transport import DeadLetter, Transport
+from common.transport.amqp import AmqpTransport
+from common.transport.memory import MemoryBroker, MemoryTransport
+from common.wire import UpdateEnvelope, decode_model, encode_update
+from tests.conftest import REDIS_URL
+from tests.test_transport import AMQP_URL, _delete_queues
+
+
+@dataclass
+class Rig:
+    spec: TaskSpec
+    store: RedisModelStore
+    agg: Transport
+    bank: Transport
+    real: bool
+
+
+def _spec(**async_kw: object) -> TaskSpec:
+    return TaskSpec(
+        task_id=f"svc{uuid.uuid4().hex[:10]}",
+        features=tuple(NumericFeature(name=f"x{i}") for i in range(3)),
+        target=TargetSpec(name="y"),
+        participants=("bank-a", "bank-b"),
+        **{"async": AsyncSettings.model_validate({"max_staleness": 2, **async_kw})},
+    )
+
+
+@pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    spec = _spec()
+    prefix = f"fedqtest-{uuid.uuid4().hex[:8]}"
+    if request.param == "memory":
+        broker = MemoryBroker()
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        rig = Rig(
+            spec,
+            RedisModelStore(client, StoreConfig(prefix=prefix)),
+            MemoryTransport(broker, "fedq-aggregator"),
+            MemoryTransport(broker, "bank-a"),
+            False,
+        )
+    else:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        rig = Rig(
+            spec,
+            RedisModelStore(client, StoreConfig(prefix=prefix)),
+            await AmqpTransport.connect(AMQP_URL),
+            await AmqpTransport.connect(AMQP_URL),
+            True,
+        )
+    yield rig
+    await rig.agg.close()
+    await rig.bank.close()
+    if rig.real:
+        await _delete_queues(spec.task_id, spec.participants)
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    await rig.store.close()
+
+
+def _update(
+    spec: TaskSpec,
+    *,
+    base: int,
+    participant: str = "bank-a",
+    scale: float = 0.1,
+    update_id: str | None = None,
+) -> tuple[str, bytes]:
+    delta = {k: torch.full_like(v, scale) for k, v in model_tensors(build_task_model(spec)).items()}
+    uid = update_id or uuid.uuid4().hex
+    body, _ = encode_update(
+        UpdateEnvelope(
+            task=spec.task_id,
+            participant=participant,
+            update_id=uid,
+            base_version=base,
+            num_samples=10,
+            tensors=delta,
+        )
+    )
+    return uid, body
+
+
+async def _wait_for(cond: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll a condition of the system under test (tests may poll; services may not)."""
+    async with asyncio.timeout(seconds):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+async def _dead(rig: Rig, n: int) -> list[DeadLetter]:
+    out: list[DeadLetter] = []
+    async with asyncio.timeout(10):
+        while len(out) < n:
+            out += await rig.agg.dead_letters(rig.spec.task_id)
+            await asyncio.sleep(0.05)
+    return out
+
+
+async def test_valid_updates_commit_and_refusals_are_dead_lettered(rig: Rig) -> None:
+    spec = rig.spec
+    service = AggregatorService(
+        spec, rig.store, rig.agg, ServiceConfig(require_sender_match=not rig.real, depth_poll_s=0.2)
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await _wait_for(lambda: service.ready.is_set())
+    task = spec.task_id
+    before = (await rig.store.get_params(task, 0)).tensors
+
+    uid, good = _update(spec, base=0)
+    await rig.bank.publish_update(task, "bank-a", good, message_id=uid)
+    await _wait_for(lambda: service.head_version == 1)
+    # Each of these must be refused with its reason, leaving the model as it is.
+    bad = [
+        b"\xc1 not msgpack",
+        _update(spec, base=0, participant="bank-z")[1],
+        _update(spec, base=9)[1],
+        good,  # the same update again
+        b"\x92\x01\x02",  # msgpack, but an array, not an envelope
+    ]
+    for i, body in enumerate(bad):
+        await rig.bank.publish_update(task, "bank-a", body, message_id=f"bad-{i}")
+    dead = await _dead(rig, len(bad))
+    reasons = sorted(d.reason for d in dead)
+    assert reasons == sorted(
+        ["malformed", "unknown_participant", "future_base", "duplicate", "malformed"]
+    )
+    assert all(d.body in bad for d in dead)
+    assert service.head_version == 1
+    assert await rig.store.head(task) == 1
+    assert service.refused == {
+        "malformed": 2,
+        "unknown_participant": 1,
+        "future_base": 1,
+        "duplicate": 1,
+    }
+    metrics = service.metrics.render().decode()
+    assert 'fedq_updates_refused_total{reason="duplicate",task="' + task + '"} 1.0' in metrics
+    assert f'fedq_head_version{{task="{task}"}} 1.0' in metrics
+    after = (await rig.store.get_params(task, 1)).tensors
+    assert not all(torch.equal(after[k], before[k]) for k in after)
+    health = await service.health()
+    assert health["ok"] is True
+    stop.set()
+    await running
+    assert (await service.health())["ok"] is False
+
+
+async def test_too_stale_and_announcements(rig: Rig) -> None:
+    spec = rig.spec
+    task = spec.task_id
+    service = AggregatorService(spec, rig.store, rig.agg, ServiceConfig(require_sender_match=False))
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await _wait_for(lambda: service.ready.is_set())
+    models = await rig.bank.consume_models(task, "bank-a")
+    first = await asyncio.wait_for(models.get(), 5)
+    assert first.version == 0
+    await first.ack()
+    for v in range(4):
+        uid, body = _update(spec, base=v)
+        await rig.bank.publish_update(task, "bank-a", body, message_id=uid)
+        await _wait_for(lambda: service.head_version == v + 1)  # noqa: B023
+    uid, stale = _update(spec, base=1)  # head 4, staleness 3 > max 2
+    await rig.bank.publish_update(task, "bank-a", stale, message_id=uid)
+    dead = await _dead(rig, 1)
+    assert [d.reason for d in dead] == ["too_stale"]
+    latest = await asyncio.wait_for(models.get(), 5)
+    while latest.version < 4:
+        await latest.ack()
+        latest = await asyncio.wait_for(models.get(), 5)
+    env = decode_model(latest.body)
+    record = await rig.store.get_version(task, 4)
+    assert env.version == 4
+    assert env.version_hash == record.version_hash
+    await latest.ack()
+    await models.close()
+    stop.set()
+    await running
+
+
+async def test_sender_must_match_participant() -> None:
+    broker = MemoryBroker()
+    spec = _spec()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    agg = MemoryTransport(broker, "fedq-aggregator")
+    service = AggregatorService(spec, store, agg)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await _wait_for(lambda: service.ready.is_set())
+    impostor = MemoryTransport(broker, "bank-b")  # bank-b's credentials, claims to be bank-a
+    uid, body = _update(spec, base=0, participant="bank-a")
+    await impostor.publish_update(spec.task_id, "bank-a", body, message_id=uid)
+    dead: list[DeadLetter] = []
+    async with asyncio.timeout(5):
+        while not dead:
+            dead = await agg.dead_letters(spec.task_id)
+            await asyncio.sleep(0.02)
+    assert dead[0].reason == "sender_mismatch"
+    assert service.head_version == 0
+    stop.set()
+    await running
+
+
+async def test_fedbuff_acks_only_after_commit_and_returns_buffer_on_stop() -> None:
+    broker = MemoryBroker()
+    spec = _spec(strategy="fedbuff", buffer_size=3)
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    agg = MemoryTransport(broker, "fedq-aggregator")
+    bank = MemoryTransport(broker, "bank-a")
+    service = AggregatorService(spec, store, agg)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await _wait_for(lambda: service.ready.is_set())
+    for _ in range(5):
+        uid, body = _update(spec, base=0)
+        await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
+    await _wait_for(lambda: service.head_version == 1 and len(service._pending) == 2)
+    assert len((await store.get_version(spec.task_id, 1)).lineage) == 3
+    stop.set()
+    await running
+    # The two buffered updates were never acked: they are back in the queue.
+    assert await agg.queue_depth(spec.task_id) == 2
+    # A new aggregator picks them up (and one more makes a full buffer).
+    service2 = AggregatorService(spec, store, MemoryTransport(broker, "fedq-aggregator"))
+    stop2 = asyncio.Event()
+    running2 = asyncio.create_task(service2.run(stop2))
+    uid, body = _update(spec, base=1)
+    await _wait_for(lambda: service2.ready.is_set())
+    await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
+    await _wait_for(lambda: service2.head_version == 2)
+    assert len((await store.get_version(spec.task_id, 2)).lineage) == 3
+    stop2.set()
+    await running2
