@@ -9,6 +9,7 @@ the current head waiting in its queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 import structlog
 
-from common.errors import DecodeError
+from common.errors import DecodeError, TransportError
 from common.evaluation import evaluate
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import TaskSpec
@@ -76,7 +77,9 @@ class ParticipantWorker:
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Work until ``stop`` is set or ``max_updates`` are published."""
         cfg = self.config
-        sub = await self.transport.consume_models(self.spec.task_id, cfg.participant)
+        sub = await self._subscribe(stop)
+        if sub is None:
+            return self.stats
         held: ModelDelivery | None = None
         current: ModelEnvelope | None = None
         val_metrics: dict[str, float] = {}
@@ -107,6 +110,22 @@ class ParticipantWorker:
         finally:
             await sub.close()  # a held model goes back to the queue for the next start
         return self.stats
+
+    async def _subscribe(self, stop: asyncio.Event) -> Subscription[ModelDelivery] | None:
+        """Subscribe to the model queue; until the aggregator has declared it, wait and retry."""
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                return await self.transport.consume_models(
+                    self.spec.task_id, self.config.participant
+                )
+            except TransportError as e:
+                self.log.warning("model queue not available yet; retrying", error=str(e))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            delay = min(delay * 2, 10.0)
+        return None
 
     async def _newest_model(
         self, sub: Subscription[ModelDelivery], wait: float | None, stop: asyncio.Event
