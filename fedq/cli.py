@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,17 @@ from fedq import __version__
     type=click.Choice(["auto", "console", "json"]),
     help="auto: console on a terminal, JSON lines otherwise.",
 )
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    envvar="FEDQ_CONFIG",
+    default=None,
+    is_eager=True,
+    expose_value=False,
+    callback=lambda ctx, _, value: _load_config(ctx, value),
+    help="TOML file with [aggregator] and [participant] sections of option defaults.",
+)
 def main(log_level: str, log_format: str) -> None:
     """fedq: federated learning over RabbitMQ and Redis.
 
@@ -41,6 +53,27 @@ def main(log_level: str, log_format: str) -> None:
         log_level,
         "json" if log_format == "json" else "console" if log_format == "console" else "auto",
     )
+
+
+def _load_config(ctx: click.Context, path: Path | None) -> None:
+    """Option defaults from a TOML file: flags and environment variables still win."""
+    if path is None:
+        return
+    import tomllib
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--config") from e
+    unknown = set(doc) - {"aggregator", "participant"}
+    if unknown:
+        raise click.BadParameter(
+            f"{path}: unknown sections {sorted(unknown)}", param_hint="--config"
+        )
+    ctx.default_map = {
+        section: {"run": {k.replace("-", "_"): v for k, v in doc[section].items()}}
+        for section in doc
+    }
 
 
 @main.command()
@@ -158,9 +191,7 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
     "--hidden", default="16", show_default=True, help="MLP hidden layer widths, e.g. 32,16."
 )
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--lr", default=0.1, show_default=True, type=click.FloatRange(min=0.0, min_open=True)
-)
+@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
 @click.option(
     "--versions",
     default=200,
@@ -251,3 +282,234 @@ def simulate(**opts: Any) -> None:
         console.print(f"[red]error:[/] {e}")
         sys.exit(2)
     sys.exit(0 if ok else 1)
+
+
+AMQP_DEFAULT = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
+spec_option = click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    envvar="FEDQ_SPEC",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Task spec (JSON or TOML), e.g. from `fedq task init`.",
+)
+
+
+def _fail(e: FedqError) -> None:
+    Console(stderr=True).print(f"[red]error:[/] {e}")
+    sys.exit(2)
+
+
+@main.group()
+def aggregator() -> None:
+    """The aggregator service (one per task)."""
+
+
+@aggregator.command("run")
+@spec_option
+@click.option("--amqp-url", default=AMQP_DEFAULT, show_default=True, envvar="FEDQ_AMQP_URL")
+@click.option("--redis-url", default=REDIS_DEFAULT, show_default=True, envvar="FEDQ_REDIS_URL")
+@click.option("--prefetch", default=64, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--keep-blobs",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Keep the parameters of the newest N versions only (default: all).",
+)
+@click.option(
+    "--sender-check/--no-sender-check",
+    default=True,
+    show_default=True,
+    help="Refuse updates whose broker user is not the participant they name.",
+)
+@click.option("--http-host", default="0.0.0.0", show_default=True, envvar="FEDQ_HTTP_HOST")  # noqa: S104
+@click.option(
+    "--http-port",
+    default=9108,
+    show_default=True,
+    envvar="FEDQ_HTTP_PORT",
+    type=click.IntRange(0, 65535),
+    help="/healthz and /metrics.",
+)
+def aggregator_run(
+    spec_path: Path,
+    amqp_url: str,
+    redis_url: str,
+    prefetch: int,
+    keep_blobs: int | None,
+    sender_check: bool,
+    http_host: str,
+    http_port: int,
+) -> None:
+    """Consume the task's updates and commit versions until SIGTERM."""
+    import asyncio
+
+    from aggregator.service import ServiceConfig
+    from aggregator.store import StoreConfig
+    from fedq.services import AggregatorRunConfig, load_spec, run_aggregator
+
+    try:
+        config = AggregatorRunConfig(
+            spec=load_spec(spec_path),
+            amqp_url=amqp_url,
+            redis_url=redis_url,
+            store=StoreConfig(keep_blobs=keep_blobs),
+            service=ServiceConfig(prefetch=prefetch, require_sender_match=sender_check),
+            http_host=http_host,
+            http_port=http_port,
+        )
+        asyncio.run(run_aggregator(config))
+    except FedqError as e:
+        _fail(e)
+
+
+@main.group()
+def participant() -> None:
+    """A bank's participant worker."""
+
+
+@participant.command("run")
+@spec_option
+@click.option(
+    "--participant",
+    "name",
+    required=True,
+    envvar="FEDQ_PARTICIPANT",
+    help="This bank's participant id (its broker user name).",
+)
+@click.option(
+    "--data",
+    required=True,
+    envvar="FEDQ_DATA",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Local CSV or Parquet.",
+)
+@click.option(
+    "--amqp-url",
+    default=AMQP_DEFAULT,
+    show_default=True,
+    envvar="FEDQ_AMQP_URL",
+    help="The bank's own broker credentials.",
+)
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 0.9))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--max-updates",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Stop after this many updates (default: run until SIGTERM).",
+)
+@click.option(
+    "--delay",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Pause after each local round (seconds).",
+)
+def participant_run(
+    spec_path: Path,
+    name: str,
+    data: Path,
+    amqp_url: str,
+    val_fraction: float,
+    seed: int,
+    max_updates: int | None,
+    delay: float,
+) -> None:
+    """Train on local data and publish updates at this bank's pace."""
+    import asyncio
+
+    from fedq.services import ParticipantRunConfig, load_spec, run_participant
+    from participant.worker import WorkerConfig
+
+    try:
+        config = ParticipantRunConfig(
+            spec=load_spec(spec_path),
+            amqp_url=amqp_url,
+            data=data,
+            worker=WorkerConfig(
+                participant=name,
+                val_fraction=val_fraction,
+                seed=seed,
+                max_updates=max_updates,
+                delay_s=delay,
+            ),
+        )
+        asyncio.run(run_participant(config))
+    except FedqError as e:
+        _fail(e)
+
+
+@main.group()
+def task() -> None:
+    """Task specs."""
+
+
+@task.command("init")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A reference sample the banks agree on: fixes vocabularies and scaling.",
+)
+@click.option("--target", required=True)
+@click.option("--positive", default=None, help="Target value of class 1 when it is not 0/1.")
+@click.option("--task-id", required=True)
+@click.option("--participants", required=True, help="Comma-separated participant ids.")
+@click.option("--model", "model_kind", type=click.Choice(["logreg", "mlp"]), default="logreg")
+@click.option("--hidden", default="16", help="MLP hidden widths, e.g. 32,16.")
+@click.option("--strategy", type=click.Choice(["fedasync", "fedbuff"]), default="fedasync")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write here (default: standard output).",
+)
+def task_init(
+    data: Path,
+    target: str,
+    positive: str | None,
+    task_id: str,
+    participants: str,
+    model_kind: str,
+    hidden: str,
+    strategy: str,
+    out: Path | None,
+) -> None:
+    """Derive a task spec (shared feature schema) from a reference sample."""
+    from common.spec import AsyncSettings, ModelSpec, TargetSpec, TaskSpec
+    from participant.data import infer_features, load_table, resolve_positive
+
+    try:
+        df = load_table(data)
+        positive = resolve_positive(df, target, positive)
+        schema = infer_features(df, target)
+        spec = TaskSpec.parse(
+            {
+                "task_id": task_id,
+                "model": ModelSpec.model_validate(
+                    {
+                        "kind": model_kind,
+                        "hidden": [int(h) for h in hidden.split(",")]
+                        if model_kind == "mlp"
+                        else [],
+                    }
+                ).model_dump(),
+                "features": [f.model_dump() for f in schema.features],
+                "target": TargetSpec(name=target, positive=positive).model_dump(),
+                "async": AsyncSettings(strategy=strategy).model_dump(),
+                "participants": [p.strip() for p in participants.split(",") if p.strip()],
+            }
+        )
+    except FedqError as e:
+        _fail(e)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    text = json.dumps(json.loads(spec.to_json()), indent=2)
+    if out is None:
+        click.echo(text)
+    else:
+        out.write_text(text + "\n")
+        for name, why in schema.skipped.items():
+            Console(stderr=True).print(f"skipped column {name!r}: {why}")

@@ -1,0 +1,107 @@
+"""Running the long-lived processes: the aggregator service and a participant worker.
+
+The CLI builds the config objects; this module connects to the servers, wires the
+pieces, serves the health probe, and turns SIGTERM / SIGINT into a clean drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from aggregator.http import start_http
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService, ServiceConfig
+from aggregator.store import RedisModelStore, StoreConfig, connect_redis
+from common.errors import ConfigError, SpecError
+from common.spec import TaskSpec
+from common.transport.amqp import AmqpTransport
+from participant.data import load_table
+from participant.worker import ParticipantWorker, WorkerConfig
+
+log = structlog.get_logger("fedq")
+
+
+def load_spec(path: Path) -> TaskSpec:
+    """A task spec from a JSON or TOML file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read task spec {path}: {e}") from e
+    if path.suffix.lower() == ".toml":
+        try:
+            return TaskSpec.parse(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as e:
+            raise SpecError(f"{path} is not valid TOML: {e}") from e
+    return TaskSpec.from_json(text)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorRunConfig:
+    """``fedq aggregator run``."""
+
+    spec: TaskSpec
+    amqp_url: str
+    redis_url: str
+    store: StoreConfig
+    service: ServiceConfig
+    http_host: str = "0.0.0.0"  # noqa: S104 - a probe for the orchestrator
+    http_port: int = 9108
+
+
+async def run_aggregator(config: AggregatorRunConfig) -> None:
+    """Serve until SIGTERM: the commit in flight finishes, unacked updates go back."""
+    stop = _stop_on_signals()
+    store = RedisModelStore(connect_redis(config.redis_url), config.store)
+    transport = await AmqpTransport.connect(
+        config.amqp_url, name=f"fedq-aggregator-{config.spec.task_id}"
+    )
+    metrics = AggregatorMetrics()
+    service = AggregatorService(config.spec, store, transport, config.service, metrics)
+    runner = await start_http(metrics, service.health, config.http_host, config.http_port)
+    log.info("health probe listening", port=config.http_port, task=config.spec.task_id)
+    try:
+        await service.run(stop)
+    finally:
+        await runner.cleanup()
+        await transport.close()
+        await store.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantRunConfig:
+    """``fedq participant run``."""
+
+    spec: TaskSpec
+    amqp_url: str
+    data: Path
+    worker: WorkerConfig
+
+
+async def run_participant(config: ParticipantRunConfig) -> int:
+    """Work until SIGTERM or ``max_updates``; returns the number of updates published."""
+    stop = _stop_on_signals()
+    df = await asyncio.to_thread(load_table, config.data)
+    transport = await AmqpTransport.connect(
+        config.amqp_url, name=f"fedq-participant-{config.worker.participant}"
+    )
+    try:
+        worker = ParticipantWorker(config.spec, config.worker, transport, df)
+        stats = await worker.run(stop)
+    finally:
+        await transport.close()
+    log.info("participant stopped", published=stats.published, last_version=stats.last_version)
+    return stats.published
