@@ -20,7 +20,7 @@ import structlog
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import RedisModelStore, VersionRecord
-from aggregator.strategies import AcceptedUpdate, Step, Strategy, make_strategy
+from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
 from common.errors import BlobPrunedError, DecodeError, FedqError, NotFoundError
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import TaskSpec
@@ -69,13 +69,17 @@ class AggregatorService:
         self.config = config or ServiceConfig()
         self.metrics = metrics or AggregatorMetrics()
         self.on_version = on_version
-        self.strategy: Strategy = make_strategy(spec.async_)
+        self.strategy: Strategy = strategy_for(spec)
+        self.sync = spec.mode == "sync"
         self.expected = tensor_specs(model_tensors(build_task_model(spec)))
         self.head_version = -1
         self.head_params: Tensors = {}
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         self._pending: dict[str, UpdateDelivery] = {}
         self._consuming = False
+        #: Sync mode: when the current round's deadline passes (monotonic seconds).
+        self._deadline: float | None = None
+        self._overdue = False
         self._announce_slot: tuple[int, bytes] | None = None
         self._announce_wake = asyncio.Event()
         self._closing = False
@@ -111,10 +115,11 @@ class AggregatorService:
         announcer = asyncio.create_task(self._announcer())
         try:
             while not stop.is_set():
-                delivery = await next_or_none(sub, stop)
-                if delivery is None:
-                    break
-                await self.handle(delivery)
+                delivery = await next_or_none(sub, stop, self._until_deadline())
+                if delivery is not None:
+                    await self.handle(delivery)
+                elif not stop.is_set():
+                    await self._deadline_passed()
         finally:
             self._consuming = False
             poller.cancel()
@@ -183,8 +188,34 @@ class AggregatorService:
             return
         self._pending[env.update_id] = delivery
         self.metrics.staleness.labels(self.task).observe(update.staleness)
+        if step is None and self._overdue:
+            # An overdue round closes as soon as it has its minimum.
+            step = await asyncio.to_thread(self.strategy.flush, self.head_params)
         if step is not None:
             await self._commit(step)
+
+    def _until_deadline(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    async def _deadline_passed(self) -> None:
+        """Sync: close the round if it has its minimum; else keep waiting for one."""
+        step = await asyncio.to_thread(self.strategy.flush, self.head_params)
+        if step is not None:
+            self.log.info(
+                "round deadline: closing with the updates present", version=self.head_version
+            )
+            await self._commit(step)
+            return
+        self.log.warning(
+            "round deadline passed below the minimum; waiting",
+            version=self.head_version,
+            updates=len(self.strategy.pending()),
+            minimum=self.spec.sync.min_updates,
+        )
+        self._deadline = None  # the next update that reaches the minimum closes the round
+        self._overdue = True
 
     def _check(self, env: UpdateEnvelope, delivery: UpdateDelivery) -> tuple[str, str] | None:
         if env.task != self.task:
@@ -201,6 +232,15 @@ class AggregatorService:
                 f"base version {env.base_version} is ahead of the head {self.head_version}"
             )
         staleness = self.head_version - env.base_version
+        if self.sync:
+            if staleness > 0 and self.spec.sync.late == "refuse":
+                return "stale_round", (
+                    f"trained on round {env.base_version}, the current round is {self.head_version}"
+                )
+            if any(u.participant == env.participant for u in self.strategy.pending()):
+                return "duplicate_in_round", (
+                    f"{env.participant!r} already has an update in round {self.head_version}"
+                )
         if staleness > self.spec.async_.max_staleness:
             return "too_stale", (
                 f"staleness {staleness} exceeds the maximum {self.spec.async_.max_staleness}"
@@ -289,6 +329,9 @@ class AggregatorService:
 
     def _set_head(self, version: int, params: Tensors) -> None:
         self.head_version, self.head_params = version, params
+        if self.sync and self.spec.sync.deadline_s is not None:
+            self._deadline = time.monotonic() + self.spec.sync.deadline_s
+        self._overdue = False
         self.metrics.head.labels(self.task).set(version)
         self._bases[version] = params
         keep = self.spec.async_.max_staleness + 1

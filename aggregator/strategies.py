@@ -45,16 +45,19 @@ import torch
 from aggregator.aggregation import apply_delta
 from aggregator.staleness import staleness_weight
 from common.hashing import LineageEntry
-from common.spec import AsyncSettings
+from common.spec import AsyncSettings, StalenessSpec, SyncSettings, TaskSpec
 from common.wire import Tensors
 
 __all__ = [
     "AcceptedUpdate",
     "FedAsync",
+    "FedAvg",
     "FedBuff",
     "Step",
     "Strategy",
     "make_strategy",
+    "strategy_for",
+    "weighted_step",
 ]
 
 
@@ -261,27 +264,121 @@ class FedBuff:
         return self._settings.model_dump(mode="json")
 
     def _step(self, head: Tensors, updates: Sequence[AcceptedUpdate]) -> Step:
-        for u in updates:
-            _check_like(f"update {u.update_id!r}: delta", u.delta, head)
         k = float(len(updates))
         lr = float(self._settings.server_lr)
         weights = [
             lr * staleness_weight(self._settings.staleness, u.staleness) / k for u in updates
         ]
-        total: Tensors = {}
-        for name in head:
-            acc = weights[0] * updates[0].delta[name].to(torch.float64)
-            for u, w in zip(updates[1:], weights[1:], strict=True):
-                acc = acc + w * u.delta[name].to(torch.float64)
-            total[name] = acc
-        # head + 1.0 * total in float64, cast back once; 1.0 * x is exact.
-        params = apply_delta(head, total, 1.0)
-        lineage = tuple(_entry(u, w) for u, w in zip(updates, weights, strict=True))
-        return Step(params=params, lineage=lineage)
+        return weighted_step(head, updates, weights)
+
+
+def weighted_step(
+    head: Tensors, updates: Sequence[AcceptedUpdate], weights: Sequence[float]
+) -> Step:
+    """``head + sum_i weight_i * delta_i`` in float64, in order, cast back once.
+
+    The lineage records exactly these weights, so it is a complete recipe for the
+    version: replay recomputes the step from the recorded weights.
+    """
+    for u in updates:
+        _check_like(f"update {u.update_id!r}: delta", u.delta, head)
+    total: Tensors = {}
+    for name in head:
+        acc = weights[0] * updates[0].delta[name].to(torch.float64)
+        for u, w in zip(updates[1:], weights[1:], strict=True):
+            acc = acc + w * u.delta[name].to(torch.float64)
+        total[name] = acc
+    # head + 1.0 * total in float64, cast back once; 1.0 * x is exact.
+    params = apply_delta(head, total, 1.0)
+    lineage = tuple(_entry(u, w) for u, w in zip(updates, weights, strict=True))
+    return Step(params=params, lineage=lineage)
+
+
+class FedAvg:
+    """Synchronous FedAvg: version ``v`` is round ``v``.
+
+    Updates trained on the head (staleness 0) are collected, one per participant;
+    at the quorum the round closes with ``head + sum_i w_i * delta_i`` where
+    ``w_i = n_i / sum_j n_j`` (sample counts; ``1/k`` when unweighted). Because every
+    delta starts from the head, this equals the sample-weighted mean of the local
+    models. At the round's deadline the service calls :meth:`flush`, which closes
+    the round if at least ``min_updates`` arrived.
+
+    Late updates (trained on an older round) are refused by the service with the
+    reason ``stale_round``, unless ``late = "stale"``: then they join the round with
+    their raw weight multiplied by the staleness weight ``s(t - v)``.
+    """
+
+    __slots__ = ("_buffer", "_staleness", "_sync", "quorum")
+
+    def __init__(self, sync: SyncSettings, staleness: StalenessSpec, participants: int) -> None:
+        self._sync = sync
+        self._staleness = staleness
+        self.quorum = sync.quorum or max(participants, 1)
+        self._buffer: list[AcceptedUpdate] = []
+
+    @property
+    def name(self) -> str:
+        """``"fedavg"``."""
+        return "fedavg"
+
+    def offer(self, head: Tensors, base: Tensors, update: AcceptedUpdate) -> Step | None:
+        """Add the update to the round; at the quorum, close the round."""
+        if update.staleness < 0:
+            raise ValueError(f"update {update.update_id!r}: staleness must be >= 0")
+        if update.staleness > 0 and self._sync.late == "refuse":
+            raise ValueError(f"update {update.update_id!r} is for an older round")
+        _check_like(f"update {update.update_id!r}: delta", update.delta, head)
+        for u in self._buffer:
+            if u.update_id == update.update_id or u.participant == update.participant:
+                raise ValueError(
+                    f"participant {update.participant!r} already has an update in this round"
+                )
+        self._buffer.append(update)
+        if len(self._buffer) < self.quorum:
+            return None
+        return self._close(head)
+
+    def flush(self, head: Tensors) -> Step | None:
+        """Close the round at its deadline if at least ``min_updates`` arrived."""
+        if len(self._buffer) < self._sync.min_updates:
+            return None
+        return self._close(head)
+
+    def pending(self) -> tuple[AcceptedUpdate, ...]:
+        """The round's updates so far, in arrival order."""
+        return tuple(self._buffer)
+
+    def settings(self) -> dict[str, object]:
+        """Sync settings, the resolved quorum and the staleness function for late updates."""
+        return {
+            "sync": self._sync.model_dump(mode="json"),
+            "quorum": self.quorum,
+            "staleness": self._staleness.model_dump(mode="json"),
+        }
+
+    def _close(self, head: Tensors) -> Step:
+        updates = list(self._buffer)
+        raw = [
+            (float(u.num_samples) if self._sync.weighted else 1.0)
+            * staleness_weight(self._staleness, u.staleness)
+            for u in updates
+        ]
+        total = sum(raw)
+        step = weighted_step(head, updates, [r / total for r in raw])
+        self._buffer.clear()
+        return step
+
+
+def strategy_for(spec: TaskSpec) -> Strategy:
+    """The strategy of a task: FedAvg rounds in sync mode, else the async strategy."""
+    if spec.mode == "sync":
+        return FedAvg(spec.sync, spec.async_.staleness, len(spec.participants))
+    return make_strategy(spec.async_)
 
 
 def make_strategy(settings: AsyncSettings) -> Strategy:
-    """The strategy named by ``settings.strategy``."""
+    """The async strategy named by ``settings.strategy``."""
     if settings.strategy == "fedasync":
         return FedAsync(settings)
     if settings.strategy == "fedbuff":

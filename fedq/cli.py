@@ -163,7 +163,44 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
     type=click.FloatRange(min=0.0),
     help="Seconds a bank at speed 1 pauses after each local round.",
 )
-@click.option("--mode", type=click.Choice(["async"]), default="async", show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["async", "sync", "both"]),
+    default="async",
+    show_default=True,
+    help="both: async then sync on the same split, one plot, time to target for each.",
+)
+@click.option(
+    "--quorum",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sync: updates per round (0: every bank).",
+)
+@click.option(
+    "--deadline",
+    default=None,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Sync: close a round after this many seconds if --min-updates arrived.",
+)
+@click.option("--min-updates", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--late",
+    type=click.Choice(["refuse", "stale"]),
+    default="refuse",
+    show_default=True,
+    help="Sync: refuse updates for an older round, or fold them in with a staleness weight.",
+)
+@click.option(
+    "--unweighted", is_flag=True, help="Sync: plain mean instead of sample-count weights."
+)
+@click.option(
+    "--target-fraction",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Time to target is measured to this fraction of the centralized AUC.",
+)
 @click.option(
     "--strategy", type=click.Choice(["fedasync", "fedbuff"]), default="fedasync", show_default=True
 )
@@ -194,10 +231,10 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
 @click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
 @click.option(
     "--versions",
-    default=200,
-    show_default=True,
+    default=None,
     type=click.IntRange(min=1),
-    help="Stop after this many versions.",
+    help="Stop after this many versions (default: 200 async; the same number of updates "
+    "in sync rounds, 200 / participants).",
 )
 @click.option(
     "--seconds",
@@ -255,7 +292,13 @@ def simulate(**opts: Any) -> None:
             partition_column=opts["partition_column"],
             speeds=_speeds(opts["speeds"], opts["participants"], opts["straggler"]),
             base_delay_s=opts["base_delay"],
-            mode=opts["mode"],
+            mode="async" if opts["mode"] == "both" else opts["mode"],
+            quorum=opts["quorum"],
+            deadline_s=opts["deadline"],
+            min_updates=opts["min_updates"],
+            late=opts["late"],
+            weighted=not opts["unweighted"],
+            target_fraction=opts["target_fraction"],
             strategy=opts["strategy"],
             mixing=opts["mixing"],
             staleness=StalenessSpec(
@@ -277,7 +320,7 @@ def simulate(**opts: Any) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
-        ok = run_with_progress(config, console)
+        ok = run_with_progress(config, console, both=opts["mode"] == "both")
     except FedqError as e:
         console.print(f"[red]error:[/] {e}")
         sys.exit(2)

@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from common.spec import (
     AsyncSettings,
     ModelSpec,
     StalenessSpec,
+    SyncSettings,
     TargetSpec,
     TaskSpec,
     TrainingSettings,
@@ -73,19 +74,28 @@ class SimulationConfig:
     speeds: tuple[float, ...] = ()
     #: Pause per local round at speed 1 (seconds); a bank with speed 10 pauses 10x.
     base_delay_s: float = 0.1
-    mode: Literal["async"] = "async"
+    mode: Literal["async", "sync"] = "async"
     strategy: Literal["fedasync", "fedbuff"] = "fedasync"
     mixing: float = 0.5
     staleness: StalenessSpec = field(default_factory=lambda: StalenessSpec(kind="polynomial"))
     max_staleness: int = 20
     buffer_size: int = 3
     server_lr: float = 1.0
+    #: Sync rounds: quorum (0 = every bank), deadline with a minimum, late updates.
+    quorum: int = 0
+    deadline_s: float | None = None
+    min_updates: int = 1
+    late: Literal["refuse", "stale"] = "refuse"
+    weighted: bool = True
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSettings = field(
         default_factory=lambda: TrainingSettings(epochs=2, batch_size=32, lr=0.1)
     )
     baseline_epochs: int = 60
-    versions: int | None = 200
+    #: Stop after this many versions (None: 200 async, 200 / participants rounds sync).
+    versions: int | None = None
+    #: Time to target is measured to this fraction of the centralized AUC.
+    target_fraction: float = 0.95
     seconds: float | None = 120.0
     test_fraction: float = 0.25
     seed: int = 0
@@ -97,6 +107,13 @@ class SimulationConfig:
     @property
     def embedded(self) -> bool:
         return self.amqp_url is None and self.redis_url is None
+
+    @property
+    def max_versions(self) -> int:
+        """The version to stop at: the same update budget in both modes by default."""
+        if self.versions is not None:
+            return self.versions
+        return 200 if self.mode == "async" else max(10, 200 // self.participants)
 
 
 @dataclass(slots=True)
@@ -125,6 +142,9 @@ class SimulationResult:
     updates_refused: int
     refused_by_reason: dict[str, int]
     wall_seconds: float
+    target_auc: float
+    #: Wall-clock seconds until the global model first reached target_auc (None: never).
+    time_to_target_s: float | None
     curve: list[tuple[float, int, float]]
     participants: dict[str, dict[str, Any]]
     settings: dict[str, Any]
@@ -172,6 +192,13 @@ def prepare(config: SimulationConfig) -> _Prepared:
             max_staleness=config.max_staleness,
             buffer_size=config.buffer_size,
             server_lr=config.server_lr,
+        ),
+        sync=SyncSettings(
+            quorum=config.quorum,
+            deadline_s=config.deadline_s,
+            min_updates=config.min_updates,
+            late=config.late,
+            weighted=config.weighted,
         ),
         training=config.training,
         participants=names,
@@ -265,7 +292,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
         progress.refused = sum(service.refused.values())
         if on_progress is not None:
             on_progress(progress)
-        if config.versions is not None and record.version >= config.versions:
+        if record.version >= config.max_versions:
             bank_stop.set()
             agg_stop.set()  # stop at the version asked for; queued updates stay queued
 
@@ -326,6 +353,8 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
     wall = time.perf_counter() - started
     final_auc = curve[-1][2]
     local_mean = float(np.mean(list(local_auc.values())))
+    target = config.target_fraction * central_auc
+    reached = next((t for t, _, a in curve if a >= target), None)
     return SimulationResult(
         task=spec.task_id,
         mode=config.mode,
@@ -338,6 +367,8 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
         updates_refused=sum(service.refused.values()),
         refused_by_reason=dict(service.refused),
         wall_seconds=wall,
+        target_auc=target,
+        time_to_target_s=reached,
         curve=curve,
         participants={
             w.config.participant: {
@@ -364,32 +395,70 @@ def _settings(config: SimulationConfig, spec: TaskSpec) -> dict[str, Any]:
     return out
 
 
-def write_report(result: SimulationResult, path: Path) -> None:
-    """The JSON report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2, default=str))
+@dataclass(slots=True)
+class Comparison:
+    """``--mode both``: the two modes on the same split and speed profiles."""
+
+    runs: dict[str, SimulationResult]
+
+    @property
+    def speedup(self) -> float | None:
+        """How many times sooner async reached the target than sync (None if one never did)."""
+        a = self.runs["async"].time_to_target_s
+        s = self.runs["sync"].time_to_target_s
+        if a is None or s is None or a <= 0:
+            return None
+        return s / a
+
+    def to_json(self) -> dict[str, Any]:
+        first = next(iter(self.runs.values()))
+        return {
+            "mode": "both",
+            "target_auc": first.target_auc,
+            "centralized_auc": first.centralized_auc,
+            "time_to_target_s": {m: r.time_to_target_s for m, r in self.runs.items()},
+            "speedup_async_vs_sync": self.speedup,
+            "modes": {m: r.to_json() for m, r in self.runs.items()},
+        }
 
 
-def write_plot(result: SimulationResult, path: Path) -> None:
-    """Global test AUC over wall-clock time, beside the centralized and local-only baselines."""
+async def run_comparison(config: SimulationConfig, on_progress: Any = None) -> Comparison:
+    """Run async, then sync, with the same data split, seeds and speed profiles."""
+    runs: dict[str, SimulationResult] = {}
+    for mode in ("async", "sync"):
+        runs[mode] = await run_simulation(replace(config, mode=mode), on_progress)
+    return Comparison(runs)
+
+
+def write_plot(results: list[SimulationResult], path: Path) -> None:
+    """Global test AUC over wall-clock time per mode, beside the baselines and the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    first = results[0]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    xs = [s for s, _, _ in result.curve]
-    ys = [a for _, _, a in result.curve]
-    ax.plot(xs, ys, color="tab:blue", lw=1.8, label=f"fedq {result.mode} (global model)")
-    ax.axhline(result.centralized_auc, color="tab:green", ls="--", label="centralized (pooled)")
-    ax.axhline(result.local_only_auc_mean, color="tab:red", ls="--", label="local-only (mean)")
-    for auc in result.local_only_auc.values():
+    colors = {"async": "tab:blue", "sync": "tab:orange"}
+    for r in results:
+        xs = [s for s, _, _ in r.curve]
+        ys = [a for _, _, a in r.curve]
+        label = f"fedq {r.mode} ({r.versions} versions)"
+        if r.time_to_target_s is not None:
+            label += f", target at {r.time_to_target_s:.1f} s"
+        ax.plot(xs, ys, color=colors.get(r.mode, "tab:blue"), lw=1.8, label=label)
+    ax.axhline(first.centralized_auc, color="tab:green", ls="--", label="centralized (pooled)")
+    ax.axhline(first.local_only_auc_mean, color="tab:red", ls="--", label="local-only (mean)")
+    ax.axhline(first.target_auc, color="gray", ls=":", lw=1, label="target")
+    for auc in first.local_only_auc.values():
         ax.axhline(auc, color="tab:red", ls=":", lw=0.6, alpha=0.5)
     ax.set_xlabel("wall-clock seconds")
     ax.set_ylabel("test AUC")
-    ax.set_title(f"{result.task}: {len(result.local_only_auc)} banks, {result.versions} versions")
+    ax.set_title(
+        f"fedq: {len(first.local_only_auc)} banks, " + " vs ".join(r.mode for r in results)
+    )
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

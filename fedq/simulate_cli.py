@@ -3,32 +3,76 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedq.simulate import (
-    Progress as SimProgress,
-)
-from fedq.simulate import (
+    Comparison,
     SimulationConfig,
     SimulationResult,
     run_simulation,
     write_plot,
-    write_report,
+)
+from fedq.simulate import (
+    Progress as SimProgress,
 )
 
 
-def run_with_progress(config: SimulationConfig, console: Console) -> bool:
+def run_with_progress(config: SimulationConfig, console: Console, *, both: bool = False) -> bool:
     """Run, show progress, print the summary, write report and plot. True if it ran."""
     where = "embedded (in-process broker and Redis)" if config.embedded else "real servers"
+    modes = ["async", "sync"] if both else [config.mode]
     console.print(
-        f"fedq simulate: {config.participants} banks, mode {config.mode}/{config.strategy}, "
+        f"fedq simulate: {config.participants} banks, mode {' and '.join(modes)}, "
         f"data {config.data.name}, {where}"
     )
+    results: list[SimulationResult] = []
+    for mode in modes:
+        results.append(_run_one(replace(config, mode=mode), console))  # type: ignore[arg-type]
+    for r in results:
+        _summary(r, console)
+    doc: dict[str, object]
+    if both:
+        comparison = Comparison({r.mode: r for r in results})
+        doc = comparison.to_json()
+        _comparison(comparison, console)
+    else:
+        doc = results[0].to_json()
+    if config.report:
+        config.report.parent.mkdir(parents=True, exist_ok=True)
+        config.report.write_text(json.dumps(doc, indent=2, default=str))
+        console.print(f"report: {config.report}")
+    if config.plot:
+        write_plot(results, config.plot)
+        console.print(f"plot: {config.plot}")
+    return True
+
+
+def _comparison(c: Comparison, console: Console) -> None:
+    table = Table(
+        title=f"time to AUC {next(iter(c.runs.values())).target_auc:.4f} (95% of centralized)"
+    )
+    table.add_column("mode")
+    table.add_column("seconds to target", justify="right")
+    table.add_column("final AUC", justify="right")
+    for mode, r in c.runs.items():
+        t = "not reached" if r.time_to_target_s is None else f"{r.time_to_target_s:.2f}"
+        table.add_row(mode, t, f"{r.final_auc:.4f}")
+    console.print(table)
+    if c.speedup is not None and c.speedup >= 1:
+        console.print(f"async reached the target {c.speedup:.1f}x sooner than sync")
+    elif c.speedup is not None:
+        console.print(f"sync reached the target {1 / c.speedup:.1f}x sooner than async")
+
+
+def _run_one(config: SimulationConfig, console: Console) -> SimulationResult:
+    strategy = "fedavg" if config.mode == "sync" else config.strategy
     with Progress(
-        TextColumn("[bold]versions"),
+        TextColumn(f"[bold]{config.mode}/{strategy}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
@@ -36,7 +80,7 @@ def run_with_progress(config: SimulationConfig, console: Console) -> bool:
         console=console,
         transient=False,
     ) as bar:
-        job = bar.add_task("versions", total=config.versions, status="starting")
+        job = bar.add_task("versions", total=config.max_versions, status="starting")
 
         def on_progress(p: SimProgress) -> None:
             auc = f"{p.auc:.3f}" if p.auc is not None else "-"
@@ -47,15 +91,7 @@ def run_with_progress(config: SimulationConfig, console: Console) -> bool:
                 f"accepted {p.accepted}  refused {p.refused}",
             )
 
-        result = asyncio.run(run_simulation(config, on_progress))
-    _summary(result, console)
-    if config.report:
-        write_report(result, config.report)
-        console.print(f"report: {config.report}")
-    if config.plot:
-        write_plot(result, config.plot)
-        console.print(f"plot: {config.plot}")
-    return True
+        return asyncio.run(run_simulation(config, on_progress))
 
 
 def _summary(r: SimulationResult, console: Console) -> None:
@@ -69,7 +105,9 @@ def _summary(r: SimulationResult, console: Console) -> None:
         p = r.participants[name]
         table.add_row(f"  local-only {name} ({p['rows']} rows, speed {p['speed']:g})", f"{auc:.4f}")
     console.print(table)
+    reached = "not reached" if r.time_to_target_s is None else f"{r.time_to_target_s:.2f} s"
     console.print(
         f"{r.versions} versions, {r.updates_accepted} updates accepted, "
-        f"{r.updates_refused} refused, {r.wall_seconds:.1f} s"
+        f"{r.updates_refused} refused, {r.wall_seconds:.1f} s; "
+        f"AUC {r.target_auc:.4f} (target) reached: {reached}"
     )

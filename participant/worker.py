@@ -82,10 +82,19 @@ class ParticipantWorker:
             return self.stats
         held: ModelDelivery | None = None
         current: ModelEnvelope | None = None
+        trained_on = -1
+        sync = self.spec.mode == "sync"
         val_metrics: dict[str, float] = {}
         try:
             while not stop.is_set():
-                wait = None if current is None else cfg.wait_for_model_s
+                # Sync: train once per round, then wait for the next one. Async: if no
+                # newer version comes within wait_for_model_s, train again on this one.
+                if current is None or (sync and trained_on == current.version):
+                    wait: float | None = None
+                elif trained_on == current.version:
+                    wait = cfg.wait_for_model_s
+                else:
+                    wait = 0.0
                 newest = await self._newest_model(sub, wait, stop)
                 if newest is not None:
                     model = await self._decode(newest)
@@ -102,9 +111,10 @@ class ParticipantWorker:
                         val_metrics = await asyncio.to_thread(
                             evaluate, self.spec, model.tensors, self.x_val, self.y_val
                         )
-                if current is None or stop.is_set():
+                if current is None or stop.is_set() or (sync and trained_on == current.version):
                     continue
                 await self._train_and_publish(current, val_metrics)
+                trained_on = current.version
                 if cfg.max_updates is not None and self.stats.published >= cfg.max_updates:
                     break
         finally:

@@ -23,6 +23,10 @@ class Keys:
         """The task's spec (JSON)."""
         return f"{self.prefix}:{{{task}}}:spec"
 
+    def spec_history(self, task: str) -> str:
+        """List of the task's specs over time: ``{"from_version", "spec"}`` (JSON)."""
+        return f"{self.prefix}:{{{task}}}:spec_history"
+
     def head(self, task: str) -> str:
         """The task's head version number."""
         return f"{self.prefix}:{{{task}}}:head"

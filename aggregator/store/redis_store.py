@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -110,19 +111,56 @@ class RedisModelStore:
     # ------------------------------------------------------------------ tasks
 
     async def register_task(self, spec: TaskSpec) -> bool:
-        """Register a task; True if new. The same spec again is a no-op; another one conflicts."""
-        key = self.keys.spec(spec.task_id)
+        """Register a task, or change how it trains; True if the stored spec changed.
+
+        The same spec again is a no-op. A spec that keeps the model, features, target
+        and seed (so every stored version stays valid) may change the mode and the
+        strategy or training settings between runs: it replaces the stored spec and is
+        appended to the spec history with the version it applies from. Anything else
+        conflicts.
+        """
+        key, history = self.keys.spec(spec.task_id), self.keys.spec_history(spec.task_id)
         doc = spec.to_json().encode()
-        async with _redis_errors("registering a task"):
-            created = await self._r.set(key, doc, nx=True)
-            if not created:
-                existing = await self._r.get(key)
-                if existing is not None and TaskSpec.from_json(existing) != spec:
-                    raise TaskConflictError(
-                        f"task {spec.task_id!r} is registered with another spec"
-                    )
-            await self._r.sadd(self.keys.tasks(), spec.task_id)
-        return bool(created)
+        async with _redis_errors("registering a task"), self._r.pipeline() as pipe:
+            try:
+                await pipe.watch(key, self.keys.head(spec.task_id))
+                existing = await pipe.get(key)
+                if existing is not None:
+                    old = TaskSpec.from_json(_as_bytes(existing))
+                    if old == spec:
+                        return False
+                    if not same_model(old, spec):
+                        raise TaskConflictError(
+                            f"task {spec.task_id!r} is registered with another model, feature "
+                            "schema, target or seed; its versions would not fit: use a new task id"
+                        )
+                raw_head = await pipe.get(self.keys.head(spec.task_id))
+                entry = json.dumps(
+                    {
+                        "from_version": 0 if raw_head is None else int(raw_head),
+                        "spec": json.loads(doc),
+                    }
+                )
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(key, doc)
+                pipe.rpush(history, entry)
+                pipe.sadd(self.keys.tasks(), spec.task_id)
+                await pipe.execute()
+            except WatchError:
+                raise TaskConflictError(
+                    f"task {spec.task_id!r} was changed by another writer meanwhile"
+                ) from None
+        return True
+
+    async def spec_history(self, task: str) -> list[tuple[int, TaskSpec]]:
+        """Every spec the task ran under, with the version it applied from."""
+        async with _redis_errors("reading the spec history"):
+            items = await self._r.lrange(self.keys.spec_history(task), 0, -1)
+        out = []
+        for item in items:
+            d = json.loads(_as_bytes(item))
+            out.append((int(d["from_version"]), TaskSpec.parse(d["spec"])))
+        return out
 
     async def get_spec(self, task: str) -> TaskSpec:
         """The task's spec."""
@@ -376,6 +414,17 @@ class RedisModelStore:
         if env.version_hash != record.version_hash or env.version != record.version:
             return env.content_hash, "parameter blob names another version or version hash"
         return env.content_hash, None
+
+
+def same_model(a: TaskSpec, b: TaskSpec) -> bool:
+    """Whether two specs describe the same parameters (so versions carry over)."""
+    return (a.task_id, a.model, a.features, a.target, a.seed) == (
+        b.task_id,
+        b.model,
+        b.features,
+        b.target,
+        b.seed,
+    )
 
 
 def _as_bytes(value: bytes | str) -> bytes:

@@ -1,0 +1,104 @@
+"""FedAvg rounds: the pure strategy against an independent weighted mean."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.strategies import AcceptedUpdate, FedAvg, strategy_for
+from common.spec import NumericFeature, StalenessSpec, SyncSettings, TargetSpec, TaskSpec
+
+HEAD = {"w": torch.tensor([[0.5, -1.0, 2.0]]), "b": torch.tensor([0.25])}
+
+
+def _update(
+    uid: str, participant: str, n: int, delta: dict[str, torch.Tensor], staleness: int = 0
+) -> AcceptedUpdate:
+    return AcceptedUpdate(uid, participant, 3 - staleness, staleness, n, delta, bytes(32))
+
+
+def _random_updates(k: int, seed: int) -> list[AcceptedUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        _update(
+            f"u{i}",
+            f"bank-{i}",
+            int(torch.randint(1, 500, (1,), generator=gen)),
+            {name: torch.randn(t.shape, generator=gen) for name, t in HEAD.items()},
+        )
+        for i in range(k)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("weighted", [True, False])
+def test_round_equals_an_independent_weighted_mean_of_local_models(
+    seed: int, weighted: bool
+) -> None:
+    updates = _random_updates(4, seed)
+    avg = FedAvg(SyncSettings(quorum=4, weighted=weighted), StalenessSpec(), participants=4)
+    steps = [avg.offer(HEAD, HEAD, u) for u in updates]
+    assert steps[:3] == [None, None, None]
+    step = steps[3]
+    assert step is not None
+    # Independent: numpy, float64, mean of the local models (head + delta) weighted by n.
+    n = np.array([u.num_samples if weighted else 1 for u in updates], dtype=np.float64)
+    for name, head in HEAD.items():
+        local = np.stack([head.numpy().astype(np.float64) + u.delta[name].numpy() for u in updates])
+        expected = np.tensordot(n / n.sum(), local, axes=1)
+        np.testing.assert_allclose(step.params[name].numpy(), expected, rtol=1e-6, atol=1e-6)
+        assert step.params[name].dtype == torch.float32
+    assert [e.update_id for e in step.lineage] == [u.update_id for u in updates]
+    assert sum(e.weight for e in step.lineage) == pytest.approx(1.0)
+    assert avg.pending() == ()
+
+
+def test_quorum_defaults_to_every_participant_and_flush_needs_the_minimum() -> None:
+    avg = FedAvg(SyncSettings(min_updates=2), StalenessSpec(), participants=5)
+    assert avg.quorum == 5
+    updates = _random_updates(3, 0)
+    assert avg.offer(HEAD, HEAD, updates[0]) is None
+    assert avg.flush(HEAD) is None  # one update, minimum two: the round stays open
+    assert avg.offer(HEAD, HEAD, updates[1]) is None
+    step = avg.flush(HEAD)  # the deadline closes the round with the two present
+    assert step is not None
+    assert len(step.lineage) == 2
+
+
+def test_one_update_per_participant_per_round() -> None:
+    avg = FedAvg(SyncSettings(quorum=3), StalenessSpec(), participants=3)
+    u = _random_updates(1, 0)[0]
+    avg.offer(HEAD, HEAD, u)
+    again = _update("other-id", u.participant, 10, u.delta)
+    with pytest.raises(ValueError, match="already has an update"):
+        avg.offer(HEAD, HEAD, again)
+    assert len(avg.pending()) == 1
+
+
+def test_late_updates_refused_or_folded_in_with_their_staleness_weight() -> None:
+    ones = {name: torch.ones_like(t) for name, t in HEAD.items()}
+    refuse = FedAvg(SyncSettings(quorum=2), StalenessSpec(kind="polynomial", a=1.0), participants=2)
+    with pytest.raises(ValueError, match="older round"):
+        refuse.offer(HEAD, HEAD, _update("late", "bank-1", 100, ones, staleness=1))
+    stale = FedAvg(
+        SyncSettings(quorum=2, late="stale"),
+        StalenessSpec(kind="polynomial", a=1.0),
+        participants=2,
+    )
+    assert stale.offer(HEAD, HEAD, _update("fresh", "bank-0", 100, ones)) is None
+    step = stale.offer(HEAD, HEAD, _update("late", "bank-1", 100, ones, staleness=1))
+    assert step is not None
+    # raw weights: 100 * (0+1)^-1 = 100 and 100 * (1+1)^-1 = 50 -> 2/3 and 1/3
+    assert [e.weight for e in step.lineage] == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_strategy_follows_the_task_mode() -> None:
+    base = {
+        "task_id": "t",
+        "features": (NumericFeature(name="x"),),
+        "target": TargetSpec(name="y"),
+        "participants": ("a", "b", "c"),
+    }
+    assert strategy_for(TaskSpec(**base, mode="sync")).name == "fedavg"
+    assert strategy_for(TaskSpec(**base)).name == "fedasync"
