@@ -71,6 +71,12 @@ class AggregatorService:
         self.on_version = on_version
         self.strategy: Strategy = strategy_for(spec)
         self.sync = spec.mode == "sync"
+        # Buffered updates stay unacked until their commit: the prefetch must exceed
+        # the buffer (FedBuff K, the sync quorum), or the broker stops delivering.
+        buffer = spec.async_.buffer_size if spec.async_.strategy == "fedbuff" else 1
+        if self.sync:
+            buffer = spec.sync.quorum or len(spec.participants) or 1
+        self.prefetch = max(self.config.prefetch, buffer + 1)
         self.expected = tensor_specs(model_tensors(build_task_model(spec)))
         self.head_version = -1
         self.head_params: Tensors = {}
@@ -109,7 +115,9 @@ class AggregatorService:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the commit in flight finishes first."""
         await self.prepare()
-        sub = await self.transport.consume_updates(self.task, prefetch=self.config.prefetch)
+        if self.prefetch != self.config.prefetch:
+            self.log.info("prefetch raised above the buffer", prefetch=self.prefetch)
+        sub = await self.transport.consume_updates(self.task, prefetch=self.prefetch)
         self._consuming = True
         poller = asyncio.create_task(self._poll_depth(stop))
         announcer = asyncio.create_task(self._announcer())
@@ -155,19 +163,26 @@ class AggregatorService:
         except DecodeError as e:
             await self._refuse(delivery, e.reason, e.detail)
             return
+        except Exception as e:  # a decoder bug must not take the service down
+            self.log.exception("decoder failed unexpectedly")
+            await self._refuse(delivery, "malformed", f"decoder failed: {type(e).__name__}")
+            return
+        if env.update_id in self._pending:
+            # The broker redelivered an update we hold (its channel was lost): the new
+            # delivery is the live one; the buffered update itself is unchanged.
+            self._pending[env.update_id] = delivery
+            self.log.info("buffered update redelivered", update_id=env.update_id)
+            return
         problem = self._check(env, delivery)
         if problem is not None:
             await self._refuse(delivery, *problem, participant=env.participant)
-            return
-        if env.update_id in self._pending:
-            await self._refuse(delivery, "duplicate", "already buffered", env.participant)
             return
         applied = await self.store.applied_in(self.task, [env.update_id])
         if applied:
             detail = f"already applied in version {applied[env.update_id]}"
             await self._refuse(delivery, "duplicate", detail, env.participant)
             return
-        base = await self._base(env.base_version)
+        base = await self._base(env.base_version) if self.strategy.uses_base else self.head_params
         if base is None:
             detail = f"parameters of base version {env.base_version} are no longer kept"
             await self._refuse(delivery, "base_unavailable", detail, env.participant)
@@ -273,12 +288,16 @@ class AggregatorService:
                 f"{result.head}): another aggregator writes this task"
             )
         record = result.record
-        # Only now is the effect saved: ack what went into it.
+        self._set_head(record.version, step.params)
+        # Only now is the effect saved: ack what went into it. An ack that fails (the
+        # channel was lost) is harmless: the redelivery is refused as a duplicate.
         for entry in step.lineage:
             delivery = self._pending.pop(entry.update_id)
-            await delivery.ack()
+            try:
+                await delivery.ack()
+            except FedqError as e:
+                self.log.warning("ack after commit failed", update_id=entry.update_id, error=str(e))
         elapsed = time.perf_counter() - started
-        self._set_head(record.version, step.params)
         self.accepted += len(step.lineage)
         self.metrics.accepted.labels(self.task).inc(len(step.lineage))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
@@ -312,8 +331,15 @@ class AggregatorService:
             if slot is not None:
                 try:
                     await self.transport.announce_model(self.task, *slot)
-                except FedqError as e:
-                    self.log.error("announcement failed", version=slot[0], error=str(e))
+                except Exception as e:  # noqa: BLE001 - the announcer must outlive any failure
+                    self.log.error("announcement failed; will retry", version=slot[0], error=str(e))
+                    if self._announce_slot is None:  # nothing newer meanwhile: retry this one
+                        self._announce_slot = slot
+                    if not self._closing:
+                        await asyncio.sleep(1.0)
+                    self._announce_wake.set()
+                    if self._closing:
+                        return
             if self._closing and self._announce_slot is None:
                 return
 
@@ -346,6 +372,8 @@ class AggregatorService:
             env = await self.store.get_params(self.task, version)
         except (BlobPrunedError, NotFoundError):
             return None
+        self._bases[version] = env.tensors
+        self._bases.move_to_end(version, last=False)  # older than the head: evicted first
         return env.tensors
 
     async def _blob(self, record: VersionRecord) -> bytes:

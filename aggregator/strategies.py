@@ -92,6 +92,11 @@ class Strategy(Protocol):
         """The strategy's name, as in ``AsyncSettings.strategy``."""
         ...
 
+    @property
+    def uses_base(self) -> bool:
+        """Whether ``offer`` reads the base version's parameters (else any value will do)."""
+        ...
+
     def offer(self, head: Tensors, base: Tensors, update: AcceptedUpdate) -> Step | None:
         """Take one update; return the next version's step, or None if it was buffered."""
         ...
@@ -169,6 +174,11 @@ class FedAsync:
         """``"fedasync"``."""
         return "fedasync"
 
+    @property
+    def uses_base(self) -> bool:
+        """Yes: ``w_new = base + delta``."""
+        return True
+
     def mixing_weight(self, staleness: int) -> float:
         """``a_t = mixing * s(staleness)``."""
         return float(self._settings.mixing) * staleness_weight(self._settings.staleness, staleness)
@@ -220,6 +230,11 @@ class FedBuff:
     def name(self) -> str:
         """``"fedbuff"``."""
         return "fedbuff"
+
+    @property
+    def uses_base(self) -> bool:
+        """No: deltas are applied to the head."""
+        return False
 
     @property
     def buffer_size(self) -> int:
@@ -321,6 +336,11 @@ class FedAvg:
     def name(self) -> str:
         """``"fedavg"``."""
         return "fedavg"
+
+    @property
+    def uses_base(self) -> bool:
+        """No: deltas are applied to the head."""
+        return False
 
     def offer(self, head: Tensors, base: Tensors, update: AcceptedUpdate) -> Step | None:
         """Add the update to the round; at the quorum, close the round."""

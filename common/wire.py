@@ -352,6 +352,8 @@ def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
 
 
 def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    if not all(isinstance(k, str) for k, _ in pairs):
+        raise ValueError("map keys must be strings")
     out = dict(pairs)
     if len(out) != len(pairs):
         raise ValueError("a map repeats a key")
@@ -373,10 +375,12 @@ def _unpack(
         raise DecodeError("wrong_kind", f"kind {doc.get('k')!r}, expected {kind!r}")
     unknown = set(doc) - allowed
     if unknown:
-        raise DecodeError("unknown_field", f"fields {sorted(unknown)} are not in format 1")
+        raise DecodeError(
+            "unknown_field", f"fields {sorted(map(repr, unknown))} are not in format 1"
+        )
     missing = required - set(doc)
     if missing:
-        raise DecodeError("missing_field", f"fields {sorted(missing)} are required")
+        raise DecodeError("missing_field", f"fields {sorted(map(repr, missing))} are required")
     return doc
 
 
@@ -462,13 +466,15 @@ def _decode_tensors(
                     f"tensor {name!r} is {dtype}{list(shape)}, "
                     f"the model expects {exp.dtype}{list(exp.shape)}",
                 )
-        nbytes = math.prod(shape) * itemsize(dtype)
-        total += nbytes
+        total += math.prod(shape) * itemsize(dtype)
         if total > limits.max_tensor_bytes:
             raise DecodeError(
                 "too_large",
                 f"tensors need more than {limits.max_tensor_bytes} bytes once decoded",
             )
+        # An empty tensor may still name huge dimensions; bound them too (strides).
+        if math.prod(max(d, 1) for d in shape) * itemsize(dtype) > limits.max_tensor_bytes:
+            raise DecodeError("bad_shape", f"tensor {name!r}: dimensions {list(shape)} too large")
         headers.append((name, dtype, shape, payload))
 
     hasher = TensorHasher()

@@ -146,6 +146,8 @@ class SimulationResult:
     #: Wall-clock seconds until the global model first reached target_auc (None: never).
     time_to_target_s: float | None
     curve: list[tuple[float, int, float]]
+    #: For each version 1..n, the participants whose updates went into it.
+    contributors: list[list[str]]
     participants: dict[str, dict[str, Any]]
     settings: dict[str, Any]
 
@@ -279,6 +281,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
     metrics = AggregatorMetrics()
     progress = Progress()
     curve: list[tuple[float, int, float]] = []
+    contributors: list[list[str]] = []
     started = time.perf_counter()
     agg_stop, bank_stop = asyncio.Event(), asyncio.Event()
 
@@ -286,6 +289,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
         result = await asyncio.to_thread(evaluate, spec, params, prep.x_test, prep.y_test)
         auc = result.get("auc", 0.5)
         curve.append((time.perf_counter() - started, record.version, auc))
+        contributors.append([e.participant for e in record.lineage])
         progress.version, progress.auc = record.version, auc
         progress.staleness = float(np.mean([e.staleness for e in record.lineage] or [0]))
         progress.accepted = service.accepted
@@ -370,6 +374,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
         target_auc=target,
         time_to_target_s=reached,
         curve=curve,
+        contributors=contributors,
         participants={
             w.config.participant: {
                 "rows": len(prep.shards[w.config.participant]),

@@ -14,6 +14,7 @@ import torch
 
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
+from common.errors import TransportError
 from common.models import build_task_model, model_tensors
 from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
 from common.transport import DeadLetter, Transport
@@ -252,3 +253,122 @@ async def test_fedbuff_acks_only_after_commit_and_returns_buffer_on_stop() -> No
     assert len((await store.get_version(spec.task_id, 2)).lineage) == 3
     stop2.set()
     await running2
+
+
+class FakeDelivery:
+    """A delivery handed straight to ``handle``: records how it was settled."""
+
+    def __init__(self, body: bytes, user_id: str = "bank-a") -> None:
+        self.body, self.user_id, self.message_id, self.redelivered = body, user_id, None, False
+        self.settled: list[str] = []
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def dead_letter(self, reason: str, detail: str = "") -> None:
+        self.settled.append(f"dead:{reason}")
+
+
+async def _prepared(spec: TaskSpec, transport: Transport | None = None) -> AggregatorService:
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    service = AggregatorService(spec, store, transport or MemoryTransport(MemoryBroker(), "agg"))
+    await service.prepare()
+    return service
+
+
+async def test_a_redelivered_buffered_update_is_kept_not_refused() -> None:
+    spec = _spec(strategy="fedbuff", buffer_size=2)
+    service = await _prepared(spec)
+    uid, body = _update(spec, base=0)
+    first, again = FakeDelivery(body), FakeDelivery(body)
+    await service.handle(first)
+    await service.handle(again)  # the broker lost the channel and redelivered it
+    assert first.settled == [] and again.settled == []
+    _, other = _update(spec, base=0, participant="bank-b")
+    third = FakeDelivery(other, user_id="bank-b")
+    await service.handle(third)
+    assert service.head_version == 1
+    lineage = (await service.store.get_version(spec.task_id, 1)).lineage
+    assert next(e.update_id for e in lineage) == uid
+    assert again.settled == ["ack"]  # the live delivery is the one acked
+    assert third.settled == ["ack"]
+    assert service.refused == {}
+
+
+async def test_prefetch_is_raised_above_the_buffer() -> None:
+    spec = _spec(strategy="fedbuff", buffer_size=5)
+    broker = MemoryBroker()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    service = AggregatorService(
+        spec, store, MemoryTransport(broker, "agg"), ServiceConfig(prefetch=3)
+    )
+    assert service.prefetch == 6
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await _wait_for(lambda: service.ready.is_set())
+    bank = MemoryTransport(broker, "bank-a")
+    for _ in range(5):
+        uid, body = _update(spec, base=0)
+        await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
+    await _wait_for(lambda: service.head_version == 1)
+    stop.set()
+    await running
+
+
+async def test_a_decoder_failure_is_refused_and_the_service_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = _spec()
+    service = await _prepared(spec)
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("aggregator.service.decode_update", broken)
+    d = FakeDelivery(b"anything")
+    await service.handle(d)
+    assert d.settled == ["dead:malformed"]
+    monkeypatch.undo()
+    _, body = _update(spec, base=0)
+    ok = FakeDelivery(body)
+    await service.handle(ok)
+    assert ok.settled == ["ack"]
+    assert service.head_version == 1
+
+
+class FlakyAnnouncer(MemoryTransport):
+    """Announcements fail a number of times first (a broker hiccup)."""
+
+    failures = 2
+
+    async def announce_model(self, task: str, version: int, body: bytes) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise TransportError("broker unavailable")
+        await super().announce_model(task, version, body)
+
+
+async def test_a_failed_announcement_is_retried() -> None:
+    spec = _spec()
+    broker = MemoryBroker()
+    agg = FlakyAnnouncer(broker, "agg")
+    agg.failures = 0
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    service = AggregatorService(spec, store, agg)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await _wait_for(lambda: service.ready.is_set())
+    agg.failures = 2
+    bank = MemoryTransport(broker, "bank-a")
+    models = await bank.consume_models(spec.task_id, "bank-a")
+    first = await models.get()
+    assert first.version == 0
+    await first.ack()
+    uid, body = _update(spec, base=0)
+    await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
+    async with asyncio.timeout(10):
+        latest = await models.get()
+    assert latest.version == 1
+    assert agg.failures == 0
+    stop.set()
+    await running

@@ -329,6 +329,14 @@ def test_shape_and_count_limits_refused_before_allocation() -> None:
     _expect("too_many_tensors", _doc(ts=many), limits=DecodeLimits(max_tensors=10))
     deep = [{"n": "w", "d": "f32", "s": [1] * 9, "b": b""}]
     _expect("bad_shape", _doc(ts=deep))
+    # Zero bytes, but dimensions whose strides would overflow.
+    empty_but_huge = [{"n": "w", "d": "f32", "s": [0] + [2**32 - 1] * 7, "b": b""}]
+    _expect("bad_shape", _doc(ts=empty_but_huge))
+
+
+def test_non_string_map_keys_are_malformed() -> None:
+    mixed = msgpack.packb({"fv": 1, "k": "u", b"x": 1, "y": 2}, use_bin_type=True)
+    _expect("malformed", mixed)
 
 
 def test_expected_specs_pin_names_shapes_and_dtypes() -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis.asyncio as aioredis
@@ -68,7 +69,19 @@ def connect_redis(url: str) -> aioredis.Redis:
     try:
         return aioredis.Redis.from_url(url)
     except (ValueError, RedisError) as e:
-        raise StoreError(f"invalid Redis URL {url!r}: {e}") from e
+        raise StoreError(f"invalid Redis URL {redact_url(url)!r}: {e}") from e
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``; never raises."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
 
 
 @asynccontextmanager
@@ -144,12 +157,14 @@ class RedisModelStore:
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(key, doc)
                 pipe.rpush(history, entry)
-                pipe.sadd(self.keys.tasks(), spec.task_id)
                 await pipe.execute()
             except WatchError:
                 raise TaskConflictError(
                     f"task {spec.task_id!r} was changed by another writer meanwhile"
                 ) from None
+        async with _redis_errors("registering a task"):
+            # Not in the transaction: the task set has no hash tag (another cluster slot).
+            await self._r.sadd(self.keys.tasks(), spec.task_id)
         return True
 
     async def spec_history(self, task: str) -> list[tuple[int, TaskSpec]]:

@@ -46,13 +46,17 @@ from common.transport.names import (
     work_queue,
 )
 
-#: Errors from aio-pika / aiormq / the socket that a retry may cure.
+#: Errors from aio-pika / aiormq / the socket that a retry may cure. While a robust
+#: connection reconnects, aiormq raises ChannelInvalidStateError and plain
+#: RuntimeError("... closed") on channels of the old connection.
 _RETRYABLE: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
+    RuntimeError,
 )
 
 #: ...and for a publish: also a nack or an unroutable return (no queue bound yet).
@@ -66,8 +70,12 @@ T = TypeVar("T")
 
 
 def _redact(url: str) -> str:
-    u = URL(url)
-    return str(u.with_password("***")) if u.password else url
+    """The URL without its password; never raises (it runs inside error handling)."""
+    try:
+        u = URL(url)
+        return str(u.with_password("***")) if u.password else url
+    except (ValueError, TypeError):
+        return "<unparsable URL>"
 
 
 class AmqpTransport:

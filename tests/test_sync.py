@@ -1,0 +1,130 @@
+"""Synchronous rounds end to end: accuracy, stragglers, deadlines, switching modes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from aggregator.service import AggregatorService
+from aggregator.store import RedisModelStore
+from common.spec import TaskSpec
+from common.transport.memory import MemoryBroker, MemoryTransport
+from fedq.simulate import SimulationConfig, prepare, run_comparison, run_simulation
+from participant.worker import ParticipantWorker, WorkerConfig
+from tests.conftest import REDIS_URL
+from tests.test_transport import AMQP_URL, _delete_queues
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("real", marks=pytest.mark.real)])
+async def test_german_credit_sync_reaches_the_centralized_auc(backend: str) -> None:
+    real = backend == "real"
+    result = await run_simulation(
+        SimulationConfig(
+            mode="sync",
+            participants=5,
+            seconds=90,
+            amqp_url=AMQP_URL if real else None,
+            redis_url=REDIS_URL if real else None,
+        )
+    )
+    if real:
+        await _delete_queues(result.task, tuple(result.participants))
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in client.scan_iter(match=f"fedq:{{{result.task}}}:*")]
+        await client.delete(*keys)
+        await client.srem("fedq:tasks", result.task)
+        await client.aclose()
+    assert result.versions == 40  # 200 updates in rounds of 5
+    assert result.updates_accepted == 200
+    assert all(len(c) == 5 for c in result.contributors)
+    assert result.final_auc >= result.centralized_auc - 0.02, result
+    assert result.final_auc > result.local_only_auc_mean
+
+
+async def test_sync_waits_for_a_straggler_and_both_modes_report_time_to_target() -> None:
+    comparison = await run_comparison(
+        SimulationConfig(participants=5, speeds=(1, 1, 1, 1, 10), base_delay_s=0.02, seconds=90)
+    )
+    sync, async_ = comparison.runs["sync"], comparison.runs["async"]
+    # Sync waited: the straggler is in every round.
+    assert all("bank-05" in c for c in sync.contributors)
+    assert sync.updates_refused == 0
+    # Async did not wait: most versions came from the fast banks alone.
+    assert sum("bank-05" in c for c in async_.contributors) < len(async_.contributors) / 4
+    doc = comparison.to_json()
+    assert set(doc["time_to_target_s"]) == {"async", "sync"}
+    assert all(t is not None for t in doc["time_to_target_s"].values()), doc["time_to_target_s"]
+    assert doc["target_auc"] == pytest.approx(0.95 * sync.centralized_auc)
+    assert doc["modes"]["sync"]["mode"] == "sync"
+
+
+async def test_a_deadline_drops_the_straggler_and_refuses_its_late_updates() -> None:
+    result = await run_simulation(
+        SimulationConfig(
+            mode="sync",
+            participants=5,
+            speeds=(1, 1, 1, 1, 10),
+            base_delay_s=0.03,
+            deadline_s=0.12,
+            min_updates=3,
+            versions=12,
+            seconds=60,
+        )
+    )
+    assert result.versions == 12
+    without = [c for c in result.contributors if "bank-05" not in c]
+    assert len(without) >= 8, result.contributors
+    assert all(len(c) >= 3 for c in result.contributors)
+    assert result.refused_by_reason.get("stale_round", 0) >= 1
+
+
+async def test_a_task_switches_mode_between_runs_and_keeps_its_history() -> None:
+    prep = prepare(SimulationConfig(participants=2))
+    async_spec = prep.spec
+    sync_spec = async_spec.model_copy(update={"mode": "sync"})
+    broker = MemoryBroker()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    task = async_spec.task_id
+
+    async def run(spec: TaskSpec, until: int) -> None:
+        service = AggregatorService(spec, store, MemoryTransport(broker, "fedq-aggregator"))
+        stop = asyncio.Event()
+        running = asyncio.create_task(service.run(stop))
+        bank_stop = asyncio.Event()
+        workers = [
+            ParticipantWorker(
+                spec,
+                WorkerConfig(participant=n, delay_s=0.01, wait_for_model_s=0.3),
+                MemoryTransport(broker, n),
+                prep.shards[n],
+            )
+            for n in ("bank-01", "bank-02")
+        ]
+        tasks = [asyncio.create_task(w.run(bank_stop)) for w in workers]
+        async with asyncio.timeout(30):
+            while service.head_version < until:
+                await asyncio.sleep(0.01)
+        bank_stop.set()
+        await asyncio.gather(*tasks)
+        stop.set()
+        await running
+
+    await run(async_spec, 6)
+    head_after_async = await store.head(task)
+    assert head_after_async is not None
+    await run(sync_spec, head_after_async + 3)
+    history = await store.spec_history(task)
+    assert [(v, s.mode) for v, s in history] == [(0, "async"), (head_after_async, "sync")]
+    strategies = [
+        (await store.get_version(task, v)).info.get("strategy")
+        for v in range(1, (await store.head(task) or 0) + 1)
+    ]
+    assert strategies[:head_after_async] == ["fedasync"] * head_after_async
+    assert set(strategies[head_after_async:]) == {"fedavg"}
+    report = await store.verify_chain(task)
+    assert report.ok, report.reason
