@@ -13,7 +13,8 @@ import contextlib
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import pandas as pd
 import structlog
@@ -52,6 +53,8 @@ class WorkerStats:
     """What a worker did, for reports and tests."""
 
     published: int = 0
+    #: The newest published update ids (bounded).
+    published_ids: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
     models_seen: int = 0
     first_version: int = -1
     last_version: int = -1
@@ -197,6 +200,7 @@ class ParticipantWorker:
             self.spec.task_id, cfg.participant, body, message_id=update_id
         )
         self.stats.published += 1
+        self.stats.published_ids.append(update_id)
         self.log.info(
             "update published",
             version=model.version,

@@ -155,11 +155,13 @@ async def test_late_and_restarted_participants_pick_up_the_head() -> None:
     assert restarted.stats.first_version >= head_at_restart
     assert late.stats.published > 0
     assert restarted.stats.published > 0
-    # Their updates were accepted into versions, based on recent heads.
+    # Their updates were accepted into versions, based on heads at least as recent as
+    # the moment each joined (the old bank-01 worker's last updates may land later).
+    mine = {"bank-01": set(restarted.stats.published_ids), "bank-03": set(late.stats.published_ids)}
     bases: dict[str, list[int]] = {"bank-01": [], "bank-03": []}
-    for v in range(head_at_restart + 1, service.head_version + 1):
+    for v in range(head_at_join + 1, service.head_version + 1):
         for e in (await store.get_version(spec.task_id, v)).lineage:
-            if e.participant in bases:
+            if e.update_id in mine.get(e.participant, set()):
                 bases[e.participant].append(e.base_version)
     assert bases["bank-03"]
     assert bases["bank-01"]
