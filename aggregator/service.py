@@ -48,6 +48,9 @@ class ServiceConfig:
     limits: DecodeLimits = DEFAULT_LIMITS
     #: How often the work queue's depth is sampled for metrics (seconds).
     depth_poll_s: float = 5.0
+    #: Retention of the audit stream (every update, accepted or not): age and size.
+    audit_max_age: str = "90D"
+    audit_max_bytes: int = 20 * 1024**3
 
 
 class AggregatorService:
@@ -104,7 +107,14 @@ class AggregatorService:
             genesis = model_tensors(build_task_model(self.spec))
             await self.store.create_genesis(self.task, genesis, info={"strategy": "genesis"})
             self.log.info("version 0 created", seed=self.spec.seed)
-        await self.transport.declare_task(TaskTopology(self.task, self.spec.participants))
+        await self.transport.declare_task(
+            TaskTopology(
+                self.task,
+                self.spec.participants,
+                audit_max_age=self.config.audit_max_age,
+                audit_max_bytes=self.config.audit_max_bytes,
+            )
+        )
         record = await self.store.get_head(self.task)
         env = await self.store.get_params(self.task, record.version)
         self._set_head(record.version, env.tensors)
@@ -175,17 +185,17 @@ class AggregatorService:
             return
         problem = self._check(env, delivery)
         if problem is not None:
-            await self._refuse(delivery, *problem, participant=env.participant)
+            await self._refuse(delivery, *problem, env.participant, env.update_id)
             return
         applied = await self.store.applied_in(self.task, [env.update_id])
         if applied:
             detail = f"already applied in version {applied[env.update_id]}"
-            await self._refuse(delivery, "duplicate", detail, env.participant)
+            await self._refuse(delivery, "duplicate", detail, env.participant, env.update_id)
             return
         base = await self._base(env.base_version) if self.strategy.uses_base else self.head_params
         if base is None:
             detail = f"parameters of base version {env.base_version} are no longer kept"
-            await self._refuse(delivery, "base_unavailable", detail, env.participant)
+            await self._refuse(delivery, "base_unavailable", detail, env.participant, env.update_id)
             return
         update = AcceptedUpdate(
             update_id=env.update_id,
@@ -199,7 +209,7 @@ class AggregatorService:
         try:
             step = await asyncio.to_thread(self.strategy.offer, self.head_params, base, update)
         except ValueError as e:
-            await self._refuse(delivery, "invalid_update", str(e), env.participant)
+            await self._refuse(delivery, "invalid_update", str(e), env.participant, env.update_id)
             return
         self._pending[env.update_id] = delivery
         self.metrics.staleness.labels(self.task).observe(update.staleness)
@@ -263,12 +273,36 @@ class AggregatorService:
         return None
 
     async def _refuse(
-        self, delivery: UpdateDelivery, reason: str, detail: str, participant: str | None = None
+        self,
+        delivery: UpdateDelivery,
+        reason: str,
+        detail: str,
+        participant: str | None = None,
+        update_id: str | None = None,
     ) -> None:
         await delivery.dead_letter(reason, detail)
         self.metrics.refused.labels(self.task, reason).inc()
         self.refused[reason] = self.refused.get(reason, 0) + 1
-        self.log.warning("update refused", reason=reason, detail=detail, participant=participant)
+        self.log.warning(
+            "update refused",
+            reason=reason,
+            detail=detail,
+            participant=participant,
+            update_id=update_id,
+        )
+        try:
+            await self.store.record_refusal(
+                self.task,
+                head=self.head_version,
+                reason=reason,
+                detail=detail,
+                participant=participant,
+                update_id=update_id,
+                message_id=delivery.message_id,
+                body=delivery.body,
+            )
+        except FedqError as e:  # the dead-letter queue still holds it, with its reason
+            self.log.error("refusal not recorded in the store", error=str(e))
 
     # ------------------------------------------------------------------ commit
 

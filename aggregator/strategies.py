@@ -56,6 +56,7 @@ __all__ = [
     "Step",
     "Strategy",
     "make_strategy",
+    "mix_step",
     "strategy_for",
     "weighted_step",
 ]
@@ -188,14 +189,7 @@ class FedAsync:
         _check_update(self._settings, update)
         _check_like("base", base, head)
         _check_like(f"update {update.update_id!r}: delta", update.delta, head)
-        a_t = self.mixing_weight(update.staleness)
-        keep = 1.0 - a_t
-        params: Tensors = {}
-        for name, h in head.items():
-            w_new = base[name].to(torch.float64) + update.delta[name].to(torch.float64)
-            mixed = keep * h.to(torch.float64) + a_t * w_new
-            params[name] = mixed.to(h.dtype)
-        return Step(params=params, lineage=(_entry(update, a_t),))
+        return mix_step(head, base, update, self.mixing_weight(update.staleness))
 
     def flush(self, head: Tensors) -> Step | None:
         """FedAsync buffers nothing: always None."""
@@ -285,6 +279,22 @@ class FedBuff:
             lr * staleness_weight(self._settings.staleness, u.staleness) / k for u in updates
         ]
         return weighted_step(head, updates, weights)
+
+
+def mix_step(head: Tensors, base: Tensors, update: AcceptedUpdate, a_t: float) -> Step:
+    """FedAsync's step: ``(1 - a_t) * head + a_t * (base + delta)``, float64, cast back once.
+
+    The lineage records ``a_t``; replay recomputes the step from that recorded weight.
+    """
+    _check_like("base", base, head)
+    _check_like(f"update {update.update_id!r}: delta", update.delta, head)
+    keep = 1.0 - a_t
+    params: Tensors = {}
+    for name, h in head.items():
+        w_new = base[name].to(torch.float64) + update.delta[name].to(torch.float64)
+        mixed = keep * h.to(torch.float64) + a_t * w_new
+        params[name] = mixed.to(h.dtype)
+    return Step(params=params, lineage=(_entry(update, a_t),))
 
 
 def weighted_step(

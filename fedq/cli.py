@@ -361,6 +361,19 @@ def aggregator() -> None:
     help="Keep the parameters of the newest N versions only (default: all).",
 )
 @click.option(
+    "--audit-max-age",
+    default="90D",
+    show_default=True,
+    help="Retention of the audit stream by age (RabbitMQ units: Y, M, D, h, m, s).",
+)
+@click.option(
+    "--audit-max-bytes",
+    default=20 * 1024**3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Retention of the audit stream by size.",
+)
+@click.option(
     "--sender-check/--no-sender-check",
     default=True,
     show_default=True,
@@ -381,6 +394,8 @@ def aggregator_run(
     redis_url: str,
     prefetch: int,
     keep_blobs: int | None,
+    audit_max_age: str,
+    audit_max_bytes: int,
     sender_check: bool,
     http_host: str,
     http_port: int,
@@ -398,7 +413,12 @@ def aggregator_run(
             amqp_url=amqp_url,
             redis_url=redis_url,
             store=StoreConfig(keep_blobs=keep_blobs),
-            service=ServiceConfig(prefetch=prefetch, require_sender_match=sender_check),
+            service=ServiceConfig(
+                prefetch=prefetch,
+                require_sender_match=sender_check,
+                audit_max_age=audit_max_age,
+                audit_max_bytes=audit_max_bytes,
+            ),
             http_host=http_host,
             http_port=http_port,
         )
@@ -556,3 +576,14 @@ def task_init(
         out.write_text(text + "\n")
         for name, why in schema.skipped.items():
             Console(stderr=True).print(f"skipped column {name!r}: {why}")
+
+
+def _register_audit_commands() -> None:
+    from fedq.cli_audit import audit, export, replay
+
+    main.add_command(replay)
+    main.add_command(audit)
+    main.add_command(export)
+
+
+_register_audit_commands()

@@ -217,3 +217,17 @@ class TestTransport:
         await pair.agg.declare_task(pair.topology())
         with pytest.raises(TransportError):
             await pair.bank.consume_models(pair.task, "bank-zz")
+
+
+async def test_audit_stream_keeps_every_update_and_reading_does_not_consume(pair: Pair) -> None:
+    await pair.agg.declare_task(pair.topology())
+    for i in range(3):
+        await pair.bank.publish_update(pair.task, "bank-a", f"u{i}".encode(), message_id=f"u{i}")
+    sub = await pair.agg.consume_updates(pair.task, prefetch=5)
+    d = await _within(sub.get())
+    await d.dead_letter("malformed", "refused, yet retained")
+    await sub.close()
+    first = [b async for b in pair.agg.read_audit(pair.task, idle_s=0.5)]
+    again = [b async for b in pair.agg.read_audit(pair.task, idle_s=0.5)]
+    assert first == [b"u0", b"u1", b"u2"]
+    assert again == first

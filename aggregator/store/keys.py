@@ -35,6 +35,10 @@ class Keys:
         """Hash: update id -> the version it was applied in."""
         return f"{self.prefix}:{{{task}}}:applied"
 
+    def decisions(self, task: str) -> str:
+        """Stream of the aggregator's decisions: accepted into version N, or refused."""
+        return f"{self.prefix}:{{{task}}}:decisions"
+
     def meta(self, task: str, version: int) -> str:
         """A version's metadata (JSON)."""
         return f"{self.prefix}:{{{task}}}:v:{version}:meta"

@@ -56,6 +56,8 @@ class StoreConfig:
     keep_blobs: int | None = None
     #: Codec of stored parameter blobs.
     blob_codec: str = "zstd"
+    #: Decisions kept per task (a Redis stream, trimmed approximately past this).
+    max_decisions: int = 10_000_000
 
     def __post_init__(self) -> None:
         if self.keep_blobs is not None and self.keep_blobs < 1:
@@ -327,6 +329,22 @@ class RedisModelStore:
                 self._queue_version(pipe, record, prepared.blob)
                 if ids:
                     pipe.hset(applied_key, mapping=dict.fromkeys(ids, record.version))
+                for e in entries:
+                    self._queue_decision(
+                        pipe,
+                        task,
+                        {
+                            "decision": "accepted",
+                            "version": record.version,
+                            "head": parent,
+                            "update_id": e.update_id,
+                            "participant": e.participant,
+                            "base_version": e.base_version,
+                            "staleness": e.staleness,
+                            "weight": repr(e.weight),
+                            "content_hash": e.content_hash.hex(),
+                        },
+                    )
                 self._queue_prune(pipe, task, record.version)
                 await pipe.execute()
             except WatchError:
@@ -369,6 +387,50 @@ class RedisModelStore:
         pipe.set(k.meta(task, v), record.meta_json())
         pipe.set(k.lineage(task, v), VersionRecord.lineage_json(record.lineage))
         pipe.set(k.head(task), v)
+
+    def _queue_decision(self, pipe: Any, task: str, fields: dict[str, object]) -> None:
+        entry = {k: str(v) for k, v in fields.items() if v is not None}
+        entry["at"] = repr(time.time())
+        pipe.xadd(
+            self.keys.decisions(task), entry, maxlen=self.config.max_decisions, approximate=True
+        )
+
+    async def record_refusal(
+        self,
+        task: str,
+        *,
+        head: int,
+        reason: str,
+        detail: str,
+        participant: str | None = None,
+        update_id: str | None = None,
+        message_id: str | None = None,
+        body: bytes = b"",
+    ) -> None:
+        """Record that an update was refused while ``head`` was the head (for audits)."""
+        fields: dict[str, object] = {
+            "decision": "refused",
+            "head": head,
+            "reason": reason,
+            "detail": detail[:1024],
+            "participant": participant,
+            "update_id": update_id,
+            "message_id": message_id,
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_bytes": len(body),
+        }
+        async with _redis_errors("recording a refusal"), self._r.pipeline(transaction=False) as p:
+            self._queue_decision(p, task, fields)
+            await p.execute()
+
+    async def decisions(self, task: str) -> list[dict[str, str]]:
+        """Every recorded decision of a task, oldest first."""
+        async with _redis_errors("reading decisions"):
+            rows = await self._r.xrange(self.keys.decisions(task))
+        return [
+            {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in (fields or {}).items()}
+            for _, fields in rows or []
+        ]
 
     def _queue_prune(self, pipe: Any, task: str, version: int) -> None:
         keep = self.config.keep_blobs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import aio_pika
@@ -282,6 +282,32 @@ class AmqpTransport:
             return out
 
         return await self._guard(f"reading {dead_queue(task)}", take)
+
+    async def read_audit(self, task: str, *, idle_s: float = 1.0) -> AsyncIterator[bytes]:
+        """Read the audit stream from its first retained offset (a stream consumer)."""
+        try:
+            ch = await self._conn.channel()
+            await ch.set_qos(prefetch_count=256)
+            queue = await ch.declare_queue(audit_stream(task), passive=True)
+        except _RETRYABLE as e:
+            raise TransportError(f"reading {audit_stream(task)}: {e!r}") from e
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        try:
+            tag = await queue.consume(inbox.put, arguments={"x-stream-offset": "first"})
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        msg = await inbox.get()
+                except TimeoutError:
+                    break
+                await msg.ack()
+                yield msg.body
+            await queue.cancel(tag)
+        except _RETRYABLE as e:
+            raise TransportError(f"reading {audit_stream(task)}: {e!r}") from e
+        finally:
+            with contextlib.suppress(*_RETRYABLE):
+                await ch.close()
 
     # ------------------------------------------------------------------ participant side
 

@@ -10,7 +10,7 @@ receiver has saved its effect.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -113,6 +113,14 @@ class Transport(Protocol):
 
     async def dead_letters(self, task: str, limit: int = 1000) -> list[DeadLetter]:
         """Take up to ``limit`` dead letters off the task's dead-letter queue."""
+        ...
+
+    def read_audit(self, task: str, *, idle_s: float = 1.0) -> AsyncIterator[bytes]:
+        """Every retained update of the task, oldest first, from the audit stream.
+
+        Reading does not consume: the stream keeps them (until its retention drops
+        them). Ends once no message has arrived for ``idle_s`` seconds.
+        """
         ...
 
     # --- participant side

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -228,6 +229,10 @@ class MemoryTransport:
         dead = self.broker.task(task).dead
         taken, dead[:limit] = dead[:limit], []
         return taken
+
+    async def read_audit(self, task: str, *, idle_s: float = 1.0) -> AsyncIterator[bytes]:
+        for body in list(self.broker.task(task).audit):
+            yield body
 
     async def publish_update(
         self, task: str, participant: str, body: bytes, *, message_id: str

@@ -1,0 +1,1 @@
+"""Audit: replay retained updates, show a version's lineage, export a version."""

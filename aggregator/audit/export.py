@@ -1,0 +1,62 @@
+"""Export a version for serving: safetensors parameters plus the spec to rebuild the module.
+
+The file's metadata names the task, the version and both hashes, so the deployed
+model can be traced to the audited version; :func:`load_exported` checks the
+parameter hash on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aggregator.store import RedisModelStore
+from common.errors import FedqError
+from common.models import build_task_model
+from common.spec import TaskSpec
+from common.wire import Tensors, tensors_hash
+
+
+def spec_path(path: Path) -> Path:
+    """The spec beside an exported model: ``model.safetensors`` -> ``model.spec.json``."""
+    return path.with_suffix(".spec.json")
+
+
+async def export_version(
+    store: RedisModelStore, task: str, version: int, path: Path
+) -> dict[str, str]:
+    """Write ``path`` (safetensors) and its spec; returns the metadata written."""
+    record = await store.get_version(task, version)
+    env = await store.get_params(task, version)
+    spec = await store.get_spec(task)
+    metadata = {
+        "format": "fedq-model-1",
+        "task": task,
+        "version": str(version),
+        "param_hash": record.param_hash.hex(),
+        "version_hash": record.version_hash.hex(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in env.tensors.items()}, str(path), metadata=metadata)
+    spec_path(path).write_text(json.dumps(json.loads(spec.to_json()), indent=2) + "\n")
+    return metadata
+
+
+def load_exported(path: Path) -> tuple[TaskSpec, nn.Module, Tensors]:
+    """Rebuild the module of an exported version; refuses a file whose parameters changed."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(path))
+    spec = TaskSpec.from_json(spec_path(path).read_text())
+    # Hash in the model's own order (safetensors sorts names on disk).
+    module = build_task_model(spec)
+    ordered = {k: tensors[k] for k in module.state_dict()}
+    if tensors_hash(ordered).hex() != metadata.get("param_hash"):
+        raise FedqError(f"{path}: parameters do not match the exported parameter hash")
+    module.load_state_dict(ordered)
+    return spec, module, ordered

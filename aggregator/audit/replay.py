@@ -1,0 +1,262 @@
+"""Deterministic replay: rebuild versions from the retained updates and check them.
+
+The inputs are independent of the aggregator's memory: the retained update
+messages (the audit stream), each version's recorded lineage (ordered update ids,
+weights, content hashes) and strategy, and the parameters of the version replay
+starts from. Every version is recomputed with the same pure step functions the
+service used, from the recorded weights, and its parameter hash and chained
+version hash are compared with the store. The first divergence is named with its
+reason.
+
+With ``exclude``, the chain is rebuilt without one participant's updates: the
+counterfactual model, "what would the model be without this bank".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from aggregator.store import RedisModelStore, VersionRecord
+from aggregator.strategies import AcceptedUpdate, mix_step, weighted_step
+from common.errors import BlobPrunedError, DecodeError, FedqError
+from common.hashing import LineageEntry, lineage_bytes, version_hash
+from common.models import build_task_model, model_tensors, tensor_specs
+from common.wire import (
+    DEFAULT_LIMITS,
+    Tensors,
+    TensorSpec,
+    decode_update,
+    peek_header,
+    tensors_hash,
+)
+
+
+class ReplayError(FedqError):
+    """Replay cannot start (no such task, the start version's parameters are gone)."""
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What a replay found."""
+
+    task: str
+    from_version: int
+    to_version: int
+    checked: int = 0
+    first_bad_version: int | None = None
+    reason: str = ""
+    excluded: str | None = None
+    #: Updates of the excluded participant that were left out.
+    left_out: int = 0
+    params: Tensors = field(default_factory=dict)
+    param_hash: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        """Whether every replayed version matched the store."""
+        return self.first_bad_version is None
+
+
+def index_updates(bodies: list[bytes]) -> dict[str, bytes]:
+    """Retained messages by update id (unreadable ones are skipped: they were refused)."""
+    out: dict[str, bytes] = {}
+    for body in bodies:
+        try:
+            head = peek_header(body, DEFAULT_LIMITS)
+        except DecodeError:
+            continue
+        uid = head.get("id")
+        if isinstance(uid, str):
+            out.setdefault(uid, body)
+    return out
+
+
+def _without(
+    kind: str, entries: tuple[LineageEntry, ...], exclude: str | None
+) -> tuple[LineageEntry, ...]:
+    """The lineage without ``exclude``'s updates, with the weights that strategy would give."""
+    if exclude is None:
+        return entries
+    kept = tuple(e for e in entries if e.participant != exclude)
+    if not kept or len(kept) == len(entries):
+        return kept
+    if kind == "fedbuff":  # weight = lr * s / K: the mean is over the K' updates left
+        scale = len(entries) / len(kept)
+        return tuple(_reweight(e, e.weight * scale) for e in kept)
+    if kind == "fedavg":  # weights are normalised over the round
+        total = sum(e.weight for e in kept)
+        return tuple(_reweight(e, e.weight / total) for e in kept)
+    return kept
+
+
+def _reweight(e: LineageEntry, weight: float) -> LineageEntry:
+    return LineageEntry(
+        e.update_id, e.participant, e.base_version, e.staleness, weight, e.content_hash
+    )
+
+
+def recompute(
+    kind: str,
+    parent: Tensors,
+    base_of: Callable[[int], Tensors],
+    entries: tuple[LineageEntry, ...],
+    deltas: Mapping[str, Tensors],
+) -> Tensors:
+    """One version's parameters from its parent, its lineage and the updates' deltas."""
+    if not entries:
+        return parent
+    updates = [
+        AcceptedUpdate(
+            e.update_id,
+            e.participant,
+            e.base_version,
+            e.staleness,
+            1,
+            deltas[e.update_id],
+            e.content_hash,
+        )
+        for e in entries
+    ]
+    if kind == "fedasync":
+        (e,) = entries
+        return mix_step(parent, base_of(e.base_version), updates[0], e.weight).params
+    if kind in ("fedbuff", "fedavg"):
+        return weighted_step(parent, updates, [e.weight for e in entries]).params
+    raise ReplayError(f"version made by unknown strategy {kind!r}")
+
+
+async def replay(
+    store: RedisModelStore,
+    updates: Mapping[str, bytes],
+    task: str,
+    *,
+    from_version: int = 0,
+    to_version: int | None = None,
+    exclude: str | None = None,
+    on_version: Callable[[int], None] | None = None,
+) -> ReplayReport:
+    """Replay versions ``from_version + 1 .. to_version`` and check them (unless excluding)."""
+    spec = await store.get_spec(task)
+    head = await store.head(task)
+    if head is None:
+        raise ReplayError(f"task {task!r} has no versions")
+    last = head if to_version is None else to_version
+    if not 0 <= from_version <= last <= head:
+        raise ReplayError(
+            f"versions must satisfy 0 <= from ({from_version}) <= to ({last}) <= head ({head})"
+        )
+    report = ReplayReport(task, from_version, last, excluded=exclude)
+    start = await store.get_version(task, from_version)
+    try:
+        env = await store.get_params(task, from_version)
+    except BlobPrunedError as err:
+        raise ReplayError(f"{err}; start from a version whose parameters are kept") from err
+    if env.content_hash != start.param_hash:
+        report.first_bad_version, report.reason = (
+            from_version,
+            "stored parameters differ from their recorded hash",
+        )
+        return report
+    expected = tensor_specs(model_tensors(build_task_model(spec)))
+    records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
+    # Keep a version's parameters while a later update still names it as its base.
+    last_use: dict[int, int] = {}
+    for rec in records:
+        for e in rec.lineage:
+            last_use[e.base_version] = rec.version
+    history: dict[int, Tensors] = {from_version: env.tensors}
+    parent, parent_hash = env.tensors, start.version_hash
+
+    async def base_of_version(v: int) -> Tensors:
+        if v in history:
+            return history[v]
+        if exclude is not None:
+            raise ReplayError(f"base version {v} precedes --from-version; start earlier")
+        return (await store.get_params(task, v)).tensors
+
+    for rec in records:
+        v = rec.version
+        kind = str(rec.info.get("strategy", ""))
+        entries = _without(kind, rec.lineage, exclude)
+        report.left_out += len(rec.lineage) - len(entries)
+        deltas: dict[str, Tensors] = {}
+        for entry in entries:
+            problem = _check_retained(updates.get(entry.update_id), entry, expected, deltas)
+            if problem is not None:
+                report.first_bad_version, report.reason = v, problem
+                return report
+        bases = {x.base_version: await base_of_version(x.base_version) for x in entries}
+        params = await asyncio.to_thread(
+            recompute, kind, parent, bases.__getitem__, entries, deltas
+        )
+        if exclude is None:
+            problem, parent_hash = await asyncio.to_thread(_verify, rec, params, parent_hash)
+            if problem is None:
+                problem = await _check_stored_blob(store, rec)
+            if problem is not None:
+                report.first_bad_version, report.reason = v, problem
+                report.params = params
+                return report
+        history[v] = params
+        for old in [k for k in history if k != v and last_use.get(k, -1) <= v]:
+            del history[old]
+        parent = params
+        report.checked += 1
+        if on_version is not None:
+            on_version(v)
+    report.params = parent
+    report.param_hash = tensors_hash(parent)
+    return report
+
+
+def _check_retained(
+    body: bytes | None,
+    e: LineageEntry,
+    expected: Mapping[str, TensorSpec],
+    deltas: dict[str, Tensors],
+) -> str | None:
+    """Decode one retained update into ``deltas``; or say why it cannot be used."""
+    if body is None:
+        return f"update {e.update_id} ({e.participant}) is not in the audit stream"
+    try:
+        env = decode_update(body, DEFAULT_LIMITS, expected)
+    except DecodeError as err:
+        return f"retained update {e.update_id} does not decode ({err.reason}: {err.detail})"
+    if env.content_hash != e.content_hash:
+        return f"retained update {e.update_id} differs from the one recorded (content hash)"
+    if (env.participant, env.base_version) != (e.participant, e.base_version):
+        return f"retained update {e.update_id} names another participant or base version"
+    deltas[e.update_id] = env.tensors
+    return None
+
+
+async def _check_stored_blob(store: RedisModelStore, rec: VersionRecord) -> str | None:
+    """The stored parameters (when kept) must be the replayed ones."""
+    try:
+        env = await store.get_params(rec.task, rec.version)
+    except BlobPrunedError:
+        return None
+    except FedqError as e:
+        return f"stored parameters are unreadable ({e})"
+    if env.content_hash != rec.param_hash or env.version_hash != rec.version_hash:
+        return "stored parameters differ from the replayed ones"
+    return None
+
+
+def _verify(rec: VersionRecord, params: Tensors, parent_hash: bytes) -> tuple[str | None, bytes]:
+    """Compare a recomputed version with its record; returns (problem, recomputed hash)."""
+    param_hash = tensors_hash(params)
+    vh = version_hash(
+        task=rec.task,
+        version=rec.version,
+        parent_hash=parent_hash,
+        param_hash=param_hash,
+        lineage=lineage_bytes(rec.lineage),
+    )
+    if param_hash != rec.param_hash:
+        return "replayed parameters differ from the recorded parameter hash", vh
+    if vh != rec.version_hash:
+        return "version hash differs from the recorded one (lineage or chain altered)", vh
+    return None, vh

@@ -1,0 +1,307 @@
+"""``fedq replay``, ``fedq audit show``, ``fedq export``: what auditors run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from common.errors import FedqError
+
+AMQP_DEFAULT = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
+
+redis_option = click.option(
+    "--redis-url",
+    default=REDIS_DEFAULT,
+    show_default=True,
+    envvar="FEDQ_REDIS_URL",
+    help="The model store (read-only access is enough).",
+)
+
+
+def _fail(e: FedqError) -> None:
+    Console(stderr=True).print(f"[red]error:[/] {e}")
+    sys.exit(2)
+
+
+@click.command()
+@click.option("--task", required=True)
+@click.option("--from-version", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--to-version", default=None, type=click.IntRange(min=0), help="Default: the head.")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check every version's parameter hash and chained hash against the store.",
+)
+@click.option(
+    "--exclude",
+    default=None,
+    metavar="PARTICIPANT",
+    help="Rebuild the chain without this participant's updates (counterfactual).",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --exclude: evaluate both models on this CSV or Parquet.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --exclude: write the counterfactual model (safetensors).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--amqp-url",
+    default=AMQP_DEFAULT,
+    show_default=True,
+    envvar="FEDQ_AMQP_URL",
+    help="The broker holding the audit stream.",
+)
+@redis_option
+def replay(
+    task: str,
+    from_version: int,
+    to_version: int | None,
+    verify: bool,
+    exclude: str | None,
+    data: Path | None,
+    out: Path | None,
+    as_json: bool,
+    amqp_url: str,
+    redis_url: str,
+) -> None:
+    """Re-apply the retained updates and reproduce every version bit for bit.
+
+    Exit status 0 only when every version matches; otherwise the first version that
+    diverges is named with the reason.
+    """
+    try:
+        ok = asyncio.run(
+            _replay(
+                task,
+                from_version,
+                to_version,
+                verify,
+                exclude,
+                data,
+                out,
+                as_json,
+                amqp_url,
+                redis_url,
+            )
+        )
+    except FedqError as e:
+        _fail(e)
+    sys.exit(0 if ok else 1)
+
+
+async def _replay(
+    task: str,
+    from_version: int,
+    to_version: int | None,
+    verify: bool,
+    exclude: str | None,
+    data: Path | None,
+    out: Path | None,
+    as_json: bool,
+    amqp_url: str,
+    redis_url: str,
+) -> bool:
+    from aggregator.audit.replay import index_updates
+    from aggregator.audit.replay import replay as run_replay
+    from aggregator.store import RedisModelStore, connect_redis
+    from common.transport.amqp import AmqpTransport
+
+    console = Console(stderr=as_json)
+    store = RedisModelStore(connect_redis(redis_url))
+    transport = await AmqpTransport.connect(amqp_url, name="fedq-replay")
+    try:
+        bodies = [b async for b in transport.read_audit(task)]
+        updates = index_updates(bodies)
+        console.print(f"audit stream: {len(bodies)} messages, {len(updates)} distinct updates")
+        head = await store.head(task)
+        last = head if to_version is None else to_version
+        with Progress(console=console, transient=True) as bar:
+            job = bar.add_task("replaying", total=max((last or 0) - from_version, 1))
+            report = await run_replay(
+                store,
+                updates,
+                task,
+                from_version=from_version,
+                to_version=to_version,
+                exclude=exclude,
+                on_version=lambda _: bar.advance(job),
+            )
+        result: dict[str, Any] = {
+            "task": task,
+            "from_version": report.from_version,
+            "to_version": report.to_version,
+            "checked": report.checked,
+            "ok": report.ok,
+            "first_bad_version": report.first_bad_version,
+            "reason": report.reason,
+        }
+        if exclude is not None:
+            result.update(await _counterfactual(store, task, report, exclude, data, out))
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        elif report.ok:
+            what = "rebuilt" if exclude else "verified"
+            console.print(
+                f"[green]{what} versions {report.from_version + 1}..{report.to_version}[/] "
+                f"({report.checked} versions)"
+            )
+        else:
+            console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")
+        return report.ok or not verify
+    finally:
+        await transport.close()
+        await store.close()
+
+
+async def _counterfactual(
+    store: Any, task: str, report: Any, exclude: str, data: Path | None, out: Path | None
+) -> dict[str, Any]:
+    from common.evaluation import evaluate
+    from common.wire import tensors_hash
+    from participant.data import encode, load_table
+
+    spec = await store.get_spec(task)
+    real = (await store.get_params(task, report.to_version)).tensors
+    result: dict[str, Any] = {
+        "excluded": exclude,
+        "updates_left_out": report.left_out,
+        "counterfactual_param_hash": report.param_hash.hex(),
+        "real_param_hash": tensors_hash(real).hex(),
+        "differs": report.param_hash != tensors_hash(real),
+    }
+    if data is not None:
+        x, y = encode(load_table(data), spec)
+        result["metrics"] = {
+            "with_all": evaluate(spec, real, x, y),
+            f"without_{exclude}": evaluate(spec, report.params, x, y),
+        }
+    if out is not None:
+        from safetensors.torch import save_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in report.params.items()},
+            str(out),
+            metadata={
+                "format": "fedq-model-1",
+                "task": task,
+                "counterfactual_without": exclude,
+                "param_hash": report.param_hash.hex(),
+            },
+        )
+        result["out"] = str(out)
+    return result
+
+
+@click.group()
+def audit() -> None:
+    """Inspect what went into each version."""
+
+
+@audit.command("show")
+@click.option("--task", required=True)
+@click.option("--version", "version", required=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True)
+@redis_option
+def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
+    """A version's lineage: parent, contributing updates, refusals in its window."""
+    from aggregator.audit.lineage import version_lineage
+    from aggregator.store import RedisModelStore, connect_redis
+
+    async def load() -> dict[str, Any]:
+        store = RedisModelStore(connect_redis(redis_url))
+        try:
+            return await version_lineage(store, task, version)
+        finally:
+            await store.close()
+
+    try:
+        doc = asyncio.run(load())
+    except FedqError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{task}[/] version {version} (parent {doc['parent']}), strategy {doc['strategy']}"
+    )
+    console.print(f"version hash {doc['version_hash']}\nparam hash   {doc['param_hash']}")
+    table = Table(title="contributing updates")
+    for col in ("participant", "update id", "base", "staleness", "weight", "content hash"):
+        table.add_column(col)
+    for u in doc["updates"]:
+        table.add_row(
+            u["participant"],
+            u["update_id"],
+            str(u["base_version"]),
+            str(u["staleness"]),
+            f"{u['weight']:.6g}",
+            u["content_hash"][:16],
+        )
+    console.print(table)
+    if doc["refusals"]:
+        refused = Table(title="refused while this version was being made")
+        for col in ("participant", "update id", "reason", "detail"):
+            refused.add_column(col)
+        for r in doc["refusals"]:
+            refused.add_row(
+                r.get("participant", "-"), r.get("update_id", "-"), r["reason"], r.get("detail", "")
+            )
+        console.print(refused)
+    else:
+        console.print("no refusals in this window")
+
+
+@click.command("export")
+@click.option("--task", required=True)
+@click.option(
+    "--version", "version", default=None, type=click.IntRange(min=0), help="Default: the head."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="model.safetensors (the spec goes to model.spec.json beside it).",
+)
+@redis_option
+def export(task: str, version: int | None, out: Path, redis_url: str) -> None:
+    """Export a version for serving: safetensors plus the spec to rebuild the module."""
+    from aggregator.audit.export import export_version, spec_path
+    from aggregator.store import RedisModelStore, connect_redis
+
+    async def run() -> dict[str, str]:
+        store = RedisModelStore(connect_redis(redis_url))
+        try:
+            v = version if version is not None else await store.head(task)
+            if v is None:
+                raise FedqError(f"task {task!r} has no versions")
+            return await export_version(store, task, v, out)
+        finally:
+            await store.close()
+
+    try:
+        meta = asyncio.run(run())
+    except FedqError as e:
+        _fail(e)
+    Console().print(
+        f"{out} and {spec_path(out)}: {task} version {meta['version']}, "
+        f"version hash {meta['version_hash'][:16]}"
+    )
