@@ -153,7 +153,7 @@ async def _replay(
             "reason": report.reason,
         }
         if exclude is not None:
-            result.update(await _counterfactual(store, task, report, exclude, data, out))
+            result.update(await _counterfactual(store, task, report, exclude, evaluation, out))
         if as_json:
             click.echo(json.dumps(result, indent=2))
         elif report.ok:
@@ -186,7 +186,12 @@ async def _counterfactual(
         "real_param_hash": tensors_hash(real).hex(),
         "differs": report.param_hash != tensors_hash(real),
     }
+    data, target, positive = evaluation
     if data is not None:
+        if target is not None:
+            from common.spec import TargetSpec
+
+            spec = spec.model_copy(update={"target": TargetSpec(name=target, positive=positive)})
         x, y = encode(load_table(data), spec)
         result["metrics"] = {
             "with_all": evaluate(spec, real, x, y),
