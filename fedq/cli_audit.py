@@ -54,6 +54,8 @@ def _fail(e: FedqError) -> None:
     default=None,
     help="With --exclude: evaluate both models on this CSV or Parquet.",
 )
+@click.option("--target", default=None, help="With --data: the target column, if not the task's.")
+@click.option("--positive", default=None, help="With --target: the value of class 1.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -76,6 +78,8 @@ def replay(
     verify: bool,
     exclude: str | None,
     data: Path | None,
+    target: str | None,
+    positive: str | None,
     out: Path | None,
     as_json: bool,
     amqp_url: str,
@@ -94,7 +98,7 @@ def replay(
                 to_version,
                 verify,
                 exclude,
-                data,
+                (data, target, positive),
                 out,
                 as_json,
                 amqp_url,
@@ -112,7 +116,7 @@ async def _replay(
     to_version: int | None,
     verify: bool,
     exclude: str | None,
-    data: Path | None,
+    evaluation: tuple[Path | None, str | None, str | None],
     out: Path | None,
     as_json: bool,
     amqp_url: str,
@@ -171,7 +175,12 @@ async def _replay(
 
 
 async def _counterfactual(
-    store: Any, task: str, report: Any, exclude: str, data: Path | None, out: Path | None
+    store: Any,
+    task: str,
+    report: Any,
+    exclude: str,
+    evaluation: tuple[Path | None, str | None, str | None],
+    out: Path | None,
 ) -> dict[str, Any]:
     from common.evaluation import evaluate
     from common.wire import tensors_hash
