@@ -11,26 +11,43 @@ dead-letter queue with its reason and is counted; the service keeps running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 
 from aggregator.metrics import AggregatorMetrics
-from aggregator.store import RedisModelStore, VersionRecord
+from aggregator.store import CommitOutcome, CommitResult, Lease, RedisModelStore, VersionRecord
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
-from common.errors import BlobPrunedError, DecodeError, FedqError, NotFoundError
+from common.errors import (
+    BlobPrunedError,
+    DecodeError,
+    FedqError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import TaskSpec
 from common.transport import TaskTopology, Transport, UpdateDelivery, next_or_none
 from common.wire import DEFAULT_LIMITS, DecodeLimits, Tensors, UpdateEnvelope, decode_update
 
 log = structlog.get_logger("fedq.aggregator")
+T = TypeVar("T")
 
 #: Called after each commit with the new version's record and parameters.
 VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 class FencedOutError(FedqError):
@@ -48,6 +65,12 @@ class ServiceConfig:
     limits: DecodeLimits = DEFAULT_LIMITS
     #: How often the work queue's depth is sampled for metrics (seconds).
     depth_poll_s: float = 5.0
+    #: Writer lease: one active aggregator per task; a standby waits for it.
+    lease_ttl_s: float = 10.0
+    #: Who this aggregator is, in the lease and in each version's info.
+    owner: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
     #: Retention of the audit stream (every update, accepted or not): age and size.
     audit_max_age: str = "90D"
     audit_max_bytes: int = 20 * 1024**3
@@ -86,6 +109,9 @@ class AggregatorService:
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         self._pending: dict[str, UpdateDelivery] = {}
         self._consuming = False
+        self.lease: Lease | None = None
+        self._halt = asyncio.Event()
+        self._fenced = False
         #: Sync mode: when the current round's deadline passes (monotonic seconds).
         self._deadline: float | None = None
         self._overdue = False
@@ -123,33 +149,103 @@ class AggregatorService:
         self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set; the commit in flight finishes first."""
-        await self.prepare()
-        if self.prefetch != self.config.prefetch:
-            self.log.info("prefetch raised above the buffer", prefetch=self.prefetch)
-        sub = await self.transport.consume_updates(self.task, prefetch=self.prefetch)
-        self._consuming = True
-        poller = asyncio.create_task(self._poll_depth(stop))
-        announcer = asyncio.create_task(self._announcer())
+        """Take the writer lease (waiting as a standby), then consume until ``stop``.
+
+        The commit in flight finishes first; buffered, uncommitted updates go back to
+        the queue. Raises FencedOutError if another aggregator took the task over.
+        """
+        self.lease = await self._acquire_lease(stop)
+        if self.lease is None:
+            return
+        halt = self._halt
+        relay = asyncio.create_task(_relay(stop, halt))
+        renewer = asyncio.create_task(self._renew_lease())
+        sub = None
         try:
-            while not stop.is_set():
-                delivery = await next_or_none(sub, stop, self._until_deadline())
-                if delivery is not None:
-                    await self.handle(delivery)
-                elif not stop.is_set():
-                    await self._deadline_passed()
+            await self.prepare()
+            if self.prefetch != self.config.prefetch:
+                self.log.info("prefetch raised above the buffer", prefetch=self.prefetch)
+            sub = await self.transport.consume_updates(self.task, prefetch=self.prefetch)
+            self._consuming = True
+            poller = asyncio.create_task(self._poll_depth(halt))
+            announcer = asyncio.create_task(self._announcer())
+            try:
+                while not (stop.is_set() or halt.is_set()):
+                    delivery = await next_or_none(sub, halt, self._until_deadline())
+                    if delivery is None:
+                        if not (stop.is_set() or halt.is_set()):
+                            await self._deadline_passed()
+                    elif stop.is_set() or halt.is_set():
+                        break  # not handled: it goes back to the queue unacked
+                    else:
+                        await self.handle(delivery)
+            finally:
+                self._consuming = False
+                poller.cancel()
+                await self._flush_announcements(announcer)
         finally:
-            self._consuming = False
-            poller.cancel()
-            await self._flush_announcements(announcer)
             # Buffered updates were never acked: closing returns them to the queue.
-            await sub.close()
+            if sub is not None:
+                await sub.close()
+            renewer.cancel()
+            relay.cancel()
+            if not self._fenced:
+                try:
+                    await self.store.release_lease(self.lease, self.task)
+                except FedqError as e:
+                    self.log.warning("lease not released; it expires by itself", error=str(e))
             self.log.info(
                 "aggregator stopped",
                 version=self.head_version,
                 returned_to_queue=len(self._pending),
+                fenced=self._fenced,
             )
             self._pending.clear()
+        if self._fenced:
+            raise FencedOutError(f"another aggregator holds the writer lease of {self.task!r}")
+
+    async def _acquire_lease(self, stop: asyncio.Event) -> Lease | None:
+        """Become the task's writer; as a standby, try again until the lease is free."""
+        ttl = int(self.config.lease_ttl_s * 1000)
+        announced = False
+        while not stop.is_set():
+            try:
+                lease = await self.store.acquire_lease(self.task, self.config.owner, ttl)
+            except StoreUnavailableError as e:
+                self.log.warning("store unavailable; waiting", error=str(e))
+                lease = None
+            if lease is not None:
+                self.log.info("writer lease acquired", owner=lease.owner, fence=lease.token)
+                return lease
+            if not announced:
+                self.log.info("standby: another aggregator holds the writer lease")
+                announced = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.lease_ttl_s / 3):
+                    await stop.wait()
+        return None
+
+    async def _renew_lease(self) -> None:
+        """Keep the lease; if another writer took it, stop at once (fenced)."""
+        assert self.lease is not None
+        ttl = int(self.config.lease_ttl_s * 1000)
+        while True:
+            await asyncio.sleep(self.config.lease_ttl_s / 3)
+            try:
+                if await self.store.renew_lease(self.lease, self.task, ttl):
+                    continue
+                # Expired (e.g. Redis restarted): take a new lease if nobody else did.
+                fresh = await self.store.acquire_lease(self.task, self.config.owner, ttl)
+            except StoreUnavailableError as e:
+                self.log.warning("store unavailable; lease not renewed", error=str(e))
+                continue
+            if fresh is None:
+                self.log.error("writer lease lost to another aggregator; stopping")
+                self._fenced = True
+                self._halt.set()
+                return
+            self.log.warning("writer lease had expired; re-acquired", fence=fresh.token)
+            self.lease = fresh
 
     async def health(self) -> dict[str, object]:
         """What /healthz reports."""
@@ -187,7 +283,9 @@ class AggregatorService:
         if problem is not None:
             await self._refuse(delivery, *problem, env.participant, env.update_id)
             return
-        applied = await self.store.applied_in(self.task, [env.update_id])
+        applied = await self._store_retry(
+            "checking duplicates", lambda: self.store.applied_in(self.task, [env.update_id])
+        )
         if applied:
             detail = f"already applied in version {applied[env.update_id]}"
             await self._refuse(delivery, "duplicate", detail, env.participant, env.update_id)
@@ -218,6 +316,56 @@ class AggregatorService:
             step = await asyncio.to_thread(self.strategy.flush, self.head_params)
         if step is not None:
             await self._commit(step)
+
+    async def _commit_until_saved(self, parent: int, step: Step) -> CommitResult:
+        """Commit; while Redis is unreachable, wait and retry (nothing is acked meanwhile).
+
+        A commit whose reply was lost may have been applied: before retrying, a head
+        that already holds exactly this lineage counts as committed.
+        """
+        info = {
+            "strategy": self.strategy.name,
+            "settings": self.strategy.settings(),
+            "owner": self.config.owner,
+            "fence": self.lease.token if self.lease else None,
+        }
+        ids = [e.update_id for e in step.lineage]
+        delay = 0.2
+        while True:
+            try:
+                return await self.store.commit(
+                    self.task,
+                    parent=parent,
+                    params=step.params,
+                    lineage=step.lineage,
+                    info=info,
+                    lease=self.lease,
+                )
+            except StoreUnavailableError as e:
+                self.log.warning(
+                    "store unavailable; commit waits", error=str(e), version=parent + 1
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                if await self.store.head(self.task) == parent + 1:
+                    record = await self.store.get_version(self.task, parent + 1)
+                    if [e.update_id for e in record.lineage] == ids:
+                        blob = await self.store.get_blob(self.task, parent + 1)
+                        return CommitResult(CommitOutcome.COMMITTED, record, parent + 1, blob=blob)
+            except StoreUnavailableError:
+                continue
+
+    async def _store_retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a store read; while Redis is unreachable, wait and retry."""
+        delay = 0.2
+        while True:
+            try:
+                return await op()
+            except StoreUnavailableError as e:
+                self.log.warning("store unavailable; waiting", during=what, error=str(e))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _until_deadline(self) -> float | None:
         if self._deadline is None:
@@ -309,13 +457,11 @@ class AggregatorService:
     async def _commit(self, step: Step) -> None:
         started = time.perf_counter()
         parent = self.head_version
-        result = await self.store.commit(
-            self.task,
-            parent=parent,
-            params=step.params,
-            lineage=step.lineage,
-            info={"strategy": self.strategy.name, "settings": self.strategy.settings()},
-        )
+        result = await self._commit_until_saved(parent, step)
+        if result.outcome is CommitOutcome.FENCED:
+            self._fenced = True
+            self._halt.set()
+            raise FencedOutError(f"commit on version {parent} refused: the writer lease is gone")
         if not result.committed or result.record is None:
             raise FencedOutError(
                 f"commit on version {parent} refused ({result.outcome.value}, head "
@@ -403,7 +549,9 @@ class AggregatorService:
         if cached is not None:
             return cached
         try:
-            env = await self.store.get_params(self.task, version)
+            env = await self._store_retry(
+                "reading a base version", lambda: self.store.get_params(self.task, version)
+            )
         except (BlobPrunedError, NotFoundError):
             return None
         self._bases[version] = env.tensors

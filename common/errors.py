@@ -37,6 +37,10 @@ class StoreError(FedqError):
     """The model store failed or was asked for something it does not hold."""
 
 
+class StoreUnavailableError(StoreError):
+    """Redis cannot be reached (down, restarting, network): wait and try again."""
+
+
 class NotFoundError(StoreError):
     """A task or version the store does not hold."""
 

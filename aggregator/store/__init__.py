@@ -1,13 +1,20 @@
 """The model store: every model version of every task, with its lineage, in Redis."""
 
 from aggregator.store.keys import Keys
-from aggregator.store.records import CommitOutcome, CommitResult, VerifyReport, VersionRecord
+from aggregator.store.records import (
+    CommitOutcome,
+    CommitResult,
+    Lease,
+    VerifyReport,
+    VersionRecord,
+)
 from aggregator.store.redis_store import RedisModelStore, StoreConfig, connect_redis
 
 __all__ = [
     "CommitOutcome",
     "CommitResult",
     "Keys",
+    "Lease",
     "RedisModelStore",
     "StoreConfig",
     "VerifyReport",

@@ -27,6 +27,14 @@ class Keys:
         """List of the task's specs over time: ``{"from_version", "spec"}`` (JSON)."""
         return f"{self.prefix}:{{{task}}}:spec_history"
 
+    def lease(self, task: str) -> str:
+        """The writer lease: ``owner:token`` with a TTL (one active aggregator per task)."""
+        return f"{self.prefix}:{{{task}}}:lease"
+
+    def fence(self, task: str) -> str:
+        """Counter issuing fencing tokens: each new lease gets a larger one."""
+        return f"{self.prefix}:{{{task}}}:fence"
+
     def head(self, task: str) -> str:
         """The task's head version number."""
         return f"{self.prefix}:{{{task}}}:head"

@@ -99,6 +99,8 @@ class CommitOutcome(enum.Enum):
     LOST_RACE = "lost_race"
     #: At least one update id was already applied in an earlier version.
     DUPLICATE = "duplicate"
+    #: The writer's lease is gone or held by another aggregator: it must stop.
+    FENCED = "fenced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,19 @@ class CommitResult:
     def committed(self) -> bool:
         """Whether the version was written."""
         return self.outcome is CommitOutcome.COMMITTED
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A writer lease: who holds it and its fencing token (larger for every new lease)."""
+
+    owner: str
+    token: int
+
+    @property
+    def value(self) -> str:
+        """What the lease key holds."""
+        return f"{self.owner}:{self.token}"
 
 
 @dataclass(frozen=True, slots=True)

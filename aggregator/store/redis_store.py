@@ -20,13 +20,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aggregator.store.keys import Keys
 from aggregator.store.records import (
     CommitOutcome,
     CommitResult,
     Info,
+    Lease,
     VerifyReport,
     VersionRecord,
 )
@@ -35,6 +38,7 @@ from common.errors import (
     DecodeError,
     NotFoundError,
     StoreError,
+    StoreUnavailableError,
     TaskConflictError,
 )
 from common.hashing import GENESIS_PARENT, LineageEntry, lineage_bytes, version_hash
@@ -92,7 +96,11 @@ async def _redis_errors(action: str) -> AsyncIterator[None]:
         yield
     except WatchError:
         raise
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        raise StoreUnavailableError(f"Redis unavailable while {action}: {e}") from e
     except RedisError as e:
+        if "LOADING" in str(e) or "BUSY" in str(e):  # restarting: loading its AOF
+            raise StoreUnavailableError(f"Redis not ready while {action}: {e}") from e
         raise StoreError(f"Redis failed while {action}: {type(e).__name__}: {e}") from e
 
 
@@ -288,11 +296,14 @@ class RedisModelStore:
         params: Tensors,
         lineage: Sequence[LineageEntry],
         info: Info | None = None,
+        lease: Lease | None = None,
     ) -> CommitResult:
         """Commit version ``parent + 1`` atomically, with its lineage and applied ids.
 
-        Returns LOST_RACE when ``parent`` is not the head (another writer won) and
-        DUPLICATE when an update id was applied before; nothing is written then.
+        Returns LOST_RACE when ``parent`` is not the head (another writer won),
+        DUPLICATE when an update id was applied before, and FENCED when ``lease`` is
+        no longer the task's lease (the check and the write are one transaction);
+        nothing is written then.
         """
         entries = tuple(lineage)
         ids = [e.update_id for e in entries]
@@ -313,9 +324,14 @@ class RedisModelStore:
             info=dict(info or {}),
         )
         head_key, applied_key = self.keys.head(task), self.keys.applied(task)
+        lease_key = self.keys.lease(task)
         async with _redis_errors("committing a version"), self._r.pipeline() as pipe:
             try:
-                await pipe.watch(head_key, applied_key)
+                await pipe.watch(head_key, applied_key, lease_key)
+                if lease is not None:
+                    held = await pipe.get(lease_key)
+                    if held is None or _as_bytes(held).decode() != lease.value:
+                        return CommitResult(CommitOutcome.FENCED)
                 raw_head = await pipe.get(head_key)
                 head = None if raw_head is None else int(raw_head)
                 if head != parent:
@@ -352,6 +368,56 @@ class RedisModelStore:
         return CommitResult(
             CommitOutcome.COMMITTED, record=record, head=record.version, blob=prepared.blob
         )
+
+    # ------------------------------------------------------------------ writer lease
+
+    async def acquire_lease(self, task: str, owner: str, ttl_ms: int) -> Lease | None:
+        """Take the task's writer lease if nobody holds it; None if another writer does."""
+        lease_key, fence_key = self.keys.lease(task), self.keys.fence(task)
+        async with _redis_errors("acquiring the writer lease"), self._r.pipeline() as pipe:
+            try:
+                await pipe.watch(lease_key, fence_key)
+                if await pipe.exists(lease_key):
+                    return None
+                token = int(await pipe.get(fence_key) or 0) + 1
+                lease = Lease(owner, token)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(fence_key, token)
+                pipe.set(lease_key, lease.value, px=ttl_ms)
+                await pipe.execute()
+            except WatchError:
+                return None
+        return lease
+
+    async def renew_lease(self, lease: Lease, task: str, ttl_ms: int) -> bool:
+        """Extend our lease; False if it expired or another writer holds it now."""
+        lease_key = self.keys.lease(task)
+        async with _redis_errors("renewing the writer lease"), self._r.pipeline() as pipe:
+            try:
+                await pipe.watch(lease_key)
+                held = await pipe.get(lease_key)
+                if held is None or _as_bytes(held).decode() != lease.value:
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.pexpire(lease_key, ttl_ms)
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
+
+    async def release_lease(self, lease: Lease, task: str) -> None:
+        """Give the lease up (on a clean stop), if it is still ours."""
+        lease_key = self.keys.lease(task)
+        async with _redis_errors("releasing the writer lease"), self._r.pipeline() as pipe:
+            try:
+                await pipe.watch(lease_key)
+                held = await pipe.get(lease_key)
+                if held is not None and _as_bytes(held).decode() == lease.value:
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(lease_key)
+                    await pipe.execute()
+            except WatchError:
+                pass
 
     def _prepare(
         self,
