@@ -361,6 +361,13 @@ def aggregator() -> None:
     help="Keep the parameters of the newest N versions only (default: all).",
 )
 @click.option(
+    "--lease-ttl",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds the writer lease lives unless renewed: how soon a standby takes over.",
+)
+@click.option(
     "--audit-max-age",
     default="90D",
     show_default=True,
@@ -394,6 +401,7 @@ def aggregator_run(
     redis_url: str,
     prefetch: int,
     keep_blobs: int | None,
+    lease_ttl: float,
     audit_max_age: str,
     audit_max_bytes: int,
     sender_check: bool,
@@ -416,6 +424,7 @@ def aggregator_run(
             service=ServiceConfig(
                 prefetch=prefetch,
                 require_sender_match=sender_check,
+                lease_ttl_s=lease_ttl,
                 audit_max_age=audit_max_age,
                 audit_max_bytes=audit_max_bytes,
             ),

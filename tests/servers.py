@@ -1,0 +1,836 @@
+"""Private Redis and RabbitMQ servers that reliability tests may kill and restart.
+
+The shared servers on this machine (Redis on 6379, RabbitMQ ``rabbit@localhost`` on
+5672) are never touched: every private server here is a child process of the test
+run, with its own port, data directory, log and (for RabbitMQ) node name, Erlang
+cookie, distribution port, config and plugin list. Only processes this module
+started are ever signalled, tracked by PID *and* start time, so a recycled PID can
+never be hit.
+
+Fixtures (import them into a test module, nothing is registered in conftest)::
+
+    from tests.servers import private_rabbit_fixture, private_redis_fixture  # noqa: F401
+
+    async def test_x(private_redis: PrivateRedis, private_rabbit: PrivateRabbit) -> None: ...
+
+The functions are named ``*_fixture`` and the fixtures ``private_redis`` and
+``private_rabbit`` (``@pytest.fixture(name=...)``): importing a function named like
+the test's parameter would be ruff's F811 (redefinition of an unused import).
+
+* ``private_redis`` (function scope): a fresh ``PrivateRedis`` per test.
+* ``private_rabbit`` (function scope handle, node shared per test module): a cold
+  RabbitMQ boot costs several seconds, so one node serves every test of a module and
+  is shut down when the module finishes; before each test it is started again if an
+  earlier test left it killed or stopped, so one failing crash test cannot cascade.
+  Queues and messages of earlier tests in the module remain: use unique names.
+
+Every server is also registered with ``atexit``: even if a fixture's teardown never
+runs (an interpreter shutting down on an error), nothing is left behind. Only a
+SIGKILLed test process (or ``os._exit``, e.g. pytest-timeout's ``thread`` method)
+can leave a server running: its files are under ``$TMPDIR/fedqtest-*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = [
+    "PrivateRabbit",
+    "PrivateRedis",
+    "ServerError",
+    "ServerExitedError",
+    "free_port",
+    "private_rabbit",
+    "private_rabbit_fixture",
+    "private_redis",
+    "private_redis_fixture",
+]
+
+# Ports of the shared services on this machine and of RabbitMQ's defaults (AMQP,
+# distribution, management, epmd, the CLI tools' distribution range): never chosen.
+_RESERVED_PORTS = frozenset(
+    {1883, 2024, 3306, 4222, 4369, 5432, 5672, 6379, 15672, 25672, 61613, 15692}
+    | set(range(35672, 35683))
+)
+_allocated_ports: set[int] = set()
+_port_lock = threading.Lock()
+
+
+class ServerError(RuntimeError):
+    """A private server did not start, answer or stop as expected."""
+
+
+class ServerExitedError(ServerError):
+    """A private server exited during start-up (a taken port, a bad config, ...)."""
+
+
+# --------------------------------------------------------------------- ports
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, below the kernel's ephemeral range.
+
+    Ports from the ephemeral range could be taken by some outgoing connection while a
+    server is down between ``kill()`` and ``restart()``; ports below it are only ever
+    taken by listeners. Picked at random so parallel test runs rarely collide, never
+    one this process already handed out, never a port of the shared services.
+    """
+    hi = max(_ephemeral_low() - 1, 20001)
+    with _port_lock:
+        for _ in range(500):
+            port = random.randint(20000, hi)
+            if port in _RESERVED_PORTS or port in _allocated_ports:
+                continue
+            if _bindable(port):
+                _allocated_ports.add(port)
+                return port
+    raise ServerError("no free TCP port found on 127.0.0.1")
+
+
+# ----------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class _Proc:
+    """One process, identified by PID and start time (a recycled PID is another one)."""
+
+    pid: int
+    start: int
+
+    def alive(self) -> bool:
+        info = _stat(self.pid)
+        return info is not None and info.start == self.start and info.state != "Z"
+
+
+@dataclass(frozen=True)
+class _Stat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    sid: int
+    start: int
+
+
+def _stat(pid: int) -> _Stat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # "pid (comm) state ppid pgrp session ..."; comm may contain spaces and parens.
+    lpar, rpar = raw.index("("), raw.rindex(")")
+    fields = raw[rpar + 2 :].split()
+    return _Stat(
+        pid=pid,
+        comm=raw[lpar + 1 : rpar],
+        state=fields[0],
+        ppid=int(fields[1]),
+        sid=int(fields[3]),
+        start=int(fields[19]),
+    )
+
+
+def _all_stats() -> list[_Stat]:
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _stat(int(entry))
+            if info is not None:
+                stats.append(info)
+    return stats
+
+
+def _tree(root: int) -> list[_Stat]:
+    """``root`` and all its live descendants (children that called setsid included)."""
+    stats = _all_stats()
+    children: dict[int, list[_Stat]] = {}
+    by_pid = {s.pid: s for s in stats}
+    for s in stats:
+        children.setdefault(s.ppid, []).append(s)
+    out: list[_Stat] = []
+    todo = [by_pid[root]] if root in by_pid else []
+    while todo:
+        s = todo.pop()
+        out.append(s)
+        todo.extend(children.get(s.pid, []))
+    return out
+
+
+def _signal(proc: _Proc, sig: signal.Signals) -> None:
+    if proc.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
+def _wait_gone(procs: list[_Proc], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(p.alive() for p in procs):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+_live_servers: set[_ServerProcess] = set()
+
+
+class _ServerProcess:
+    """A server run as a child process in its own session, with exact PID tracking."""
+
+    name = "server"
+
+    def __init__(self, base_dir: Path | None) -> None:
+        self._owns_dir = base_dir is None
+        self.dir = (
+            Path(tempfile.mkdtemp(prefix=f"fedqtest-{self.name}-"))
+            if base_dir is None
+            else base_dir
+        )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._leader: _Proc | None = None  # the Popen child; its PID is the session id
+        self._out: Path = self.dir / "console.out"
+        self.start_times: list[float] = []  # seconds from spawn to ready, per start
+        self._closed = False
+
+    # -- to be provided by subclasses
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def _main(self) -> _Proc | None:
+        """The process that *is* the server (signalled by stop and kill)."""
+        return self._leader
+
+    def _probe(self) -> bool:
+        """True once the server answers."""
+        raise NotImplementedError
+
+    def _after_ready(self, timeout: float) -> None:
+        """Further readiness checks once the probe answers."""
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's console output (for error messages)."""
+        try:
+            text = self._out.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- lifecycle
+    @property
+    def running(self) -> bool:
+        """Whether the server process this object started is alive."""
+        main = self._main()
+        return main is not None and main.alive()
+
+    @property
+    def pid(self) -> int:
+        """PID of the server process itself (beam.smp, redis-server)."""
+        main = self._main()
+        if main is None or not main.alive():
+            raise ServerError(f"private {self.name} is not running")
+        return main.pid
+
+    def process_tree(self) -> list[int]:
+        """PIDs of every live process of this server (session leader and descendants)."""
+        if self._leader is None or not self._leader.alive():
+            return []
+        return [s.pid for s in _tree(self._leader.pid)]
+
+    def _repick_ports(self) -> bool:
+        """Choose new ports after a failed first start; False if the ports were given."""
+        return False
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Spawn the server and wait until it answers; raises ServerError otherwise.
+
+        The first start retries on new ports if the server dies during start-up (a
+        port taken by someone else between choosing and binding it); later starts
+        keep the port, as restarts must.
+        """
+        attempts = 3 if not self.start_times else 1
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                return
+            except ServerExitedError:
+                if attempt + 1 == attempts or not self._repick_ports():
+                    raise
+
+    def _start_once(self, timeout: float) -> None:
+        if self._closed:
+            raise ServerError(f"private {self.name} is closed")
+        if self._popen is not None:
+            raise ServerError(f"private {self.name} is already running; use restart()")
+        t0 = time.monotonic()
+        with self._out.open("ab") as out:
+            self._popen = subprocess.Popen(
+                self._argv(),
+                env=self._env(),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session: no Ctrl-C from the terminal; killpg target
+            )
+        info = _stat(self._popen.pid)
+        self._leader = _Proc(self._popen.pid, info.start if info else 0)
+        _live_servers.add(self)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self._terminate(graceful=False)
+            raise
+        self.start_times.append(time.monotonic() - t0)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll until the server answers; raise ServerError if it died or timed out."""
+        deadline = time.monotonic() + timeout
+        while self._leader_exited() or not self._probe():
+            if self._leader_exited():
+                raise ServerExitedError(
+                    f"private {self.name} exited during start-up; output:\n{self.log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                raise ServerError(
+                    f"private {self.name} not ready after {timeout:.0f}s; output:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        self._after_ready(max(deadline - time.monotonic(), 1.0))
+
+    def _leader_exited(self) -> bool:
+        """Whether the spawned process has exited, *without* reaping it.
+
+        Reaping happens only in ``_terminate``, after the last ``killpg``: until then
+        the session id (the leader's PID) cannot be recycled by the kernel.
+        """
+        if self._popen is None:
+            return True
+        if self._popen.returncode is not None:
+            return True
+        try:
+            result = os.waitid(os.P_PID, self._popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return result is not None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Graceful shutdown (SIGTERM to the server process), waiting for it to exit."""
+        self._terminate(graceful=True, timeout=timeout)
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL to the server process, then reap what it leaves."""
+        self._terminate(graceful=False)
+
+    def restart(self, *, hard: bool = False, timeout: float = 90.0) -> None:
+        """Stop (or with ``hard``, kill) if running, then start on the same port and data."""
+        if self._popen is not None:
+            self._terminate(graceful=not hard)
+        self.start(timeout)
+
+    def ensure_running(self, timeout: float = 90.0) -> None:
+        """Start the server again if it was stopped or killed (or died)."""
+        if not self.running:
+            self.restart(hard=True, timeout=timeout)
+
+    async def astart(self) -> None:
+        """``start()`` in a worker thread, so an event loop keeps running meanwhile."""
+        await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        """``stop()`` in a worker thread."""
+        await asyncio.to_thread(self.stop)
+
+    async def akill(self) -> None:
+        """``kill()`` in a worker thread."""
+        await asyncio.to_thread(self.kill)
+
+    async def arestart(self, *, hard: bool = False) -> None:
+        """``restart()`` in a worker thread."""
+        await asyncio.to_thread(functools.partial(self.restart, hard=hard))
+
+    def _terminate(self, *, graceful: bool, timeout: float = 60.0) -> None:
+        popen, leader = self._popen, self._leader
+        if popen is None or leader is None:
+            return
+        main = self._main() or leader
+        # Everything this server runs now, by PID and start time: the beam's
+        # erl_child_setup calls setsid, so the session alone would miss it.
+        tree = [_Proc(s.pid, s.start) for s in _tree(leader.pid)] if leader.alive() else []
+        if graceful:
+            _signal(main, signal.SIGTERM)
+            if not _wait_gone([main], timeout):
+                _signal(main, signal.SIGKILL)
+        else:
+            _signal(main, signal.SIGKILL)
+        _wait_gone([main], 10.0)
+        # Helpers exit on their own once the server is gone; give them a moment,
+        # then kill what is left. The leader is not reaped yet, so the session id
+        # is still ours and no PID in `tree` can have been recycled.
+        if not _wait_gone(tree, 5.0 if graceful else 2.0):
+            for proc in tree:
+                _signal(proc, signal.SIGKILL)
+            _wait_gone(tree, 5.0)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader.pid, signal.SIGKILL)  # a late fork, if any
+        try:
+            popen.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+        self._popen = None
+        self._leader = None
+        self._on_exit()
+
+    def _on_exit(self) -> None:
+        """Hook after the process is gone."""
+
+    def close(self) -> None:
+        """Stop the server (kill it if it does not stop) and remove its files."""
+        if self._closed:
+            return
+        try:
+            try:
+                self._terminate(graceful=True, timeout=30.0)
+            finally:
+                self._terminate(graceful=False)
+        finally:
+            self._closed = True
+            _live_servers.discard(self)
+            if self._owns_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        if self._popen is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Backstop: no private server outlives the interpreter that started it."""
+    for server in list(_live_servers):
+        with contextlib.suppress(Exception):
+            server._terminate(graceful=False)
+        with contextlib.suppress(Exception):
+            server.close()
+
+
+# --------------------------------------------------------------------- Redis
+
+
+class PrivateRedis(_ServerProcess):
+    """A ``redis-server`` of our own on 127.0.0.1, durable like broker_config/redis.conf.
+
+    The persistence settings mirror the project's redis.conf (AOF on, RDB preamble,
+    truncated-AOF loading, noeviction), with ``appendfsync always`` so that every
+    acknowledged write survives ``kill()`` and ``save ""`` so no RDB snapshot is
+    written beside the AOF. Restarts reuse the same port and data directory.
+    """
+
+    name = "redis"
+
+    def __init__(self, *, port: int | None = None, base_dir: Path | None = None) -> None:
+        super().__init__(base_dir)
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).exists():
+            raise ServerError("redis-server not found (apt-get install redis-server)")
+        self.binary = binary
+        self._auto_port = port is None
+        self.port = port if port is not None else free_port()
+        self.data_dir = self.dir / "data"
+        self.data_dir.mkdir(exist_ok=True)
+        self.logfile = self.dir / "redis.log"
+        self._out = self.logfile
+        self.config_file = self.dir / "redis.conf"
+        self._write_config()
+
+    def _repick_ports(self) -> bool:
+        if not self._auto_port:
+            return False
+        self.port = free_port()
+        self._write_config()
+        return True
+
+    def _write_config(self) -> None:
+        self.config_file.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {self.port}",
+                    "protected-mode yes",
+                    "daemonize no",
+                    "loglevel notice",
+                    f'logfile "{self.logfile}"',
+                    f'dir "{self.data_dir}"',
+                    "appendonly yes",
+                    'appendfilename "appendonly.aof"',
+                    'appenddirname "appendonlydir"',
+                    "appendfsync always",
+                    "no-appendfsync-on-rewrite no",
+                    "aof-use-rdb-preamble yes",
+                    "aof-load-truncated yes",
+                    'save ""',
+                    "maxmemory-policy noeviction",
+                    "",
+                ]
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        """redis://127.0.0.1:PORT/0"""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A sync client (close it, or use it as a context manager)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5.0)
+
+    def _argv(self) -> list[str]:
+        return [self.binary, str(self.config_file)]
+
+    def _probe(self) -> bool:
+        try:
+            with redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                socket_connect_timeout=1.0,
+                socket_timeout=1.0,
+                retry=Retry(NoBackoff(), 0),
+            ) as c:
+                info = c.info()
+        except redis.RedisError:
+            return False
+        # Our own process answers (not some other server that holds the port), and
+        # it has finished loading the AOF (PING answers during loading, reads do not).
+        return (
+            self._popen is not None
+            and int(info.get("process_id", -1)) == self._popen.pid
+            and int(info.get("loading", 1)) == 0
+            and int(info.get("async_loading", 0)) == 0
+        )
+
+
+# ------------------------------------------------------------------ RabbitMQ
+
+
+def _rabbit_sbin() -> Path:
+    """The directory of RabbitMQ's own scripts (not Debian's su-to-rabbitmq wrappers).
+
+    /usr/sbin/rabbitmq-server on Debian switches to the ``rabbitmq`` user when run as
+    root (losing our environment and our temp dir's permissions); the scripts it
+    wraps run as whoever calls them.
+    """
+    override = os.environ.get("FEDQ_TEST_RABBITMQ_SBIN")
+    candidates = [Path(override)] if override else []
+    candidates.append(Path("/usr/lib/rabbitmq/bin"))
+    candidates.extend(sorted(Path("/usr/lib/rabbitmq/lib").glob("rabbitmq_server-*/sbin")))
+    found = shutil.which("rabbitmq-server")
+    if found:
+        candidates.append(Path(found).resolve().parent)
+    for d in candidates:
+        # Debian's /usr/sbin wrappers have no rabbitmq-env beside them.
+        if (d / "rabbitmq-server").exists() and (d / "rabbitmq-env").exists():
+            return d
+    raise ServerError("RabbitMQ server scripts not found (apt-get install rabbitmq-server)")
+
+
+def _amqp_handshake(port: int) -> bool:
+    """True when an AMQP 0-9-1 listener on the port answers the protocol header."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            frame = s.recv(7)
+    except OSError:
+        return False
+    return len(frame) == 7 and frame[0] == 1  # a method frame: connection.start
+
+
+class PrivateRabbit(_ServerProcess):
+    """A second RabbitMQ node of our own, isolated from the shared ``rabbit@localhost``.
+
+    Own node name (``fedqtest-<hex>@localhost``), AMQP port, distribution port,
+    Mnesia/quorum/log directories, pid file, config file (listener on 127.0.0.1
+    only), empty plugin list (no management listener, so no 15672 clash), empty
+    rabbitmq-env.conf (the shared /etc/rabbitmq/rabbitmq-env.conf names the shared
+    node) and its own ``$HOME`` holding its own Erlang cookie, so neither node nor
+    the CLI tools can ever reach the shared node. It registers with the machine's
+    epmd (4369), which is shared by design.
+
+    Runs the package's own ``rabbitmq-server`` script as a child in a new session;
+    the script forks the VM (``beam.smp``), which ``stop()`` (SIGTERM, RabbitMQ's
+    graceful shutdown) and ``kill()`` (SIGKILL) signal by exact PID.
+    """
+
+    name = "rabbit"
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        dist_port: int | None = None,
+        base_dir: Path | None = None,
+        extra_config: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(base_dir)
+        self.sbin = _rabbit_sbin()
+        self._auto_ports = port is None and dist_port is None
+        self.port = port if port is not None else free_port()
+        self.dist_port = dist_port if dist_port is not None else free_port()
+        self._extra_config = dict(extra_config or {})
+        self.nodename = f"fedqtest-{secrets.token_hex(4)}@localhost"
+        self.home = self.dir / "home"
+        self.mnesia_base = self.dir / "mnesia"
+        self.log_base = self.dir / "log"
+        for d in (self.home, self.mnesia_base, self.log_base):
+            d.mkdir(exist_ok=True)
+        self.pid_file = self.dir / "rabbit.pid"
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        self.config_file = self.dir / "rabbitmq.conf"
+        self._write_config()
+        self.plugins_file = self.dir / "enabled_plugins"
+        self.plugins_file.write_text("[].\n")
+        self.env_file = self.dir / "rabbitmq-env.conf"
+        self.env_file.write_text("# private test node: nothing from /etc/rabbitmq\n")
+        self._beam: _Proc | None = None
+
+    def _repick_ports(self) -> bool:
+        if not self._auto_ports:
+            return False
+        self.port, self.dist_port = free_port(), free_port()
+        self._write_config()
+        return True
+
+    def _write_config(self) -> None:
+        config = {
+            "listeners.tcp.default": f"127.0.0.1:{self.port}",
+            "loopback_users": "none",
+            # The project's limits (broker_config/rabbitmq.conf), so tests see them.
+            "max_message_size": "16777216",
+            "consumer_timeout": "3600000",
+            "log.file.level": "info",
+            "log.console": "false",
+        }
+        config.update(self._extra_config)
+        self.config_file.write_text("".join(f"{k} = {v}\n" for k, v in config.items()))
+
+    @property
+    def url(self) -> str:
+        """amqp://guest:guest@127.0.0.1:PORT/"""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def logfile(self) -> Path:
+        """The node's log file."""
+        return self.log_base / f"{self.nodename}.log"
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = [super().log_tail(lines)]
+        with contextlib.suppress(OSError):
+            parts.append("\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(p for p in parts if p)
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("RABBITMQ_") and k not in {"ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS"}
+        }
+        env.update(
+            {
+                "HOME": str(self.home),  # the cookie: $HOME/.erlang.cookie
+                "LANG": env.get("LANG") or "C.UTF-8",
+                "RABBITMQ_NODENAME": self.nodename,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_CONF_ENV_FILE": str(self.env_file),
+                "RABBITMQ_CONFIG_FILE": str(self.config_file),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.plugins_file),
+                "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.mnesia_base / "plugins-expand"),
+                "RABBITMQ_MNESIA_BASE": str(self.mnesia_base),
+                "RABBITMQ_MNESIA_DIR": str(self.mnesia_base / self.nodename),
+                "RABBITMQ_LOG_BASE": str(self.log_base),
+                "RABBITMQ_PID_FILE": str(self.pid_file),
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+                    "-kernel inet_dist_use_interface {127,0,0,1}"
+                ),
+            }
+        )
+        env.setdefault("ERL_EPMD_ADDRESS", "127.0.0.1")
+        return env
+
+    def _argv(self) -> list[str]:
+        return [str(self.sbin / "rabbitmq-server")]
+
+    def _find_beam(self) -> _Proc | None:
+        if self._beam is not None and self._beam.alive():
+            return self._beam
+        if self._leader is None or not self._leader.alive():
+            return None
+        for s in _tree(self._leader.pid):
+            if s.comm == "beam.smp":
+                self._beam = _Proc(s.pid, s.start)
+                return self._beam
+        return None
+
+    def _main(self) -> _Proc | None:
+        return self._find_beam()
+
+    def _probe(self) -> bool:
+        return self._find_beam() is not None and _amqp_handshake(self.port)
+
+    def _after_ready(self, timeout: float) -> None:
+        # The AMQP listener opens late in the boot; await_startup confirms the rest.
+        result = self.cli("rabbitmqctl", "await_startup", timeout=timeout)
+        if result.returncode != 0:
+            error = ServerExitedError if self._leader_exited() else ServerError
+            raise error(
+                f"rabbitmqctl await_startup failed for {self.nodename}:\n"
+                f"{result.stdout}{result.stderr}\n{self.log_tail()}"
+            )
+
+    def _on_exit(self) -> None:
+        self._beam = None
+
+    def sync_quorum_directory(self) -> None:
+        """Flush the node's Ra directory (DETS) to disk before a ``kill()``.
+
+        RabbitMQ 3.10 (Ra 2.2) records which Ra server backs each quorum queue in a
+        DETS table saved about every 500 ms; only later Ra versions sync it on every
+        change (rabbitmq/ra#443). A node SIGKILLed within that window of declaring a
+        quorum queue comes back with the queue's member started afresh under a new
+        id: term 0, no leader ever, its confirmed messages orphaned on disk. Call
+        this after declaring quorum queues and before a deliberate crash (or wait a
+        second); it changes nothing else.
+        """
+        result = self.cli("rabbitmqctl", "eval", "[dets:sync(T) || T <- dets:all()].")
+        if result.returncode != 0:
+            raise ServerError(f"dets:sync on {self.nodename} failed: {result.stderr}")
+
+    def cli(self, tool: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run a RabbitMQ CLI tool (``rabbitmqctl``, ``rabbitmq-diagnostics``, ...) on this node.
+
+        Uses this node's cookie (via ``$HOME``); never reaches the shared node.
+        """
+        try:
+            return subprocess.run(
+                [str(self.sbin / tool), "-q", "-n", self.nodename, "-t", str(int(timeout)), *args],
+                env=self._env(),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout + 15.0,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise ServerError(f"{tool} {' '.join(args)} timed out on {self.nodename}") from e
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(name="private_redis")
+def private_redis_fixture() -> Iterator[PrivateRedis]:
+    """A started private Redis for one test; killed and removed afterwards."""
+    server = PrivateRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+_module_rabbits: dict[str, PrivateRabbit] = {}
+
+
+def _close_module_rabbit(key: str) -> None:
+    node = _module_rabbits.pop(key, None)
+    if node is not None:
+        node.close()
+
+
+@pytest.fixture(name="private_rabbit")
+def private_rabbit_fixture(request: pytest.FixtureRequest) -> PrivateRabbit:
+    """A started private RabbitMQ node, shared by the tests of one module.
+
+    Started on first use in a module and closed when the module is torn down (a
+    finalizer on the module's node, so a plain function-scoped import suffices);
+    before every test it is started again if an earlier test left it killed or
+    stopped.
+    """
+    module = request.node.getparent(pytest.Module)
+    if module is None:
+        raise ServerError("private_rabbit is for tests in a module")
+    key = module.nodeid
+    node = _module_rabbits.get(key)
+    if node is None:
+        node = PrivateRabbit()
+        _module_rabbits[key] = node
+        module.addfinalizer(functools.partial(_close_module_rabbit, key))
+        node.start()
+    else:
+        node.ensure_running()
+    return node
+
+
+# Aliases, so `from tests.servers import private_redis, private_rabbit` also works;
+# but every test taking a parameter of the imported name is then ruff's F811
+# (redefinition of an unused import): import the *_fixture names instead.
+private_redis = private_redis_fixture
+private_rabbit = private_rabbit_fixture
