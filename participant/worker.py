@@ -102,10 +102,10 @@ class ParticipantWorker:
                 if newest is not None:
                     model = await self._decode(newest)
                     if model is None or (current is not None and model.version <= current.version):
-                        await newest.ack()
+                        await self._ack(newest)
                     else:
                         if held is not None:
-                            await held.ack()
+                            await self._ack(held)
                         held, current = newest, model
                         self.stats.models_seen += 1
                         if self.stats.first_version < 0:
@@ -154,10 +154,20 @@ class ParticipantWorker:
             except TimeoutError:
                 return newest
             if nxt.version >= newest.version:
-                await newest.ack()
+                await self._ack(newest)
                 newest = nxt
             else:
-                await nxt.ack()
+                await self._ack(nxt)
+
+    async def _ack(self, delivery: ModelDelivery) -> None:
+        """Ack a model we are done with. After a reconnect the old channel is gone and
+        the broker has requeued it already: a failed ack is harmless, so it is ignored."""
+        try:
+            await delivery.ack()
+        except TransportError as e:
+            self.log.info(
+                "model ack skipped (channel gone)", version=delivery.version, error=str(e)
+            )
 
     async def _decode(self, delivery: ModelDelivery) -> ModelEnvelope | None:
         try:

@@ -58,4 +58,4 @@ def test_demo_commits_and_verifies(redis_url: str) -> None:
 def test_bad_redis_url_is_a_clear_error() -> None:
     result = CliRunner().invoke(main, ["demo", "--redis-url", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 2
-    assert "Redis failed" in result.output
+    assert "Redis unavailable" in result.output

@@ -10,7 +10,13 @@ import redis.asyncio as aioredis
 import torch
 
 from aggregator.store import CommitOutcome, RedisModelStore, StoreConfig
-from common.errors import BlobPrunedError, NotFoundError, StoreError, TaskConflictError
+from common.errors import (
+    BlobPrunedError,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+    TaskConflictError,
+)
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors
 from common.spec import TaskSpec
@@ -308,7 +314,7 @@ async def test_unreachable_redis_raises_store_error(task_spec: TaskSpec) -> None
     store = RedisModelStore(client)
     try:
         assert await store.ping() is False
-        with pytest.raises(StoreError, match="Redis failed"):
+        with pytest.raises(StoreUnavailableError, match="Redis unavailable"):
             await store.head(TASK)
     finally:
         await store.close()

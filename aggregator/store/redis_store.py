@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -45,6 +47,9 @@ from common.hashing import GENESIS_PARENT, LineageEntry, lineage_bytes, version_
 from common.spec import TaskSpec
 from common.wire import DecodeLimits, ModelEnvelope, Tensors, decode_model, encode_model
 from common.wire import tensors_hash as compute_tensors_hash
+
+#: Optimistic transactions a commit tries before it reports a lost race.
+_COMMIT_ATTEMPTS = 16
 
 #: Blobs are our own, written by us: allow large models, keep every other check.
 _BLOB_LIMITS = DecodeLimits(max_message_bytes=4 * 1024**3, max_tensor_bytes=16 * 1024**3)
@@ -73,7 +78,14 @@ def connect_redis(url: str) -> aioredis.Redis:
     if url.startswith("memory://"):
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     try:
-        return aioredis.Redis.from_url(url)
+        # A pooled connection may be stale after a Redis restart: retry a command a
+        # few times on a fresh connection before reporting the store unavailable.
+        return aioredis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=30,
+        )
     except (ValueError, RedisError) as e:
         raise StoreError(f"invalid Redis URL {redact_url(url)!r}: {e}") from e
 
@@ -323,6 +335,26 @@ class RedisModelStore:
             lineage=entries,
             info=dict(info or {}),
         )
+        # A watched key touched by anyone aborts the transaction: check again and
+        # retry. The checks decide: a moved head is a lost race, a changed lease is
+        # fencing, an applied id a duplicate; a lease merely renewed is none of these.
+        for _ in range(_COMMIT_ATTEMPTS):
+            outcome = await self._try_commit(task, parent, record, prepared.blob, entries, lease)
+            if outcome is not None:
+                return outcome
+        return CommitResult(CommitOutcome.LOST_RACE, head=await self.head(task))
+
+    async def _try_commit(
+        self,
+        task: str,
+        parent: int,
+        record: VersionRecord,
+        blob: bytes,
+        entries: tuple[LineageEntry, ...],
+        lease: Lease | None,
+    ) -> CommitResult | None:
+        """One optimistic transaction; None when a watched key changed meanwhile."""
+        ids = [e.update_id for e in entries]
         head_key, applied_key = self.keys.head(task), self.keys.applied(task)
         lease_key = self.keys.lease(task)
         async with _redis_errors("committing a version"), self._r.pipeline() as pipe:
@@ -342,7 +374,7 @@ class RedisModelStore:
                     if dups:
                         return CommitResult(CommitOutcome.DUPLICATE, head=head, duplicates=dups)
                 pipe.multi()  # type: ignore[no-untyped-call]
-                self._queue_version(pipe, record, prepared.blob)
+                self._queue_version(pipe, record, blob)
                 if ids:
                     pipe.hset(applied_key, mapping=dict.fromkeys(ids, record.version))
                 for e in entries:
@@ -364,10 +396,8 @@ class RedisModelStore:
                 self._queue_prune(pipe, task, record.version)
                 await pipe.execute()
             except WatchError:
-                return CommitResult(CommitOutcome.LOST_RACE, head=await self.head(task))
-        return CommitResult(
-            CommitOutcome.COMMITTED, record=record, head=record.version, blob=prepared.blob
-        )
+                return None
+        return CommitResult(CommitOutcome.COMMITTED, record=record, head=record.version, blob=blob)
 
     # ------------------------------------------------------------------ writer lease
 
