@@ -332,15 +332,19 @@ class AggregatorService:
         ids = [e.update_id for e in step.lineage]
         delay = 0.2
         while True:
+            lease = self.lease
             try:
-                return await self.store.commit(
+                result = await self.store.commit(
                     self.task,
                     parent=parent,
                     params=step.params,
                     lineage=step.lineage,
-                    info=info,
-                    lease=self.lease,
+                    info={**info, "fence": lease.token if lease else None},
+                    lease=lease,
                 )
+                if result.outcome is not CommitOutcome.FENCED or not await self._reclaim(lease):
+                    return result
+                continue  # our own lease had expired (e.g. Redis restarted) and is ours again
             except StoreUnavailableError as e:
                 self.log.warning(
                     "store unavailable; commit waits", error=str(e), version=parent + 1
@@ -355,6 +359,22 @@ class AggregatorService:
                         return CommitResult(CommitOutcome.COMMITTED, record, parent + 1, blob=blob)
             except StoreUnavailableError:
                 continue
+
+    async def _reclaim(self, used: Lease | None) -> bool:
+        """After a fenced commit: whether we hold the lease again (renewed meanwhile, or
+        expired with nobody else taking it). Safe: without the lease nobody committed."""
+        if self.lease is not used:
+            return True
+        ttl = int(self.config.lease_ttl_s * 1000)
+        fresh = await self._store_retry(
+            "re-acquiring the writer lease",
+            lambda: self.store.acquire_lease(self.task, self.config.owner, ttl),
+        )
+        if fresh is None:
+            return False
+        self.log.warning("writer lease had expired; re-acquired", fence=fresh.token)
+        self.lease = fresh
+        return True
 
     async def _store_retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run a store read; while Redis is unreachable, wait and retry."""
@@ -439,15 +459,18 @@ class AggregatorService:
             update_id=update_id,
         )
         try:
-            await self.store.record_refusal(
-                self.task,
-                head=self.head_version,
-                reason=reason,
-                detail=detail,
-                participant=participant,
-                update_id=update_id,
-                message_id=delivery.message_id,
-                body=delivery.body,
+            await self._store_retry(
+                "recording a refusal",
+                lambda: self.store.record_refusal(
+                    self.task,
+                    head=self.head_version,
+                    reason=reason,
+                    detail=detail,
+                    participant=participant,
+                    update_id=update_id,
+                    message_id=delivery.message_id,
+                    body=delivery.body,
+                ),
             )
         except FedqError as e:  # the dead-letter queue still holds it, with its reason
             self.log.error("refusal not recorded in the store", error=str(e))

@@ -114,15 +114,17 @@ async def test_a_paused_writer_is_fenced_and_its_updates_go_to_the_new_one() -> 
     await _wait_for(lambda: old.ready.is_set())
     new = _service(spec, store, broker, "new")
     run_new = asyncio.create_task(new.run(stop_new))
-    # The old writer's lease vanishes as if it had expired during a long pause.
-    await client.delete(store.keys.lease(spec.task_id))
-    await _wait_for(lambda: new.lease is not None, seconds=5)
+    # While the old writer is paused its lease expires and another writer takes it.
+    await client.set(store.keys.lease(spec.task_id), "intruder:99", px=60_000)
     bank = MemoryTransport(broker, "bank-a")
     uid, body = _update(spec, base=0)
     await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
-    # The old writer still consumes (it is the active consumer) but cannot commit.
+    # The old writer cannot commit (or renew): it stops, its update goes back unacked.
     with pytest.raises(FencedOutError):
         await asyncio.wait_for(run_old, 10)
+    assert await store.head(spec.task_id) == 0
+    # The intruder's lease ends; the waiting aggregator takes over and applies it.
+    await client.delete(store.keys.lease(spec.task_id))
     await _wait_for(lambda: new.head_version == 1, seconds=10)
     record = await store.get_version(spec.task_id, 1)
     assert record.info["owner"] == "new"

@@ -72,18 +72,34 @@ async def _work(worker: ParticipantWorker, stop: asyncio.Event) -> object:
 
 async def _wind_down(
     service: AggregatorService,
+    store: RedisModelStore,
+    workers: list[ParticipantWorker],
     tasks: list[asyncio.Task[object]],
     stop: asyncio.Event,
     bank_stop: asyncio.Event,
 ) -> None:
+    """Stop the banks, let the aggregator settle every update they sent, then stop it."""
     bank_stop.set()
     await asyncio.gather(*tasks[1:])
-    # Let the aggregator drain what the banks sent, then stop it.
     async with asyncio.timeout(60):
-        while await service.transport.queue_depth(service.task) > 0 or service.strategy.pending():
+        while await _unsettled(store, service.task, workers):
             await asyncio.sleep(0.2)
     stop.set()
     await tasks[0]
+
+
+async def _unsettled(
+    store: RedisModelStore, task: str, workers: list[ParticipantWorker]
+) -> set[str]:
+    """Confirmed update ids neither applied nor refused (yet)."""
+    confirmed = [uid for w in workers for uid in w.stats.published_ids]
+    applied = await store.applied_in(task, confirmed)
+    refused = {
+        d["update_id"]
+        for d in await store.decisions(task)
+        if d["decision"] == "refused" and "update_id" in d
+    }
+    return set(confirmed) - set(applied) - refused
 
 
 async def _accounted(store: RedisModelStore, task: str, workers: list[ParticipantWorker]) -> None:
@@ -125,7 +141,7 @@ async def test_rabbitmq_restarted_mid_run(private_rabbit: PrivateRabbit) -> None
         before = await store.head(spec.task_id)
         await private_rabbit.arestart(hard=True)  # SIGKILL the broker, start it again
         await _until(lambda: _head_at_least(store, spec.task_id, (before or 0) + 15), 120)
-        await _wind_down(service, tasks, stop, bank_stop)
+        await _wind_down(service, store, workers, tasks, stop, bank_stop)
         assert all(w.stats.published > 0 for w in workers)
         await _accounted(store, spec.task_id, workers)
     finally:
@@ -161,7 +177,7 @@ async def test_redis_restarted_mid_run(private_redis: PrivateRedis) -> None:
         # Nothing committed before the kill is lost (AOF, appendfsync always).
         assert (await store.head(spec.task_id) or 0) >= down_head
         await _until(lambda: _head_at_least(store, spec.task_id, down_head + 15), 120)
-        await _wind_down(service, tasks, stop, bank_stop)
+        await _wind_down(service, store, workers, tasks, stop, bank_stop)
         await _accounted(store, spec.task_id, workers)
     finally:
         for t in tasks:
