@@ -106,6 +106,7 @@ class AggregatorService:
         self.expected = tensor_specs(model_tensors(build_task_model(spec)))
         self.head_version = -1
         self.head_params: Tensors = {}
+        self.head_hash = b""
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         self._pending: dict[str, UpdateDelivery] = {}
         self._consuming = False
@@ -144,6 +145,7 @@ class AggregatorService:
         record = await self.store.get_head(self.task)
         env = await self.store.get_params(self.task, record.version)
         self._set_head(record.version, env.tensors)
+        self.head_hash = record.version_hash
         await self.transport.announce_model(self.task, record.version, await self._blob(record))
         self.ready.set()
         self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
@@ -341,6 +343,7 @@ class AggregatorService:
                     lineage=step.lineage,
                     info={**info, "fence": lease.token if lease else None},
                     lease=lease,
+                    parent_hash=self.head_hash or None,
                 )
                 if result.outcome is not CommitOutcome.FENCED or not await self._reclaim(lease):
                     return result
@@ -492,6 +495,7 @@ class AggregatorService:
             )
         record = result.record
         self._set_head(record.version, step.params)
+        self.head_hash = record.version_hash
         # Only now is the effect saved: ack what went into it. An ack that fails (the
         # channel was lost) is harmless: the redelivery is refused as a duplicate.
         for entry in step.lineage:

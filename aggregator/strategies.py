@@ -42,7 +42,6 @@ from typing import Protocol
 
 import torch
 
-from aggregator.aggregation import apply_delta
 from aggregator.staleness import staleness_weight
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, StalenessSpec, SyncSettings, TaskSpec
@@ -291,8 +290,15 @@ def mix_step(head: Tensors, base: Tensors, update: AcceptedUpdate, a_t: float) -
     keep = 1.0 - a_t
     params: Tensors = {}
     for name, h in head.items():
-        w_new = base[name].to(torch.float64) + update.delta[name].to(torch.float64)
-        mixed = keep * h.to(torch.float64) + a_t * w_new
+        # In place, one float64 buffer per operand; each operation is rounded alone
+        # (no fused multiply-add), so the result is the same bit for bit as
+        # keep * head + a_t * (base + delta) computed out of place.
+        w_new = base[name].to(torch.float64, copy=True)
+        w_new.add_(update.delta[name].to(torch.float64))
+        w_new.mul_(a_t)
+        mixed = h.to(torch.float64, copy=True)
+        mixed.mul_(keep)
+        mixed.add_(w_new)
         params[name] = mixed.to(h.dtype)
     return Step(params=params, lineage=(_entry(update, a_t),))
 
@@ -307,14 +313,21 @@ def weighted_step(
     """
     for u in updates:
         _check_like(f"update {u.update_id!r}: delta", u.delta, head)
-    total: Tensors = {}
-    for name in head:
-        acc = weights[0] * updates[0].delta[name].to(torch.float64)
+    params: Tensors = {}
+    for name, h in head.items():
+        # sum_i w_i * delta_i in lineage order, then head + sum: in place, each
+        # operation rounded alone (no fused multiply-add), bit-identical to the
+        # out-of-place formula and without a temporary per update.
+        acc = updates[0].delta[name].to(torch.float64, copy=True)
+        acc.mul_(weights[0])
+        tmp = torch.empty_like(acc)
         for u, w in zip(updates[1:], weights[1:], strict=True):
-            acc = acc + w * u.delta[name].to(torch.float64)
-        total[name] = acc
-    # head + 1.0 * total in float64, cast back once; 1.0 * x is exact.
-    params = apply_delta(head, total, 1.0)
+            tmp.copy_(u.delta[name])
+            tmp.mul_(w)
+            acc.add_(tmp)
+        out = h.to(torch.float64, copy=True)
+        out.add_(acc)
+        params[name] = out.to(h.dtype)
     lineage = tuple(_entry(u, w) for u, w in zip(updates, weights, strict=True))
     return Step(params=params, lineage=lineage)
 

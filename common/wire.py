@@ -129,22 +129,42 @@ def encode_update(env: UpdateEnvelope) -> tuple[bytes, bytes]:
 
 def encode_model(env: ModelEnvelope) -> tuple[bytes, bytes]:
     """Encode a model version; returns ``(message bytes, parameter hash)``."""
-    _check_name("task", env.task)
-    _check_count("version", env.version, minimum=0)
-    if env.version_hash and len(env.version_hash) != HASH_SIZE:
+    encoded = encode_tensors(env.tensors, env.codec)
+    return pack_model(env.task, env.version, env.version_hash, encoded), encoded.digest
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedTensors:
+    """Tensors encoded for the wire, with their content hash: encode once, pack later."""
+
+    entries: list[dict[str, Any]]
+    digest: bytes
+    codec: str
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor], codec: str = "zstd") -> EncodedTensors:
+    """Encode tensors and hash them in one pass (e.g. to compute a version hash first)."""
+    entries, digest = _encode_tensors(tensors, codec)
+    return EncodedTensors(entries, digest, codec)
+
+
+def pack_model(task: str, version: int, version_hash: bytes, encoded: EncodedTensors) -> bytes:
+    """A model envelope from already encoded tensors."""
+    _check_name("task", task)
+    _check_count("version", version, minimum=0)
+    if version_hash and len(version_hash) != HASH_SIZE:
         raise EncodeError("version_hash must be empty or a 32-byte SHA-256 digest")
-    tensors, digest = _encode_tensors(env.tensors, env.codec)
     doc: dict[str, Any] = {
         "fv": FORMAT_VERSION,
         "k": KIND_MODEL,
-        "t": env.task,
-        "v": env.version,
-        "vh": bytes(env.version_hash),
-        "c": env.codec,
-        "ts": tensors,
-        "h": digest,
+        "t": task,
+        "v": version,
+        "vh": bytes(version_hash),
+        "c": encoded.codec,
+        "ts": encoded.entries,
+        "h": encoded.digest,
     }
-    return _pack(doc), digest
+    return _pack(doc)
 
 
 def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> bytes:

@@ -147,9 +147,9 @@ class ParticipantWorker:
         newest = await next_or_none(sub, stop, wait)
         if newest is None:
             return None
-        while True:  # drain what is already there; keep the newest, ack the rest
+        while True:  # drain what is already there (no waiting); keep the newest
             try:
-                async with asyncio.timeout(0.01):
+                async with asyncio.timeout(0):
                     nxt = await sub.get()
             except TimeoutError:
                 return newest

@@ -45,8 +45,14 @@ from common.errors import (
 )
 from common.hashing import GENESIS_PARENT, LineageEntry, lineage_bytes, version_hash
 from common.spec import TaskSpec
-from common.wire import DecodeLimits, ModelEnvelope, Tensors, decode_model, encode_model
-from common.wire import tensors_hash as compute_tensors_hash
+from common.wire import (
+    DecodeLimits,
+    ModelEnvelope,
+    Tensors,
+    decode_model,
+    encode_tensors,
+    pack_model,
+)
 
 #: Optimistic transactions a commit tries before it reports a lost race.
 _COMMIT_ATTEMPTS = 16
@@ -63,8 +69,9 @@ class StoreConfig:
     #: Keep the parameters of the newest N versions (and always version 0, where
     #: replay starts); None keeps all. Metadata and lineage are never dropped.
     keep_blobs: int | None = None
-    #: Codec of stored parameter blobs.
-    blob_codec: str = "zstd"
+    #: Codec of stored parameter blobs (also what participants receive). raw: float32
+    #: parameters compress by only a few percent, so zstd would cost CPU for little.
+    blob_codec: str = "raw"
     #: Decisions kept per task (a Redis stream, trimmed approximately past this).
     max_decisions: int = 10_000_000
 
@@ -309,6 +316,7 @@ class RedisModelStore:
         lineage: Sequence[LineageEntry],
         info: Info | None = None,
         lease: Lease | None = None,
+        parent_hash: bytes | None = None,
     ) -> CommitResult:
         """Commit version ``parent + 1`` atomically, with its lineage and applied ids.
 
@@ -321,9 +329,10 @@ class RedisModelStore:
         ids = [e.update_id for e in entries]
         if len(set(ids)) != len(ids):
             raise StoreError("a version's lineage lists the same update id twice")
-        parent_record = await self.get_version(task, parent)
+        if parent_hash is None:  # the caller may know it (the service keeps its head)
+            parent_hash = (await self.get_version(task, parent)).version_hash
         prepared = await asyncio.to_thread(
-            self._prepare, task, parent + 1, parent_record.version_hash, params, entries
+            self._prepare, task, parent + 1, parent_hash, params, entries
         )
         record = VersionRecord(
             task=task,
@@ -457,8 +466,9 @@ class RedisModelStore:
         params: Tensors,
         lineage: tuple[LineageEntry, ...],
     ) -> _Prepared:
-        """Hash and encode off the event loop (CPU work)."""
-        param_hash = compute_tensors_hash(params)
+        """Encode and hash once, off the event loop (CPU work)."""
+        encoded = encode_tensors(params, self.config.blob_codec)
+        param_hash = encoded.digest
         vh = version_hash(
             task=task,
             version=version,
@@ -466,15 +476,7 @@ class RedisModelStore:
             param_hash=param_hash,
             lineage=lineage_bytes(lineage),
         )
-        blob, _ = encode_model(
-            ModelEnvelope(
-                task=task,
-                version=version,
-                tensors=params,
-                version_hash=vh,
-                codec=self.config.blob_codec,
-            )
-        )
+        blob = pack_model(task, version, vh, encoded)
         return _Prepared(version, blob, param_hash, vh)
 
     def _queue_version(self, pipe: Any, record: VersionRecord, blob: bytes) -> None:
