@@ -29,7 +29,7 @@ from fedq.cli import main
 from fedq.simulate import SimulationConfig, prepare, run_simulation
 from participant.worker import ParticipantWorker, WorkerConfig
 from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, _delete_queues
+from tests.test_transport import AMQP_URL, forget_task
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "fedq" / "data" / "german_credit.csv"
@@ -94,16 +94,6 @@ async def test_embedded_replay_matches_every_strategy(settings: dict[str, object
     part = await replay(store, updates, spec.task_id, from_version=5, to_version=9)
     assert part.ok, part.reason
     assert part.checked == 4
-
-
-async def _clean(task: str, participants: tuple[str, ...]) -> None:
-    await _delete_queues(task, participants)
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=f"fedq:{{{task}}}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.srem("fedq:tasks", task)
-    await client.aclose()
 
 
 @pytest.mark.real
@@ -247,7 +237,7 @@ async def test_replay_after_simulate_on_the_real_servers(
         await transport.close()
         await store.close()
     finally:
-        await _clean(task, tuple(result.participants))
+        await forget_task(task, tuple(result.participants))
 
 
 async def test_audit_show_lists_updates_and_the_refusals_of_the_window(tmp_path: Path) -> None:

@@ -21,8 +21,7 @@ from common.transport import TaskTopology
 from common.transport.amqp import AmqpTransport
 from common.wire import UpdateEnvelope, encode_update
 from tests.conftest import REDIS_URL
-from tests.test_reliability import _cleanup
-from tests.test_transport import AMQP_URL
+from tests.test_transport import AMQP_URL, forget_task
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 PARTICIPANTS = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
@@ -118,7 +117,7 @@ async def _run_with_backlog(backlog: int, tmp_path: Path) -> tuple[float, int]:
             proc.wait()
         await publisher.close()
         await store.close()
-        await _cleanup(task)
+        await forget_task(task, PARTICIPANTS)
 
 
 async def test_peak_memory_does_not_grow_with_the_backlog(tmp_path: Path) -> None:

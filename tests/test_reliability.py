@@ -24,7 +24,7 @@ from common.transport import TaskTopology
 from common.transport.amqp import AmqpTransport
 from common.wire import UpdateEnvelope, encode_update
 from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, _delete_queues
+from tests.test_transport import AMQP_URL, forget_task
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 PARTICIPANTS = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
@@ -72,16 +72,6 @@ def _count(log: Path, event: str) -> int:
             except json.JSONDecodeError:  # a line cut short by SIGKILL
                 continue
     return n
-
-
-async def _cleanup(task: str) -> None:
-    await _delete_queues(task, PARTICIPANTS)
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=f"fedq:{{{task}}}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.srem("fedq:tasks", task)
-    await client.aclose()
 
 
 async def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(
@@ -167,4 +157,4 @@ async def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(
             proc.wait()
         await publisher.close()
         await store.close()
-        await _cleanup(task)
+        await forget_task(task, PARTICIPANTS)

@@ -10,7 +10,6 @@ import fakeredis
 import numpy as np
 import pandas as pd
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from aggregator.service import AggregatorService, ServiceConfig
@@ -20,7 +19,7 @@ from fedq.cli import main
 from fedq.simulate import SimulationConfig, prepare, run_simulation
 from participant.worker import ParticipantWorker, WorkerConfig
 from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, _delete_queues
+from tests.test_transport import AMQP_URL, forget_task
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +37,7 @@ async def test_german_credit_async_reaches_the_centralized_auc(backend: str) -> 
         )
     )
     if real:  # the run leaves its task on the servers, as a user's would: clean up ours
-        await _delete_queues(result.task, tuple(result.participants))
-        client = aioredis.Redis.from_url(REDIS_URL)
-        keys = [k async for k in client.scan_iter(match=f"fedq:{{{result.task}}}:*")]
-        await client.delete(*keys)
-        await client.srem("fedq:tasks", result.task)
-        await client.aclose()
+        await forget_task(result.task, tuple(result.participants))
     assert result.versions == 200
     assert result.final_auc >= result.centralized_auc - 0.02, result
     assert result.final_auc > result.local_only_auc_mean, result

@@ -11,12 +11,14 @@ from typing import TypeVar
 
 import aio_pika
 import pytest
+import redis.asyncio as aioredis
 
 from common.errors import TransportError
 from common.transport import DeadLetter, TaskTopology, Transport
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
 from common.transport.names import audit_stream, dead_queue, model_queue, work_queue
+from tests.conftest import REDIS_URL
 
 T = TypeVar("T")
 AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -51,6 +53,19 @@ async def _delete_queues(task: str, participants: tuple[str, ...]) -> None:
                     await ch.close()
     finally:
         await conn.close()
+
+
+async def forget_task(task: str, participants: tuple[str, ...], prefix: str = "fedq") -> None:
+    """Delete what a run left on the shared servers: the task's queues and Redis keys."""
+    await _delete_queues(task, participants)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:{{{task}}}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.srem(f"{prefix}:tasks", task)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
