@@ -1,4 +1,4 @@
-"""Asynchronous aggregation strategies: FedAsync and FedBuff. Pure, no I/O.
+"""Aggregation strategies: FedAsync and FedBuff (async), FedAvg rounds (sync). Pure, no I/O.
 
 The service validates an update (decoding limits, identity, duplicates, maximum
 staleness), wraps it in an :class:`AcceptedUpdate` and offers it to the task's
@@ -85,7 +85,7 @@ class Step:
 
 
 class Strategy(Protocol):
-    """An asynchronous aggregation strategy (see the module docstring)."""
+    """An aggregation strategy (see the module docstring)."""
 
     @property
     def name(self) -> str:

@@ -19,12 +19,11 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from aggregator.aggregation import apply_delta, weighted_mean
 from aggregator.store import RedisModelStore, StoreConfig, connect_redis
-from common.hashing import LineageEntry
+from aggregator.strategies import AcceptedUpdate, weighted_step
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import NumericFeature, TargetSpec, TaskSpec, TrainingSettings
-from common.wire import Tensors, UpdateEnvelope, decode_update, encode_update
+from common.wire import UpdateEnvelope, decode_update, encode_update
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +82,7 @@ async def run_demo(config: DemoConfig, console: Console) -> bool:
         with Progress(console=console, transient=True) as progress:
             bar = progress.add_task("training", total=config.versions)
             for version in range(config.versions):
-                deltas: list[Tensors] = []
-                lineage: list[LineageEntry] = []
+                updates: list[AcceptedUpdate] = []
                 for bank, (x, y) in enumerate(data):
                     model = build_task_model(spec)
                     model.load_state_dict(global_params)
@@ -102,22 +100,25 @@ async def run_demo(config: DemoConfig, console: Console) -> bool:
                         )
                     )
                     wire_bytes += len(message)
-                    update = decode_update(message, expected=expected)
-                    deltas.append(update.tensors)
-                    lineage.append(
-                        LineageEntry(
-                            update_id=update.update_id,
-                            participant=update.participant,
-                            base_version=update.base_version,
-                            staleness=version - update.base_version,
-                            weight=float(update.num_samples),
-                            content_hash=update.content_hash,
+                    env = decode_update(message, expected=expected)
+                    updates.append(
+                        AcceptedUpdate(
+                            env.update_id,
+                            env.participant,
+                            env.base_version,
+                            version - env.base_version,
+                            env.num_samples,
+                            env.tensors,
+                            env.content_hash,
                         )
                     )
-                mean = weighted_mean(deltas, [e.weight for e in lineage])
-                global_params = apply_delta(global_params, mean)
+                total = sum(u.num_samples for u in updates)
+                step = weighted_step(
+                    global_params, updates, [u.num_samples / total for u in updates]
+                )
+                global_params = step.params
                 result = await store.commit(
-                    spec.task_id, parent=version, params=global_params, lineage=lineage
+                    spec.task_id, parent=version, params=global_params, lineage=step.lineage
                 )
                 if not result.committed:
                     raise RuntimeError(f"demo commit refused: {result.outcome.value}")
