@@ -49,6 +49,8 @@ def main(log_level: str, log_format: str) -> None:
     Banks train locally and publish updates at their own pace; an aggregator folds
     them into versioned models kept in Redis; auditors replay every version.
     """
+    ctx = click.get_current_context()
+    ctx.obj = {"log_format": log_format}
     configure_logging(
         log_level,
         "json" if log_format == "json" else "console" if log_format == "console" else "auto",
@@ -270,7 +272,18 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
 )
 def simulate(**opts: Any) -> None:
     """Run an aggregator and N bank workers on this machine from one CSV."""
+    from click.core import ParameterSource
+
     from common.spec import ModelSpec, StalenessSpec, TrainingSettings
+
+    ctx = click.get_current_context()
+    if ctx.parent is not None and ctx.parent.get_parameter_source("log_level") in (
+        ParameterSource.DEFAULT,
+        ParameterSource.DEFAULT_MAP,
+    ):
+        # The services run in this process: their per-version lines would drown the
+        # progress bar. Warnings still show; --log-level info brings the rest back.
+        configure_logging("warning", (ctx.obj or {}).get("log_format", "auto"))
     from fedq.simulate import SimulationConfig, bundled_data
     from fedq.simulate_cli import run_with_progress
 
