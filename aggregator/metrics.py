@@ -35,12 +35,3 @@ class AggregatorMetrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
-
-    def refused_total(self, task: str) -> float:
-        """All refusals of a task (for reports)."""
-        total = 0.0
-        for metric in self.refused.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total") and sample.labels.get("task") == task:
-                    total += sample.value
-        return total

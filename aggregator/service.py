@@ -146,7 +146,9 @@ class AggregatorService:
         env = await self.store.get_params(self.task, record.version)
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
-        await self.transport.announce_model(self.task, record.version, await self._blob(record))
+        await self.transport.announce_model(
+            self.task, record.version, await self.store.get_blob(self.task, record.version)
+        )
         self.ready.set()
         self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
 
@@ -584,9 +586,6 @@ class AggregatorService:
         self._bases[version] = env.tensors
         self._bases.move_to_end(version, last=False)  # older than the head: evicted first
         return env.tensors
-
-    async def _blob(self, record: VersionRecord) -> bytes:
-        return await self.store.get_blob(self.task, record.version)
 
     async def _poll_depth(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

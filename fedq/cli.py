@@ -13,6 +13,7 @@ from rich.console import Console
 from common.errors import FedqError
 from common.logging import configure_logging
 from fedq import __version__
+from fedq.cli_common import AMQP_DEFAULT, REDIS_DEFAULT, fail
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -340,8 +341,6 @@ def simulate(**opts: Any) -> None:
     sys.exit(0 if ok else 1)
 
 
-AMQP_DEFAULT = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
 spec_option = click.option(
     "--spec",
     "spec_path",
@@ -350,11 +349,6 @@ spec_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Task spec (JSON or TOML), e.g. from `fedq task init`.",
 )
-
-
-def _fail(e: FedqError) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {e}")
-    sys.exit(2)
 
 
 @main.group()
@@ -446,7 +440,7 @@ def aggregator_run(
         )
         asyncio.run(run_aggregator(config))
     except FedqError as e:
-        _fail(e)
+        fail(e)
 
 
 @main.group()
@@ -523,7 +517,7 @@ def participant_run(
         )
         asyncio.run(run_participant(config))
     except FedqError as e:
-        _fail(e)
+        fail(e)
 
 
 @main.group()
@@ -588,7 +582,7 @@ def task_init(
             }
         )
     except FedqError as e:
-        _fail(e)
+        fail(e)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     text = json.dumps(json.loads(spec.to_json()), indent=2)

@@ -14,9 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.errors import FedqError
-
-AMQP_DEFAULT = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
+from fedq.cli_common import AMQP_DEFAULT, REDIS_DEFAULT, fail
 
 redis_option = click.option(
     "--redis-url",
@@ -25,11 +23,6 @@ redis_option = click.option(
     envvar="FEDQ_REDIS_URL",
     help="The model store (read-only access is enough).",
 )
-
-
-def _fail(e: FedqError) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {e}")
-    sys.exit(2)
 
 
 @click.command()
@@ -106,7 +99,7 @@ def replay(
             )
         )
     except FedqError as e:
-        _fail(e)
+        fail(e)
     sys.exit(0 if ok else 1)
 
 
@@ -188,12 +181,13 @@ async def _counterfactual(
 
     spec = await store.get_spec(task)
     real = (await store.get_params(task, report.to_version)).tensors
+    real_hash = tensors_hash(real)
     result: dict[str, Any] = {
         "excluded": exclude,
         "updates_left_out": report.left_out,
         "counterfactual_param_hash": report.param_hash.hex(),
-        "real_param_hash": tensors_hash(real).hex(),
-        "differs": report.param_hash != tensors_hash(real),
+        "real_param_hash": real_hash.hex(),
+        "differs": report.param_hash != real_hash,
     }
     data, target, positive = evaluation
     if data is not None:
@@ -249,7 +243,7 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
     try:
         doc = asyncio.run(load())
     except FedqError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -314,7 +308,7 @@ def export(task: str, version: int | None, out: Path, redis_url: str) -> None:
     try:
         meta = asyncio.run(run())
     except FedqError as e:
-        _fail(e)
+        fail(e)
     Console().print(
         f"{out} and {spec_path(out)}: {task} version {meta['version']}, "
         f"version hash {meta['version_hash'][:16]}"

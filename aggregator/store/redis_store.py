@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis.asyncio as aioredis
@@ -45,6 +44,7 @@ from common.errors import (
 )
 from common.hashing import GENESIS_PARENT, LineageEntry, lineage_bytes, version_hash
 from common.spec import TaskSpec
+from common.urls import redact_url
 from common.wire import (
     DecodeLimits,
     ModelEnvelope,
@@ -95,18 +95,6 @@ def connect_redis(url: str) -> aioredis.Redis:
         )
     except (ValueError, RedisError) as e:
         raise StoreError(f"invalid Redis URL {redact_url(url)!r}: {e}") from e
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``; never raises."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparsable URL>"
 
 
 @asynccontextmanager

@@ -45,6 +45,7 @@ from common.transport.names import (
     update_key,
     work_queue,
 )
+from common.urls import redact_url
 
 #: Errors from aio-pika / aiormq / the socket that a retry may cure. While a robust
 #: connection reconnects, aiormq raises ChannelInvalidStateError and plain
@@ -67,15 +68,6 @@ _RETRYABLE_PUBLISH: tuple[type[BaseException], ...] = (
 )
 
 T = TypeVar("T")
-
-
-def _redact(url: str) -> str:
-    """The URL without its password; never raises (it runs inside error handling)."""
-    try:
-        u = URL(url)
-        return str(u.with_password("***")) if u.password else url
-    except (ValueError, TypeError):
-        return "<unparsable URL>"
 
 
 class AmqpTransport:
@@ -108,9 +100,9 @@ class AmqpTransport:
                 url, timeout=connect_timeout, client_properties={"connection_name": name}
             )
         except _RETRYABLE as e:
-            raise TransportError(f"cannot connect to RabbitMQ at {_redact(url)}: {e!r}") from e
+            raise TransportError(f"cannot connect to RabbitMQ at {redact_url(url)}: {e!r}") from e
         except ValueError as e:
-            raise TransportError(f"invalid AMQP URL {_redact(url)}: {e}") from e
+            raise TransportError(f"invalid AMQP URL {redact_url(url)}: {e}") from e
         login = URL(url).user or "guest"
         return cls(conn, user_id=kw.pop("user_id", login), **kw)
 
