@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
+import torch
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import CommitOutcome, CommitResult, Lease, RedisModelStore, VersionRecord
@@ -31,11 +32,12 @@ from common.errors import (
     DecodeError,
     FedqError,
     NotFoundError,
+    StoreRegressedError,
     StoreUnavailableError,
 )
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import TaskSpec
-from common.transport import TaskTopology, Transport, UpdateDelivery, next_or_none
+from common.transport import Announcement, TaskTopology, Transport, UpdateDelivery, next_or_none
 from common.wire import DEFAULT_LIMITS, DecodeLimits, Tensors, UpdateEnvelope, decode_update
 
 log = structlog.get_logger("fedq.aggregator")
@@ -74,6 +76,9 @@ class ServiceConfig:
     #: Retention of the audit stream (every update, accepted or not): age and size.
     audit_max_age: str = "90D"
     audit_max_bytes: int = 20 * 1024**3
+    #: /healthz turns unhealthy when updates wait in the queue and none has been
+    #: received for this long (seconds): the consumer makes no progress.
+    stall_s: float = 60.0
 
 
 class AggregatorService:
@@ -109,6 +114,8 @@ class AggregatorService:
         self.head_hash = b""
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         self._pending: dict[str, UpdateDelivery] = {}
+        #: The offered updates behind ``_pending`` (the strategy buffers these very objects).
+        self._updates: dict[str, AcceptedUpdate] = {}
         self._consuming = False
         self.lease: Lease | None = None
         self._halt = asyncio.Event()
@@ -116,24 +123,32 @@ class AggregatorService:
         #: Sync mode: when the current round's deadline passes (monotonic seconds).
         self._deadline: float | None = None
         self._overdue = False
-        self._announce_slot: tuple[int, bytes] | None = None
+        self._announce_slot: tuple[int, bytes, bytes] | None = None
         self._announce_wake = asyncio.Event()
         self._closing = False
         #: Set once the head is loaded and announced.
         self.ready = asyncio.Event()
         self.accepted = 0
         self.refused: dict[str, int] = {}
+        #: Why the service stopped for good (a store that went backwards), for /healthz.
+        self.failure: str | None = None
+        #: When a delivery last arrived, and the work queue's last sampled depth.
+        self._last_delivery = time.monotonic()
+        self._handling_since: float | None = None
+        self._depth = 0
         self.log = log.bind(task=self.task)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def prepare(self) -> None:
-        """Register the task, create version 0 if needed, declare topology, announce the head."""
-        await self.store.register_task(self.spec)
-        if await self.store.head(self.task) is None:
-            genesis = model_tensors(build_task_model(self.spec))
-            await self.store.create_genesis(self.task, genesis, info={"strategy": "genesis"})
-            self.log.info("version 0 created", seed=self.spec.seed)
+        """Declare the topology, check the store against the broker's last announcement,
+        register the task, create version 0 if needed and announce the head.
+
+        Raises StoreRegressedError, before writing anything, when the store is behind
+        what was already announced: an empty store for a task whose versions were
+        announced, a head behind the announced version, another chain at the same
+        version, or a fencing token that went backwards.
+        """
         await self.transport.declare_task(
             TaskTopology(
                 self.task,
@@ -142,15 +157,70 @@ class AggregatorService:
                 audit_max_bytes=self.config.audit_max_bytes,
             )
         )
+        announced = await self.transport.last_announcement(self.task)
+        if await self.store.head(self.task) is None:
+            if announced is not None and announced.version > 0:
+                raise self._regressed(
+                    f"the store holds no version of task {self.task!r}, but version "
+                    f"{announced.version} was announced"
+                )
+            await self.store.register_task(self.spec)
+            genesis = model_tensors(build_task_model(self.spec))
+            await self.store.create_genesis(self.task, genesis, info={"strategy": "genesis"})
+            self.log.info("version 0 created", seed=self.spec.seed)
+        else:
+            await self.store.register_task(self.spec)
         record = await self.store.get_head(self.task)
+        self._check_announced(announced, record.version, record.version_hash)
         env = await self.store.get_params(self.task, record.version)
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
         await self.transport.announce_model(
-            self.task, record.version, await self.store.get_blob(self.task, record.version)
+            self.task,
+            record.version,
+            await self.store.get_blob(self.task, record.version),
+            fence=self.lease.token if self.lease else None,
+            version_hash=record.version_hash,
         )
         self.ready.set()
         self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
+
+    def _check_announced(self, announced: Announcement | None, head: int, head_hash: bytes) -> None:
+        """The store's head must not be behind the last announcement (see prepare)."""
+        if announced is None:
+            return
+        if announced.version > head:
+            raise self._regressed(
+                f"the store's head of {self.task!r} is version {head}, but version "
+                f"{announced.version} was announced"
+            )
+        if (
+            announced.version == head
+            and announced.version_hash is not None
+            and announced.version_hash != head_hash
+        ):
+            raise self._regressed(
+                f"version {head} of {self.task!r} in the store is not the one announced "
+                f"(hash {head_hash.hex()[:16]}, announced {announced.version_hash.hex()[:16]})"
+            )
+        if self.lease is not None and announced.fence is not None:
+            self._check_fence(self.lease.token, announced.fence)
+
+    def _check_fence(self, token: int, before: int) -> None:
+        """A new writer lease's token must exceed every earlier one (it only grows)."""
+        if token <= before:
+            raise self._regressed(
+                f"the writer lease's fencing token of {self.task!r} went back from {before} "
+                f"to {token}"
+            )
+
+    def _regressed(self, what: str) -> StoreRegressedError:
+        self.failure = (
+            f"store went backwards: {what}; it lost committed data (restore it from a "
+            "backup of its AOF/RDB files, or start a new chain under a new task id)"
+        )
+        self.log.error("store went backwards; stopping", detail=what)
+        return StoreRegressedError(self.failure)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take the writer lease (waiting as a standby), then consume until ``stop``.
@@ -182,7 +252,12 @@ class AggregatorService:
                     elif stop.is_set() or halt.is_set():
                         break  # not handled: it goes back to the queue unacked
                     else:
-                        await self.handle(delivery)
+                        self._last_delivery = time.monotonic()
+                        self._handling_since = self._last_delivery
+                        try:
+                            await self.handle(delivery)
+                        finally:
+                            self._handling_since = None
             finally:
                 self._consuming = False
                 poller.cancel()
@@ -205,6 +280,9 @@ class AggregatorService:
                 fenced=self._fenced,
             )
             self._pending.clear()
+            self._updates.clear()
+        if self.failure is not None:
+            raise StoreRegressedError(self.failure)
         if self._fenced:
             raise FencedOutError(f"another aggregator holds the writer lease of {self.task!r}")
 
@@ -248,19 +326,41 @@ class AggregatorService:
                 self._fenced = True
                 self._halt.set()
                 return
+            try:
+                self._check_fence(fresh.token, self.lease.token)
+            except StoreRegressedError:
+                self._halt.set()
+                return
             self.log.warning("writer lease had expired; re-acquired", fence=fresh.token)
             self.lease = fresh
 
     async def health(self) -> dict[str, object]:
-        """What /healthz reports."""
+        """What /healthz reports: ok only while consuming, with the store up and progress.
+
+        ``stalled`` is true when one update has been in hand for more than ``stall_s``
+        seconds, or when updates wait in the work queue and no delivery has arrived
+        for that long (the consumer can take none).
+        """
         store_ok = await self.store.ping()
-        return {
-            "ok": bool(store_ok and self._consuming),
+        now, limit = time.monotonic(), self.config.stall_s
+        since = self._handling_since
+        stalled = self._consuming and (
+            (since is not None and now - since > limit)
+            or (self._depth > 0 and now - self._last_delivery > limit)
+        )
+        report: dict[str, object] = {
+            "ok": bool(store_ok and self._consuming and not stalled and self.failure is None),
             "task": self.task,
             "version": self.head_version,
             "store": store_ok,
             "consuming": self._consuming,
+            "stalled": stalled,
+            "waiting": self._depth,
+            "unacked": len(self._pending),
         }
+        if self.failure is not None:
+            report["error"] = self.failure
+        return report
 
     # ------------------------------------------------------------------ one update
 
@@ -277,11 +377,18 @@ class AggregatorService:
             self.log.exception("decoder failed unexpectedly")
             await self._refuse(delivery, "malformed", f"decoder failed: {type(e).__name__}")
             return
-        if env.update_id in self._pending:
-            # The broker redelivered an update we hold (its channel was lost): the new
-            # delivery is the live one; the buffered update itself is unchanged.
-            self._pending[env.update_id] = delivery
-            self.log.info("buffered update redelivered", update_id=env.update_id)
+        held = self._pending.get(env.update_id)
+        if held is not None:
+            if not held.live:
+                # The broker redelivered an update we hold (its channel was lost): the
+                # new delivery is the live one; the buffered update itself is unchanged.
+                self._pending[env.update_id] = delivery
+                self.log.info("buffered update redelivered", update_id=env.update_id)
+                return
+            # Another copy under an id we hold: settle it now, or it would sit unacked
+            # for good and, repeated, fill the prefetch and stall every bank.
+            detail = f"update id {env.update_id!r} is already buffered for the next version"
+            await self._refuse(delivery, "duplicate", detail, env.participant, env.update_id)
             return
         problem = self._check(env, delivery)
         if problem is not None:
@@ -314,12 +421,58 @@ class AggregatorService:
             await self._refuse(delivery, "invalid_update", str(e), env.participant, env.update_id)
             return
         self._pending[env.update_id] = delivery
+        self._updates[env.update_id] = update
         self.metrics.staleness.labels(self.task).observe(update.staleness)
         if step is None and self._overdue:
             # An overdue round closes as soon as it has its minimum.
             step = await asyncio.to_thread(self.strategy.flush, self.head_params)
         if step is not None:
+            await self._emit(step)
+
+    async def _emit(self, step: Step) -> None:
+        """Commit a step, unless its parameters are not finite.
+
+        A non-finite result is never committed: the updates that make it so are
+        refused (``non_finite_result``) and the head stays. In a buffer or a round,
+        an update is a culprit if the head plus its own weighted delta is already not
+        finite; the others go back into the buffer. If no single update is to blame
+        (the sum overflows), every update of the step is refused.
+        """
+        bad = await asyncio.to_thread(_non_finite, step.params)
+        if not bad:
             await self._commit(step)
+            return
+        updates = [self._updates[e.update_id] for e in step.lineage]
+        culprits = await asyncio.to_thread(_culprits, self.head_params, step, updates)
+        blamed = culprits or {e.update_id for e in step.lineage}
+        self.log.error(
+            "aggregate not finite; refusing the updates that cause it",
+            version=self.head_version + 1,
+            tensors=bad,
+            refused=sorted(blamed),
+        )
+        for entry in step.lineage:
+            if entry.update_id not in blamed:
+                continue
+            delivery = self._pending.pop(entry.update_id)
+            self._updates.pop(entry.update_id, None)
+            detail = (
+                f"the aggregate for version {self.head_version + 1} would hold NaN or Inf "
+                f"in {', '.join(bad)}" + ("" if culprits else " (the sum of the buffer overflows)")
+            )
+            await self._refuse(
+                delivery, "non_finite_result", detail, entry.participant, entry.update_id
+            )
+        for update in updates:
+            if update.update_id in blamed:
+                continue
+            # Back into the buffer or round (only strategies with several updates per
+            # step get here, and those apply deltas to the head: no base needed).
+            again = await asyncio.to_thread(
+                self.strategy.offer, self.head_params, self.head_params, update
+            )
+            if again is not None:
+                await self._emit(again)
 
     async def _commit_until_saved(self, parent: int, step: Step) -> CommitResult:
         """Commit; while Redis is unreachable, wait and retry (nothing is acked meanwhile).
@@ -377,6 +530,8 @@ class AggregatorService:
         )
         if fresh is None:
             return False
+        if used is not None:
+            self._check_fence(fresh.token, used.token)
         self.log.warning("writer lease had expired; re-acquired", fence=fresh.token)
         self.lease = fresh
         return True
@@ -404,7 +559,7 @@ class AggregatorService:
             self.log.info(
                 "round deadline: closing with the updates present", version=self.head_version
             )
-            await self._commit(step)
+            await self._emit(step)
             return
         self.log.warning(
             "round deadline passed below the minimum; waiting",
@@ -424,6 +579,11 @@ class AggregatorService:
         if self.config.require_sender_match and delivery.user_id != env.participant:
             return "sender_mismatch", (
                 f"sent by broker user {delivery.user_id!r}, names participant {env.participant!r}"
+            )
+        bound = self.spec.sample_bound(env.participant)
+        if env.num_samples > bound:
+            return "too_many_samples", (
+                f"claims {env.num_samples} samples; {env.participant!r} may claim at most {bound}"
             )
         if env.base_version > self.head_version:
             return "future_base", (
@@ -490,6 +650,13 @@ class AggregatorService:
             self._fenced = True
             self._halt.set()
             raise FencedOutError(f"commit on version {parent} refused: the writer lease is gone")
+        if result.outcome is CommitOutcome.LOST_RACE and (
+            result.head is None or result.head < parent
+        ):
+            self._halt.set()
+            raise self._regressed(
+                f"committing version {parent + 1} found the head at {result.head}"
+            )
         if not result.committed or result.record is None:
             raise FencedOutError(
                 f"commit on version {parent} refused ({result.outcome.value}, head "
@@ -502,6 +669,7 @@ class AggregatorService:
         # channel was lost) is harmless: the redelivery is refused as a duplicate.
         for entry in step.lineage:
             delivery = self._pending.pop(entry.update_id)
+            self._updates.pop(entry.update_id, None)
             try:
                 await delivery.ack()
             except FedqError as e:
@@ -510,7 +678,7 @@ class AggregatorService:
         self.accepted += len(step.lineage)
         self.metrics.accepted.labels(self.task).inc(len(step.lineage))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
-        self._announce(record.version, result.blob)
+        self._announce(record.version, result.blob, record.version_hash)
         self.log.info(
             "version committed",
             version=record.version,
@@ -523,13 +691,13 @@ class AggregatorService:
         if self.on_version is not None:
             await self.on_version(record, step.params)
 
-    def _announce(self, version: int, blob: bytes) -> None:
+    def _announce(self, version: int, blob: bytes, version_hash: bytes) -> None:
         """Queue the newest model for announcement, replacing one not yet sent.
 
         Model queues keep only the latest model anyway, so a superseded version need
         not be published; announcing off the commit path keeps ingest fast.
         """
-        self._announce_slot = (version, blob)
+        self._announce_slot = (version, blob, version_hash)
         self._announce_wake.set()
 
     async def _announcer(self) -> None:
@@ -538,8 +706,15 @@ class AggregatorService:
             self._announce_wake.clear()
             slot, self._announce_slot = self._announce_slot, None
             if slot is not None:
+                version, blob, version_hash = slot
                 try:
-                    await self.transport.announce_model(self.task, *slot)
+                    await self.transport.announce_model(
+                        self.task,
+                        version,
+                        blob,
+                        fence=self.lease.token if self.lease else None,
+                        version_hash=version_hash,
+                    )
                 except Exception as e:  # noqa: BLE001 - the announcer must outlive any failure
                     self.log.error("announcement failed; will retry", version=slot[0], error=str(e))
                     if self._announce_slot is None:  # nothing newer meanwhile: retry this one
@@ -594,5 +769,29 @@ class AggregatorService:
             except FedqError as e:
                 self.log.warning("queue depth unavailable", error=str(e))
             else:
+                self._depth = depth
                 self.metrics.queue_depth.labels(self.task).set(depth)
             await asyncio.sleep(self.config.depth_poll_s)
+
+
+def _non_finite(params: Tensors) -> list[str]:
+    """Names of the tensors that hold NaN or Inf."""
+    return [name for name, t in params.items() if not bool(torch.isfinite(t).all())]
+
+
+def _culprits(head: Tensors, step: Step, updates: list[AcceptedUpdate]) -> set[str]:
+    """Updates of a non-finite step that are not finite on their own.
+
+    A step of one update: that update. Otherwise an update whose ``head + w * delta``
+    (its own weight, float64, cast to the head's dtype) is not finite.
+    """
+    if len(updates) == 1:
+        return {updates[0].update_id}
+    out = set()
+    for entry, u in zip(step.lineage, updates, strict=True):
+        for name, h in head.items():
+            alone = h.to(torch.float64) + entry.weight * u.delta[name].to(torch.float64)
+            if not bool(torch.isfinite(alone.to(h.dtype)).all()):
+                out.add(u.update_id)
+                break
+    return out

@@ -111,9 +111,9 @@ async def drain(
     announce_times: list[float] = []
     original = transport.announce_model
 
-    async def timed_announce(task: str, version: int, body: bytes) -> None:
+    async def timed_announce(task: str, version: int, body: bytes, **kw: object) -> None:
         t = time.perf_counter()
-        await original(task, version, body)
+        await original(task, version, body, **kw)  # type: ignore[arg-type]
         announce_times.append(time.perf_counter() - t)
 
     transport.announce_model = timed_announce  # type: ignore[method-assign]

@@ -52,6 +52,14 @@ class BlobPrunedError(NotFoundError):
     """
 
 
+class StoreRegressedError(StoreError):
+    """The store went backwards: its head, lineage or fencing token is behind what was
+    already committed and announced (data lost on a restart, a stale backup restored).
+
+    The aggregator stops rather than start a fresh chain over the lost one.
+    """
+
+
 class TaskConflictError(StoreError):
     """A task registered again with a different spec, or version 0 created twice."""
 

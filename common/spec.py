@@ -128,6 +128,13 @@ class TaskSpec(_Spec):
     training: TrainingSettings = TrainingSettings()
     participants: tuple[Name, ...] = ()
     seed: int = Field(default=0, ge=0, lt=2**63)
+    #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
+    max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
+    #: What each participant declared it holds, when it joined: its updates may
+    #: claim no more. Participants not listed are bounded by ``max_samples`` only.
+    declared_samples: dict[Name, Annotated[int, Field(ge=1, lt=2**63)]] = Field(
+        default_factory=dict
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -138,7 +145,15 @@ class TaskSpec(_Spec):
             raise ValueError("feature names repeat")
         if self.target.name in names:
             raise ValueError(f"target {self.target.name!r} is also a feature")
+        unknown = sorted(set(self.declared_samples) - set(self.participants))
+        if self.participants and unknown:
+            raise ValueError(f"declared_samples names non-participants: {', '.join(unknown)}")
         return self
+
+    def sample_bound(self, participant: str) -> int:
+        """The largest sample count an update of ``participant`` may claim."""
+        declared = self.declared_samples.get(participant)
+        return self.max_samples if declared is None else min(declared, self.max_samples)
 
     @property
     def input_dim(self) -> int:

@@ -260,6 +260,7 @@ class FakeDelivery:
 
     def __init__(self, body: bytes, user_id: str = "bank-a") -> None:
         self.body, self.user_id, self.message_id, self.redelivered = body, user_id, None, False
+        self.live = True
         self.settled: list[str] = []
 
     async def ack(self) -> None:
@@ -282,7 +283,8 @@ async def test_a_redelivered_buffered_update_is_kept_not_refused() -> None:
     uid, body = _update(spec, base=0)
     first, again = FakeDelivery(body), FakeDelivery(body)
     await service.handle(first)
-    await service.handle(again)  # the broker lost the channel and redelivered it
+    first.live = False  # the broker lost the channel and redelivered it
+    await service.handle(again)
     assert first.settled == [] and again.settled == []
     _, other = _update(spec, base=0, participant="bank-b")
     third = FakeDelivery(other, user_id="bank-b")
@@ -341,11 +343,19 @@ class FlakyAnnouncer(MemoryTransport):
 
     failures = 2
 
-    async def announce_model(self, task: str, version: int, body: bytes) -> None:
+    async def announce_model(
+        self,
+        task: str,
+        version: int,
+        body: bytes,
+        *,
+        fence: int | None = None,
+        version_hash: bytes | None = None,
+    ) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise TransportError("broker unavailable")
-        await super().announce_model(task, version, body)
+        await super().announce_model(task, version, body, fence=fence, version_hash=version_hash)
 
 
 async def test_a_failed_announcement_is_retried() -> None:

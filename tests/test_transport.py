@@ -17,7 +17,13 @@ from common.errors import TransportError
 from common.transport import DeadLetter, TaskTopology, Transport
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
-from common.transport.names import audit_stream, dead_queue, model_queue, work_queue
+from common.transport.names import (
+    audit_stream,
+    dead_queue,
+    head_queue,
+    model_queue,
+    work_queue,
+)
 from tests.conftest import REDIS_URL
 
 T = TypeVar("T")
@@ -40,7 +46,7 @@ class Pair:
 async def _delete_queues(task: str, participants: tuple[str, ...]) -> None:
     conn = await aio_pika.connect(AMQP_URL)
     try:
-        names = [work_queue(task), audit_stream(task), dead_queue(task)]
+        names = [work_queue(task), audit_stream(task), dead_queue(task), head_queue(task)]
         names += [model_queue(task, p) for p in participants]
         for name in names:
             ch = await conn.channel()
@@ -196,6 +202,39 @@ class TestTransport:
         got = sorted([(await _within(second.get())).body for _ in range(2)])
         assert got == [b"one", b"two"]
         await second.close()
+
+    async def test_last_announcement_is_kept_and_read_without_consuming(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        assert await pair.agg.last_announcement(pair.task) is None
+        for v in (1, 2, 3):
+            await pair.agg.announce_model(pair.task, v, b"m", fence=7, version_hash=bytes([v]) * 32)
+        await asyncio.sleep(0.2)
+        for _ in range(2):  # reading twice: the broker still holds it
+            last = await pair.agg.last_announcement(pair.task)
+            assert last is not None
+            assert (last.version, last.fence, last.version_hash) == (3, 7, b"\x03" * 32)
+        sub = await pair.bank.consume_models(pair.task, "bank-a")
+        assert (await _within(sub.get())).version == 3  # participants are unaffected
+        await sub.close()
+
+    async def test_a_delivery_is_live_until_settled_or_its_subscription_closes(
+        self, pair: Pair
+    ) -> None:
+        await pair.agg.declare_task(pair.topology())
+        sub = await pair.agg.consume_updates(pair.task, prefetch=5)
+        await pair.bank.publish_update(pair.task, "bank-a", b"one", message_id="u1")
+        await pair.bank.publish_update(pair.task, "bank-a", b"two", message_id="u2")
+        one, two = await _within(sub.get()), await _within(sub.get())
+        assert [d.live for d in (one, two)] == [True, True]
+        await one.ack()
+        assert [d.live for d in (one, two)] == [False, True]
+        await sub.close()
+        assert [d.live for d in (one, two)] == [False, False]  # two went back to the queue
+        again = await pair.agg.consume_updates(pair.task, prefetch=5)
+        back = await _within(again.get())
+        assert (back.body, back.redelivered, back.live) == (b"two", True, True)
+        await back.ack()
+        await again.close()
 
     async def test_model_queue_keeps_only_the_latest(self, pair: Pair) -> None:
         await pair.agg.declare_task(pair.topology())

@@ -1,6 +1,7 @@
 """How updates and models travel: one interface; RabbitMQ and in-process implementations."""
 
 from common.transport.base import (
+    Announcement,
     DeadLetter,
     ModelDelivery,
     Subscription,
@@ -11,6 +12,7 @@ from common.transport.base import (
 )
 
 __all__ = [
+    "Announcement",
     "DeadLetter",
     "ModelDelivery",
     "Subscription",

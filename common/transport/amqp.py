@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import aio_pika
@@ -27,18 +27,21 @@ from aio_pika.abc import (
 from yarl import URL
 
 from common.errors import TransportError
-from common.transport.base import DeadLetter, TaskTopology
+from common.transport.base import Announcement, DeadLetter, TaskTopology
 from common.transport.names import (
     CONTENT_TYPE,
     DEAD_LETTER_EXCHANGE,
     DETAIL_HEADER,
+    FENCE_HEADER,
     MODELS_EXCHANGE,
     REASON_HEADER,
     UPDATES_EXCHANGE,
+    VERSION_HASH_HEADER,
     VERSION_HEADER,
     audit_stream,
     dead_key,
     dead_queue,
+    head_queue,
     model_key,
     model_queue,
     update_binding,
@@ -210,6 +213,12 @@ class AmqpTransport:
                     dead_queue(task), durable=True, arguments={"x-queue-type": "quorum"}
                 )
                 await dead.bind(dlx, dead_key(task))
+                head = await ch.declare_queue(
+                    head_queue(task),
+                    durable=True,
+                    arguments={"x-max-length": 1, "x-overflow": "drop-head"},
+                )
+                await head.bind(models, model_key(task))
                 for p in topology.participants:
                     q = await ch.declare_queue(
                         model_queue(task, p),
@@ -232,16 +241,46 @@ class AmqpTransport:
 
         return await self._subscribe(work_queue(task), prefetch, wrap)
 
-    async def announce_model(self, task: str, version: int, body: bytes) -> None:
+    async def announce_model(
+        self,
+        task: str,
+        version: int,
+        body: bytes,
+        *,
+        fence: int | None = None,
+        version_hash: bytes | None = None,
+    ) -> None:
+        headers: dict[str, Any] = {VERSION_HEADER: version}
+        if fence is not None:
+            headers[FENCE_HEADER] = fence
+        if version_hash is not None:
+            headers[VERSION_HASH_HEADER] = version_hash.hex()
         message = aio_pika.Message(
             body,
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=f"{task}-model-{version}",
-            headers={VERSION_HEADER: version},
+            headers=headers,
             user_id=self.user_id,
         )
         await self._publish_confirmed(MODELS_EXCHANGE, model_key(task), message)
+
+    async def last_announcement(self, task: str) -> Announcement | None:
+        async def peek() -> Announcement | None:
+            ch = await self._conn.channel()
+            try:
+                q = await ch.declare_queue(head_queue(task), passive=True)
+                msg = await q.get(no_ack=False, fail=False)
+                if msg is None:
+                    return None
+                # Put it back: the head queue keeps the last announcement for good.
+                await msg.reject(requeue=True)
+                return _announcement(msg.headers or {})
+            finally:
+                with contextlib.suppress(*_RETRYABLE):
+                    await ch.close()
+
+        return await self._guard(f"reading {head_queue(task)}", peek)
 
     async def queue_depth(self, task: str) -> int:
         async def depth() -> int:
@@ -399,6 +438,21 @@ def _dead_letter(msg: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
+def _announcement(headers: Mapping[str, Any]) -> Announcement | None:
+    version = headers.get(VERSION_HEADER)
+    if not isinstance(version, int):
+        return None
+    fence = headers.get(FENCE_HEADER)
+    digest = headers.get(VERSION_HASH_HEADER)
+    if isinstance(digest, bytes):
+        digest = digest.decode(errors="replace")
+    try:
+        version_hash = bytes.fromhex(digest) if isinstance(digest, str) else None
+    except ValueError:
+        version_hash = None
+    return Announcement(version, fence if isinstance(fence, int) else None, version_hash)
+
+
 class _UpdateDelivery:
     def __init__(self, transport: AmqpTransport, task: str, msg: AbstractIncomingMessage) -> None:
         self._t, self._task, self._msg = transport, task, msg
@@ -418,6 +472,15 @@ class _UpdateDelivery:
     @property
     def redelivered(self) -> bool:
         return bool(self._msg.redelivered)
+
+    @property
+    def live(self) -> bool:
+        if self._msg.processed:
+            return False
+        try:
+            return not self._msg.channel.is_closed
+        except aiormq.exceptions.ChannelInvalidStateError:  # raised once it is closed
+            return False
 
     async def ack(self) -> None:
         await self._t._guard("acking an update", self._msg.ack)

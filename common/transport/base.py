@@ -45,6 +45,15 @@ class UpdateDelivery(Protocol):
     def message_id(self) -> str | None: ...
     @property
     def redelivered(self) -> bool: ...
+    @property
+    def live(self) -> bool:
+        """Whether it can still be settled: not settled yet, its channel still open.
+
+        A delivery whose channel was lost goes back to the queue by itself and comes
+        again as a new delivery (``redelivered``).
+        """
+        ...
+
     async def ack(self) -> None:
         """Done with it: its effect is saved (or it is a harmless duplicate)."""
         ...
@@ -80,6 +89,17 @@ class Subscription(Protocol[T_co]):
 
 
 @dataclass(frozen=True, slots=True)
+class Announcement:
+    """The last model announced for a task, as the broker keeps it."""
+
+    version: int
+    #: The writer's fencing token when it announced (None if not recorded).
+    fence: int | None = None
+    #: The announced version's chained hash (None if not recorded).
+    version_hash: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A refused update as it sits in the dead-letter queue."""
 
@@ -103,8 +123,24 @@ class Transport(Protocol):
         """Consume the task's work queue with at most ``prefetch`` unacked deliveries."""
         ...
 
-    async def announce_model(self, task: str, version: int, body: bytes) -> None:
-        """Send a model version to every participant's model queue (confirmed)."""
+    async def announce_model(
+        self,
+        task: str,
+        version: int,
+        body: bytes,
+        *,
+        fence: int | None = None,
+        version_hash: bytes | None = None,
+    ) -> None:
+        """Send a model version to every participant's model queue (confirmed).
+
+        The task's head queue keeps the last announcement with ``fence`` and
+        ``version_hash``, for :meth:`last_announcement`.
+        """
+        ...
+
+    async def last_announcement(self, task: str) -> Announcement | None:
+        """The last model announced for the task (read without consuming), or None."""
         ...
 
     async def queue_depth(self, task: str) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from common.errors import TransportError
-from common.transport.base import DeadLetter, TaskTopology
+from common.transport.base import Announcement, DeadLetter, TaskTopology
 from common.transport.names import DETAIL_HEADER, REASON_HEADER
 
 _ids = itertools.count()
@@ -137,6 +137,10 @@ class _UpdateDelivery:
     def redelivered(self) -> bool:
         return self._msg.deliveries > 1
 
+    @property
+    def live(self) -> bool:
+        return not self._sub.closed and self._msg.tag in self._sub.unacked
+
     async def ack(self) -> None:
         await self._sub.settle(self._msg)
 
@@ -171,6 +175,7 @@ class _TaskQueues:
     dead: list[DeadLetter]
     audit: list[bytes]
     models: dict[str, _Queue]
+    head: Announcement | None = None
 
 
 class MemoryBroker:
@@ -218,9 +223,22 @@ class MemoryTransport:
         self._subs.append(sub)  # type: ignore[arg-type]
         return sub
 
-    async def announce_model(self, task: str, version: int, body: bytes) -> None:
-        for q in self.broker.task(task).models.values():
+    async def announce_model(
+        self,
+        task: str,
+        version: int,
+        body: bytes,
+        *,
+        fence: int | None = None,
+        version_hash: bytes | None = None,
+    ) -> None:
+        tq = self.broker.task(task)
+        for q in tq.models.values():
             await q.put(_Message(body, {"version": version}, self.user, f"model-{version}"))
+        tq.head = Announcement(version, fence, version_hash)
+
+    async def last_announcement(self, task: str) -> Announcement | None:
+        return self.broker.task(task).head
 
     async def queue_depth(self, task: str) -> int:
         return len(self.broker.task(task).work.ready)

@@ -16,6 +16,9 @@ CONTENT_TYPE: Final = "application/x-fedq+msgpack"
 REASON_HEADER: Final = "x-fedq-reason"
 DETAIL_HEADER: Final = "x-fedq-detail"
 VERSION_HEADER: Final = "x-fedq-version"
+#: Headers of a model announcement: the writer's fencing token and the version's hash.
+FENCE_HEADER: Final = "x-fedq-fence"
+VERSION_HASH_HEADER: Final = "x-fedq-version-hash"
 
 
 def update_key(task: str, participant: str) -> str:
@@ -56,3 +59,12 @@ def dead_queue(task: str) -> str:
 def model_queue(task: str, participant: str) -> str:
     """A participant's model queue: keeps only the latest announced model."""
     return f"fedq.model.{task}.{participant}"
+
+
+def head_queue(task: str) -> str:
+    """The aggregator's own record of the last model it announced (latest only).
+
+    The store's head is cross-checked against it at start: a store that went
+    backwards (data lost on a restart) is caught by something the store does not hold.
+    """
+    return f"fedq.head.{task}"
