@@ -170,7 +170,7 @@ class TaskSpec(_Spec):
         try:
             return cls.model_validate_json(data)
         except ValidationError as e:
-            raise SpecError(f"invalid task spec: {e}") from e
+            raise SpecError(f"invalid task spec: {_one_line(e)}") from e
 
     @classmethod
     def parse(cls, data: object) -> TaskSpec:
@@ -178,4 +178,13 @@ class TaskSpec(_Spec):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise SpecError(f"invalid task spec: {e}") from e
+            raise SpecError(f"invalid task spec: {_one_line(e)}") from e
+
+
+def _one_line(error: ValidationError) -> str:
+    """pydantic's reasons on one line: ``field.path: message; ...``."""
+    parts = []
+    for e in error.errors(include_url=False):
+        where = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{where}: {e['msg']}" if where else str(e["msg"]))
+    return "; ".join(parts)

@@ -147,6 +147,27 @@ def test_aggregator_and_participant_processes(task_file: Path, tmp_path: Path) -
     assert events.count("version committed") == 3
     assert events[-1] == "aggregator stopped"
 
+    # The store loses every version (a Redis restart without its AOF): a restarted
+    # aggregator must not start a fresh chain; it exits with one clear line.
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"fedq:{{{spec['task_id']}}}:*"))
+    client.delete(*keys)
+    client.close()
+    again = subprocess.run(
+        _fedq("--config", str(config), "aggregator", "run", "--spec", str(task_file)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "store went backwards" in again.stderr
+    assert "version 3 was announced" in again.stderr
+    assert "Traceback" not in again.stdout + again.stderr
+    client = redis.Redis.from_url(REDIS_URL)
+    assert client.get(f"fedq:{{{spec['task_id']}}}:head") is None  # no fresh version 0
+    client.close()
+
 
 def test_bad_spec_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "task.json"

@@ -110,3 +110,24 @@ def test_dropout_and_task_model() -> None:
     assert any(isinstance(m, nn.Dropout) for m in model)
     specs = tensor_specs(model_tensors(model))
     assert specs["0.weight"] == TensorSpec((6, spec.input_dim), "f32")
+
+
+def test_sample_bound_is_the_smaller_of_the_declared_count_and_the_task_maximum() -> None:
+    spec = TaskSpec.parse(
+        _doc(
+            participants=["bank-a", "bank-b"],
+            max_samples=500,
+            declared_samples={"bank-a": 100, "bank-b": 9000},
+        )
+    )
+    assert spec.sample_bound("bank-a") == 100
+    assert spec.sample_bound("bank-b") == 500
+    assert TaskSpec.parse(_doc()).sample_bound("anyone") == 1_000_000
+
+
+def test_declared_samples_must_name_participants_and_errors_fit_one_line() -> None:
+    with pytest.raises(SpecError, match="declared_samples names non-participants: bank-z") as e:
+        TaskSpec.parse(_doc(participants=["bank-a"], declared_samples={"bank-z": 5}))
+    assert "\n" not in str(e.value)
+    with pytest.raises(SpecError, match="max_samples"):
+        TaskSpec.parse(_doc(max_samples=0))
