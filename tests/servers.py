@@ -3,7 +3,12 @@
 The shared servers on this machine (Redis on 6379, RabbitMQ ``rabbit@localhost`` on
 5672) are never touched: every private server here is a child process of the test
 run, with its own port, data directory, log and (for RabbitMQ) node name, Erlang
-cookie, distribution port, config and plugin list. Only processes this module
+cookie, distribution port and plugin list. Both run the project's shipped configuration
+(broker_config/redis.conf, broker_config/rabbitmq.conf with definitions.json) copied
+with ONLY the port and the directories changed (:func:`shipped_redis_conf`,
+:func:`shipped_rabbitmq_conf`), so what the tests exercise is what users deploy:
+the ACL users of redis.conf, the vhost, users, permissions and policies of
+definitions.json (no guest, no ``/`` vhost). Only processes this module
 started are ever signalled, tracked by PID *and* start time, so a recycled PID can
 never be hit.
 
@@ -36,6 +41,7 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import json
 import os
 import random
 import secrets
@@ -58,6 +64,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
+    "BROKER_CONFIG",
     "PrivateRabbit",
     "PrivateRedis",
     "ServerError",
@@ -67,7 +74,16 @@ __all__ = [
     "private_rabbit_fixture",
     "private_redis",
     "private_redis_fixture",
+    "redis_conf_passwords",
+    "shipped_rabbitmq_conf",
+    "shipped_redis_conf",
 ]
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_CONFIG = ROOT / "broker_config"
+SHIPPED_REDIS_CONF = BROKER_CONFIG / "redis.conf"
+SHIPPED_RABBITMQ_CONF = BROKER_CONFIG / "rabbitmq.conf"
+SHIPPED_DEFINITIONS = BROKER_CONFIG / "definitions.json"
 
 # Ports of the shared services on this machine and of RabbitMQ's defaults (AMQP,
 # distribution, management, epmd, the CLI tools' distribution range): never chosen.
@@ -208,6 +224,105 @@ def _wait_gone(procs: list[_Proc], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes of the TCP listeners on ``port`` (IPv4 and IPv6, any address)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN; field 9 the inode.
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                inodes.add(fields[9])
+    return inodes
+
+
+def _listens(proc: _Proc, port: int) -> bool:
+    """Whether ``proc`` itself holds a listening socket on ``port``.
+
+    Proves that the server answering on the port is the process we started, not
+    another one that took the port meanwhile.
+    """
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted or not proc.alive():
+        return False
+    fd_dir = Path(f"/proc/{proc.pid}/fd")
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd_dir / name) in wanted:
+                return True
+    return False
+
+
+# ------------------------------------------------------------- shipped configs
+
+
+def _replace_lines(text: str, replacements: Mapping[str, str], sep: str) -> str:
+    """``text`` with each line whose key is in ``replacements`` replaced, once each.
+
+    The key of a line is what precedes ``sep`` (a space for redis.conf, `` = `` for
+    rabbitmq.conf); comments are left alone. Every key must occur exactly once, so a
+    shipped file that no longer sets it fails loudly instead of being half-copied.
+    """
+    seen: dict[str, int] = dict.fromkeys(replacements, 0)
+    out = []
+    for line in text.splitlines(keepends=True):
+        key = line.split(sep, 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if key in replacements:
+            seen[key] += 1
+            out.append(replacements[key] + "\n")
+        else:
+            out.append(line)
+    wrong = {k: n for k, n in seen.items() if n != 1}
+    if wrong:
+        raise ServerError(f"shipped config sets these keys not exactly once: {wrong}")
+    return "".join(out)
+
+
+def shipped_redis_conf(port: int, data_dir: Path) -> str:
+    """broker_config/redis.conf with only ``port`` and ``dir`` changed."""
+    return _replace_lines(
+        SHIPPED_REDIS_CONF.read_text(encoding="utf-8"),
+        {"port": f"port {port}", "dir": f'dir "{data_dir}"'},
+        " ",
+    )
+
+
+def shipped_rabbitmq_conf(port: int, definitions: Path = SHIPPED_DEFINITIONS) -> str:
+    """broker_config/rabbitmq.conf with only the AMQP port and the definitions path changed."""
+    return _replace_lines(
+        SHIPPED_RABBITMQ_CONF.read_text(encoding="utf-8"),
+        {
+            "listeners.tcp.default": f"listeners.tcp.default = {port}",
+            "definitions.local.path": f"definitions.local.path = {definitions}",
+        },
+        "=",
+    )
+
+
+def redis_conf_passwords(text: str) -> dict[str, str]:
+    """The clear-text password (``>password``) of each ACL ``user`` line of a redis.conf."""
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        words = raw.split()
+        if len(words) >= 2 and words[0] == "user":
+            for word in words[2:]:
+                if word.startswith(">"):
+                    out[words[1]] = word[1:]
+    return out
 
 
 _live_servers: set[_ServerProcess] = set()
@@ -471,15 +586,19 @@ def _kill_leftovers() -> None:
 
 
 class PrivateRedis(_ServerProcess):
-    """A ``redis-server`` of our own on 127.0.0.1, durable like broker_config/redis.conf.
+    """A ``redis-server`` of our own, running the shipped broker_config/redis.conf.
 
-    The persistence settings mirror the project's redis.conf (AOF on, RDB preamble,
-    truncated-AOF loading, noeviction), with ``appendfsync always`` so that every
-    acknowledged write survives ``kill()`` and ``save ""`` so no RDB snapshot is
-    written beside the AOF. Restarts reuse the same port and data directory.
+    The config file is a copy of the shipped one with only ``port`` and ``dir``
+    changed (everything else, the ACL users and ``appendfsync always`` included, is
+    what users deploy; ``logfile ""`` sends the log to our captured stdout). Clients
+    therefore authenticate: :attr:`url` is the aggregator's (``fedq-aggregator``, the
+    placeholder password of the shipped file), :meth:`url_for` any other user's.
+    Restarts reuse the same port and data directory.
     """
 
     name = "redis"
+    #: The user :attr:`url` and :meth:`client` log in as.
+    user = "fedq-aggregator"
 
     def __init__(self, *, port: int | None = None, base_dir: Path | None = None) -> None:
         super().__init__(base_dir)
@@ -491,9 +610,9 @@ class PrivateRedis(_ServerProcess):
         self.port = port if port is not None else free_port()
         self.data_dir = self.dir / "data"
         self.data_dir.mkdir(exist_ok=True)
-        self.logfile = self.dir / "redis.log"
-        self._out = self.logfile
+        self.logfile = self._out  # the shipped file logs to stdout
         self.config_file = self.dir / "redis.conf"
+        self.passwords = redis_conf_passwords(SHIPPED_REDIS_CONF.read_text(encoding="utf-8"))
         self._write_config()
 
     def _repick_ports(self) -> bool:
@@ -504,62 +623,52 @@ class PrivateRedis(_ServerProcess):
         return True
 
     def _write_config(self) -> None:
-        self.config_file.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {self.port}",
-                    "protected-mode yes",
-                    "daemonize no",
-                    "loglevel notice",
-                    f'logfile "{self.logfile}"',
-                    f'dir "{self.data_dir}"',
-                    "appendonly yes",
-                    'appendfilename "appendonly.aof"',
-                    'appenddirname "appendonlydir"',
-                    "appendfsync always",
-                    "no-appendfsync-on-rewrite no",
-                    "aof-use-rdb-preamble yes",
-                    "aof-load-truncated yes",
-                    'save ""',
-                    "maxmemory-policy noeviction",
-                    "",
-                ]
-            )
-        )
+        self.config_file.write_text(shipped_redis_conf(self.port, self.data_dir))
+
+    def url_for(self, user: str) -> str:
+        """``redis://USER:PASSWORD@127.0.0.1:PORT/0`` with the shipped file's password."""
+        return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
 
     @property
     def url(self) -> str:
-        """redis://127.0.0.1:PORT/0"""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The aggregator's URL: redis://fedq-aggregator:PASSWORD@127.0.0.1:PORT/0"""
+        return self.url_for(self.user)
 
-    def client(self) -> redis.Redis:
-        """A sync client (close it, or use it as a context manager)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5.0)
+    def client(self, user: str | None = None) -> redis.Redis:
+        """A sync client as ``user`` (default the aggregator); close it, or use ``with``."""
+        name = user or self.user
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            username=name,
+            password=self.passwords[name],
+            socket_timeout=5.0,
+        )
 
     def _argv(self) -> list[str]:
         return [self.binary, str(self.config_file)]
 
     def _probe(self) -> bool:
+        # Our own process listens on the port (not some other server that took it)...
+        if self._leader is None or not _listens(self._leader, self.port):
+            return False
+        # ...and has finished loading its AOF: an authenticated read answers LOADING
+        # until then (INFO would say so too, but it is @dangerous: refused to every
+        # user of the shipped file).
         try:
             with redis.Redis(
                 host="127.0.0.1",
                 port=self.port,
+                username=self.user,
+                password=self.passwords[self.user],
                 socket_connect_timeout=1.0,
                 socket_timeout=1.0,
                 retry=Retry(NoBackoff(), 0),
             ) as c:
-                info = c.info()
+                c.get("fedq:readiness-probe")
         except redis.RedisError:
             return False
-        # Our own process answers (not some other server that holds the port), and
-        # it has finished loading the AOF (PING answers during loading, reads do not).
-        return (
-            self._popen is not None
-            and int(info.get("process_id", -1)) == self._popen.pid
-            and int(info.get("loading", 1)) == 0
-            and int(info.get("async_loading", 0)) == 0
-        )
+        return True
 
 
 # ------------------------------------------------------------------ RabbitMQ
@@ -600,13 +709,22 @@ def _amqp_handshake(port: int) -> bool:
 class PrivateRabbit(_ServerProcess):
     """A second RabbitMQ node of our own, isolated from the shared ``rabbit@localhost``.
 
+    Runs the shipped broker_config/rabbitmq.conf, copied with only the AMQP port
+    (``listeners.tcp.default``) and the definitions path (the repository's
+    definitions.json) changed: vhost ``fedq``, the shipped users, permissions,
+    exchanges and policies, no guest. Once the node first boots, every user of
+    definitions.json gets a password of this node's own with ``rabbitmqctl
+    change_password`` (the operator step of broker_config/README.md);
+    ``definitions.skip_if_unchanged`` keeps them across restarts. :meth:`url_for`
+    gives a user's URL on vhost ``fedq``; :attr:`url` is ``fedq-admin``'s.
+
     Own node name (``fedqtest-<hex>@localhost``), AMQP port, distribution port,
-    Mnesia/quorum/log directories, pid file, config file (listener on 127.0.0.1
-    only), empty plugin list (no management listener, so no 15672 clash), empty
-    rabbitmq-env.conf (the shared /etc/rabbitmq/rabbitmq-env.conf names the shared
-    node) and its own ``$HOME`` holding its own Erlang cookie, so neither node nor
-    the CLI tools can ever reach the shared node. It registers with the machine's
-    epmd (4369), which is shared by design.
+    Mnesia/quorum/log directories, pid file, config file, empty plugin list (no
+    management listener, so no 15672 clash), empty rabbitmq-env.conf (the shared
+    /etc/rabbitmq/rabbitmq-env.conf names the shared node) and its own ``$HOME``
+    holding its own Erlang cookie, so neither node nor the CLI tools can ever reach
+    the shared node. It registers with the machine's epmd (4369), which is shared by
+    design.
 
     Runs the package's own ``rabbitmq-server`` script as a child in a new session;
     the script forks the VM (``beam.smp``), which ``stop()`` (SIGTERM, RabbitMQ's
@@ -629,6 +747,12 @@ class PrivateRabbit(_ServerProcess):
         self.port = port if port is not None else free_port()
         self.dist_port = dist_port if dist_port is not None else free_port()
         self._extra_config = dict(extra_config or {})
+        definitions = json.loads(SHIPPED_DEFINITIONS.read_text(encoding="utf-8"))
+        #: Every user of definitions.json, with the password this node gives it.
+        self.passwords = {
+            str(u["name"]): f"{u['name']}-{secrets.token_hex(8)}" for u in definitions["users"]
+        }
+        self.vhost = str(definitions["vhosts"][0]["name"])
         self.nodename = f"fedqtest-{secrets.token_hex(4)}@localhost"
         self.home = self.dir / "home"
         self.mnesia_base = self.dir / "mnesia"
@@ -655,22 +779,19 @@ class PrivateRabbit(_ServerProcess):
         return True
 
     def _write_config(self) -> None:
-        config = {
-            "listeners.tcp.default": f"127.0.0.1:{self.port}",
-            "loopback_users": "none",
-            # The project's limits (broker_config/rabbitmq.conf), so tests see them.
-            "max_message_size": "16777216",
-            "consumer_timeout": "3600000",
-            "log.file.level": "info",
-            "log.console": "false",
-        }
-        config.update(self._extra_config)
-        self.config_file.write_text("".join(f"{k} = {v}\n" for k, v in config.items()))
+        text = shipped_rabbitmq_conf(self.port)
+        if self._extra_config:  # not the shipped configuration any more: tests that say so
+            text += "".join(f"{k} = {v}\n" for k, v in self._extra_config.items())
+        self.config_file.write_text(text)
+
+    def url_for(self, user: str) -> str:
+        """``amqp://USER:PASSWORD@127.0.0.1:PORT/fedq`` for a user of definitions.json."""
+        return f"amqp://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/{self.vhost}"
 
     @property
     def url(self) -> str:
-        """amqp://guest:guest@127.0.0.1:PORT/"""
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        """``fedq-admin``'s URL (full rights on vhost ``fedq``), for generic broker tests."""
+        return self.url_for("fedq-admin")
 
     @property
     def logfile(self) -> Path:
@@ -732,7 +853,8 @@ class PrivateRabbit(_ServerProcess):
         return self._find_beam()
 
     def _probe(self) -> bool:
-        return self._find_beam() is not None and _amqp_handshake(self.port)
+        beam = self._find_beam()
+        return beam is not None and _listens(beam, self.port) and _amqp_handshake(self.port)
 
     def _after_ready(self, timeout: float) -> None:
         # The AMQP listener opens late in the boot; await_startup confirms the rest.
@@ -743,6 +865,18 @@ class PrivateRabbit(_ServerProcess):
                 f"rabbitmqctl await_startup failed for {self.nodename}:\n"
                 f"{result.stdout}{result.stderr}\n{self.log_tail()}"
             )
+        if not self.start_times:
+            self._set_passwords()
+
+    def _set_passwords(self) -> None:
+        """Give every user of definitions.json its password (they ship without one)."""
+        for user, password in self.passwords.items():
+            result = self.cli("rabbitmqctl", "change_password", user, password)
+            if result.returncode != 0:
+                raise ServerError(
+                    f"rabbitmqctl change_password {user} failed on {self.nodename}:\n"
+                    f"{result.stdout}{result.stderr}"
+                )
 
     def _on_exit(self) -> None:
         self._beam = None

@@ -259,6 +259,7 @@ async def test_audit_show_lists_updates_and_the_refusals_of_the_window(tmp_path:
                 "m-1",
                 False,
             )
+            self.live = True
 
         async def ack(self) -> None: ...
 

@@ -27,6 +27,7 @@ COMPOSE = ROOT / "compose.yaml"
 VHOST = "fedq"
 AGGREGATOR = "fedq-aggregator"
 ADMIN = "fedq-admin"
+AUDITOR = "fedq-auditor"
 BANKS = ("bank-a", "bank-b")
 EXCHANGES = ("fedq.updates", "fedq.models", "fedq.dlx")
 TASKS = ("credit", "fraud-v2")
@@ -206,9 +207,9 @@ def test_every_entry_is_in_vhost_fedq() -> None:
 
 
 def test_users_and_tags() -> None:
-    assert {u["name"] for u in section("users")} == {AGGREGATOR, ADMIN, *BANKS}
+    assert {u["name"] for u in section("users")} == {AGGREGATOR, ADMIN, AUDITOR, *BANKS}
     assert user(ADMIN)["tags"] == ["administrator"]
-    for name in (AGGREGATOR, *BANKS):
+    for name in (AGGREGATOR, AUDITOR, *BANKS):
         assert user(name)["tags"] == [], name
 
 
@@ -396,6 +397,48 @@ def test_admin_has_full_access_in_fedq() -> None:
         assert perm[kind] == ".*"
 
 
+# --------------------------------------------------------------------------- auditor
+
+
+def test_auditor_reads_only_audit_streams_and_dead_letters() -> None:
+    read = permissions(AUDITOR)["read"]
+    assert_allows(
+        read,
+        [
+            *(f"fedq.audit.{task}" for task in TASKS),
+            *(f"fedq.dead.{task}" for task in TASKS),
+        ],
+    )
+    assert_denies(
+        read,
+        [
+            *(f"fedq.work.{task}" for task in TASKS),
+            *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *EXCHANGES,
+            "fedq.audit.credit.x",
+            "fedq.audit.",
+            "xfedq.audit.credit",
+            "fedq.auditx.credit",
+            "amq.default",
+        ],
+    )
+
+
+def test_auditor_cannot_configure_or_write_anything() -> None:
+    perm = permissions(AUDITOR)
+    everything = [
+        *EXCHANGES,
+        "amq.default",
+        "amq.topic",
+        *(f"fedq.{kind}.{task}" for kind in ("work", "audit", "dead") for task in TASKS),
+        *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+        "anything",
+    ]
+    assert_denies(perm["configure"], everything)
+    assert_denies(perm["write"], everything)
+    assert not [p for p in section("topic_permissions") if p["user"] == AUDITOR]
+
+
 # --------------------------------------------------------------------------- policies
 
 POLICY_EXAMPLES = {
@@ -495,7 +538,8 @@ def test_rabbitmq_conf_documents_tls() -> None:
 
 def test_redis_persistence() -> None:
     assert redis_single("appendonly") == "yes"
-    assert redis_single("appendfsync") in {"everysec", "always"}
+    # The aggregator acks updates after the commit: the commit must be on disk first.
+    assert redis_single("appendfsync") == "always"
     assert redis_single("aof-use-rdb-preamble") == "yes"
     assert redis_single("dir") == "/data"
 
@@ -504,23 +548,57 @@ def test_redis_never_evicts() -> None:
     assert redis_single("maxmemory-policy") == "noeviction"
 
 
-def test_redis_acl_users() -> None:
+def redis_users() -> dict[str, list[str]]:
     users = {d[1]: d[2:] for d in redis_directives(REDIS_CONF) if d[0] == "user"}
-    assert set(users) == {"default", "fedq-aggregator"}
-    aggregator = users["fedq-aggregator"]
+    assert len(users) == len([d for d in redis_directives(REDIS_CONF) if d[0] == "user"])
+    return users
+
+
+def test_redis_acl_users() -> None:
+    users = redis_users()
+    assert set(users) == {"default", AGGREGATOR, AUDITOR, "fedq-health"}
+    aggregator = users[AGGREGATOR]
     assert "on" in aggregator
     assert "~fedq:*" in aggregator
     assert not [r for r in aggregator if r.startswith("~") and r != "~fedq:*"]
     assert "allkeys" not in aggregator
     assert "nopass" not in aggregator
     assert "-@dangerous" in aggregator
-    default = users["default"]
-    # The default user may only PING (healthchecks): no keys, no other commands.
-    assert "-@all" in default
-    assert not [r for r in default if r.startswith(("~", "%", "+@")) or r == "allkeys"]
-    assert [r for r in default if r.startswith("+")] == ["+ping"]
     # requirepass would rewrite the default user defined here.
     assert not [d for d in redis_directives(REDIS_CONF) if d[0] == "requirepass"]
+
+
+def test_redis_default_user_is_off_with_the_writers_rights() -> None:
+    # Redis 7.0 re-checks every MULTI/EXEC of the AOF against the default user while
+    # loading it: with fewer rights than the aggregator, every commit is dropped on a
+    # restart (tests/test_server_restarts.py). Off: nobody can log in as it.
+    default = redis_users()["default"]
+    assert "off" in default
+    assert "on" not in default
+    assert [r for r in default if r not in ("off", "nopass")] == [
+        r for r in redis_users()[AGGREGATOR] if r != "on" and not r.startswith((">", "#"))
+    ]
+
+
+def test_redis_auditor_is_read_only() -> None:
+    auditor = redis_users()[AUDITOR]
+    assert "on" in auditor
+    assert "nopass" not in auditor
+    assert auditor.index("-@all") < auditor.index("+@read")
+    # Read-only key permission, fedq keys only, no channels, nothing dangerous last.
+    assert [r for r in auditor if r.startswith(("~", "%"))] == ["%R~fedq:*"]
+    assert "allkeys" not in auditor and "allchannels" not in auditor
+    assert not [r for r in auditor if r.startswith("&")]
+    assert auditor[-1] == "-@dangerous"
+    granted = [r for r in auditor if r.startswith("+")]
+    assert granted == ["+@read", "+@connection"]
+
+
+def test_redis_health_user_may_only_ping() -> None:
+    health = redis_users()["fedq-health"]
+    assert "-@all" in health
+    assert not [r for r in health if r.startswith(("~", "%", "&", "+@")) or r == "allkeys"]
+    assert [r for r in health if r.startswith("+")] == ["+ping"]
 
 
 def test_redis_conf_documents_tls() -> None:
@@ -567,7 +645,11 @@ def test_compose_redis() -> None:
     words = command.split() if isinstance(command, str) else command
     assert words == ["redis-server", "/usr/local/etc/redis/redis.conf"]
     assert any(target == "/data" for _, target in mounts("redis"))
-    assert "redis-cli ping" in " ".join(service["healthcheck"]["test"])
+    # The default user is off: the healthcheck logs in as the PING-only user.
+    check = " ".join(service["healthcheck"]["test"])
+    assert "redis-cli" in check
+    assert "--user fedq-health" in check
+    assert check.split("|")[0].split()[-1] == "ping"
 
 
 def test_compose_named_volumes_are_declared() -> None:
@@ -576,3 +658,25 @@ def test_compose_named_volumes_are_declared() -> None:
         for source, _ in mounts(service):
             if not source.startswith((".", "/")):
                 assert source in declared, source
+
+
+# --------------------------------------------------------------------------- documents
+
+
+@pytest.mark.parametrize(
+    "path", [BROKER_CONFIG / "README.md", RABBITMQ_CONF, REDIS_CONF, DEFINITIONS, COMPOSE]
+)
+def test_config_documents_describe_the_project_as_it_is(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert "DESIGN.md" not in text  # not in the repository
+    assert "later issue" not in text.lower()
+    assert "chunked" not in text  # fedq has no chunking
+
+
+def test_readme_matches_the_shipped_redis_and_work_queue() -> None:
+    text = (BROKER_CONFIG / "README.md").read_text(encoding="utf-8")
+    assert "everysec" not in text
+    assert "`appendfsync always`" in text
+    assert "no `x-overflow`" not in text
+    for name in (AUDITOR, "fedq-health"):
+        assert f"`{name}`" in text, name

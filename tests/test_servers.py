@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import uuid
 from pathlib import Path
@@ -12,10 +13,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.servers import (  # noqa: F401
+    BROKER_CONFIG,
     PrivateRabbit,
     PrivateRedis,
     private_rabbit_fixture,
     private_redis_fixture,
+    shipped_rabbitmq_conf,
+    shipped_redis_conf,
 )
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -92,6 +96,50 @@ async def _drain(url: str, queue: str) -> list[bytes]:
     return got
 
 
+def _changed_lines(shipped: Path, used: Path) -> tuple[list[str], list[str]]:
+    """(lines only in the shipped file, lines only in the file the server runs)."""
+    diff = list(
+        difflib.ndiff(
+            shipped.read_text(encoding="utf-8").splitlines(),
+            used.read_text(encoding="utf-8").splitlines(),
+        )
+    )
+    return [d[2:] for d in diff if d.startswith("- ")], [d[2:] for d in diff if d.startswith("+ ")]
+
+
+# ------------------------------------------------------------- shipped configs
+
+
+def test_private_redis_runs_the_shipped_config_but_port_and_dir(tmp_path: Path) -> None:
+    server = PrivateRedis(base_dir=tmp_path)  # not started: the config is written already
+    removed, added = _changed_lines(BROKER_CONFIG / "redis.conf", server.config_file)
+    assert removed == ["port 6379", "dir /data"]
+    assert added == [f"port {server.port}", f'dir "{server.data_dir}"']
+    assert server.config_file.read_text() == shipped_redis_conf(server.port, server.data_dir)
+    assert server.url == (
+        f"redis://fedq-aggregator:change-me-fedq-aggregator@127.0.0.1:{server.port}/0"
+    )
+    server.close()
+
+
+def test_private_rabbit_runs_the_shipped_config_but_port_and_definitions(
+    tmp_path: Path,
+) -> None:
+    node = PrivateRabbit(base_dir=tmp_path)  # not started
+    removed, added = _changed_lines(BROKER_CONFIG / "rabbitmq.conf", node.config_file)
+    assert removed == [
+        "definitions.local.path = /etc/rabbitmq/definitions.json",
+        "listeners.tcp.default = 5672",
+    ]
+    assert added == [
+        f"definitions.local.path = {BROKER_CONFIG / 'definitions.json'}",
+        f"listeners.tcp.default = {node.port}",
+    ]
+    assert node.config_file.read_text() == shipped_rabbitmq_conf(node.port)
+    assert node.url_for("bank-a").endswith(f"@127.0.0.1:{node.port}/fedq")
+    node.close()
+
+
 # --------------------------------------------------------------------- Redis
 
 
@@ -103,7 +151,7 @@ async def test_redis_data_survives_kill_and_restart(private_redis: PrivateRedis)
         await shared.set(shared_key, token, ex=600)
         assert private_redis.port != 6379
         port, url, data_dir = private_redis.port, private_redis.url, private_redis.data_dir
-        assert url == f"redis://127.0.0.1:{port}/0"
+        assert url.endswith(f"@127.0.0.1:{port}/0")
 
         client = aioredis.Redis.from_url(private_redis.url)
         try:
@@ -173,7 +221,9 @@ async def test_rabbit_quorum_messages_survive_kill(private_rabbit: PrivateRabbit
     assert node.nodename != "rabbit@localhost"
     assert node.port != 5672
     assert node.dist_port != 25672
-    assert node.url == f"amqp://guest:guest@127.0.0.1:{node.port}/"
+    assert (
+        node.url == f"amqp://fedq-admin:{node.passwords['fedq-admin']}@127.0.0.1:{node.port}/fedq"
+    )
     port, url = node.port, node.url
 
     queue = f"fedqtest-q-{uuid.uuid4().hex[:10]}"
@@ -213,7 +263,7 @@ async def test_rabbit_graceful_stop_keeps_messages(private_rabbit: PrivateRabbit
     await _publish_confirmed(node.url, quorum, bodies, quorum=True)
     await _publish_confirmed(node.url, classic, bodies, quorum=False)
 
-    listed = node.cli("rabbitmqctl", "list_queues", "name", "type")
+    listed = node.cli("rabbitmqctl", "list_queues", "-p", node.vhost, "name", "type")
     assert listed.returncode == 0, listed.stderr
     assert f"{quorum}\tquorum" in listed.stdout
     assert f"{classic}\tclassic" in listed.stdout
