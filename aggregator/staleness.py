@@ -2,9 +2,8 @@
 
 An update trained on version ``v`` that reaches the aggregator when the head is
 version ``t`` has staleness ``t - v >= 0``. Its influence is scaled by
-``s(t - v)``, with ``s(0) = 1`` for every kind. The definitions are exactly those
-of DESIGN.md ("Modes"), with ``a >= 0`` and integer ``b >= 0`` from
-:class:`common.spec.StalenessSpec`:
+``s(t - v)``, with ``s(0) = 1`` for every kind. These are the definitions, with
+``a >= 0`` and integer ``b >= 0`` from :class:`common.spec.StalenessSpec`:
 
 - ``constant``:   ``s(t - v) = 1``
 - ``polynomial``: ``s(t - v) = (t - v + 1) ** (-a)``   (``a = 0`` gives 1 everywhere)
@@ -16,9 +15,9 @@ it is ``1 / (a + 1)``: continuous at the knee, then decaying like ``1 / x``.
 Implementations in the field disagree on the hinge. The FedAsync paper (Xie,
 Koyejo and Gupta, 2019) writes ``1 / (a (t - v - b) + 1)`` for ``t - v > b``,
 which is ours; some published code instead uses ``1 / (a (t - v + b) + 1)``
-(discontinuous at the knee), or a power of ``(t - v - b)``. Ours is DESIGN.md's
-and only DESIGN.md's; anyone comparing runs with another framework should check
-which one it uses.
+(discontinuous at the knee), or a power of ``(t - v - b)``. fedq uses the
+paper's form above and no other; anyone comparing runs with another framework
+should check which one it uses.
 
 The weight is an ordinary Python float (IEEE binary64). ``constant`` and
 ``hinge`` use only correctly rounded operations, so they are bit-identical on

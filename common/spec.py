@@ -78,7 +78,7 @@ class ModelSpec(_Spec):
 
 
 class StalenessSpec(_Spec):
-    """Staleness weighting ``s(t - v)``, as written in DESIGN.md."""
+    """Staleness weighting ``s(t - v)``, as defined in :mod:`aggregator.staleness`."""
 
     kind: Literal["constant", "polynomial", "hinge"] = "polynomial"
     a: float = Field(default=0.5, ge=0)

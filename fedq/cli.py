@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,22 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
         try:
             speeds = tuple(float(s) for s in value.split(","))
         except ValueError:
-            raise click.BadParameter("a comma-separated list of numbers, e.g. 1,1,1,1,10") from None
-        if any(s <= 0 for s in speeds) or len(speeds) > participants:
-            raise click.BadParameter("one positive factor per participant at most")
+            raise click.BadParameter(
+                f"{value!r} is not a comma-separated list of numbers, e.g. 1,1,1,1,10",
+                param_hint="'--speeds'",
+            ) from None
+        bad = [s for s in speeds if not (math.isfinite(s) and s > 0)]
+        if bad:
+            raise click.BadParameter(
+                f"{bad[0]:g} is not a positive factor; each factor must be a positive number",
+                param_hint="'--speeds'",
+            )
+        if len(speeds) > participants:
+            raise click.BadParameter(
+                f"{len(speeds)} factors for {participants} participants; give at most one "
+                "per participant (missing ones are 1)",
+                param_hint="'--speeds'",
+            )
         return speeds
     if straggler:
         return (1.0,) * (participants - 1) + (straggler,)
@@ -285,15 +299,14 @@ def simulate(**opts: Any) -> None:
         # The services run in this process: their per-version lines would drown the
         # progress bar. Warnings still show; --log-level info brings the rest back.
         configure_logging("warning", (ctx.obj or {}).get("log_format", "auto"))
-    from fedq.simulate import SimulationConfig, bundled_data
-    from fedq.simulate_cli import run_with_progress
+    from pydantic import ValidationError
+
+    from fedq.simulate import SimulationConfig, bundled_data, prepare
 
     console = Console()
     bundled = opts["data"] is None
     try:
-        hidden = (
-            tuple(int(h) for h in opts["hidden"].split(",")) if opts["model_kind"] == "mlp" else ()
-        )
+        hidden = _hidden(opts["hidden"]) if opts["model_kind"] == "mlp" else ()
         config = SimulationConfig(
             data=bundled_data() if bundled else opts["data"],
             target=opts["target"] or ("creditability" if bundled else ""),
@@ -330,15 +343,47 @@ def simulate(**opts: Any) -> None:
             plot=opts["plot"],
         )
         if not config.target:
-            raise click.BadParameter("--target is required with --data", param_hint="--target")
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+            raise click.BadParameter("--target is required with --data", param_hint="'--target'")
+    except ValueError as e:  # pydantic's ValidationError too
+        raise click.UsageError(_one_line(e)) from e
     try:
-        ok = run_with_progress(config, console, both=opts["mode"] == "both")
+        # Read and check the data and the options before anything starts: a bad cell
+        # or option is one line here, before the banner and the progress bar.
+        prepared = prepare(config)
+        from fedq.simulate_cli import run_with_progress
+
+        ok = run_with_progress(config, console, both=opts["mode"] == "both", prepared=prepared)
     except FedqError as e:
-        console.print(f"[red]error:[/] {e}")
-        sys.exit(2)
+        fail(e)
+    except ValidationError as e:  # a task spec the options cannot make
+        raise click.UsageError(_one_line(e)) from e
     sys.exit(0 if ok else 1)
+
+
+def _hidden(value: str) -> tuple[int, ...]:
+    """``--hidden 32,16``: positive layer widths."""
+    try:
+        widths = tuple(int(h) for h in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of whole numbers, e.g. 32,16",
+            param_hint="'--hidden'",
+        ) from None
+    if any(w < 1 for w in widths):
+        raise click.BadParameter("each layer width must be at least 1", param_hint="'--hidden'")
+    return widths
+
+
+def _one_line(e: Exception) -> str:
+    """A pydantic ValidationError (several lines) as one line; others as they are."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    parts = [
+        f"{'.'.join(str(x) for x in err['loc']) or e.title}: {err['msg']}" for err in e.errors()
+    ]
+    return f"invalid {e.title}: " + "; ".join(parts)
 
 
 spec_option = click.option(
@@ -375,6 +420,14 @@ def aggregator() -> None:
     help="Seconds the writer lease lives unless renewed: how soon a standby takes over.",
 )
 @click.option(
+    "--stall-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="/healthz turns unhealthy when updates wait and none is taken (or one is in hand) "
+    "for this many seconds.",
+)
+@click.option(
     "--audit-max-age",
     default="90D",
     show_default=True,
@@ -409,6 +462,7 @@ def aggregator_run(
     prefetch: int,
     keep_blobs: int | None,
     lease_ttl: float,
+    stall_timeout: float,
     audit_max_age: str,
     audit_max_bytes: int,
     sender_check: bool,
@@ -432,6 +486,7 @@ def aggregator_run(
                 prefetch=prefetch,
                 require_sender_match=sender_check,
                 lease_ttl_s=lease_ttl,
+                stall_s=stall_timeout,
                 audit_max_age=audit_max_age,
                 audit_max_bytes=audit_max_bytes,
             ),
@@ -540,6 +595,18 @@ def task() -> None:
 @click.option("--hidden", default="16", help="MLP hidden widths, e.g. 32,16.")
 @click.option("--strategy", type=click.Choice(["fedasync", "fedbuff"]), default="fedasync")
 @click.option(
+    "--max-samples",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="The largest sample count any update may claim (FedAvg weighs by it).",
+)
+@click.option(
+    "--declared-samples",
+    default="",
+    help="What each bank holds, e.g. bank-a=12000,bank-b=800: its updates may claim no more.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -554,6 +621,8 @@ def task_init(
     model_kind: str,
     hidden: str,
     strategy: str,
+    max_samples: int,
+    declared_samples: str,
     out: Path | None,
 ) -> None:
     """Derive a task spec (shared feature schema) from a reference sample."""
@@ -579,6 +648,8 @@ def task_init(
                 "target": TargetSpec(name=target, positive=positive).model_dump(),
                 "async": AsyncSettings(strategy=strategy).model_dump(),
                 "participants": [p.strip() for p in participants.split(",") if p.strip()],
+                "max_samples": max_samples,
+                "declared_samples": _declared(declared_samples),
             }
         )
     except FedqError as e:
@@ -592,6 +663,21 @@ def task_init(
         out.write_text(text + "\n")
         for name, why in schema.skipped.items():
             Console(stderr=True).print(f"skipped column {name!r}: {why}")
+
+
+def _declared(text: str) -> dict[str, int]:
+    """``bank-a=12000,bank-b=800`` as a mapping; a usage error names the bad item."""
+    out: dict[str, int] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, count = item.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise click.BadParameter(
+                f"{item!r} is not NAME=COUNT (e.g. bank-a=12000)", param_hint="'--declared-samples'"
+            )
+        out[name.strip()] = int(count)
+    return out
 
 
 def _register_audit_commands() -> None:

@@ -6,31 +6,34 @@ set and N bank shards; the shared feature schema (vocabularies, scaling statisti
 is fixed once from the pooled training rows, as a consortium would agree it, and
 never refitted at a bank. Reports global test AUC over wall-clock time beside the
 centralized baseline (all training rows pooled) and each bank's local-only model.
+
+Inputs are checked before anything starts: :func:`load_data` reads the table and
+checks its values and the options that depend on it (a one-line
+:class:`~common.errors.ConfigError` names the column, row or option at fault), and
+:func:`prepare` splits it and checks every bank gets enough rows. Both import no
+torch and no services until the data has passed its checks. What is worth knowing
+but not wrong (a column left out, a bank with no row of one class) comes back as
+warnings, which the CLI prints and the report keeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import structlog
-import torch
-from sklearn.model_selection import train_test_split
 
-from aggregator.metrics import AggregatorMetrics
-from aggregator.service import AggregatorService, ServiceConfig
-from aggregator.store import RedisModelStore, StoreConfig, VersionRecord, connect_redis
 from common.errors import ConfigError
-from common.evaluation import evaluate
-from common.models import build_task_model, model_tensors
 from common.spec import (
     AsyncSettings,
     ModelSpec,
@@ -40,18 +43,31 @@ from common.spec import (
     TaskSpec,
     TrainingSettings,
 )
-from common.transport import Transport
-from common.transport.amqp import AmqpTransport
-from common.transport.memory import MemoryBroker, MemoryTransport
-from common.wire import Tensors
 from participant import partition
-from participant.data import encode, infer_features, load_table, resolve_positive
-from participant.training import train_local
-from participant.worker import ParticipantWorker, WorkerConfig
+from participant.data import (
+    binary_labels,
+    encode,
+    infer_features,
+    load_table,
+    resolve_positive,
+    train_rows,
+    train_val_split,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.transport import Transport
+    from common.wire import Tensors
 
 log = structlog.get_logger("fedq.simulate")
 
 Partition = Literal["iid", "dirichlet", "column"]
+
+#: Each bank keeps this share of its rows for validation (the worker's split).
+VAL_FRACTION = 0.2
+#: The fewest training rows (after the validation split) a bank may have.
+MIN_TRAIN_ROWS = 10
 
 
 def bundled_data() -> Path:
@@ -150,6 +166,8 @@ class SimulationResult:
     contributors: list[list[str]]
     participants: dict[str, dict[str, Any]]
     settings: dict[str, Any]
+    #: What the user should know about the data and the split (columns left out, ...).
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -157,34 +175,130 @@ class SimulationResult:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """The whole table after :func:`load_data` checked it."""
+
+    df: pd.DataFrame
+    #: The target value of class 1 (None: the target is already 0/1).
+    positive: str | None
+    #: 0/1 label of every row.
+    labels: npt.NDArray[np.int64]
+
+
 @dataclass(slots=True)
-class _Prepared:
+class Prepared:
+    """What :func:`prepare` made: the task spec, the bank shards, encoded test and training rows."""
+
     spec: TaskSpec
     shards: dict[str, pd.DataFrame]
     x_test: torch.Tensor
     y_test: torch.Tensor
     x_train: torch.Tensor
     y_train: torch.Tensor
+    #: What the user should know about the data and the split, one sentence each.
+    warnings: tuple[str, ...] = ()
 
 
-def prepare(config: SimulationConfig) -> _Prepared:
-    """Split the data, fix the shared schema, build the task spec and the bank shards."""
-    if config.participants < 1:
-        raise ConfigError("--participants must be at least 1")
+def check_options(config: SimulationConfig) -> None:
+    """Check the options that need no data. ConfigError names the option at fault."""
+    n = config.participants
+    if n < 1:
+        raise ConfigError(f"--participants must be at least 1, not {n}")
+    if len(config.speeds) > n:
+        raise ConfigError(f"--speeds gives {len(config.speeds)} factors for {n} participants")
+    for s in config.speeds:
+        if not (math.isfinite(s) and s > 0):
+            raise ConfigError(f"--speeds: {s:g} is not a positive finite factor")
+    if not 0.0 < config.test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), not {config.test_fraction}")
+    if config.partition == "column" and not config.partition_column:
+        raise ConfigError("--partition column needs --partition-column NAME")
+    if config.partition != "column" and config.partition_column:
+        raise ConfigError(
+            f"--partition-column is used only with --partition column, not {config.partition}"
+        )
+    for option, value in (("--quorum", config.quorum), ("--min-updates", config.min_updates)):
+        if value > n:
+            raise ConfigError(
+                f"{option} {value} is more than --participants {n}: no sync round could close"
+            )
+
+
+def load_data(config: SimulationConfig) -> Dataset:
+    """Read the table and check it against the options, before anything starts.
+
+    The whole table is checked, so an error names the row of the file: the target
+    must be binary with at least 2 rows of each class and no missing cell; every
+    feature value must be usable (see :func:`participant.data.infer_features`); the
+    rows left for training must give every bank at least :data:`MIN_TRAIN_ROWS`.
+
+    Raises:
+        ConfigError: one line naming the option, column or row at fault.
+    """
+    check_options(config)
     df = load_table(config.data)
-    positive = resolve_positive(df, config.target, config.positive)
-    labels = (df[config.target].astype(str) == positive) if positive else df[config.target]
-    train_df, test_df = train_test_split(
-        df, test_size=config.test_fraction, random_state=config.seed, stratify=labels
-    )
-    train_df = train_df.reset_index(drop=True)
-    exclude = [config.partition_column] if config.partition_column else []
-    schema = infer_features(train_df, config.target, exclude=exclude)
-    names = tuple(f"bank-{i + 1:02d}" for i in range(config.participants))
-    spec = TaskSpec(
+    target = config.target
+    positive = resolve_positive(df, target, config.positive)
+    labels = binary_labels(df, target, positive).astype(np.int64)
+    for cls in (1, 0):
+        count = int((labels == cls).sum())
+        if count < 2:
+            raise ConfigError(
+                f"target column {target!r} has {count} row{'' if count == 1 else 's'} of "
+                f"{_class_name(cls, positive)}; at least 2 are needed, one for the test set "
+                "and one for training"
+            )
+    column = config.partition_column
+    if column is not None and column not in {str(c) for c in df.columns}:
+        raise ConfigError(f"--partition-column {column!r} is not a column of the data")
+    if column is not None and column == target:
+        raise ConfigError(f"--partition-column {column!r} is the target column")
+    infer_features(df, target, exclude=[column] if column else [])  # value checks, named rows
+    n_test = math.ceil(config.test_fraction * len(df))  # as train_test_split counts
+    n_train = len(df) - n_test
+    if config.partition != "column":
+        smallest = n_train // config.participants
+        if train_rows(smallest, VAL_FRACTION) < MIN_TRAIN_ROWS:
+            most = n_train // _min_shard()
+            fix = (
+                f"use --participants {most} or fewer"
+                if most >= 1
+                else "the data has too few rows for even one bank"
+            )
+            raise ConfigError(
+                f"--participants {config.participants} is too many for {len(df)} rows: "
+                f"{n_train} training rows (after {n_test} held out for testing) leave a bank "
+                f"{train_rows(smallest, VAL_FRACTION)} to train on after its validation "
+                f"split, and each bank needs at least {MIN_TRAIN_ROWS}: {fix}"
+            )
+    return Dataset(df=df, positive=positive, labels=labels)
+
+
+def _min_shard() -> int:
+    """The fewest rows a bank can have and still train on MIN_TRAIN_ROWS."""
+    n = MIN_TRAIN_ROWS
+    while train_rows(n, VAL_FRACTION) < MIN_TRAIN_ROWS:
+        n += 1
+    return n
+
+
+def _class_name(cls: int, positive: str | None) -> str:
+    if positive is None:
+        return f"class {cls}"
+    return f"class 1 ({positive!r})" if cls else f"class 0 (not {positive!r})"
+
+
+def _task_spec(
+    config: SimulationConfig,
+    features: tuple[Any, ...],
+    positive: str | None,
+    names: tuple[str, ...],
+) -> TaskSpec:
+    return TaskSpec(
         task_id=f"sim-{uuid.uuid4().hex[:8]}",
         model=config.model,
-        features=schema.features,
+        features=features,
         target=TargetSpec(name=config.target, positive=positive),
         mode=config.mode,
         async_=AsyncSettings(
@@ -206,38 +320,138 @@ def prepare(config: SimulationConfig) -> _Prepared:
         participants=names,
         seed=config.seed,
     )
-    x_train, y_train = encode(train_df, spec)
-    y_np = y_train.numpy().astype(np.int64)
+
+
+def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
+    """Split the data, fix the shared schema, build the task spec and the bank shards.
+
+    ``data`` is what :func:`load_data` returned for ``config`` (read here if None).
+
+    Raises:
+        ConfigError: one line naming the option, column or row at fault.
+    """
+    if data is None:
+        data = load_data(config)
+    from sklearn.model_selection import train_test_split
+
+    df, positive, target = data.df, data.positive, config.target
+    try:
+        train_df, test_df, y_train_np, y_test_np = train_test_split(
+            df,
+            data.labels,
+            test_size=config.test_fraction,
+            random_state=config.seed,
+            stratify=data.labels,
+        )
+    except ValueError as e:  # checked above; kept one line should sklearn still object
+        raise ConfigError(f"cannot split {len(df)} rows into test and training: {e}") from e
+    for where, y in (("test set", y_test_np), ("training rows", y_train_np)):
+        for cls in (1, 0):
+            if not (y == cls).any():
+                raise ConfigError(
+                    f"the {where} have no row of {_class_name(cls, positive)}: target column "
+                    f"{target!r} has too few of them to split ({int((data.labels == cls).sum())})"
+                )
+    train_df = train_df.reset_index(drop=True)
+    exclude = [config.partition_column] if config.partition_column else []
+    schema = infer_features(train_df, target, exclude=exclude)
+    warnings = list(schema.warnings)
+    names = tuple(f"bank-{i + 1:02d}" for i in range(config.participants))
+    spec = _task_spec(config, schema.features, positive, names)
+    y_np = np.asarray(y_train_np, dtype=np.int64)
     if config.partition == "iid":
         parts = partition.iid(len(train_df), config.participants, config.seed)
     elif config.partition == "dirichlet":
-        parts = partition.dirichlet_label_skew(y_np, config.participants, config.alpha, config.seed)
+        try:
+            parts = partition.dirichlet_label_skew(
+                y_np, config.participants, config.alpha, config.seed, min_size=_min_shard()
+            )
+        except ConfigError as e:
+            raise ConfigError(
+                f"--partition dirichlet (--alpha {config.alpha:g}, --participants "
+                f"{config.participants}, at least {_min_shard()} rows per bank): {e}"
+            ) from e
     else:
-        if not config.partition_column:
-            raise ConfigError("--partition column needs --partition-column NAME")
-        if config.partition_column not in train_df.columns:
-            raise ConfigError(f"partition column {config.partition_column!r} is not in the data")
-        parts = partition.by_column(
-            train_df[config.partition_column].to_numpy(), config.participants
-        )
+        parts = _by_column(config, train_df)
     shards = {
         name: train_df.iloc[rows].reset_index(drop=True)
         for name, rows in zip(names, parts, strict=True)
     }
+    warnings.extend(_one_class_banks(config, names, parts, y_np, positive))
+    x_train, y_train = encode(train_df, spec)
     x_test, y_test = encode(test_df.reset_index(drop=True), spec)
-    return _Prepared(spec, shards, x_test, y_test, x_train, y_train)
+    return Prepared(spec, shards, x_test, y_test, x_train, y_train, tuple(warnings))
+
+
+def _by_column(config: SimulationConfig, train_df: pd.DataFrame) -> list[npt.NDArray[np.int64]]:
+    """One part per value of the partition column; ConfigError naming the options."""
+    column = str(config.partition_column)
+    groups = partition.by_column_labeled(train_df[column].to_numpy())
+    if len(groups) != config.participants:
+        shown = [label for label, _ in groups[:10]]
+        raise ConfigError(
+            f"--partition column makes one bank per value, and column {column!r} has "
+            f"{len(groups)} values in the training rows {shown}"
+            f"{' ...' if len(groups) > 10 else ''}: use --participants {len(groups)}, "
+            f"not {config.participants}"
+        )
+    for label, rows in groups:
+        if train_rows(len(rows), VAL_FRACTION) < MIN_TRAIN_ROWS:
+            raise ConfigError(
+                f"--partition column: value {label!r} of column {column!r} has "
+                f"{len(rows)} training rows, {train_rows(len(rows), VAL_FRACTION)} to train "
+                f"on after the validation split; each bank needs at least {MIN_TRAIN_ROWS}"
+            )
+    return [rows for _, rows in groups]
+
+
+def _one_class_banks(
+    config: SimulationConfig,
+    names: tuple[str, ...],
+    parts: list[npt.NDArray[np.int64]],
+    y: npt.NDArray[np.int64],
+    positive: str | None,
+) -> list[str]:
+    """A warning for each class some banks have no training row of (heavy skew, rare class)."""
+    lacking: dict[int, list[str]] = {1: [], 0: []}
+    for i, (name, rows) in enumerate(zip(names, parts, strict=True)):
+        train_idx, _ = train_val_split(len(rows), VAL_FRACTION, config.seed + i)
+        mine = y[rows][train_idx.numpy()]
+        for cls in (1, 0):
+            if not (mine == cls).any():
+                lacking[cls].append(name)
+    return [
+        f"{len(banks)} of {len(names)} banks have no training row of "
+        f"{_class_name(cls, positive)} ({', '.join(banks[:10])}"
+        f"{', ...' if len(banks) > 10 else ''}): they train on one class only"
+        for cls, banks in lacking.items()
+        if banks
+    ]
+
+
+def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
+    """The same split and schema under ``config.mode``, as a task of its own."""
+    if prep.spec.mode == config.mode:
+        return prep
+    spec = _task_spec(config, prep.spec.features, prep.spec.target.positive, prep.spec.participants)
+    return replace(prep, spec=spec)
 
 
 def _baseline(spec: TaskSpec, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> Tensors:
     """A model trained from version 0 on ``(x, y)`` alone for ``epochs`` epochs."""
+    from common.models import build_task_model, model_tensors
+    from participant.training import train_local
+
     params = model_tensors(build_task_model(spec))
     long = spec.model_copy(update={"training": spec.training.model_copy(update={"epochs": epochs})})
     delta, _ = train_local(long, params, x, y, seed=seed)
     return {k: params[k] + delta[k] for k in params}
 
 
-def baselines(prep: _Prepared, config: SimulationConfig) -> tuple[float, dict[str, float]]:
+def baselines(prep: Prepared, config: SimulationConfig) -> tuple[float, dict[str, float]]:
     """Centralized test AUC, and each bank's local-only test AUC."""
+    from common.evaluation import evaluate
+
     spec = prep.spec
     central = evaluate(
         spec,
@@ -256,6 +470,9 @@ def baselines(prep: _Prepared, config: SimulationConfig) -> tuple[float, dict[st
 async def _transports(
     config: SimulationConfig, names: tuple[str, ...]
 ) -> tuple[Transport, dict[str, Transport]]:
+    from common.transport.amqp import AmqpTransport
+    from common.transport.memory import MemoryBroker, MemoryTransport
+
     if config.amqp_url is None:
         broker = MemoryBroker()
         return MemoryTransport(broker, "fedq-aggregator"), {
@@ -268,9 +485,24 @@ async def _transports(
     return agg, banks
 
 
-async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> SimulationResult:
-    """Run the whole simulation; ``on_progress(Progress)`` is called after each version."""
-    prep = await asyncio.to_thread(prepare, config)
+async def run_simulation(
+    config: SimulationConfig, on_progress: Any = None, prepared: Prepared | None = None
+) -> SimulationResult:
+    """Run the whole simulation; ``on_progress(Progress)`` is called after each version.
+
+    ``prepared`` is what :func:`prepare` returned for this data (prepared here if None).
+    """
+    from aggregator.metrics import AggregatorMetrics
+    from aggregator.service import AggregatorService, ServiceConfig
+    from aggregator.store import RedisModelStore, StoreConfig, VersionRecord, connect_redis
+    from common.evaluation import evaluate
+    from common.models import build_task_model, model_tensors
+    from participant.worker import ParticipantWorker, WorkerConfig
+
+    if prepared is None:
+        prep = await asyncio.to_thread(prepare, config)
+    else:
+        prep = _for_mode(prepared, config)
     spec = prep.spec
     central_auc, local_auc = await asyncio.to_thread(baselines, prep, config)
     names = spec.participants
@@ -324,6 +556,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
             WorkerConfig(
                 participant=name,
                 seed=config.seed + i,
+                val_fraction=VAL_FRACTION,
                 delay_s=config.base_delay_s * speeds[i],
                 wait_for_model_s=2.0,
             ),
@@ -385,6 +618,7 @@ async def run_simulation(config: SimulationConfig, on_progress: Any = None) -> S
             for i, w in enumerate(workers)
         },
         settings=_settings(config, spec),
+        warnings=list(prep.warnings),
     )
 
 
@@ -419,6 +653,7 @@ class Comparison:
         first = next(iter(self.runs.values()))
         return {
             "mode": "both",
+            "warnings": first.warnings,
             "target_auc": first.target_auc,
             "centralized_auc": first.centralized_auc,
             "time_to_target_s": {m: r.time_to_target_s for m, r in self.runs.items()},
@@ -429,9 +664,10 @@ class Comparison:
 
 async def run_comparison(config: SimulationConfig, on_progress: Any = None) -> Comparison:
     """Run async, then sync, with the same data split, seeds and speed profiles."""
+    prep = await asyncio.to_thread(prepare, config)
     runs: dict[str, SimulationResult] = {}
     for mode in ("async", "sync"):
-        runs[mode] = await run_simulation(replace(config, mode=mode), on_progress)
+        runs[mode] = await run_simulation(replace(config, mode=mode), on_progress, prep)
     return Comparison(runs)
 
 

@@ -7,13 +7,16 @@ import json
 from dataclasses import replace
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedq.simulate import (
     Comparison,
+    Prepared,
     SimulationConfig,
     SimulationResult,
+    prepare,
     run_simulation,
     write_plot,
 )
@@ -22,8 +25,23 @@ from fedq.simulate import (
 )
 
 
-def run_with_progress(config: SimulationConfig, console: Console, *, both: bool = False) -> bool:
-    """Run, show progress, print the summary, write report and plot. True if it ran."""
+def run_with_progress(
+    config: SimulationConfig,
+    console: Console,
+    *,
+    both: bool = False,
+    prepared: Prepared | None = None,
+) -> bool:
+    """Run, show progress, print the summary, write report and plot. True if it ran.
+
+    ``prepared`` is :func:`fedq.simulate.prepare` of ``config``, done here if None:
+    bad data or options fail before the banner. Its warnings are printed first, on
+    standard error, and kept in the report.
+    """
+    prep = prepare(config) if prepared is None else prepared
+    warn = Console(stderr=True)
+    for w in prep.warnings:
+        warn.print(f"[yellow]warning:[/] {escape(w)}")
     where = "embedded (in-process broker and Redis)" if config.embedded else "real servers"
     modes = ["async", "sync"] if both else [config.mode]
     console.print(
@@ -32,7 +50,7 @@ def run_with_progress(config: SimulationConfig, console: Console, *, both: bool 
     )
     results: list[SimulationResult] = []
     for mode in modes:
-        results.append(_run_one(replace(config, mode=mode), console))  # type: ignore[arg-type]
+        results.append(_run_one(replace(config, mode=mode), console, prep))  # type: ignore[arg-type]
     for r in results:
         _summary(r, console)
     doc: dict[str, object]
@@ -69,7 +87,7 @@ def _comparison(c: Comparison, console: Console) -> None:
         console.print(f"sync reached the target {1 / c.speedup:.1f}x sooner than async")
 
 
-def _run_one(config: SimulationConfig, console: Console) -> SimulationResult:
+def _run_one(config: SimulationConfig, console: Console, prep: Prepared) -> SimulationResult:
     strategy = "fedavg" if config.mode == "sync" else config.strategy
     with Progress(
         TextColumn(f"[bold]{config.mode}/{strategy}"),
@@ -91,7 +109,7 @@ def _run_one(config: SimulationConfig, console: Console) -> SimulationResult:
                 f"accepted {p.accepted}  refused {p.refused}",
             )
 
-        return asyncio.run(run_simulation(config, on_progress))
+        return asyncio.run(run_simulation(config, on_progress, prep))
 
 
 def _summary(r: SimulationResult, console: Console) -> None:

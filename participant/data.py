@@ -13,7 +13,13 @@ still encodes the same way.
 
 Every error a bad file or frame can cause comes out as
 :class:`~common.errors.ConfigError`, with the pandas or pyarrow exception kept as
-``__cause__``.
+``__cause__``. Messages name the column and, where one cell is at fault, its row:
+``row N (CSV line N + 1)`` counts the data rows of the frame from 1, so for a whole
+CSV file, whose first line is the header, the cell is on line N + 1.
+
+torch is imported only by the functions that build tensors, so reading and checking
+a table (:func:`load_table`, :func:`infer_features`, :func:`resolve_positive`,
+:func:`binary_labels`) stays quick.
 """
 
 from __future__ import annotations
@@ -22,21 +28,24 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from common.errors import ConfigError
 from common.spec import CategoricalFeature, NumericFeature, TaskSpec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CSV_SUFFIXES",
     "PARQUET_SUFFIXES",
     "InferredSchema",
+    "binary_labels",
     "canonical",
     "encode",
     "encode_features",
@@ -45,6 +54,7 @@ __all__ = [
     "load_table",
     "resolve_positive",
     "target_values",
+    "train_rows",
     "train_val_split",
 ]
 
@@ -56,6 +66,13 @@ PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".pq")
 _READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, EOFError, pa.ArrowException)
 
 _SHOW = 5  # how many offending values an error message quotes
+
+#: A text column is taken for a numeric column with typos when at least this share of
+#: its filled cells are numbers: it is refused, naming the first text cell, instead of
+#: silently becoming a categorical column (or being left out for too many values).
+NUMERIC_SHARE = 0.95
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 # --------------------------------------------------------------------------- loading
@@ -148,32 +165,77 @@ def _is_numeric(col: pd.Series[Any]) -> bool:
     return pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype)
 
 
+def _row(position: int) -> str:
+    """Where a cell is, for messages: ``position`` is 0-based within the frame."""
+    return f"row {position + 1} (CSV line {position + 2})"
+
+
+def _text_cells(col: pd.Series[Any]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """For a column that is not numeric: which cells are numbers, which are text.
+
+    Cells pandas reads as missing, and text such as ``"nan"`` that ``float`` reads as
+    NaN, are neither.
+    """
+    coerced = pd.to_numeric(col, errors="coerce")
+    number = coerced.notna().to_numpy()
+    suspect = col.notna().to_numpy() & ~number
+    bad: list[object] = []
+    for v in pd.unique(col[suspect]):  # distinct offending values only
+        try:
+            float(str(v))  # "nan" and friends are missing, not wrong
+        except ValueError:
+            bad.append(v)
+    text = suspect & col.isin(bad).to_numpy() if bad else np.zeros(len(col), dtype=np.bool_)
+    return number, text
+
+
 def _as_float(col: pd.Series[Any], name: str) -> npt.NDArray[np.float64]:
     """A numeric column as float64 with NaN for missing; ConfigError on text or infinities."""
     if pd.api.types.is_bool_dtype(col.dtype) or _is_numeric(col):
         values = col.to_numpy(dtype=np.float64, na_value=np.nan)
     else:
-        coerced = pd.to_numeric(col, errors="coerce")
-        suspect = col[coerced.isna() & col.notna()]
-        bad: list[object] = []
-        for v in pd.unique(suspect):  # distinct offending values only
-            try:
-                float(str(v))  # "nan" and friends are missing, not wrong
-            except ValueError:
-                bad.append(v)
-        if bad:
-            n_bad = int(suspect.isin(bad).sum())
+        _, text = _text_cells(col)
+        if text.any():
+            where = np.flatnonzero(text)
+            bad = list(pd.unique(col[text]))
             shown = ", ".join(repr(v) for v in bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else "")
+            cells = f"{len(where)} cell{'s' if len(where) > 1 else ''}"
             raise ConfigError(
-                f"numeric column {name!r} holds text that is not a number "
-                f"({n_bad} cells; values {shown})"
+                f"numeric column {name!r} holds text that is not a number in {cells} "
+                f"({shown}), first {col.iloc[where[0]]!r} in {_row(int(where[0]))}; fix "
+                "those cells, or leave them empty if they mean 'missing'"
             )
-        values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
-    if np.isinf(values).any():
+        values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    infinite = np.isinf(values)
+    if infinite.any():
+        first = int(np.flatnonzero(infinite)[0])
+        n = int(infinite.sum())
         raise ConfigError(
-            f"numeric column {name!r} holds {int(np.isinf(values).sum())} infinite values"
+            f"numeric column {name!r} holds {n} infinite value{'s' if n > 1 else ''} "
+            f"(first: {values[first]} in {_row(first)}); numbers must be finite"
         )
     return values
+
+
+def _scaled(
+    values: npt.NDArray[np.float64], mean: float, std: float, name: str
+) -> npt.NDArray[np.float64]:
+    """``(values - mean) / std``; ConfigError naming the row if a result is not a finite float32.
+
+    A finite but huge value (``1e308``) overflows here: the encoded column would hold
+    infinities, training would produce NaN, and nothing downstream would say why.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (values - mean) / std
+    out = ~(np.abs(z) <= _F32_MAX) & ~np.isnan(values)
+    if out.any():
+        first = int(np.flatnonzero(out)[0])
+        raise ConfigError(
+            f"numeric column {name!r} holds a value too large to use: {values[first]:g} in "
+            f"{_row(first)} (scaled with mean {mean:g} and std {std:g} it is not a finite "
+            "32-bit number); fix or remove it"
+        )
+    return z
 
 
 # --------------------------------------------------------------------------- schema
@@ -185,10 +247,13 @@ class InferredSchema:
 
     ``features`` is ready for ``TaskSpec(features=...)``; ``skipped`` maps each column
     left out to the reason (too many categories, or no values at all), in column order.
+    ``warnings`` says, one sentence each, what a user should know: every column left
+    out and why, and every column kept that holds a single value.
     """
 
     features: tuple[NumericFeature | CategoricalFeature, ...]
     skipped: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def infer_features(
@@ -205,11 +270,17 @@ def infer_features(
     - a numeric column (not bool) becomes a :class:`NumericFeature` with the mean and
       the population standard deviation (ddof=0) of its non-missing values; a std of
       0 (a constant column) becomes 1.0;
+    - a text column whose filled cells are numbers but for a few (at least
+      :data:`NUMERIC_SHARE` of them numbers) is refused: it is a numeric column with
+      typos, and the error names the first text cell;
     - any other column (text, bool, category, dates) with at most ``max_categories``
       distinct non-missing values becomes a :class:`CategoricalFeature` whose
       vocabulary is those values as canonical strings, sorted;
     - a column with more distinct values, or with no values at all, is skipped and
       listed in :attr:`InferredSchema.skipped` with the reason.
+
+    Skipped columns and single-valued columns are also described in
+    :attr:`InferredSchema.warnings`, for the caller to show.
 
     This is how a consortium derives the SHARED schema, once, from a reference sample
     all parties agree on. The statistics and vocabularies are then fixed in the task
@@ -219,7 +290,8 @@ def infer_features(
 
     Raises:
         ConfigError: the target or an excluded column is missing, a numeric column
-            holds infinities, ``max_categories`` < 1, or no usable feature is left.
+            holds infinities or values too large to standardise, a mostly numeric
+            column holds text, ``max_categories`` < 1, or no usable feature is left.
     """
     if max_categories < 1:
         raise ConfigError(f"max_categories must be at least 1, not {max_categories}")
@@ -231,22 +303,37 @@ def infer_features(
     leave_out = {target, *exclude}
     features: list[NumericFeature | CategoricalFeature] = []
     skipped: dict[str, str] = {}
+    warnings: list[str] = []
     for name in names:
         if name in leave_out:
             continue
         col = _column(df, name, "feature")
         if _is_numeric(col):
             values = _as_float(col, name)
-            values = values[~np.isnan(values)]
-            if values.size == 0:
+            filled = values[~np.isnan(values)]
+            if filled.size == 0:
                 skipped[name] = "no values (every cell is missing)"
                 continue
-            mean = float(values.mean())
-            std = float(values.std())
-            if not math.isfinite(std) or std == 0.0:
+            with np.errstate(over="ignore", invalid="ignore"):
+                mean = float(filled.mean())
+                std = float(filled.std())
+            if not (math.isfinite(mean) and math.isfinite(std)):
+                big = int(np.nanargmax(np.abs(values)))
+                raise ConfigError(
+                    f"numeric column {name!r} holds values too large to use: their mean or "
+                    f"standard deviation overflows (largest: {values[big]:g} in {_row(big)}); "
+                    "fix or remove them"
+                )
+            if std == 0.0:
                 std = 1.0
+                warnings.append(
+                    f"column {name!r} has one value ({canonical(filled[0])}) in every "
+                    "filled cell: it is kept but tells the model nothing"
+                )
+            _scaled(values, mean, std, name)
             features.append(NumericFeature(name=name, mean=mean, std=std))
         else:
+            _check_not_numeric_with_typos(col, name)
             _, vocab = _distinct(col)
             if not vocab:
                 skipped[name] = "no values (every cell is missing)"
@@ -255,12 +342,37 @@ def infer_features(
                     f"{len(vocab)} distinct values, more than max_categories={max_categories}"
                 )
             else:
+                if len(vocab) == 1:
+                    warnings.append(
+                        f"column {name!r} has one value ({vocab[0]!r}) in every filled cell: "
+                        "it is kept but tells the model nothing"
+                    )
                 features.append(CategoricalFeature(name=name, vocabulary=tuple(vocab)))
     if not features:
         raise ConfigError(
             f"no usable feature columns besides target {target!r} (skipped: {skipped or 'none'})"
         )
-    return InferredSchema(features=tuple(features), skipped=skipped)
+    left_out = [f"column {name!r} left out: {why}" for name, why in skipped.items()]
+    return InferredSchema(
+        features=tuple(features), skipped=skipped, warnings=(*left_out, *warnings)
+    )
+
+
+def _check_not_numeric_with_typos(col: pd.Series[Any], name: str) -> None:
+    """ConfigError if a text column is numbers but for a few text cells (see NUMERIC_SHARE)."""
+    if not (pd.api.types.is_object_dtype(col.dtype) or pd.api.types.is_string_dtype(col.dtype)):
+        return
+    number, text = _text_cells(col)
+    n_number, n_text = int(number.sum()), int(text.sum())
+    if n_text == 0 or n_number < NUMERIC_SHARE * (n_number + n_text):
+        return
+    first = int(np.flatnonzero(text)[0])
+    raise ConfigError(
+        f"column {name!r} is numeric ({n_number} of {n_number + n_text} filled cells are "
+        f"numbers) but {n_text} cell{'s hold' if n_text > 1 else ' holds'} text, first "
+        f"{col.iloc[first]!r} in {_row(first)}; fix those cells, or leave them empty if "
+        "they mean 'missing'"
+    )
 
 
 # --------------------------------------------------------------------------- target
@@ -324,8 +436,11 @@ def encode_features(df: pd.DataFrame, spec: TaskSpec) -> torch.Tensor:
 
     Raises:
         ConfigError: a feature column is missing or repeated, or a numeric column
-            holds text that is not a number, or infinities.
+            holds text that is not a number, infinities, or a value whose scaled
+            result is not a finite float32 (``1e308``).
     """
+    import torch
+
     names = {str(c) for c in df.columns}
     missing = [f.name for f in spec.features if f.name not in names]
     if missing:
@@ -340,7 +455,7 @@ def encode_features(df: pd.DataFrame, spec: TaskSpec) -> torch.Tensor:
             values = _as_float(col, feature.name)
             fill = feature.mean if feature.fill is None else feature.fill
             values = np.where(np.isnan(values), fill, values)
-            x[:, offset] = (values - feature.mean) / feature.std
+            x[:, offset] = _scaled(values, feature.mean, feature.std, feature.name)
             offset += 1
         else:
             codes, uniques = pd.factorize(col, use_na_sentinel=True)
@@ -354,8 +469,42 @@ def encode_features(df: pd.DataFrame, spec: TaskSpec) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+def binary_labels(df: pd.DataFrame, target: str, positive: str | None) -> npt.NDArray[np.float32]:
+    """The 0/1 labels of ``df[target]`` as float32.
+
+    With ``positive`` set, a row is 1 where its value (as a canonical string) equals
+    it and 0 otherwise; else the values must be 0/1 (numbers, bools, or ``"0"``/``"1"``).
+
+    Raises:
+        ConfigError: the column is missing or repeated, has missing cells (the first
+            is named), or is not 0/1 while no positive class is given.
+    """
+    col = _column(df, target, "target")
+    missing = col.isna().to_numpy()
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
+        raise ConfigError(
+            f"target column {target!r} is missing in {int(missing.sum())} of {len(col)} rows "
+            f"(first: {_row(first)}); every row needs a label"
+        )
+    codes, vocab = _distinct(col)
+    if positive is not None:
+        per_value = np.array([v == positive for v in vocab], dtype=np.float32)
+    else:
+        bad = [v for v in vocab if v not in _ZERO_ONE]
+        if bad:
+            raise ConfigError(
+                f"target column {target!r} has values {_quote(vocab)}, not 0/1; "
+                "set the positive class (target.positive) in the task spec"
+            )
+        per_value = np.array([_ZERO_ONE[v] for v in vocab], dtype=np.float32)
+    if per_value.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.ascontiguousarray(per_value[codes])
+
+
 def encode_target(df: pd.DataFrame, spec: TaskSpec) -> torch.Tensor:
-    """The float32 0/1 labels ``(len(df),)``.
+    """The float32 0/1 labels ``(len(df),)``: :func:`binary_labels` as a tensor.
 
     With ``spec.target.positive`` set, a row is 1 where its value (as a canonical
     string) equals it and 0 otherwise; else the values must be 0/1 (numbers, bools,
@@ -365,27 +514,9 @@ def encode_target(df: pd.DataFrame, spec: TaskSpec) -> torch.Tensor:
         ConfigError: the column is missing or repeated, has missing cells, or is not
             0/1 while no positive class is set.
     """
-    target = spec.target
-    col = _column(df, target.name, "target")
-    n_missing = int(col.isna().sum())
-    if n_missing:
-        raise ConfigError(
-            f"target column {target.name!r} is missing in {n_missing} of {len(col)} rows"
-        )
-    codes, vocab = _distinct(col)
-    if target.positive is not None:
-        per_value = np.array([v == target.positive for v in vocab], dtype=np.float32)
-    else:
-        bad = [v for v in vocab if v not in _ZERO_ONE]
-        if bad:
-            raise ConfigError(
-                f"target column {target.name!r} has values {_quote(vocab)}, not 0/1; "
-                "set the positive class (target.positive) in the task spec"
-            )
-        per_value = np.array([_ZERO_ONE[v] for v in vocab], dtype=np.float32)
-    if per_value.size == 0:
-        return torch.zeros(0, dtype=torch.float32)
-    return torch.from_numpy(np.ascontiguousarray(per_value[codes]))
+    import torch
+
+    return torch.from_numpy(binary_labels(df, spec.target.name, spec.target.positive))
 
 
 def encode(df: pd.DataFrame, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,6 +525,14 @@ def encode(df: pd.DataFrame, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor
 
 
 # --------------------------------------------------------------------------- splitting
+
+
+def train_rows(n: int, val_fraction: float) -> int:
+    """How many of ``n`` rows :func:`train_val_split` leaves for training."""
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    return n - n_val
 
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,15 +545,15 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tenso
     Raises:
         ConfigError: ``n < 1``, ``val_fraction`` outside [0, 1), or a negative seed.
     """
+    import torch
+
     if n < 1:
         raise ConfigError(f"cannot split {n} rows; need at least 1")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), not {val_fraction}")
     if seed < 0:
         raise ConfigError(f"seed must be non-negative, not {seed}")
-    n_val = round(n * val_fraction)
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
+    n_val = n - train_rows(n, val_fraction)
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator)
     val = perm[:n_val].sort().values

@@ -12,8 +12,10 @@ import torch
 
 from common.errors import ConfigError
 from common.spec import CategoricalFeature, NumericFeature, TargetSpec, TaskSpec
+from fedq.simulate import bundled_data
 from participant.data import (
     InferredSchema,
+    binary_labels,
     canonical,
     encode,
     encode_features,
@@ -22,11 +24,13 @@ from participant.data import (
     load_table,
     resolve_positive,
     target_values,
+    train_rows,
     train_val_split,
 )
 from participant.partition import by_column, by_column_labeled, dirichlet_label_skew, iid
 
-GERMAN = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "german_credit.csv"
+#: The copy shipped in the package (fedq/data/README.md), so a fresh clone has it.
+GERMAN = bundled_data()
 TARGET = "creditability"
 
 GERMAN_NUMERIC = [
@@ -353,6 +357,71 @@ def test_infer_numeric_stats_categories_and_skips() -> None:
     assert list(schema.skipped) == ["empty", "ident"]
     assert "every cell is missing" in schema.skipped["empty"]
     assert "4 distinct values, more than max_categories=3" in schema.skipped["ident"]
+    # Every column left out, and the constant one kept, is a warning for the user.
+    assert schema.warnings == (
+        "column 'empty' left out: no values (every cell is missing)",
+        "column 'ident' left out: 4 distinct values, more than max_categories=3",
+        "column 'const' has one value (5) in every filled cell: it is kept but tells the "
+        "model nothing",
+    )
+
+
+def test_infer_refuses_a_value_too_large_to_standardise() -> None:
+    """1e308 is finite, but its square overflows: std would be inf, the column inf/NaN."""
+    amounts = [1000.0 + i for i in range(20)]
+    amounts[16] = 1e308
+    df = pd.DataFrame({"amount": amounts, "y": [0, 1] * 10})
+    with pytest.raises(ConfigError) as info:
+        infer_features(df, "y")
+    message = str(info.value)
+    assert "numeric column 'amount' holds values too large to use" in message
+    assert "1e+308 in row 17 (CSV line 18)" in message
+    assert "\n" not in message
+
+
+def test_encode_refuses_a_value_the_shared_statistics_cannot_scale() -> None:
+    """A bank's cell of 1e308 scaled with the spec's statistics is no float32."""
+    spec = _spec((NumericFeature(name="amount", mean=3000.0, std=1e-3),))
+    df = pd.DataFrame({"amount": [2000.0, None, 1e308], "y": [0, 1, 0]})
+    with pytest.raises(ConfigError) as info:
+        encode(df, spec)
+    message = str(info.value)
+    assert "numeric column 'amount' holds a value too large to use: 1e+308 in row 3" in message
+    assert "not a finite 32-bit number" in message
+    ok = pd.DataFrame({"amount": [3000.0, 3000.002], "y": [0, 1]})
+    assert torch.isfinite(encode_features(ok, spec)).all()
+
+
+def test_mostly_numeric_column_with_text_is_refused_naming_the_row() -> None:
+    """One typo in a numeric column must not make it a categorical (or skipped) column."""
+    amounts: list[object] = [str(100 + i) for i in range(60)]
+    amounts[16] = "12O0"  # letter O for a zero
+    amounts[30] = "n/a?"
+    amounts[5] = None  # missing: neither number nor text
+    amounts[6] = "nan"  # read as missing too
+    df = pd.DataFrame({"amount": amounts, "y": [0, 1] * 30})
+    with pytest.raises(ConfigError) as info:
+        infer_features(df, "y")
+    message = str(info.value)
+    assert "column 'amount' is numeric (56 of 58 filled cells are numbers)" in message
+    assert "2 cells hold text, first '12O0' in row 17 (CSV line 18)" in message
+    # Mostly text with a few numbers is an ordinary categorical column.
+    codes = pd.DataFrame({"code": ["a", "b", "1", "2"] * 5, "y": [0, 1] * 10})
+    (feature,) = infer_features(codes, "y").features
+    assert isinstance(feature, CategoricalFeature)
+    assert feature.vocabulary == ("1", "2", "a", "b")
+
+
+def test_binary_labels_and_train_rows() -> None:
+    df = pd.DataFrame({"t": ["yes", "no", "no", "yes"]})
+    assert binary_labels(df, "t", "yes").tolist() == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(
+        ConfigError, match=r"missing in 1 of 3 rows \(first: row 3 \(CSV line 4\)\)"
+    ):
+        binary_labels(pd.DataFrame({"t": [0, 1, None]}), "t", None)
+    for n in (1, 2, 5, 12, 13, 100):
+        train, val = train_val_split(n, 0.2, seed=0)
+        assert train_rows(n, 0.2) == len(train) == n - len(val)
 
 
 def test_infer_mixed_object_values_become_canonical_strings() -> None:
@@ -373,7 +442,9 @@ def test_infer_errors() -> None:
     with pytest.raises(ConfigError, match="no usable feature columns besides target 'label'"):
         infer_features(df, "label", exclude=["income", "region"])
     inf = pd.DataFrame({"a": [1.0, float("inf")], "label": [0, 1]})
-    with pytest.raises(ConfigError, match="numeric column 'a' holds 1 infinite values"):
+    with pytest.raises(
+        ConfigError, match=r"numeric column 'a' holds 1 infinite value \(first: inf in row 2 "
+    ):
         infer_features(inf, "label")
 
 
@@ -422,14 +493,15 @@ def test_numeric_column_with_text_is_refused() -> None:
     df = pd.DataFrame({"amount": ["12", "n/a?", "abc", "abc", None], "y": [0, 1, 0, 1, 0]})
     with pytest.raises(ConfigError, match="numeric column 'amount' holds text") as info:
         encode(df, spec)
-    assert "3 cells" in str(info.value)
-    assert "'n/a?', 'abc'" in str(info.value)
+    assert "in 3 cells ('n/a?', 'abc'), first 'n/a?' in row 2 (CSV line 3)" in str(info.value)
 
 
 def test_numeric_infinity_is_refused() -> None:
     spec = _spec((NumericFeature(name="a"),))
-    df = pd.DataFrame({"a": [1.0, float("-inf")], "y": [0, 1]})
-    with pytest.raises(ConfigError, match="'a' holds 1 infinite values"):
+    df = pd.DataFrame({"a": [1.0, 2.0, float("-inf"), float("inf")], "y": [0, 1, 0, 1]})
+    with pytest.raises(
+        ConfigError, match=r"'a' holds 2 infinite values \(first: -inf in row 3 \(CSV line 4\)\)"
+    ):
         encode(df, spec)
 
 
@@ -514,7 +586,9 @@ def test_target_errors() -> None:
     with pytest.raises(ConfigError, match="target column 'y' is not in the data"):
         encode(pd.DataFrame({"a": [1.0]}), spec)
     gaps = pd.DataFrame({"a": [1.0, 2.0, 3.0], "y": [1.0, None, None]})
-    with pytest.raises(ConfigError, match="target column 'y' is missing in 2 of 3 rows"):
+    with pytest.raises(
+        ConfigError, match=r"target column 'y' is missing in 2 of 3 rows \(first: row 2 "
+    ):
         encode(gaps, spec)
     words = pd.DataFrame({"a": [1.0, 2.0], "y": ["good", "bad"]})
     with pytest.raises(ConfigError, match=r"values \['bad', 'good'\], not 0/1; set the positive"):
