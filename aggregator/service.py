@@ -1,6 +1,6 @@
 """The aggregator service: consume updates, validate, aggregate, commit, ack, announce.
 
-The path of one update (DESIGN.md): decode with hard limits and the task's shapes
+The path of one update (docs/wire-format.md): decode with hard limits and the task's shapes
 (off the event loop); check task, participant, sender identity, duplicates and
 staleness; offer it to the task's strategy; when the strategy emits a version,
 commit it to the store in one transaction and only then ack the deliveries that

@@ -170,7 +170,7 @@ class TaskSpec(_Spec):
         try:
             return cls.model_validate_json(data)
         except ValidationError as e:
-            raise SpecError(f"invalid task spec: {_one_line(e)}") from e
+            raise SpecError(f"invalid task spec: {validation_reasons(e)}") from e
 
     @classmethod
     def parse(cls, data: object) -> TaskSpec:
@@ -178,10 +178,10 @@ class TaskSpec(_Spec):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise SpecError(f"invalid task spec: {_one_line(e)}") from e
+            raise SpecError(f"invalid task spec: {validation_reasons(e)}") from e
 
 
-def _one_line(error: ValidationError) -> str:
+def validation_reasons(error: ValidationError) -> str:
     """pydantic's reasons on one line: ``field.path: message; ...``."""
     parts = []
     for e in error.errors(include_url=False):

@@ -654,15 +654,16 @@ def task_init(
         )
     except FedqError as e:
         fail(e)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+    except ValueError as e:  # pydantic's ValidationError too
+        raise click.UsageError(_one_line(e)) from e
+    warn = Console(stderr=True, soft_wrap=True, highlight=False)
+    for line in schema.warnings:  # columns left out or constant: never silent
+        warn.print(f"warning: {line}", markup=False)
     text = json.dumps(json.loads(spec.to_json()), indent=2)
     if out is None:
         click.echo(text)
     else:
         out.write_text(text + "\n")
-        for name, why in schema.skipped.items():
-            Console(stderr=True).print(f"skipped column {name!r}: {why}")
 
 
 def _declared(text: str) -> dict[str, int]:

@@ -378,6 +378,9 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
         for name, rows in zip(names, parts, strict=True)
     }
     warnings.extend(_one_class_banks(config, names, parts, y_np, positive))
+    # Each bank declares the rows it holds: an update may claim no more (a bank that
+    # claims 2**62 samples is refused, not weighted by it).
+    spec = spec.model_copy(update={"declared_samples": {n: len(s) for n, s in shards.items()}})
     x_train, y_train = encode(train_df, spec)
     x_test, y_test = encode(test_df.reset_index(drop=True), spec)
     return Prepared(spec, shards, x_test, y_test, x_train, y_train, tuple(warnings))
@@ -434,6 +437,7 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
     if prep.spec.mode == config.mode:
         return prep
     spec = _task_spec(config, prep.spec.features, prep.spec.target.positive, prep.spec.participants)
+    spec = spec.model_copy(update={"declared_samples": prep.spec.declared_samples})
     return replace(prep, spec=spec)
 
 

@@ -213,3 +213,9 @@ def test_cli_reports_bad_input_clearly(tmp_path: Path) -> None:
         main, ["simulate", "--data", str(tmp_path / "missing.csv"), "--target", "t"]
     )
     assert result.exit_code == 2
+
+
+def test_each_simulated_bank_declares_the_rows_it_holds() -> None:
+    prep = prepare(SimulationConfig(participants=4))
+    assert prep.spec.declared_samples == {n: len(s) for n, s in prep.shards.items()}
+    assert all(prep.spec.sample_bound(n) == len(s) for n, s in prep.shards.items())
