@@ -46,15 +46,17 @@ async def _until(cond: Callable[[], Awaitable[bool]], seconds: float = 90.0) -> 
 def _task(banks: tuple[str, ...] = BANKS) -> tuple[TaskSpec, dict[str, pd.DataFrame]]:
     """A simulation task whose participants are the shipped bank users, with their shards."""
     prep = prepare(SimulationConfig(participants=len(banks)))
-    spec = prep.spec.model_copy(
-        update={
-            "participants": banks,
-            "async_": prep.spec.async_.model_copy(update={"max_staleness": 1000}),
-        }
-    )
     shards = {
         bank: prep.shards[name] for name, bank in zip(prep.spec.participants, banks, strict=True)
     }
+    spec = TaskSpec.model_validate(
+        {
+            **prep.spec.model_dump(by_alias=True),
+            "participants": banks,
+            "declared_samples": {bank: len(shard) for bank, shard in shards.items()},
+            "async": {**prep.spec.async_.model_dump(), "max_staleness": 1000},
+        }
+    )
     return spec, shards
 
 
