@@ -322,7 +322,7 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
     deadline = t0 + float(cfg["timeout_s"])
     while not stop.is_set() and time.perf_counter() < deadline:
         # Refusals would keep the head below the target: stop when all are handled.
-        if service.accepted + sum(service.refused.values()) >= int(cfg["updates"]):
+        if service.stats.accepted + service.stats.refused_total >= int(cfg["updates"]):
             break
         await asyncio.sleep(0.05)
     stop.set()
@@ -336,8 +336,8 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
         "seconds": end - t0,
         "reached_target": bool(finished),
         "head": service.head_version,
-        "accepted": service.accepted,
-        "refused": dict(service.refused),
+        "accepted": service.stats.accepted,
+        "refused": dict(service.stats.refused),
         "rss_before_mib": rss_before,
         "peak_rss_mib": peak_rss_mib(),
     }

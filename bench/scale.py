@@ -129,7 +129,7 @@ async def drain(
     t1 = time.perf_counter()
     deadline = t1 + 600
     while not stop.is_set() and time.perf_counter() < deadline:
-        if service.accepted + sum(service.refused.values()) >= n:
+        if service.stats.accepted + service.stats.refused_total >= n:
             break
         await asyncio.sleep(0.02)
     stop.set()
@@ -175,14 +175,14 @@ async def one_run(
         backend=backend,
         participants=participants,
         strategy=strategy if strategy == "fedasync" else f"fedbuff K={ingest.FEDBUFF_K}",
-        updates=service.accepted,
+        updates=service.stats.accepted,
         declare_s=declare_s,
         startup_s=startup,
         drain_s=drain_s,
-        ms_per_update=1000 * drain_s / max(service.accepted, 1),
+        ms_per_update=1000 * drain_s / max(service.stats.accepted, 1),
         announcements=len(announce),
         announce_ms=1000 * sum(announce) / max(len(announce), 1),
-        refused=sum(service.refused.values()),
+        refused=service.stats.refused_total,
     )
     print(
         f"  {backend:<8} {participants:>5} participants, {row.strategy:<12}: declare "

@@ -16,6 +16,7 @@ from typing import Final, Protocol
 import zstandard
 
 from common.errors import DecodeError, EncodeError
+from common.refusals import Refusal
 
 
 class Codec(Protocol):
@@ -51,7 +52,7 @@ class RawCodec:
     def decode_into(self, data: bytes, out: memoryview) -> None:
         if len(data) != len(out):
             raise DecodeError(
-                "size_mismatch", f"raw payload has {len(data)} bytes, shape needs {len(out)}"
+                Refusal.SIZE_MISMATCH, f"raw payload has {len(data)} bytes, shape needs {len(out)}"
             )
         out[:] = data
 
@@ -79,16 +80,17 @@ class ZstdCodec:
         try:
             declared = zstandard.frame_content_size(data)
         except zstandard.ZstdError as e:
-            raise DecodeError("codec_error", f"not a zstd frame: {e}") from e
+            raise DecodeError(Refusal.CODEC_ERROR, f"not a zstd frame: {e}") from e
         # Refuse before expanding: a frame that declares another size is wrong or a bomb.
         if declared not in (-1, expected):
             raise DecodeError(
-                "size_mismatch", f"zstd frame declares {declared} bytes, shape needs {expected}"
+                Refusal.SIZE_MISMATCH,
+                f"zstd frame declares {declared} bytes, shape needs {expected}",
             )
         size = _frame_size(data)
         if size != len(data):
             raise DecodeError(
-                "codec_error",
+                Refusal.CODEC_ERROR,
                 "payload is not exactly one zstd frame"
                 + (f" ({len(data) - size} bytes after it)" if size >= 0 else " (truncated)"),
             )
@@ -107,11 +109,11 @@ class ZstdCodec:
                 if got == expected:
                     extra = reader.read(1)
         except zstandard.ZstdError as e:
-            raise DecodeError("codec_error", f"zstd payload does not decode: {e}") from e
+            raise DecodeError(Refusal.CODEC_ERROR, f"zstd payload does not decode: {e}") from e
         if got != expected or extra:
             more = "more than " if extra else ""
             raise DecodeError(
-                "size_mismatch",
+                Refusal.SIZE_MISMATCH,
                 f"zstd payload decodes to {more}{got} bytes, shape needs {expected}",
             )
 
@@ -146,5 +148,5 @@ def get_codec(name: str) -> Codec:
         return CODECS[name]
     except KeyError:
         raise DecodeError(
-            "unknown_codec", f"codec {name!r} is not one of {sorted(CODECS)}"
+            Refusal.UNKNOWN_CODEC, f"codec {name!r} is not one of {sorted(CODECS)}"
         ) from None

@@ -7,6 +7,8 @@ enter our code, with the original kept as ``__cause__``.
 
 from __future__ import annotations
 
+from common.refusals import Refusal
+
 
 class FedqError(Exception):
     """Root of every error fedq raises on purpose."""
@@ -15,14 +17,14 @@ class FedqError(Exception):
 class DecodeError(FedqError):
     """Bytes that are not a valid envelope.
 
-    ``reason`` is a short machine-readable code (used as the dead-letter reason and
-    as a metrics label); ``detail`` is for humans.
+    ``reason`` is a :class:`~common.refusals.Refusal` (the dead-letter reason and the
+    metrics label); ``detail`` is for humans.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
+    def __init__(self, reason: Refusal | str, detail: str = "") -> None:
+        self.reason = Refusal(reason)  # an unknown reason is a bug: ValueError here
         self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(f"{self.reason}: {detail}" if detail else str(self.reason))
 
 
 class EncodeError(FedqError):
@@ -56,8 +58,21 @@ class StoreRegressedError(StoreError):
     """The store went backwards: its head, lineage or fencing token is behind what was
     already committed and announced (data lost on a restart, a stale backup restored).
 
-    The aggregator stops rather than start a fresh chain over the lost one.
+    The aggregator stops rather than start a fresh chain over the lost one. ``what``
+    names the evidence; the message says what to do.
     """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(
+            f"store went backwards: {what}; it lost committed data (restore it from a "
+            "backup of its AOF/RDB files, or start a new chain under a new task id)"
+        )
+
+
+class CommitConflictError(StoreError):
+    """A commit found the head moved or an update already applied: another writer
+    committed to this task without holding its lease (never expected)."""
 
 
 class TaskConflictError(StoreError):

@@ -22,6 +22,7 @@ from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES, itemsize, wire_name
 from common.errors import DecodeError, EncodeError
 from common.hashing import HASH_SIZE, TensorHasher
 from common.ids import is_name, is_update_id
+from common.refusals import Refusal
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("fedq's wire format is implemented for little-endian hosts only")
@@ -281,7 +282,7 @@ def decode_update(
     participant = _get_name(doc, "p", "participant")
     update_id = doc["id"]
     if not is_update_id(update_id):
-        raise DecodeError("invalid_field", "id: not a valid update id")
+        raise DecodeError(Refusal.INVALID_FIELD, "id: not a valid update id")
     base_version = _get_count(doc, "bv", minimum=0)
     num_samples = _get_count(doc, "n", minimum=1)
     metrics = _get_metrics(doc.get("m", {}), limits)
@@ -289,13 +290,13 @@ def decode_update(
     if "at" in doc:
         at = doc["at"]
         if not _is_real(at) or not math.isfinite(at):
-            raise DecodeError("invalid_field", "at: not a finite number")
+            raise DecodeError(Refusal.INVALID_FIELD, "at: not a finite number")
         created_at = float(at)
     signature = doc.get("sg")
     if "sg" in doc and (
         not isinstance(signature, bytes) or len(signature) > limits.max_signature_bytes
     ):
-        raise DecodeError("invalid_field", "sg: not a byte string of bounded size")
+        raise DecodeError(Refusal.INVALID_FIELD, "sg: not a byte string of bounded size")
     codec = _get_str(doc, "c")
     tensors, digest = _decode_tensors(doc, codec, limits, expected)
     return UpdateEnvelope(
@@ -324,7 +325,7 @@ def decode_model(
     version = _get_count(doc, "v", minimum=0)
     version_hash = doc.get("vh", b"")
     if not isinstance(version_hash, bytes) or len(version_hash) not in (0, HASH_SIZE):
-        raise DecodeError("invalid_field", "vh: not empty or a 32-byte digest")
+        raise DecodeError(Refusal.INVALID_FIELD, "vh: not empty or a 32-byte digest")
     codec = _get_str(doc, "c")
     tensors, digest = _decode_tensors(doc, codec, limits, expected)
     return ModelEnvelope(
@@ -345,10 +346,10 @@ def peek_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> dict[str,
 
 def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise DecodeError("malformed", f"expected bytes, got {type(data).__name__}")
+        raise DecodeError(Refusal.MALFORMED, f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_message_bytes:
         raise DecodeError(
-            "too_large", f"message has {len(data)} bytes, limit {limits.max_message_bytes}"
+            Refusal.TOO_LARGE, f"message has {len(data)} bytes, limit {limits.max_message_bytes}"
         )
     try:
         doc = msgpack.unpackb(
@@ -365,9 +366,11 @@ def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
             object_pairs_hook=_unique_keys,
         )
     except Exception as e:  # msgpack raises many types on bad input; convert them all
-        raise DecodeError("malformed", f"not a msgpack document: {type(e).__name__}: {e}") from e
+        raise DecodeError(
+            Refusal.MALFORMED, f"not a msgpack document: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(doc, dict):
-        raise DecodeError("malformed", f"envelope is a {type(doc).__name__}, not a map")
+        raise DecodeError(Refusal.MALFORMED, f"envelope is a {type(doc).__name__}, not a map")
     return doc
 
 
@@ -390,40 +393,44 @@ def _unpack(
     doc = _unpack_any(data, limits)
     fv = doc.get("fv")
     if type(fv) is not int or fv != FORMAT_VERSION:
-        raise DecodeError("unsupported_version", f"format version {fv!r}, this reader knows 1")
+        raise DecodeError(
+            Refusal.UNSUPPORTED_VERSION, f"format version {fv!r}, this reader knows 1"
+        )
     if doc.get("k") != kind:
-        raise DecodeError("wrong_kind", f"kind {doc.get('k')!r}, expected {kind!r}")
+        raise DecodeError(Refusal.WRONG_KIND, f"kind {doc.get('k')!r}, expected {kind!r}")
     unknown = set(doc) - allowed
     if unknown:
         raise DecodeError(
-            "unknown_field", f"fields {sorted(map(repr, unknown))} are not in format 1"
+            Refusal.UNKNOWN_FIELD, f"fields {sorted(map(repr, unknown))} are not in format 1"
         )
     missing = required - set(doc)
     if missing:
-        raise DecodeError("missing_field", f"fields {sorted(map(repr, missing))} are required")
+        raise DecodeError(
+            Refusal.MISSING_FIELD, f"fields {sorted(map(repr, missing))} are required"
+        )
     return doc
 
 
 def _get_str(doc: Mapping[str, Any], key: str) -> str:
     value = doc[key]
     if not isinstance(value, str):
-        raise DecodeError("invalid_field", f"{key}: not a string")
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not a string")
     return value
 
 
 def _get_name(doc: Mapping[str, Any], key: str, what: str) -> str:
     value = doc[key]
     if not is_name(value):
-        raise DecodeError("invalid_field", f"{key}: not a valid {what} id")
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not a valid {what} id")
     return str(value)
 
 
 def _get_count(doc: Mapping[str, Any], key: str, *, minimum: int) -> int:
     value = doc[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise DecodeError("invalid_field", f"{key}: not an integer >= {minimum}")
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not an integer >= {minimum}")
     if value >= 2**63:
-        raise DecodeError("invalid_field", f"{key}: does not fit in int64")
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: does not fit in int64")
     return value
 
 
@@ -433,13 +440,17 @@ def _is_real(value: object) -> bool:
 
 def _get_metrics(value: object, limits: DecodeLimits) -> dict[str, float]:
     if not isinstance(value, dict) or len(value) > limits.max_metrics:
-        raise DecodeError("invalid_field", f"m: not a map of at most {limits.max_metrics} entries")
+        raise DecodeError(
+            Refusal.INVALID_FIELD, f"m: not a map of at most {limits.max_metrics} entries"
+        )
     metrics: dict[str, float] = {}
     for k, v in value.items():
         if not isinstance(k, str) or not 0 < len(k) <= 64:
-            raise DecodeError("invalid_field", "m: metric names must be strings of 1-64 chars")
+            raise DecodeError(
+                Refusal.INVALID_FIELD, "m: metric names must be strings of 1-64 chars"
+            )
         if not _is_real(v) or not math.isfinite(v):
-            raise DecodeError("invalid_field", f"m: metric {k!r} is not a finite number")
+            raise DecodeError(Refusal.INVALID_FIELD, f"m: metric {k!r} is not a finite number")
         metrics[k] = float(v)
     return metrics
 
@@ -453,15 +464,17 @@ def _decode_tensors(
     codec = get_codec(codec_name)
     claimed = doc["h"]
     if not isinstance(claimed, bytes) or len(claimed) != HASH_SIZE:
-        raise DecodeError("invalid_field", "h: not a 32-byte digest")
+        raise DecodeError(Refusal.INVALID_FIELD, "h: not a 32-byte digest")
     entries = doc["ts"]
     if not isinstance(entries, list):
-        raise DecodeError("invalid_field", "ts: not an array")
+        raise DecodeError(Refusal.INVALID_FIELD, "ts: not an array")
     if len(entries) > limits.max_tensors:
-        raise DecodeError("too_many_tensors", f"{len(entries)} tensors, limit {limits.max_tensors}")
+        raise DecodeError(
+            Refusal.TOO_MANY_TENSORS, f"{len(entries)} tensors, limit {limits.max_tensors}"
+        )
     if expected is not None and len(entries) != len(expected):
         raise DecodeError(
-            "tensor_mismatch", f"{len(entries)} tensors, the task's model has {len(expected)}"
+            Refusal.TENSOR_MISMATCH, f"{len(entries)} tensors, the task's model has {len(expected)}"
         )
     expected_iter = iter(expected.items()) if expected is not None else None
 
@@ -472,29 +485,32 @@ def _decode_tensors(
     for i, entry in enumerate(entries):
         name, dtype, shape, payload = _tensor_header(i, entry, limits)
         if name in seen:
-            raise DecodeError("invalid_tensor", f"tensor {name!r} appears twice")
+            raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r} appears twice")
         seen.add(name)
         if expected_iter is not None:
             exp_name, exp = next(expected_iter)
             if name != exp_name:
                 raise DecodeError(
-                    "tensor_mismatch", f"tensor #{i} is {name!r}, the model expects {exp_name!r}"
+                    Refusal.TENSOR_MISMATCH,
+                    f"tensor #{i} is {name!r}, the model expects {exp_name!r}",
                 )
             if shape != exp.shape or dtype != exp.dtype:
                 raise DecodeError(
-                    "tensor_mismatch",
+                    Refusal.TENSOR_MISMATCH,
                     f"tensor {name!r} is {dtype}{list(shape)}, "
                     f"the model expects {exp.dtype}{list(exp.shape)}",
                 )
         total += math.prod(shape) * itemsize(dtype)
         if total > limits.max_tensor_bytes:
             raise DecodeError(
-                "too_large",
+                Refusal.TOO_LARGE,
                 f"tensors need more than {limits.max_tensor_bytes} bytes once decoded",
             )
         # An empty tensor may still name huge dimensions; bound them too (strides).
         if math.prod(max(d, 1) for d in shape) * itemsize(dtype) > limits.max_tensor_bytes:
-            raise DecodeError("bad_shape", f"tensor {name!r}: dimensions {list(shape)} too large")
+            raise DecodeError(
+                Refusal.BAD_SHAPE, f"tensor {name!r}: dimensions {list(shape)} too large"
+            )
         headers.append((name, dtype, shape, payload))
 
     hasher = TensorHasher()
@@ -510,14 +526,14 @@ def _decode_tensors(
         tensors[name] = t
     digest = hasher.digest()
     if digest != claimed:
-        raise DecodeError("hash_mismatch", "content hash does not match the tensors")
+        raise DecodeError(Refusal.HASH_MISMATCH, "content hash does not match the tensors")
     # Value checks after the hash: the bytes are what the sender meant to send.
     for name, dtype, _, _ in headers:
         t = tensors[name]
         if dtype == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
-            raise DecodeError("invalid_tensor", f"tensor {name!r}: bool bytes must be 0 or 1")
+            raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r}: bool bytes must be 0 or 1")
         if limits.require_finite and dtype in FLOAT_WIRE_DTYPES and not bool(t.isfinite().all()):
-            raise DecodeError("non_finite", f"tensor {name!r} holds NaN or Inf")
+            raise DecodeError(Refusal.NON_FINITE, f"tensor {name!r} holds NaN or Inf")
     return tensors, digest
 
 
@@ -525,23 +541,24 @@ def _tensor_header(
     i: int, entry: object, limits: DecodeLimits
 ) -> tuple[str, str, tuple[int, ...], bytes]:
     if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
-        raise DecodeError("invalid_tensor", f"tensor #{i}: not a map with keys n, d, s, b")
+        raise DecodeError(Refusal.INVALID_TENSOR, f"tensor #{i}: not a map with keys n, d, s, b")
     name, dtype, shape, payload = entry["n"], entry["d"], entry["s"], entry["b"]
     if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
         raise DecodeError(
-            "invalid_tensor", f"tensor #{i}: name must be 1-{limits.max_name_len} chars"
+            Refusal.INVALID_TENSOR, f"tensor #{i}: name must be 1-{limits.max_name_len} chars"
         )
     if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
-        raise DecodeError("bad_dtype", f"tensor {name!r}: dtype {dtype!r} is not allowed")
+        raise DecodeError(Refusal.BAD_DTYPE, f"tensor {name!r}: dtype {dtype!r} is not allowed")
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:
         raise DecodeError(
-            "bad_shape", f"tensor {name!r}: shape must be an array of <= {limits.max_ndim} dims"
+            Refusal.BAD_SHAPE,
+            f"tensor {name!r}: shape must be an array of <= {limits.max_ndim} dims",
         )
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d >= 2**32:
             raise DecodeError(
-                "bad_shape", f"tensor {name!r}: dimension {d!r} is not an int in [0, 2^32)"
+                Refusal.BAD_SHAPE, f"tensor {name!r}: dimension {d!r} is not an int in [0, 2^32)"
             )
     if not isinstance(payload, bytes):
-        raise DecodeError("invalid_tensor", f"tensor {name!r}: payload is not a byte string")
+        raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r}: payload is not a byte string")
     return name, dtype, tuple(shape), payload

@@ -283,7 +283,7 @@ async def test_only_the_update_that_overflows_a_buffer_is_refused(
     dead = await rig.dead(1)
     assert [r for r, _ in dead] == ["non_finite_result"]
     assert service.head_version == 1
-    assert service.refused == {"non_finite_result": 1}
+    assert service.stats.refused == {"non_finite_result": 1}
     # The honest two went back into the buffer: the next update completes it.
     third = await rig.publish(participant="bank-c", base=1, value=-0.03)
     await _until(lambda: service.head_version == 2)

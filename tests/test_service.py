@@ -149,7 +149,7 @@ async def test_valid_updates_commit_and_refusals_are_dead_lettered(rig: Rig) -> 
     assert all(d.body in bad for d in dead)
     assert service.head_version == 1
     assert await rig.store.head(task) == 1
-    assert service.refused == {
+    assert service.stats.refused == {
         "malformed": 2,
         "unknown_participant": 1,
         "future_base": 1,
@@ -236,7 +236,7 @@ async def test_fedbuff_acks_only_after_commit_and_returns_buffer_on_stop() -> No
     for _ in range(5):
         uid, body = _update(spec, base=0)
         await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
-    await _wait_for(lambda: service.head_version == 1 and len(service._pending) == 2)
+    await _wait_for(lambda: service.head_version == 1 and service.unacked == 2)
     assert len((await store.get_version(spec.task_id, 1)).lineage) == 3
     stop.set()
     await running
@@ -294,7 +294,7 @@ async def test_a_redelivered_buffered_update_is_kept_not_refused() -> None:
     assert next(e.update_id for e in lineage) == uid
     assert again.settled == ["ack"]  # the live delivery is the one acked
     assert third.settled == ["ack"]
-    assert service.refused == {}
+    assert service.stats.refused == {}
 
 
 async def test_prefetch_is_raised_above_the_buffer() -> None:
@@ -326,7 +326,7 @@ async def test_a_decoder_failure_is_refused_and_the_service_goes_on(
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("aggregator.service.decode_update", broken)
+    monkeypatch.setattr("aggregator.admission.decode_update", broken)
     d = FakeDelivery(b"anything")
     await service.handle(d)
     assert d.settled == ["dead:malformed"]

@@ -1,0 +1,214 @@
+"""Admission: every rule that decides whether an update may reach the strategy.
+
+One place, one order (docs/wire-format.md, sections 10 and 11): decode with hard
+limits and the task's shapes; a copy of an update already held; the task, the
+participant, the sender, the claimed sample count; the base version (from the
+future, an older round, a second update in the round, too stale); already applied;
+the base's parameters still kept. Each rule yields a typed :class:`Refused` with a
+:class:`~common.refusals.Refusal`; strategies trust what is admitted.
+
+The rules read the service's state through :class:`AdmissionState`, so they can be
+tested without a broker or a store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from aggregator.strategies import AcceptedUpdate
+from common.errors import DecodeError
+from common.refusals import Refusal
+from common.spec import TaskSpec
+from common.wire import DecodeLimits, Tensors, TensorSpec, UpdateEnvelope, decode_update
+
+log = structlog.get_logger("fedq.aggregator")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An update refused, with its reason and a detail for humans."""
+
+    reason: Refusal
+    detail: str
+    participant: str | None = None
+    update_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """An update that passed every rule, ready to offer to the strategy."""
+
+    update: AcceptedUpdate
+    #: The parameters of its base version (the head when the strategy does not use them).
+    base: Tensors
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivered:
+    """An update the service already holds, delivered again after its channel was lost."""
+
+    update_id: str
+
+
+Outcome = Admitted | Refused | Redelivered
+
+
+class AdmissionState(Protocol):
+    """What admission reads from the service."""
+
+    @property
+    def head_version(self) -> int: ...
+    def held(self, update_id: str) -> bool | None:
+        """None if not held; else whether its first delivery can still be settled."""
+        ...
+
+    def pending(self) -> Sequence[AcceptedUpdate]:
+        """Updates offered to the strategy and not yet in a version."""
+        ...
+
+    async def applied_in(self, update_id: str) -> int | None:
+        """The version the update went into, or None."""
+        ...
+
+    async def base(self, version: int) -> Tensors | None:
+        """The parameters of ``version``, or None if they are no longer kept."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """How strictly updates are admitted."""
+
+    limits: DecodeLimits
+    #: Refuse an update whose broker-validated sender is not the participant it names.
+    require_sender_match: bool = True
+
+
+class Admission:
+    """The refusal rules of one task."""
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        config: AdmissionConfig,
+        expected: Mapping[str, TensorSpec],
+        *,
+        uses_base: bool,
+    ) -> None:
+        self.spec = spec
+        self.config = config
+        self.expected = dict(expected)
+        self.uses_base = uses_base
+        self.sync = spec.mode == "sync"
+        self.max_staleness = spec.async_.max_staleness  # TRANSITION: sync's own setting
+
+    async def admit(self, body: bytes, sender: str | None, state: AdmissionState) -> Outcome:
+        """Every rule, in order; the first that fails refuses the update."""
+        try:
+            env = await asyncio.to_thread(decode_update, body, self.config.limits, self.expected)
+        except DecodeError as e:
+            return Refused(e.reason, e.detail)
+        except Exception as e:  # a decoder bug must not take the service down
+            log.exception("decoder failed unexpectedly")
+            return Refused(Refusal.MALFORMED, f"decoder failed: {type(e).__name__}")
+        held = state.held(env.update_id)
+        if held is not None:
+            if not held:
+                return Redelivered(env.update_id)
+            # Another copy under an id we hold: it is refused at once, or it would sit
+            # unacked for good and, repeated, fill the prefetch and stall every bank.
+            return self._refused(
+                env,
+                Refusal.DUPLICATE,
+                f"update id {env.update_id!r} is already buffered for the next version",
+            )
+        refused = self.check(env, sender, state.head_version, state.pending())
+        if refused is not None:
+            return refused
+        version = await state.applied_in(env.update_id)
+        if version is not None:
+            return self._refused(env, Refusal.DUPLICATE, f"already applied in version {version}")
+        base = await state.base(env.base_version)
+        if base is None:
+            return self._refused(
+                env,
+                Refusal.BASE_UNAVAILABLE,
+                f"parameters of base version {env.base_version} are no longer kept",
+            )
+        update = AcceptedUpdate(
+            update_id=env.update_id,
+            participant=env.participant,
+            base_version=env.base_version,
+            staleness=state.head_version - env.base_version,
+            num_samples=env.num_samples,
+            delta=env.tensors,
+            content_hash=env.content_hash,
+        )
+        return Admitted(update, base)
+
+    def check(
+        self,
+        env: UpdateEnvelope,
+        sender: str | None,
+        head: int,
+        pending: Sequence[AcceptedUpdate],
+    ) -> Refused | None:
+        """The rules that need no store: identity, sample count, base version."""
+        spec = self.spec
+        if env.task != spec.task_id:
+            return self._refused(env, Refusal.UNKNOWN_TASK, f"update names task {env.task!r}")
+        if spec.participants and env.participant not in spec.participants:
+            return self._refused(
+                env,
+                Refusal.UNKNOWN_PARTICIPANT,
+                f"{env.participant!r} is not a participant of the task",
+            )
+        if self.config.require_sender_match and sender != env.participant:
+            return self._refused(
+                env,
+                Refusal.SENDER_MISMATCH,
+                f"sent by broker user {sender!r}, names participant {env.participant!r}",
+            )
+        bound = spec.sample_bound(env.participant)
+        if env.num_samples > bound:
+            return self._refused(
+                env,
+                Refusal.TOO_MANY_SAMPLES,
+                f"claims {env.num_samples} samples; {env.participant!r} may claim at most {bound}",
+            )
+        if env.base_version > head:
+            return self._refused(
+                env,
+                Refusal.FUTURE_BASE,
+                f"base version {env.base_version} is ahead of the head {head}",
+            )
+        staleness = head - env.base_version
+        if self.sync:
+            if staleness > 0 and spec.sync.late == "refuse":
+                return self._refused(
+                    env,
+                    Refusal.STALE_ROUND,
+                    f"trained on round {env.base_version}, the current round is {head}",
+                )
+            if any(u.participant == env.participant for u in pending):
+                return self._refused(
+                    env,
+                    Refusal.DUPLICATE_IN_ROUND,
+                    f"{env.participant!r} already has an update in round {head}",
+                )
+        if staleness > self.max_staleness:
+            return self._refused(
+                env,
+                Refusal.TOO_STALE,
+                f"staleness {staleness} exceeds the maximum {self.max_staleness}",
+            )
+        return None
+
+    @staticmethod
+    def _refused(env: UpdateEnvelope, reason: Refusal, detail: str) -> Refused:
+        return Refused(reason, detail, env.participant, env.update_id)

@@ -1,0 +1,98 @@
+"""Announcing new models off the commit path: the newest version only, retried.
+
+Model queues keep only the latest model, so a version superseded before it was sent
+need not be published. Each announcement carries the version hash and the writer's
+fencing token; the broker keeps the last one for the store check at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from common.transport import Transport
+
+log = structlog.get_logger("fedq.aggregator")
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    version: int
+    blob: bytes
+    version_hash: bytes
+
+
+class Announcer:
+    """Sends the newest queued version; a failed send is retried every ``retry_s``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        task: str,
+        fence: Callable[[], int | None],
+        *,
+        retry_s: float = 1.0,
+        flush_timeout_s: float = 30.0,
+    ) -> None:
+        self.transport = transport
+        self.task = task
+        self._fence = fence
+        self.retry_s = retry_s
+        self.flush_timeout_s = flush_timeout_s
+        self._slot: _Slot | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._runner: asyncio.Task[None] | None = None
+        self.log = log.bind(task=task)
+
+    async def send_now(self, version: int, blob: bytes, version_hash: bytes) -> None:
+        """Announce at once and wait for the broker's confirm (the head at start)."""
+        await self.transport.announce_model(
+            self.task, version, blob, fence=self._fence(), version_hash=version_hash
+        )
+
+    def announce(self, version: int, blob: bytes, version_hash: bytes) -> None:
+        """Queue a version, replacing one not yet sent."""
+        self._slot = _Slot(version, blob, version_hash)
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start sending in the background."""
+        self._runner = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        """Send the last queued announcement (for at most ``flush_timeout_s``), then stop."""
+        if self._runner is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self.flush_timeout_s):
+                await self._runner
+        except TimeoutError:
+            self.log.error("last announcement not confirmed", timeout_s=self.flush_timeout_s)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            slot, self._slot = self._slot, None
+            if slot is not None:
+                try:
+                    await self.send_now(slot.version, slot.blob, slot.version_hash)
+                except Exception as e:  # noqa: BLE001 - the announcer must outlive any failure
+                    self.log.error(
+                        "announcement failed; will retry", version=slot.version, error=str(e)
+                    )
+                    if self._slot is None:  # nothing newer meanwhile: retry this one
+                        self._slot = slot
+                    if not self._closing:
+                        await asyncio.sleep(self.retry_s)
+                    self._wake.set()
+                    if self._closing:
+                        return
+            if self._closing and self._slot is None:
+                return
