@@ -26,7 +26,9 @@ if [ ! -f "$stamp" ] || [ "$FEDQ_ROOT/pyproject.toml" -nt "$stamp" ]; then
     if [ -n "${FEDQ_TORCH_INDEX:-}" ]; then torch_args+=(--index-url "$FEDQ_TORCH_INDEX"); fi
     "$FEDQ_VENV/bin/python" -m pip install "${pip_args[@]}" "${torch_args[@]}"
   fi
-  "$FEDQ_VENV/bin/python" -m pip install "${pip_args[@]}" -e "$FEDQ_ROOT[dev]"
+  # all: the aggregator, simulation and participant extras (a bank alone needs only
+  # `pip install "fedq[participant]"`); dev: the test, lint and type-check tools.
+  "$FEDQ_VENV/bin/python" -m pip install "${pip_args[@]}" -e "$FEDQ_ROOT[all,dev]"
   touch "$stamp"
 fi
 export PATH="$FEDQ_VENV/bin:$PATH"
