@@ -231,7 +231,7 @@ def main() -> None:
             settings={
                 "participants": args.participants,
                 "rounds": rounds,
-                "training": config.training.model_dump(),
+                "training": prepare(config).spec.training.model_dump(),
                 "flwr": flwr_version,
                 "flower_backend": "ray, client_resources num_cpus=1",
                 "fedq": "embedded (MemoryTransport + fakeredis), base_delay_s=0",

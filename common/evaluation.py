@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from common.models import build_task_model
@@ -26,6 +25,8 @@ def evaluate(spec: TaskSpec, params: Tensors, x: torch.Tensor, y: torch.Tensor) 
     """``auc`` (omitted when ``y`` holds one class only), ``loss`` and ``n``."""
     if len(y) == 0:
         return {"n": 0.0}
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly: only when scoring
+
     p = predict_proba(spec, params, x)
     loss = float(nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
     out = {"loss": loss if math.isfinite(loss) else 1e9, "n": float(len(y))}

@@ -1,7 +1,7 @@
 """fedq: message-queue federated learning on RabbitMQ and Redis.
 
 This umbrella package holds what needs both sides: the ``fedq`` command and the
-in-process demo and simulation. The aggregator and the participant never import it.
+in-process simulation. The aggregator and the participant never import it.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -14,19 +16,35 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.errors import FedqError
-from fedq.cli_common import AMQP_DEFAULT, REDIS_DEFAULT, fail
-
-redis_option = click.option(
-    "--redis-url",
-    default=REDIS_DEFAULT,
-    show_default=True,
-    envvar="FEDQ_REDIS_URL",
-    help="The model store (read-only access is enough).",
+from fedq.cli_common import (
+    amqp_option,
+    file_option,
+    json_option,
+    redis_option,
+    target_options,
+    task_option,
 )
+
+if TYPE_CHECKING:
+    from aggregator.audit.replay import ReplayReport
+    from aggregator.store import RedisModelStore
+
+store_option = redis_option("The model store (read-only access is enough).")
+
+
+@asynccontextmanager
+async def _store(redis_url: str) -> AsyncIterator[RedisModelStore]:
+    from aggregator.store import RedisModelStore, connect_redis
+
+    store = RedisModelStore(connect_redis(redis_url))
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 @click.command()
-@click.option("--task", required=True)
+@task_option
 @click.option("--from-version", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--to-version", default=None, type=click.IntRange(min=0), help="Default: the head.")
 @click.option(
@@ -41,29 +59,14 @@ redis_option = click.option(
     metavar="PARTICIPANT",
     help="Rebuild the chain without this participant's updates (counterfactual).",
 )
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="With --exclude: evaluate both models on this CSV or Parquet.",
+@file_option("--data", help="With --exclude: evaluate both models on this CSV or Parquet.")
+@target_options(
+    "With --data: the target column, if not the task's.", "With --target: the value of class 1."
 )
-@click.option("--target", default=None, help="With --data: the target column, if not the task's.")
-@click.option("--positive", default=None, help="With --target: the value of class 1.")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="With --exclude: write the counterfactual model (safetensors).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
-    "--amqp-url",
-    default=AMQP_DEFAULT,
-    show_default=True,
-    envvar="FEDQ_AMQP_URL",
-    help="The broker holding the audit stream.",
-)
-@redis_option
+@file_option("--out", help="With --exclude: write the counterfactual model (safetensors).")
+@json_option
+@amqp_option("The broker holding the audit stream.")
+@store_option
 def replay(
     task: str,
     from_version: int,
@@ -83,23 +86,20 @@ def replay(
     Exit status 0 only when every version matches; otherwise the first version that
     diverges is named with the reason.
     """
-    try:
-        ok = asyncio.run(
-            _replay(
-                task,
-                from_version,
-                to_version,
-                verify,
-                exclude,
-                (data, target, positive),
-                out,
-                as_json,
-                amqp_url,
-                redis_url,
-            )
+    ok = asyncio.run(
+        _replay(
+            task,
+            from_version,
+            to_version,
+            verify,
+            exclude,
+            (data, target, positive),
+            out,
+            as_json,
+            amqp_url,
+            redis_url,
         )
-    except FedqError as e:
-        fail(e)
+    )
     sys.exit(0 if ok else 1)
 
 
@@ -117,14 +117,15 @@ async def _replay(
 ) -> bool:
     from aggregator.audit.replay import index_updates
     from aggregator.audit.replay import replay as run_replay
-    from aggregator.store import RedisModelStore, connect_redis
     from common.transport.amqp import AmqpTransport
 
     console = Console(stderr=as_json)
-    store = RedisModelStore(connect_redis(redis_url))
-    transport = await AmqpTransport.connect(amqp_url, name="fedq-replay")
-    try:
-        bodies = [b async for b in transport.read_audit(task)]
+    async with _store(redis_url) as store:
+        transport = await AmqpTransport.connect(amqp_url, name="fedq-replay")
+        try:
+            bodies = [b async for b in transport.read_audit(task)]
+        finally:
+            await transport.close()
         updates = index_updates(bodies)
         console.print(f"audit stream: {len(bodies)} messages, {len(updates)} distinct updates")
         head = await store.head(task)
@@ -150,70 +151,45 @@ async def _replay(
             "reason": report.reason,
         }
         if exclude is not None:
-            result.update(await _counterfactual(store, task, report, exclude, evaluation, out))
-        if as_json:
-            click.echo(json.dumps(result, indent=2))
-        elif report.ok:
-            what = "rebuilt" if exclude else "verified"
-            console.print(
-                f"[green]{what} versions {report.from_version + 1}..{report.to_version}[/] "
-                f"({report.checked} versions)"
-            )
-        else:
-            console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")
-        return report.ok or not verify
-    finally:
-        await transport.close()
-        await store.close()
+            result.update(await _counterfactual(store, task, report, evaluation, out))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif report.ok:
+        what = "rebuilt" if exclude else "verified"
+        console.print(
+            f"[green]{what} versions {report.from_version + 1}..{report.to_version}[/] "
+            f"({report.checked} versions)"
+        )
+    else:
+        console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")
+    return report.ok or not verify
 
 
 async def _counterfactual(
-    store: Any,
+    store: RedisModelStore,
     task: str,
-    report: Any,
-    exclude: str,
+    report: ReplayReport,
     evaluation: tuple[Path | None, str | None, str | None],
     out: Path | None,
 ) -> dict[str, Any]:
-    from common.evaluation import evaluate
-    from common.wire import tensors_hash
-    from participant.data import encode, load_table
+    """What ``--exclude`` adds to the result: hashes, scores on ``--data``, ``--out``."""
+    from aggregator.audit.counterfactual import Counterfactual
 
-    spec = await store.get_spec(task)
     real = (await store.get_params(task, report.to_version)).tensors
-    real_hash = tensors_hash(real)
-    result: dict[str, Any] = {
-        "excluded": exclude,
-        "updates_left_out": report.left_out,
-        "counterfactual_param_hash": report.param_hash.hex(),
-        "real_param_hash": real_hash.hex(),
-        "differs": report.param_hash != real_hash,
-    }
+    counterfactual = Counterfactual(task, report, real)
+    result = counterfactual.summary()
     data, target, positive = evaluation
     if data is not None:
-        if target is not None:
-            from common.spec import TargetSpec
+        from common.spec import TargetSpec
+        from participant.data import encode, load_table
 
+        spec = await store.get_spec(task)
+        if target is not None:
             spec = spec.model_copy(update={"target": TargetSpec(name=target, positive=positive)})
         x, y = encode(load_table(data), spec)
-        result["metrics"] = {
-            "with_all": evaluate(spec, real, x, y),
-            f"without_{exclude}": evaluate(spec, report.params, x, y),
-        }
+        result["metrics"] = counterfactual.evaluate(spec, x, y)
     if out is not None:
-        from safetensors.torch import save_file
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in report.params.items()},
-            str(out),
-            metadata={
-                "format": "fedq-model-1",
-                "task": task,
-                "counterfactual_without": exclude,
-                "param_hash": report.param_hash.hex(),
-            },
-        )
+        counterfactual.save(out)
         result["out"] = str(out)
     return result
 
@@ -224,26 +200,19 @@ def audit() -> None:
 
 
 @audit.command("show")
-@click.option("--task", required=True)
+@task_option
 @click.option("--version", "version", required=True, type=click.IntRange(min=0))
-@click.option("--json", "as_json", is_flag=True)
-@redis_option
+@json_option
+@store_option
 def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
     """A version's lineage: parent, contributing updates, refusals in its window."""
     from aggregator.audit.lineage import version_lineage
-    from aggregator.store import RedisModelStore, connect_redis
 
     async def load() -> dict[str, Any]:
-        store = RedisModelStore(connect_redis(redis_url))
-        try:
+        async with _store(redis_url) as store:
             return await version_lineage(store, task, version)
-        finally:
-            await store.close()
 
-    try:
-        doc = asyncio.run(load())
-    except FedqError as e:
-        fail(e)
+    doc = asyncio.run(load())
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -279,36 +248,26 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
 
 
 @click.command("export")
-@click.option("--task", required=True)
+@task_option
 @click.option(
     "--version", "version", default=None, type=click.IntRange(min=0), help="Default: the head."
 )
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="model.safetensors (the spec goes to model.spec.json beside it).",
+@file_option(
+    "--out", required=True, help="model.safetensors (the spec goes to model.spec.json beside it)."
 )
-@redis_option
+@store_option
 def export(task: str, version: int | None, out: Path, redis_url: str) -> None:
     """Export a version for serving: safetensors plus the spec to rebuild the module."""
     from aggregator.audit.export import export_version, spec_path
-    from aggregator.store import RedisModelStore, connect_redis
 
     async def run() -> dict[str, str]:
-        store = RedisModelStore(connect_redis(redis_url))
-        try:
+        async with _store(redis_url) as store:
             v = version if version is not None else await store.head(task)
             if v is None:
                 raise FedqError(f"task {task!r} has no versions")
             return await export_version(store, task, v, out)
-        finally:
-            await store.close()
 
-    try:
-        meta = asyncio.run(run())
-    except FedqError as e:
-        fail(e)
+    meta = asyncio.run(run())
     Console().print(
         f"{out} and {spec_path(out)}: {task} version {meta['version']}, "
         f"version hash {meta['version_hash'][:16]}"

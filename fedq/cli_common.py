@@ -1,16 +1,26 @@
-"""What the ``fedq`` commands share: server defaults and the way they fail."""
+"""What the ``fedq`` commands share: their options, the task-spec options, and the way they fail.
+
+Each option that more than one command takes is defined here once. Importing this
+module imports no server client and no ML library: ``fedq --help`` and the
+participant's commands stay light (see tests/test_cli_imports.py).
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
+import click
 from rich.console import Console
 
 from common.errors import FedqError
 
 AMQP_DEFAULT = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(e: FedqError) -> NoReturn:
@@ -20,3 +30,228 @@ def fail(e: FedqError) -> NoReturn:
         f"[red]error:[/] {message}", markup=True
     )
     sys.exit(2)
+
+
+class FedqGroup(click.Group):
+    """The ``fedq`` group: a FedqError from any command below it goes to :func:`fail`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FedqError as e:
+            fail(e)
+
+
+def one_line(e: Exception) -> str:
+    """A pydantic ValidationError (several lines) as one line; others as they are."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    parts = [
+        f"{'.'.join(str(x) for x in err['loc']) or e.title}: {err['msg']}" for err in e.errors()
+    ]
+    return f"invalid {e.title}: " + "; ".join(parts)
+
+
+def _url_option(flag: str, envvar: str, help: str, default: str | None) -> Callable[[F], F]:
+    shown = default is not None
+    return click.option(flag, default=default, show_default=shown, envvar=envvar, help=help)
+
+
+def amqp_option(help: str, default: str | None = AMQP_DEFAULT) -> Callable[[F], F]:
+    """``--amqp-url`` (``FEDQ_AMQP_URL``); ``help`` says which broker it is to this command."""
+    return _url_option("--amqp-url", "FEDQ_AMQP_URL", help, default)
+
+
+def redis_option(help: str, default: str | None = REDIS_DEFAULT) -> Callable[[F], F]:
+    """``--redis-url`` (``FEDQ_REDIS_URL``); ``help`` says what this command does with it."""
+    return _url_option("--redis-url", "FEDQ_REDIS_URL", help, default)
+
+
+def log_options(f: F) -> F:
+    """``--log-level`` and ``--log-format`` (``FEDQ_LOG_LEVEL``, ``FEDQ_LOG_FORMAT``)."""
+    level = click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        envvar="FEDQ_LOG_LEVEL",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    )
+    form = click.option(
+        "--log-format",
+        default="auto",
+        show_default=True,
+        envvar="FEDQ_LOG_FORMAT",
+        type=click.Choice(["auto", "console", "json"]),
+        help="auto: console on a terminal, JSON lines otherwise.",
+    )
+    return level(form(f))
+
+
+FILE = click.Path(path_type=Path, dir_okay=False)
+
+
+def file_option(*decls: str, help: str, **attrs: Any) -> Callable[[F], F]:
+    """An option naming a file (CSV, Parquet, JSON, safetensors, PNG)."""
+    return click.option(*decls, type=FILE, help=help, **attrs)
+
+
+def seconds_option(*decls: str, default: float, minimum: float, help: str) -> Callable[[F], F]:
+    """A duration in seconds, at least ``minimum``."""
+    kind = click.FloatRange(min=minimum)
+    return click.option(*decls, default=default, show_default=True, type=kind, help=help)
+
+
+def limit_option(*decls: str, help: str) -> Callable[[F], F]:
+    """A positive count that is unbounded unless given."""
+    return click.option(*decls, default=None, type=click.IntRange(min=1), help=help)
+
+
+seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+task_option = click.option("--task", required=True, help="The task id.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+spec_file_option = click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    envvar="FEDQ_SPEC",
+    type=FILE,
+    help="Task spec (JSON or TOML), e.g. from `fedq task init`.",
+)
+
+
+def target_options(
+    target_help: str, positive_help: str, required: bool = False
+) -> Callable[[F], F]:
+    """``--target`` and ``--positive``: the binary target column and its value of class 1."""
+    target = click.option("--target", required=required, default=None, help=target_help)
+    positive = click.option("--positive", default=None, help=positive_help)
+
+    def both(f: F) -> F:
+        return target(positive(f))
+
+    return both
+
+
+# Task-spec options: each sets one field of the task spec (a dotted path in the spec's
+# JSON shape, e.g. ``async.mixing``), and :func:`spec_overrides` collects them. Their
+# defaults are the spec's own (``fedq simulate``: the simulation's), looked up when
+# needed, so each default is written in one place.
+
+
+class SpecOption(click.Option):
+    """An option that sets the task-spec field ``spec_field``."""
+
+    def __init__(
+        self,
+        param_decls: list[str],
+        *,
+        spec_field: str,
+        simulation: bool,
+        **attrs: Any,
+    ) -> None:
+        self.spec_field = spec_field
+        self.simulation = simulation
+        self.own_default = "default" in attrs
+        attrs.setdefault("show_default", True)
+        super().__init__(param_decls, **attrs)
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        if self.own_default or ctx.lookup_default(self.name or "", call=False) is not None:
+            return super().get_default(ctx, call=call)
+        return spec_default(self.spec_field, self.simulation)
+
+
+def spec_default(spec_field: str, simulation: bool) -> Any:
+    """The default of a dotted task-spec field: the simulation's, else the spec model's."""
+    from common.spec import TaskSpec
+
+    keys = spec_field.split(".")
+    if simulation:
+        from fedq.simulate import SIMULATION_SPEC
+
+        node: Any = SIMULATION_SPEC
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    fields = {f.alias or name: f for name, f in TaskSpec.model_fields.items()}
+    value = fields[keys[0]].default
+    for key in keys[1:]:
+        value = getattr(value, key)
+    return value
+
+
+def spec_option(spec_field: str, *decls: str, simulation: bool, **attrs: Any) -> Callable[[F], F]:
+    """A :class:`SpecOption` for ``spec_field``; ``simulation``: defaults of ``fedq simulate``."""
+    return click.option(
+        *decls, cls=SpecOption, spec_field=spec_field, simulation=simulation, **attrs
+    )
+
+
+def spec_overrides(ctx: click.Context) -> dict[str, Any]:
+    """The values of the command's spec options, nested in the task spec's JSON shape.
+
+    ``model.hidden`` is left out unless the model is an MLP (its default is for an MLP).
+    """
+    out: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if isinstance(param, SpecOption) and param.name is not None:
+            *parents, leaf = param.spec_field.split(".")
+            node = out
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = ctx.params[param.name]
+    model = out.get("model", {})
+    if model.get("kind", "logreg") != "mlp":
+        model.pop("hidden", None)
+    return out
+
+
+def _hidden(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    """``--hidden 32,16``: positive layer widths."""
+    try:
+        widths = tuple(int(h) for h in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of whole numbers, e.g. 32,16"
+        ) from None
+    if any(w < 1 for w in widths):
+        raise click.BadParameter("each layer width must be at least 1")
+    return widths
+
+
+def model_options(*, simulation: bool) -> Callable[[F], F]:
+    """``--model`` and ``--hidden``."""
+    kind = spec_option(
+        "model.kind",
+        "--model",
+        "model_kind",
+        simulation=simulation,
+        type=click.Choice(["logreg", "mlp"]),
+    )
+    hidden = spec_option(
+        "model.hidden",
+        "--hidden",
+        simulation=simulation,
+        default="16",
+        callback=_hidden,
+        help="MLP hidden layer widths, e.g. 32,16.",
+    )
+
+    def both(f: F) -> F:
+        return kind(hidden(f))
+
+    return both
+
+
+def strategy_option(*, simulation: bool) -> Callable[[F], F]:
+    """``--strategy``: the async aggregation strategy."""
+    return spec_option(
+        "async.strategy",
+        "--strategy",
+        simulation=simulation,
+        type=click.Choice(["fedasync", "fedbuff"]),
+        help="Async aggregation strategy.",
+    )

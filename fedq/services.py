@@ -11,18 +11,19 @@ import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
-from aggregator.http import start_http
-from aggregator.metrics import AggregatorMetrics
-from aggregator.service import AggregatorService, ServiceConfig
-from aggregator.store import RedisModelStore, StoreConfig, connect_redis
 from common.errors import ConfigError, SpecError
 from common.spec import TaskSpec
-from common.transport.amqp import AmqpTransport
-from participant.data import load_table
-from participant.worker import ParticipantWorker, WorkerConfig
+
+if TYPE_CHECKING:
+    # The aggregator's modules (Redis, Prometheus, aiohttp) are imported by
+    # run_aggregator alone: a bank's participant worker installs none of them.
+    from aggregator.service import ServiceConfig
+    from aggregator.store import StoreConfig
+    from participant.worker import WorkerConfig
 
 log = structlog.get_logger("fedq")
 
@@ -64,6 +65,12 @@ class AggregatorRunConfig:
 
 async def run_aggregator(config: AggregatorRunConfig) -> None:
     """Serve until SIGTERM: the commit in flight finishes, unacked updates go back."""
+    from aggregator.http import start_http
+    from aggregator.metrics import AggregatorMetrics
+    from aggregator.service import AggregatorService
+    from aggregator.store import RedisModelStore, connect_redis
+    from common.transport.amqp import AmqpTransport
+
     stop = _stop_on_signals()
     store = RedisModelStore(connect_redis(config.redis_url), config.store)
     transport = await AmqpTransport.connect(
@@ -93,6 +100,10 @@ class ParticipantRunConfig:
 
 async def run_participant(config: ParticipantRunConfig) -> int:
     """Work until SIGTERM or ``max_updates``; returns the number of updates published."""
+    from common.transport.amqp import AmqpTransport
+    from participant.data import load_table
+    from participant.worker import ParticipantWorker
+
     stop = _stop_on_signals()
     df = await asyncio.to_thread(load_table, config.data)
     transport = await AmqpTransport.connect(

@@ -23,6 +23,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
@@ -34,15 +35,7 @@ import pandas as pd
 import structlog
 
 from common.errors import ConfigError
-from common.spec import (
-    AsyncSettings,
-    ModelSpec,
-    StalenessSpec,
-    SyncSettings,
-    TargetSpec,
-    TaskSpec,
-    TrainingSettings,
-)
+from common.spec import NumericFeature, TargetSpec, TaskSpec
 from participant import partition
 from participant.data import (
     binary_labels,
@@ -70,6 +63,18 @@ VAL_FRACTION = 0.2
 MIN_TRAIN_ROWS = 10
 
 
+#: The simulation's task settings over a task spec's defaults: short local rounds on
+#: small shards, and a mixing rate that suits them.
+SIMULATION_SPEC: Mapping[str, Any] = {
+    "async": {"mixing": 0.5},
+    "training": {"epochs": 2, "batch_size": 32, "lr": 0.1},
+}
+#: The task spec fields the simulation sets from its data and options.
+SIMULATION_SETS = frozenset(
+    {"task_id", "features", "target", "mode", "participants", "seed", "declared_samples"}
+)
+
+
 def bundled_data() -> Path:
     """The German credit CSV shipped with fedq (see fedq/data/README.md)."""
     return Path(str(files("fedq") / "data" / "german_credit.csv"))
@@ -90,23 +95,12 @@ class SimulationConfig:
     speeds: tuple[float, ...] = ()
     #: Pause per local round at speed 1 (seconds); a bank with speed 10 pauses 10x.
     base_delay_s: float = 0.1
+    #: Which of the task's modes this run uses (``fedq simulate --mode both`` runs each).
     mode: Literal["async", "sync"] = "async"
-    strategy: Literal["fedasync", "fedbuff"] = "fedasync"
-    mixing: float = 0.5
-    staleness: StalenessSpec = field(default_factory=lambda: StalenessSpec(kind="polynomial"))
-    max_staleness: int = 20
-    buffer_size: int = 3
-    server_lr: float = 1.0
-    #: Sync rounds: quorum (0 = every bank), deadline with a minimum, late updates.
-    quorum: int = 0
-    deadline_s: float | None = None
-    min_updates: int = 1
-    late: Literal["refuse", "stale"] = "refuse"
-    weighted: bool = True
-    model: ModelSpec = field(default_factory=ModelSpec)
-    training: TrainingSettings = field(
-        default_factory=lambda: TrainingSettings(epochs=2, batch_size=32, lr=0.1)
-    )
+    #: Task spec fields over :data:`SIMULATION_SPEC`, in the spec's JSON shape (nested
+    #: mappings merge), e.g. ``{"async": {"strategy": "fedbuff"}, "sync": {"quorum": 3}}``.
+    #: The simulation sets the fields in :data:`SIMULATION_SETS` itself.
+    spec_overrides: Mapping[str, Any] = field(default_factory=dict)
     baseline_epochs: int = 60
     #: Stop after this many versions (None: 200 async, 200 / participants rounds sync).
     versions: int | None = None
@@ -218,7 +212,10 @@ def check_options(config: SimulationConfig) -> None:
         raise ConfigError(
             f"--partition-column is used only with --partition column, not {config.partition}"
         )
-    for option, value in (("--quorum", config.quorum), ("--min-updates", config.min_updates)):
+    # The task settings, checked before the data is read (a placeholder feature).
+    check = NumericFeature(name=f"{config.target}-feature")
+    sync = _task_spec(config, (check,), config.positive, _names(config)).sync
+    for option, value in (("--quorum", sync.quorum), ("--min-updates", sync.min_updates)):
         if value > n:
             raise ConfigError(
                 f"{option} {value} is more than --participants {n}: no sync round could close"
@@ -289,37 +286,49 @@ def _class_name(cls: int, positive: str | None) -> str:
     return f"class 1 ({positive!r})" if cls else f"class 0 (not {positive!r})"
 
 
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base``: nested mappings merge, other values replace."""
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        if isinstance(below, Mapping) and isinstance(value, Mapping):
+            out[key] = _merged(below, value)
+        else:
+            out[key] = value
+    return out
+
+
 def _task_spec(
     config: SimulationConfig,
     features: tuple[Any, ...],
     positive: str | None,
     names: tuple[str, ...],
 ) -> TaskSpec:
-    return TaskSpec(
-        task_id=f"sim-{uuid.uuid4().hex[:8]}",
-        model=config.model,
-        features=features,
-        target=TargetSpec(name=config.target, positive=positive),
-        mode=config.mode,
-        async_=AsyncSettings(
-            strategy=config.strategy,
-            mixing=config.mixing,
-            staleness=config.staleness,
-            max_staleness=config.max_staleness,
-            buffer_size=config.buffer_size,
-            server_lr=config.server_lr,
-        ),
-        sync=SyncSettings(
-            quorum=config.quorum,
-            deadline_s=config.deadline_s,
-            min_updates=config.min_updates,
-            late=config.late,
-            weighted=config.weighted,
-        ),
-        training=config.training,
-        participants=names,
-        seed=config.seed,
+    """The task: :data:`SIMULATION_SPEC`, the config's overrides, the data's fields.
+
+    Raises:
+        ConfigError: the overrides name a field the simulation sets.
+        SpecError: the settings make no valid task spec (pydantic's reasons).
+    """
+    settings = _merged(SIMULATION_SPEC, config.spec_overrides)
+    taken = sorted(SIMULATION_SETS & set(settings))
+    if taken:
+        raise ConfigError(f"spec_overrides cannot set {', '.join(taken)}: the simulation sets them")
+    return TaskSpec.parse(
+        {
+            **settings,
+            "task_id": f"sim-{uuid.uuid4().hex[:8]}",
+            "features": features,
+            "target": TargetSpec(name=config.target, positive=positive),
+            "mode": config.mode,
+            "participants": names,
+            "seed": config.seed,
+        }
     )
+
+
+def _names(config: SimulationConfig) -> tuple[str, ...]:
+    return tuple(f"bank-{i + 1:02d}" for i in range(config.participants))
 
 
 def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
@@ -356,7 +365,7 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
     exclude = [config.partition_column] if config.partition_column else []
     schema = infer_features(train_df, target, exclude=exclude)
     warnings = list(schema.warnings)
-    names = tuple(f"bank-{i + 1:02d}" for i in range(config.participants))
+    names = _names(config)
     spec = _task_spec(config, schema.features, positive, names)
     y_np = np.asarray(y_train_np, dtype=np.int64)
     if config.partition == "iid":
@@ -528,8 +537,8 @@ async def run_simulation(
         contributors.append([e.participant for e in record.lineage])
         progress.version, progress.auc = record.version, auc
         progress.staleness = float(np.mean([e.staleness for e in record.lineage] or [0]))
-        progress.accepted = service.accepted
-        progress.refused = sum(service.refused.values())
+        progress.accepted = service.stats.accepted
+        progress.refused = service.stats.refused_total
         if on_progress is not None:
             on_progress(progress)
         if record.version >= config.max_versions:
@@ -604,9 +613,9 @@ async def run_simulation(
         local_only_auc=local_auc,
         local_only_auc_mean=local_mean,
         versions=head,
-        updates_accepted=service.accepted,
-        updates_refused=sum(service.refused.values()),
-        refused_by_reason=dict(service.refused),
+        updates_accepted=service.stats.accepted,
+        updates_refused=service.stats.refused_total,
+        refused_by_reason=dict(service.stats.refused),
         wall_seconds=wall,
         target_auc=target,
         time_to_target_s=reached,

@@ -88,7 +88,7 @@ def _comparison(c: Comparison, console: Console) -> None:
 
 
 def _run_one(config: SimulationConfig, console: Console, prep: Prepared) -> SimulationResult:
-    strategy = "fedavg" if config.mode == "sync" else config.strategy
+    strategy = "fedavg" if config.mode == "sync" else prep.spec.async_.strategy
     with Progress(
         TextColumn(f"[bold]{config.mode}/{strategy}"),
         BarColumn(),

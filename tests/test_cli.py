@@ -1,16 +1,26 @@
-"""The fedq command: --help, --version, and the demo end to end (embedded and real Redis)."""
+"""The fedq command: --help, --version, shared options, the config file, the fail path."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
-import pytest
+import click
 from click.testing import CliRunner
 
+from common.spec import TaskSpec
 from fedq import __version__
 from fedq.cli import main
-from tests.conftest import REDIS_URL
+from fedq.cli_common import (
+    model_options,
+    spec_default,
+    spec_option,
+    spec_overrides,
+    strategy_option,
+)
+from fedq.simulate import SIMULATION_SPEC
 
 
 def test_version_and_help() -> None:
@@ -20,7 +30,8 @@ def test_version_and_help() -> None:
     assert __version__ in result.output
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
-    assert "demo" in result.output
+    assert "simulate" in result.output
+    assert "demo" not in result.output
 
 
 def test_console_script_is_installed() -> None:
@@ -30,32 +41,45 @@ def test_console_script_is_installed() -> None:
     assert out.stdout.strip() == f"fedq, version {__version__}"
 
 
-@pytest.mark.parametrize(
-    "redis_url",
-    ["memory://", pytest.param(REDIS_URL, marks=pytest.mark.real)],
-    ids=["memory", "real"],
-)
-def test_demo_commits_and_verifies(redis_url: str) -> None:
+def test_bad_redis_url_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
         [
-            "--log-format",
-            "json",
-            "demo",
-            "--redis-url",
-            redis_url,
-            "--versions",
-            "3",
-            "--banks",
-            "2",
+            *("export", "--task", "t", "--out", str(tmp_path / "m.safetensors")),
+            *("--redis-url", "redis://127.0.0.1:1/0"),
         ],
     )
-    assert result.exit_code == 0, result.output
-    assert "hash chain verified over 4 versions" in result.output
-    assert "6 updates" in result.output
-
-
-def test_bad_redis_url_is_a_clear_error() -> None:
-    result = CliRunner().invoke(main, ["demo", "--redis-url", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 2
     assert "Redis unavailable" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_spec_options_default_to_the_spec_and_nest_in_its_shape() -> None:
+    """fedq simulate's task options: defaults from SIMULATION_SPEC over the spec's own."""
+    seen: dict[str, Any] = {}
+
+    @click.command()
+    @strategy_option(simulation=True)
+    @model_options(simulation=True)
+    @spec_option("async.mixing", "--mixing", simulation=True, type=float)
+    @spec_option("sync.quorum", "--quorum", simulation=True, type=int)
+    def cmd(**_: Any) -> None:
+        seen.update(spec_overrides(click.get_current_context()))
+
+    assert CliRunner().invoke(cmd, ["--quorum", "2"]).exit_code == 0
+    assert seen == {
+        "async": {"strategy": "fedasync", "mixing": SIMULATION_SPEC["async"]["mixing"]},
+        "model": {"kind": "logreg"},  # no hidden layers for a logistic regression
+        "sync": {"quorum": 2},
+    }
+    assert CliRunner().invoke(cmd, ["--model", "mlp", "--hidden", "8,4"]).exit_code == 0
+    assert seen["model"] == {"kind": "mlp", "hidden": (8, 4)}
+    task_default = TaskSpec.model_fields["async_"].default
+    assert spec_default("async.mixing", simulation=False) == task_default.mixing
+
+
+def test_config_file_keys_are_named_like_the_options(tmp_path: Path) -> None:
+    config = tmp_path / "fedq.toml"
+    config.write_text('[participant]\nparticipant = "bank-z"\ndelay = 2.5\n')
+    ctx = main.make_context("fedq", ["--config", str(config), "participant", "run", "--help"])
+    assert ctx.default_map == {"participant": {"run": {"participant": "bank-z", "delay_s": 2.5}}}

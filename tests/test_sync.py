@@ -64,8 +64,7 @@ async def test_a_deadline_drops_the_straggler_and_refuses_its_late_updates() -> 
             participants=5,
             speeds=(1, 1, 1, 1, 10),
             base_delay_s=0.03,
-            deadline_s=0.12,
-            min_updates=3,
+            spec_overrides={"sync": {"deadline_s": 0.12, "min_updates": 3}},
             versions=12,
             seconds=60,
         )

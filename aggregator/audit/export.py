@@ -25,6 +25,18 @@ def spec_path(path: Path) -> Path:
     return path.with_suffix(".spec.json")
 
 
+#: The ``format`` metadata of every model file fedq writes.
+MODEL_FORMAT = "fedq-model-1"
+
+
+def save_model(path: Path, tensors: Tensors, metadata: dict[str, str]) -> dict[str, str]:
+    """Write ``tensors`` to ``path`` (safetensors) with ``metadata``; returns what was written."""
+    written = {"format": MODEL_FORMAT, **metadata}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=written)
+    return written
+
+
 async def export_version(
     store: RedisModelStore, task: str, version: int, path: Path
 ) -> dict[str, str]:
@@ -32,15 +44,16 @@ async def export_version(
     record = await store.get_version(task, version)
     env = await store.get_params(task, version)
     spec = await store.get_spec(task)
-    metadata = {
-        "format": "fedq-model-1",
-        "task": task,
-        "version": str(version),
-        "param_hash": record.param_hash.hex(),
-        "version_hash": record.version_hash.hex(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in env.tensors.items()}, str(path), metadata=metadata)
+    metadata = save_model(
+        path,
+        env.tensors,
+        {
+            "task": task,
+            "version": str(version),
+            "param_hash": record.param_hash.hex(),
+            "version_hash": record.version_hash.hex(),
+        },
+    )
     spec_path(path).write_text(json.dumps(json.loads(spec.to_json()), indent=2) + "\n")
     return metadata
 
