@@ -465,7 +465,27 @@ def _decode_tensors(
     claimed = doc["h"]
     if not isinstance(claimed, bytes) or len(claimed) != HASH_SIZE:
         raise DecodeError(Refusal.INVALID_FIELD, "h: not a 32-byte digest")
-    entries = doc["ts"]
+    headers = _tensor_headers(doc["ts"], limits, expected)
+    tensors, digest = _decode_payloads(headers, codec)
+    if digest != claimed:
+        raise DecodeError(Refusal.HASH_MISMATCH, "content hash does not match the tensors")
+    # Value checks after the hash: the bytes are what the sender meant to send.
+    for name, dtype, _, _ in headers:
+        t = tensors[name]
+        if dtype == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
+            raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r}: bool bytes must be 0 or 1")
+        if limits.require_finite and dtype in FLOAT_WIRE_DTYPES and not bool(t.isfinite().all()):
+            raise DecodeError(Refusal.NON_FINITE, f"tensor {name!r} holds NaN or Inf")
+    return tensors, digest
+
+
+_Header = tuple[str, str, tuple[int, ...], bytes]
+
+
+def _tensor_headers(
+    entries: object, limits: DecodeLimits, expected: Mapping[str, TensorSpec] | None
+) -> list[_Header]:
+    """First pass: every header validated and the sizes added up, nothing allocated."""
     if not isinstance(entries, list):
         raise DecodeError(Refusal.INVALID_FIELD, "ts: not an array")
     if len(entries) > limits.max_tensors:
@@ -476,10 +496,8 @@ def _decode_tensors(
         raise DecodeError(
             Refusal.TENSOR_MISMATCH, f"{len(entries)} tensors, the task's model has {len(expected)}"
         )
-    expected_iter = iter(expected.items()) if expected is not None else None
-
-    # First pass: validate every header and add up sizes before allocating anything.
-    headers: list[tuple[str, str, tuple[int, ...], bytes]] = []
+    expected_items = list(expected.items()) if expected is not None else None
+    headers: list[_Header] = []
     seen: set[str] = set()
     total = 0
     for i, entry in enumerate(entries):
@@ -487,19 +505,8 @@ def _decode_tensors(
         if name in seen:
             raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r} appears twice")
         seen.add(name)
-        if expected_iter is not None:
-            exp_name, exp = next(expected_iter)
-            if name != exp_name:
-                raise DecodeError(
-                    Refusal.TENSOR_MISMATCH,
-                    f"tensor #{i} is {name!r}, the model expects {exp_name!r}",
-                )
-            if shape != exp.shape or dtype != exp.dtype:
-                raise DecodeError(
-                    Refusal.TENSOR_MISMATCH,
-                    f"tensor {name!r} is {dtype}{list(shape)}, "
-                    f"the model expects {exp.dtype}{list(exp.shape)}",
-                )
+        if expected_items is not None:
+            _match_expected(i, name, dtype, shape, *expected_items[i])
         total += math.prod(shape) * itemsize(dtype)
         if total > limits.max_tensor_bytes:
             raise DecodeError(
@@ -512,7 +519,26 @@ def _decode_tensors(
                 Refusal.BAD_SHAPE, f"tensor {name!r}: dimensions {list(shape)} too large"
             )
         headers.append((name, dtype, shape, payload))
+    return headers
 
+
+def _match_expected(
+    i: int, name: str, dtype: str, shape: tuple[int, ...], exp_name: str, exp: TensorSpec
+) -> None:
+    if name != exp_name:
+        raise DecodeError(
+            Refusal.TENSOR_MISMATCH, f"tensor #{i} is {name!r}, the model expects {exp_name!r}"
+        )
+    if shape != exp.shape or dtype != exp.dtype:
+        raise DecodeError(
+            Refusal.TENSOR_MISMATCH,
+            f"tensor {name!r} is {dtype}{list(shape)}, "
+            f"the model expects {exp.dtype}{list(exp.shape)}",
+        )
+
+
+def _decode_payloads(headers: list[_Header], codec: Any) -> tuple[Tensors, bytes]:
+    """Second pass: each payload decoded into its own tensor, hashed as it goes."""
     hasher = TensorHasher()
     tensors: Tensors = {}
     for name, dtype, shape, payload in headers:
@@ -524,17 +550,7 @@ def _decode_tensors(
             raise DecodeError(e.reason, f"tensor {name!r}: {e.detail}") from e
         hasher.add(name, dtype, shape, buf)
         tensors[name] = t
-    digest = hasher.digest()
-    if digest != claimed:
-        raise DecodeError(Refusal.HASH_MISMATCH, "content hash does not match the tensors")
-    # Value checks after the hash: the bytes are what the sender meant to send.
-    for name, dtype, _, _ in headers:
-        t = tensors[name]
-        if dtype == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
-            raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r}: bool bytes must be 0 or 1")
-        if limits.require_finite and dtype in FLOAT_WIRE_DTYPES and not bool(t.isfinite().all()):
-            raise DecodeError(Refusal.NON_FINITE, f"tensor {name!r} holds NaN or Inf")
-    return tensors, digest
+    return tensors, hasher.digest()
 
 
 def _tensor_header(

@@ -79,7 +79,7 @@ def _spec(mode: str = "async", **kw: object) -> TaskSpec:
             "target": TargetSpec(name="y"),
             "participants": ("bank-a", "bank-b"),
             "mode": mode,
-            **kw,
+            **{("async" if k == "async_" else k): v for k, v in kw.items()},
         }
     )
 
@@ -119,7 +119,7 @@ async def _reason(admission: Admission, body: bytes, state: State, sender: str =
 
 
 async def test_each_rule_refuses_with_its_reason() -> None:
-    spec = _spec(max_samples=100, **{"async": {"max_staleness": 2}})
+    spec = _spec(max_samples=100, async_={"max_staleness": 2})
     adm, state = _admission(spec), State()
     assert await _reason(adm, b"\xc1", state) == Refusal.MALFORMED
     assert await _reason(adm, _body(spec, task="other"), state) == Refusal.UNKNOWN_TASK
