@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from _common import (
 )
 from _profile import py_spy, render, summarize
 
+from aggregator.stats import Stages
 from common.models import build_task_model, model_tensors
 from common.spec import AsyncSettings, ModelSpec, NumericFeature, TargetSpec, TaskSpec
 from common.transport import TaskTopology
@@ -95,7 +97,7 @@ def make_spec(size: Size, strategy: str, tag: str) -> TaskSpec:
         features=tuple(NumericFeature(name=f"x{i:02d}") for i in range(N_FEATURES)),
         target=TargetSpec(name="y"),
         mode="async",
-        async_=AsyncSettings(strategy=strategy, buffer_size=FEDBUFF_K),  # type: ignore[arg-type]
+        async_=AsyncSettings(strategy=strategy, buffer_size=FEDBUFF_K),
         participants=tuple(f"bank-{i:02d}" for i in range(N_PARTICIPANTS)),
     )
 
@@ -287,11 +289,13 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
     spec = TaskSpec.from_json(cfg["spec"])
+    timers, stages = stage_timers()
     store = RedisModelStore(
         connect_redis(cfg["redis_url"]),
         StoreConfig(
             prefix=cfg["prefix"], keep_blobs=cfg["keep_blobs"], blob_codec=cfg["blob_codec"]
         ),
+        stages=stages,
     )
     transport = await AmqpTransport.connect(cfg["amqp_url"], name="bench-ingest-aggregator")
     target = int(cfg["target_version"])
@@ -309,8 +313,8 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
         transport,
         ServiceConfig(require_sender_match=False, prefetch=PREFETCH),
         on_version=on_version,
+        stages=stages,
     )
-    timers = instrument(service)
     rss_before = rss_mib()
     runner = asyncio.create_task(service.run(stop))
     ready = asyncio.create_task(service.ready.wait())
@@ -343,59 +347,25 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def instrument(service: Any) -> dict[str, float]:
-    """Wall-clock timers around the steps of the service's consumer loop.
+def stage_timers() -> tuple[dict[str, float], Stages]:
+    """Wall-clock timers for the service's and the store's named stages.
 
-    Wrappers on this process's own objects (fedq's code is not changed): one
-    ``perf_counter`` pair per call, negligible next to the steps they time.
+    The service and the store call the hook around each stage of the consumer loop
+    (``handle``, ``admit``, ``offer``, ``applied_in``, ``commit``, the store's encode
+    and transaction): one ``perf_counter`` pair per call, negligible next to the
+    stages they time. Stages nest: ``handle`` contains the others.
     """
-    import aggregator.service as service_module
-
     timers: dict[str, float] = {}
 
-    def add(name: str, since: float) -> None:
-        timers[name] = timers.get(name, 0.0) + time.perf_counter() - since
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            timers[name] = timers.get(name, 0.0) + time.perf_counter() - t
 
-    def wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed_fn(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                add(name, t)
-
-        return timed_fn
-
-    def wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        async def timed_fn(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return await fn(*a, **kw)
-            finally:
-                add(name, t)
-
-        return timed_fn
-
-    class TimedStrategy:
-        def __init__(self, inner: Any) -> None:
-            self._inner = inner
-            self.offer = wrap_sync("strategy.offer (thread)", inner.offer)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._inner, name)
-
-    service_module.decode_update = wrap_sync(  # type: ignore[attr-defined]
-        "decode_update (thread)", service_module.decode_update
-    )
-    service.strategy = TimedStrategy(service.strategy)
-    service.handle = wrap_async("handle (total)", service.handle)
-    service._commit = wrap_async("_commit (total)", service._commit)
-    store = service.store
-    store.applied_in = wrap_async("store.applied_in (Redis HMGET)", store.applied_in)
-    store.commit = wrap_async("store.commit (total)", store.commit)
-    store._prepare = wrap_sync("store._prepare: hash+encode (thread)", store._prepare)
-    store.get_version = wrap_async("store.get_version (Redis)", store.get_version)
-    return timers
+    return timers, stage
 
 
 def start_profiler(path: str | None) -> subprocess.Popen[bytes] | None:

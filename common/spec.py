@@ -86,9 +86,12 @@ class StalenessSpec(_Spec):
 
 
 class AsyncSettings(_Spec):
-    """FedAsync (mix each update in) or FedBuff (buffer K deltas, then step)."""
+    """FedAsync (mix each update in), FedBuff (buffer K deltas, then step) or another
+    registered async strategy, and the settings they read."""
 
-    strategy: Literal["fedasync", "fedbuff"] = "fedasync"
+    #: A strategy name registered in ``aggregator.strategies.STRATEGIES`` (checked
+    #: when the strategy is built, as the registry is not part of the spec).
+    strategy: str = Field(default="fedasync", pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
     mixing: float = Field(default=0.6, gt=0, le=1)
     staleness: StalenessSpec = StalenessSpec()
     max_staleness: int = Field(default=20, ge=0)
@@ -104,6 +107,10 @@ class SyncSettings(_Spec):
     min_updates: int = Field(default=1, ge=1)
     weighted: bool = True
     late: Literal["refuse", "stale"] = "refuse"
+    #: With ``late = "stale"``: the staleness weighting of late updates.
+    staleness: StalenessSpec = StalenessSpec()
+    #: The oldest round an update may be trained on, in rounds behind the current one.
+    max_staleness: int = Field(default=20, ge=0)
 
 
 class TrainingSettings(_Spec):

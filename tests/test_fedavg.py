@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from aggregator.strategies import AcceptedUpdate, FedAvg, strategy_for
-from common.spec import NumericFeature, StalenessSpec, SyncSettings, TargetSpec, TaskSpec
+from common.spec import (
+    AsyncSettings,
+    NumericFeature,
+    StalenessSpec,
+    SyncSettings,
+    TargetSpec,
+    TaskSpec,
+)
 
 HEAD = {"w": torch.tensor([[0.5, -1.0, 2.0]]), "b": torch.tensor([0.25])}
 
@@ -37,7 +44,7 @@ def test_round_equals_an_independent_weighted_mean_of_local_models(
     seed: int, weighted: bool
 ) -> None:
     updates = _random_updates(4, seed)
-    avg = FedAvg(SyncSettings(quorum=4, weighted=weighted), StalenessSpec(), participants=4)
+    avg = FedAvg(SyncSettings(quorum=4, weighted=weighted), participants=4)
     steps = [avg.offer(HEAD, HEAD, u) for u in updates]
     assert steps[:3] == [None, None, None]
     step = steps[3]
@@ -55,8 +62,9 @@ def test_round_equals_an_independent_weighted_mean_of_local_models(
 
 
 def test_quorum_defaults_to_every_participant_and_flush_needs_the_minimum() -> None:
-    avg = FedAvg(SyncSettings(min_updates=2), StalenessSpec(), participants=5)
+    avg = FedAvg(SyncSettings(min_updates=2), participants=5)
     assert avg.quorum == 5
+    assert avg.capacity == 5
     updates = _random_updates(3, 0)
     assert avg.offer(HEAD, HEAD, updates[0]) is None
     assert avg.flush(HEAD) is None  # one update, minimum two: the round stays open
@@ -66,24 +74,12 @@ def test_quorum_defaults_to_every_participant_and_flush_needs_the_minimum() -> N
     assert len(step.lineage) == 2
 
 
-def test_one_update_per_participant_per_round() -> None:
-    avg = FedAvg(SyncSettings(quorum=3), StalenessSpec(), participants=3)
-    u = _random_updates(1, 0)[0]
-    avg.offer(HEAD, HEAD, u)
-    again = _update("other-id", u.participant, 10, u.delta)
-    with pytest.raises(ValueError, match="already has an update"):
-        avg.offer(HEAD, HEAD, again)
-    assert len(avg.pending()) == 1
-
-
-def test_late_updates_refused_or_folded_in_with_their_staleness_weight() -> None:
+def test_late_updates_are_folded_in_with_the_sync_staleness_weight() -> None:
+    # Admission refuses late updates unless sync.late = "stale"; then FedAvg weighs
+    # them with sync.staleness (not async.staleness).
     ones = {name: torch.ones_like(t) for name, t in HEAD.items()}
-    refuse = FedAvg(SyncSettings(quorum=2), StalenessSpec(kind="polynomial", a=1.0), participants=2)
-    with pytest.raises(ValueError, match="older round"):
-        refuse.offer(HEAD, HEAD, _update("late", "bank-1", 100, ones, staleness=1))
     stale = FedAvg(
-        SyncSettings(quorum=2, late="stale"),
-        StalenessSpec(kind="polynomial", a=1.0),
+        SyncSettings(quorum=2, late="stale", staleness=StalenessSpec(kind="polynomial", a=1.0)),
         participants=2,
     )
     assert stale.offer(HEAD, HEAD, _update("fresh", "bank-0", 100, ones)) is None
@@ -91,6 +87,39 @@ def test_late_updates_refused_or_folded_in_with_their_staleness_weight() -> None
     assert step is not None
     # raw weights: 100 * (0+1)^-1 = 100 and 100 * (1+1)^-1 = 50 -> 2/3 and 1/3
     assert [e.weight for e in step.lineage] == pytest.approx([2 / 3, 1 / 3])
+    assert stale.settings()["staleness"] == {"kind": "polynomial", "a": 1.0, "b": 4}
+
+
+def test_sync_mode_reads_its_own_staleness_settings() -> None:
+    spec = TaskSpec(
+        task_id="t",
+        features=(NumericFeature(name="x"),),
+        target=TargetSpec(name="y"),
+        participants=("a", "b"),
+        mode="sync",
+        sync=SyncSettings(late="stale", staleness=StalenessSpec(kind="constant")),
+        **{"async": AsyncSettings(staleness=StalenessSpec(kind="polynomial", a=2.0))},
+    )
+    avg = strategy_for(spec)
+    ones = {name: torch.ones_like(t) for name, t in HEAD.items()}
+    assert avg.offer(HEAD, HEAD, _update("fresh", "a", 100, ones)) is None
+    step = avg.offer(HEAD, HEAD, _update("late", "b", 100, ones, staleness=3))
+    assert step is not None
+    assert [e.weight for e in step.lineage] == [0.5, 0.5]  # constant: s = 1 for both
+
+
+def test_stored_specs_without_the_sync_staleness_fields_still_parse() -> None:
+    old = {
+        "task_id": "t",
+        "features": [{"name": "x", "kind": "numeric"}],
+        "target": {"name": "y"},
+        "mode": "sync",
+        "sync": {"quorum": 0, "deadline_s": None, "min_updates": 1, "weighted": True},
+    }
+    spec = TaskSpec.parse(old)
+    assert spec.sync.staleness == StalenessSpec()
+    assert spec.sync.max_staleness == 20
+    assert TaskSpec.from_json(spec.to_json()) == spec
 
 
 def test_strategy_follows_the_task_mode() -> None:

@@ -3,24 +3,26 @@
 The inputs are independent of the aggregator's memory: the retained update
 messages (the audit stream), each version's recorded lineage (ordered update ids,
 weights, content hashes) and strategy, and the parameters of the version replay
-starts from. Every version is recomputed with the same pure step functions the
-service used, from the recorded weights, and its parameter hash and chained
-version hash are compared with the store. The first divergence is named with its
-reason.
+starts from. Every version is recomputed by the strategy that made it (looked up
+by its recorded name in :data:`aggregator.strategies.STRATEGIES`, through its
+``recompute``), with the same pure functions the service used and the recorded
+weights, and its parameter hash and chained version hash are compared with the
+store. The first divergence is named with its reason.
 
-With ``exclude``, the chain is rebuilt without one participant's updates: the
-counterfactual model, "what would the model be without this bank".
+With ``exclude``, the chain is rebuilt without one participant's updates, with
+the weights that strategy's ``without`` gives the others: the counterfactual
+model, "what would the model be without this bank".
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aggregator.store import RedisModelStore, VersionRecord
-from aggregator.strategies import AcceptedUpdate, mix_step, weighted_step
-from common.errors import BlobPrunedError, DecodeError, FedqError
+from aggregator.strategies import Strategy, strategy_class
+from common.errors import BlobPrunedError, DecodeError, FedqError, SpecError
 from common.hashing import LineageEntry, lineage_bytes, version_hash
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.wire import (
@@ -73,30 +75,6 @@ def index_updates(bodies: list[bytes]) -> dict[str, bytes]:
     return out
 
 
-def _without(
-    kind: str, entries: tuple[LineageEntry, ...], exclude: str | None
-) -> tuple[LineageEntry, ...]:
-    """The lineage without ``exclude``'s updates, with the weights that strategy would give."""
-    if exclude is None:
-        return entries
-    kept = tuple(e for e in entries if e.participant != exclude)
-    if not kept or len(kept) == len(entries):
-        return kept
-    if kind == "fedbuff":  # weight = lr * s / K: the mean is over the K' updates left
-        scale = len(entries) / len(kept)
-        return tuple(_reweight(e, e.weight * scale) for e in kept)
-    if kind == "fedavg":  # weights are normalised over the round
-        total = sum(e.weight for e in kept)
-        return tuple(_reweight(e, e.weight / total) for e in kept)
-    return kept
-
-
-def _reweight(e: LineageEntry, weight: float) -> LineageEntry:
-    return LineageEntry(
-        e.update_id, e.participant, e.base_version, e.staleness, weight, e.content_hash
-    )
-
-
 def recompute(
     kind: str,
     parent: Tensors,
@@ -104,27 +82,16 @@ def recompute(
     entries: tuple[LineageEntry, ...],
     deltas: Mapping[str, Tensors],
 ) -> Tensors:
-    """One version's parameters from its parent, its lineage and the updates' deltas."""
-    if not entries:
-        return parent
-    updates = [
-        AcceptedUpdate(
-            e.update_id,
-            e.participant,
-            e.base_version,
-            e.staleness,
-            1,
-            deltas[e.update_id],
-            e.content_hash,
-        )
-        for e in entries
-    ]
-    if kind == "fedasync":
-        (e,) = entries
-        return mix_step(parent, base_of(e.base_version), updates[0], e.weight).params
-    if kind in ("fedbuff", "fedavg"):
-        return weighted_step(parent, updates, [e.weight for e in entries]).params
-    raise ReplayError(f"version made by unknown strategy {kind!r}")
+    """One version's parameters from its parent, its lineage and the updates' deltas,
+    as the strategy ``kind`` that made it recomputes them."""
+    return _strategy(kind).recompute(parent, base_of, entries, deltas)
+
+
+def _strategy(kind: str) -> type[Strategy]:
+    try:
+        return strategy_class(kind)
+    except SpecError as err:
+        raise ReplayError(f"version made by unknown strategy {kind!r} ({err})") from err
 
 
 async def replay(
@@ -139,14 +106,7 @@ async def replay(
 ) -> ReplayReport:
     """Replay versions ``from_version + 1 .. to_version`` and check them (unless excluding)."""
     spec = await store.get_spec(task)
-    head = await store.head(task)
-    if head is None:
-        raise ReplayError(f"task {task!r} has no versions")
-    last = head if to_version is None else to_version
-    if not 0 <= from_version <= last <= head:
-        raise ReplayError(
-            f"versions must satisfy 0 <= from ({from_version}) <= to ({last}) <= head ({head})"
-        )
+    last = await _last_version(store, task, from_version, to_version)
     report = ReplayReport(task, from_version, last, excluded=exclude)
     start = await store.get_version(task, from_version)
     try:
@@ -161,54 +121,101 @@ async def replay(
         return report
     expected = tensor_specs(model_tensors(build_task_model(spec)))
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
-    # Keep a version's parameters while a later update still names it as its base.
-    last_use: dict[int, int] = {}
-    for rec in records:
-        for e in rec.lineage:
-            last_use[e.base_version] = rec.version
-    history: dict[int, Tensors] = {from_version: env.tensors}
+    bases = _Bases(store, task, records, from_version, env.tensors, exclude)
     parent, parent_hash = env.tensors, start.version_hash
-
-    async def base_of_version(v: int) -> Tensors:
-        if v in history:
-            return history[v]
-        if exclude is not None:
-            raise ReplayError(f"base version {v} precedes --from-version; start earlier")
-        return (await store.get_params(task, v)).tensors
-
     for rec in records:
-        v = rec.version
-        kind = str(rec.info.get("strategy", ""))
-        entries = _without(kind, rec.lineage, exclude)
+        strategy = _strategy(str(rec.info.get("strategy", "")))
+        entries = rec.lineage if exclude is None else strategy.without(rec.lineage, exclude)
         report.left_out += len(rec.lineage) - len(entries)
         deltas: dict[str, Tensors] = {}
-        for entry in entries:
-            problem = _check_retained(updates.get(entry.update_id), entry, expected, deltas)
-            if problem is not None:
-                report.first_bad_version, report.reason = v, problem
-                return report
-        bases = {x.base_version: await base_of_version(x.base_version) for x in entries}
-        params = await asyncio.to_thread(
-            recompute, kind, parent, bases.__getitem__, entries, deltas
-        )
-        if exclude is None:
-            problem, parent_hash = await asyncio.to_thread(_verify, rec, params, parent_hash)
-            if problem is None:
-                problem = await _check_stored_blob(store, rec)
-            if problem is not None:
-                report.first_bad_version, report.reason = v, problem
+        problem = _decode_all(updates, entries, expected, deltas)
+        if problem is None:
+            of = {x.base_version: await bases.get(x.base_version) for x in entries}
+            params = await asyncio.to_thread(
+                strategy.recompute, parent, of.__getitem__, entries, deltas
+            )
+            if exclude is None:
+                problem, parent_hash = await _verify_version(store, rec, params, parent_hash)
                 report.params = params
-                return report
-        history[v] = params
-        for old in [k for k in history if k != v and last_use.get(k, -1) <= v]:
-            del history[old]
+        if problem is not None:
+            report.first_bad_version, report.reason = rec.version, problem
+            return report
+        bases.keep(rec.version, params)
         parent = params
         report.checked += 1
         if on_version is not None:
-            on_version(v)
+            on_version(rec.version)
     report.params = parent
     report.param_hash = tensors_hash(parent)
     return report
+
+
+async def _last_version(
+    store: RedisModelStore, task: str, from_version: int, to_version: int | None
+) -> int:
+    head = await store.head(task)
+    if head is None:
+        raise ReplayError(f"task {task!r} has no versions")
+    last = head if to_version is None else to_version
+    if not 0 <= from_version <= last <= head:
+        raise ReplayError(
+            f"versions must satisfy 0 <= from ({from_version}) <= to ({last}) <= head ({head})"
+        )
+    return last
+
+
+class _Bases:
+    """Replayed parameters kept while a later update still names them as its base."""
+
+    def __init__(
+        self,
+        store: RedisModelStore,
+        task: str,
+        records: Sequence[VersionRecord],
+        from_version: int,
+        start: Tensors,
+        exclude: str | None,
+    ) -> None:
+        self.store, self.task, self.exclude = store, task, exclude
+        self.last_use: dict[int, int] = {}
+        for rec in records:
+            for e in rec.lineage:
+                self.last_use[e.base_version] = rec.version
+        self.history: dict[int, Tensors] = {from_version: start}
+
+    async def get(self, v: int) -> Tensors:
+        if v in self.history:
+            return self.history[v]
+        if self.exclude is not None:
+            raise ReplayError(f"base version {v} precedes --from-version; start earlier")
+        return (await self.store.get_params(self.task, v)).tensors
+
+    def keep(self, v: int, params: Tensors) -> None:
+        self.history[v] = params
+        for old in [k for k in self.history if k != v and self.last_use.get(k, -1) <= v]:
+            del self.history[old]
+
+
+def _decode_all(
+    updates: Mapping[str, bytes],
+    entries: Sequence[LineageEntry],
+    expected: Mapping[str, TensorSpec],
+    deltas: dict[str, Tensors],
+) -> str | None:
+    for entry in entries:
+        problem = _check_retained(updates.get(entry.update_id), entry, expected, deltas)
+        if problem is not None:
+            return problem
+    return None
+
+
+async def _verify_version(
+    store: RedisModelStore, rec: VersionRecord, params: Tensors, parent_hash: bytes
+) -> tuple[str | None, bytes]:
+    problem, version_hash = await asyncio.to_thread(_verify, rec, params, parent_hash)
+    if problem is None:
+        problem = await _check_stored_blob(store, rec)
+    return problem, version_hash
 
 
 def _check_retained(

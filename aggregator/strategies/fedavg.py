@@ -1,0 +1,104 @@
+"""Synchronous FedAvg rounds: version ``v`` is round ``v``."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from aggregator import aggregate
+from aggregator.staleness import staleness_weight
+from aggregator.strategies.base import (
+    AcceptedUpdate,
+    Step,
+    StrategyBase,
+    left_out,
+    reweighted,
+    weighted_step,
+)
+from common.hashing import LineageEntry
+from common.spec import SyncSettings, TaskSpec
+from common.wire import Tensors
+
+
+class FedAvg(StrategyBase):
+    """Synchronous FedAvg: version ``v`` is round ``v``.
+
+    Updates of the round are collected, one per participant (admission refuses a
+    second one); at the quorum the round closes with ``head + sum_i w_i * delta_i``
+    where ``w_i = n_i / sum_j n_j`` (sample counts; ``1/k`` when unweighted). Because
+    every delta starts from the head, this equals the sample-weighted mean of the
+    local models. At the round's deadline the service calls :meth:`flush`, which
+    closes the round if at least ``min_updates`` arrived.
+
+    Late updates (trained on an older round) are refused by admission with the
+    reason ``stale_round``, unless ``sync.late = "stale"``: then they join the round
+    with their raw weight multiplied by the staleness weight ``s(t - v)`` of
+    ``sync.staleness`` (fresh updates have ``s(0) = 1``).
+    """
+
+    __slots__ = ("_buffer", "_sync", "quorum")
+
+    name = "fedavg"
+    mode = "sync"
+    uses_base = False
+
+    def __init__(self, sync: SyncSettings, participants: int) -> None:
+        self._sync = sync
+        #: Updates per round: ``sync.quorum``, or every participant when it is 0.
+        self.quorum = sync.quorum or max(participants, 1)
+        self._buffer: list[AcceptedUpdate] = []
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec) -> Self:
+        """From ``spec.sync`` and the number of participants."""
+        return cls(spec.sync, len(spec.participants))
+
+    @property
+    def capacity(self) -> int:
+        """The quorum: its last update closes the round."""
+        return self.quorum
+
+    def offer(self, head: Tensors, base: Tensors, update: AcceptedUpdate) -> Step | None:
+        """Add the update to the round; at the quorum, close the round."""
+        self._buffer.append(update)
+        if len(self._buffer) < self.quorum:
+            return None
+        return self._close(head)
+
+    def flush(self, head: Tensors) -> Step | None:
+        """Close the round at its deadline if at least ``min_updates`` arrived."""
+        if len(self._buffer) < self._sync.min_updates:
+            return None
+        return self._close(head)
+
+    def pending(self) -> tuple[AcceptedUpdate, ...]:
+        """The round's updates so far, in arrival order."""
+        return tuple(self._buffer)
+
+    def settings(self) -> dict[str, object]:
+        """Sync settings, the resolved quorum and the staleness function for late updates."""
+        return {
+            "sync": self._sync.model_dump(mode="json"),
+            "quorum": self.quorum,
+            "staleness": self._sync.staleness.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def without(
+        cls, lineage: tuple[LineageEntry, ...], participant: str
+    ) -> tuple[LineageEntry, ...]:
+        """The weights left, normalised over the round again."""
+        kept = left_out(lineage, participant)
+        if not kept or len(kept) == len(lineage):
+            return kept
+        return reweighted(kept, aggregate.normalised([e.weight for e in kept]))
+
+    def _close(self, head: Tensors) -> Step:
+        updates = list(self._buffer)
+        raw = [
+            (float(u.num_samples) if self._sync.weighted else 1.0)
+            * staleness_weight(self._sync.staleness, u.staleness)
+            for u in updates
+        ]
+        step = weighted_step(head, updates, aggregate.round_weights(raw))
+        self._buffer.clear()
+        return step
