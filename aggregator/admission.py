@@ -105,7 +105,7 @@ class Admission:
         self.expected = dict(expected)
         self.uses_base = uses_base
         self.sync = spec.mode == "sync"
-        self.max_staleness = spec.async_.max_staleness  # TRANSITION: sync's own setting
+        self.max_staleness = spec.sync.max_staleness if self.sync else spec.async_.max_staleness
 
     async def admit(self, body: bytes, sender: str | None, state: AdmissionState) -> Outcome:
         """Every rule, in order; the first that fails refuses the update."""

@@ -115,7 +115,7 @@ class AggregatorService:
         self.strategy: Strategy = strategy_for(spec)
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
-        self.prefetch = max(self.config.prefetch, _capacity(spec) + 1)
+        self.prefetch = max(self.config.prefetch, self.strategy.capacity + 1)
         self.admission = Admission(
             spec,
             AdmissionConfig(self.config.limits, self.config.require_sender_match),
@@ -625,12 +625,6 @@ class AggregatorService:
                 self._depth = depth
                 self.metrics.queue_depth.labels(self.task).set(depth)
             await asyncio.sleep(self.config.depth_poll_s)
-
-
-def _capacity(spec: TaskSpec) -> int:  # TRANSITION: until strategies say their capacity
-    if spec.mode == "sync":
-        return spec.sync.quorum or len(spec.participants) or 1
-    return spec.async_.buffer_size if spec.async_.strategy == "fedbuff" else 1
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

@@ -206,6 +206,10 @@ def spec_overrides(ctx: click.Context) -> dict[str, Any]:
     model = out.get("model", {})
     if model.get("kind", "logreg") != "mlp":
         model.pop("hidden", None)
+    # The staleness function weighs late updates in sync rounds too (``--late stale``).
+    staleness = out.get("async", {}).get("staleness")
+    if staleness is not None:
+        out.setdefault("sync", {})["staleness"] = dict(staleness)
     return out
 
 
@@ -246,12 +250,30 @@ def model_options(*, simulation: bool) -> Callable[[F], F]:
     return both
 
 
+class _AsyncStrategies(click.Choice[str]):
+    """The registered async strategies, looked up only when the option is used or shown
+    (so that a bank's ``participant run`` never imports the aggregator)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from aggregator.strategies import names
+
+        return tuple(names("async"))
+
+    @choices.setter
+    def choices(self, _: object) -> None:
+        pass
+
+
 def strategy_option(*, simulation: bool) -> Callable[[F], F]:
-    """``--strategy``: the async aggregation strategy."""
+    """``--strategy``: the async aggregation strategy (any registered one)."""
     return spec_option(
         "async.strategy",
         "--strategy",
         simulation=simulation,
-        type=click.Choice(["fedasync", "fedbuff"]),
+        type=_AsyncStrategies(),
         help="Async aggregation strategy.",
     )

@@ -308,46 +308,12 @@ def infer_features(
         if name in leave_out:
             continue
         col = _column(df, name, "feature")
-        if _is_numeric(col):
-            values = _as_float(col, name)
-            filled = values[~np.isnan(values)]
-            if filled.size == 0:
-                skipped[name] = "no values (every cell is missing)"
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):
-                mean = float(filled.mean())
-                std = float(filled.std())
-            if not (math.isfinite(mean) and math.isfinite(std)):
-                big = int(np.nanargmax(np.abs(values)))
-                raise ConfigError(
-                    f"numeric column {name!r} holds values too large to use: their mean or "
-                    f"standard deviation overflows (largest: {values[big]:g} in {_row(big)}); "
-                    "fix or remove them"
-                )
-            if std == 0.0:
-                std = 1.0
-                warnings.append(
-                    f"column {name!r} has one value ({canonical(filled[0])}) in every "
-                    "filled cell: it is kept but tells the model nothing"
-                )
-            _scaled(values, mean, std, name)
-            features.append(NumericFeature(name=name, mean=mean, std=std))
+        infer = _infer_numeric if _is_numeric(col) else _infer_categorical
+        feature, why = infer(col, name, max_categories, warnings)
+        if feature is None:
+            skipped[name] = why
         else:
-            _check_not_numeric_with_typos(col, name)
-            _, vocab = _distinct(col)
-            if not vocab:
-                skipped[name] = "no values (every cell is missing)"
-            elif len(vocab) > max_categories:
-                skipped[name] = (
-                    f"{len(vocab)} distinct values, more than max_categories={max_categories}"
-                )
-            else:
-                if len(vocab) == 1:
-                    warnings.append(
-                        f"column {name!r} has one value ({vocab[0]!r}) in every filled cell: "
-                        "it is kept but tells the model nothing"
-                    )
-                features.append(CategoricalFeature(name=name, vocabulary=tuple(vocab)))
+            features.append(feature)
     if not features:
         raise ConfigError(
             f"no usable feature columns besides target {target!r} (skipped: {skipped or 'none'})"
@@ -356,6 +322,52 @@ def infer_features(
     return InferredSchema(
         features=tuple(features), skipped=skipped, warnings=(*left_out, *warnings)
     )
+
+
+def _infer_numeric(
+    col: pd.Series[Any], name: str, _: int, warnings: list[str]
+) -> tuple[NumericFeature | None, str]:
+    """A numeric column's shared statistics, or None and why it is left out."""
+    values = _as_float(col, name)
+    filled = values[~np.isnan(values)]
+    if filled.size == 0:
+        return None, "no values (every cell is missing)"
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = float(filled.mean())
+        std = float(filled.std())
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        big = int(np.nanargmax(np.abs(values)))
+        raise ConfigError(
+            f"numeric column {name!r} holds values too large to use: their mean or "
+            f"standard deviation overflows (largest: {values[big]:g} in {_row(big)}); "
+            "fix or remove them"
+        )
+    if std == 0.0:
+        std = 1.0
+        warnings.append(
+            f"column {name!r} has one value ({canonical(filled[0])}) in every "
+            "filled cell: it is kept but tells the model nothing"
+        )
+    _scaled(values, mean, std, name)
+    return NumericFeature(name=name, mean=mean, std=std), ""
+
+
+def _infer_categorical(
+    col: pd.Series[Any], name: str, max_categories: int, warnings: list[str]
+) -> tuple[CategoricalFeature | None, str]:
+    """A text-like column's vocabulary, or None and why it is left out."""
+    _check_not_numeric_with_typos(col, name)
+    _, vocab = _distinct(col)
+    if not vocab:
+        return None, "no values (every cell is missing)"
+    if len(vocab) > max_categories:
+        return None, f"{len(vocab)} distinct values, more than max_categories={max_categories}"
+    if len(vocab) == 1:
+        warnings.append(
+            f"column {name!r} has one value ({vocab[0]!r}) in every filled cell: "
+            "it is kept but tells the model nothing"
+        )
+    return CategoricalFeature(name=name, vocabulary=tuple(vocab)), ""
 
 
 def _check_not_numeric_with_typos(col: pd.Series[Any], name: str) -> None:

@@ -220,12 +220,27 @@ def encode_update(
     return encode_envelope(head, tensors, codec, tail, content_size=content_size)
 
 
-def decode(data: bytes, kind: str) -> Envelope:
-    """Sections 2-6 and 8: decode and check an envelope of ``kind`` ("u" or "m")."""
-    try:
-        doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:
-        raise Refused("malformed") from e
+def decode_tensor(entry: object, codec: str) -> Tensor:
+    """Section 5: one tensor entry, checked field by field, its payload decoded."""
+    if not isinstance(entry, dict) or set(entry) != {"n", "d", "s", "b"}:
+        raise Refused("invalid_tensor")
+    name, dtype, shape, payload = entry["n"], entry["d"], entry["s"], entry["b"]
+    if not isinstance(name, str) or not 0 < len(name) <= 256:
+        raise Refused("invalid_tensor")
+    if dtype not in DTYPES:
+        raise Refused("bad_dtype")
+    if not isinstance(shape, list) or len(shape) > 8:
+        raise Refused("bad_shape")
+    if any(type(d) is not int or not 0 <= d < 2**32 for d in shape):
+        raise Refused("bad_shape")
+    if not isinstance(payload, bytes):
+        raise Refused("invalid_tensor")
+    raw = decode_payload(payload, codec, nbytes(dtype, shape))
+    return Tensor(name, dtype, tuple(shape), raw)
+
+
+def check_header(doc: object, kind: str) -> None:
+    """Sections 3 and 4: a map of the right format version, kind and keys."""
     if not isinstance(doc, dict):
         raise Refused("malformed")
     fv = doc.get("fv")
@@ -240,6 +255,15 @@ def decode(data: bytes, kind: str) -> Envelope:
         raise Refused("unknown_field")
     if required - set(doc):
         raise Refused("missing_field")
+
+
+def decode(data: bytes, kind: str) -> Envelope:
+    """Sections 2-6 and 8: decode and check an envelope of ``kind`` ("u" or "m")."""
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise Refused("malformed") from e
+    check_header(doc, kind)
     codec, claimed, entries = doc["c"], doc["h"], doc["ts"]
     if not isinstance(codec, str) or not isinstance(claimed, bytes) or len(claimed) != 32:
         raise Refused("invalid_field")
@@ -247,23 +271,7 @@ def decode(data: bytes, kind: str) -> Envelope:
         raise Refused("unknown_codec")
     if not isinstance(entries, list):
         raise Refused("invalid_field")
-    tensors: list[Tensor] = []
-    for entry in entries:
-        if not isinstance(entry, dict) or set(entry) != {"n", "d", "s", "b"}:
-            raise Refused("invalid_tensor")
-        name, dtype, shape, payload = entry["n"], entry["d"], entry["s"], entry["b"]
-        if not isinstance(name, str) or not 0 < len(name) <= 256:
-            raise Refused("invalid_tensor")
-        if dtype not in DTYPES:
-            raise Refused("bad_dtype")
-        if not isinstance(shape, list) or len(shape) > 8:
-            raise Refused("bad_shape")
-        if any(type(d) is not int or not 0 <= d < 2**32 for d in shape):
-            raise Refused("bad_shape")
-        if not isinstance(payload, bytes):
-            raise Refused("invalid_tensor")
-        raw = decode_payload(payload, codec, nbytes(dtype, shape))
-        tensors.append(Tensor(name, dtype, tuple(shape), raw))
+    tensors = [decode_tensor(entry, codec) for entry in entries]
     digest = content_hash(tensors)
     if digest != claimed:
         raise Refused("hash_mismatch")
