@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from common.hooks import Stages, untimed
 from common.transport import Transport
 
 log = structlog.get_logger("fedq.aggregator")
@@ -36,12 +37,14 @@ class Announcer:
         *,
         retry_s: float = 1.0,
         flush_timeout_s: float = 30.0,
+        stages: Stages = untimed,
     ) -> None:
         self.transport = transport
         self.task = task
         self._fence = fence
         self.retry_s = retry_s
         self.flush_timeout_s = flush_timeout_s
+        self.stages = stages
         self._slot: _Slot | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -50,9 +53,10 @@ class Announcer:
 
     async def send_now(self, version: int, blob: bytes, version_hash: bytes) -> None:
         """Announce at once and wait for the broker's confirm (the head at start)."""
-        await self.transport.announce_model(
-            self.task, version, blob, fence=self._fence(), version_hash=version_hash
-        )
+        with self.stages("announce"):
+            await self.transport.announce_model(
+                self.task, version, blob, fence=self._fence(), version_hash=version_hash
+            )
 
     def announce(self, version: int, blob: bytes, version_hash: bytes) -> None:
         """Queue a version, replacing one not yet sent."""

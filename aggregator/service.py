@@ -125,7 +125,7 @@ class AggregatorService:
         self.lease = WriterLease(
             store, self.task, LeaseConfig(self.config.owner, self.config.lease_ttl_s)
         )
-        self.announcer = Announcer(transport, self.task, lambda: self.lease.token)
+        self.announcer = Announcer(transport, self.task, lambda: self.lease.token, stages=stages)
         self.stats = ServiceStats()
         self.head_version = -1
         self.head_params: Tensors = {}
@@ -486,6 +486,10 @@ class AggregatorService:
                 await self._emit(again)
 
     async def _commit(self, step: Step) -> None:
+        with structlog.contextvars.bound_contextvars(version=self.head_version + 1):
+            await self._commit_step(step)
+
+    async def _commit_step(self, step: Step) -> None:
         started = time.perf_counter()
         parent = self.head_version
         with self.stages("commit"):
@@ -522,7 +526,6 @@ class AggregatorService:
         self.announcer.announce(record.version, result.blob, record.version_hash)
         self.log.info(
             "version committed",
-            version=record.version,
             updates=len(step.lineage),
             participants=[e.participant for e in step.lineage],
             staleness=[e.staleness for e in step.lineage],

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+from common.hooks import Stages, untimed
 from common.refusals import Refusal
 
-#: A named hook around a stage of the service's work ("decode", "offer", "commit",
-#: ...): benchmarks pass one that times each stage; the default does nothing.
-Stages = Callable[[str], AbstractContextManager[object]]
-
-
-def untimed(_: str) -> AbstractContextManager[object]:
-    """The default :data:`Stages`: no timing."""
-    return nullcontext()
+__all__ = ["ServiceStats", "Stages", "untimed"]
 
 
 @dataclass(slots=True)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,16 +111,23 @@ async def drain(
             stop.set()
 
     announce_times: list[float] = []
-    original = transport.announce_model
 
-    async def timed_announce(task: str, version: int, body: bytes, **kw: object) -> None:
+    @contextlib.contextmanager
+    def stages(name: str) -> Iterator[None]:
         t = time.perf_counter()
-        await original(task, version, body, **kw)  # type: ignore[arg-type]
-        announce_times.append(time.perf_counter() - t)
+        try:
+            yield
+        finally:
+            if name == "announce":
+                announce_times.append(time.perf_counter() - t)
 
-    transport.announce_model = timed_announce  # type: ignore[method-assign]
     service = AggregatorService(
-        spec, store, transport, ServiceConfig(require_sender_match=False), on_version=on_version
+        spec,
+        store,
+        transport,
+        ServiceConfig(require_sender_match=False),
+        on_version=on_version,
+        stages=stages,
     )
     t0 = time.perf_counter()
     runner = asyncio.create_task(service.run(stop))

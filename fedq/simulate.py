@@ -35,6 +35,7 @@ import pandas as pd
 import structlog
 
 from common.errors import ConfigError
+from common.hooks import Stages, untimed
 from common.spec import NumericFeature, TargetSpec, TaskSpec
 from participant import partition
 from participant.data import (
@@ -113,6 +114,9 @@ class SimulationConfig:
     redis_url: str | None = None
     report: Path | None = None
     plot: Path | None = None
+    #: A named hook around the stages of the service, the store and the workers
+    #: (benchmarks time them; see common.hooks).
+    stages: Stages = untimed
 
     @property
     def embedded(self) -> bool:
@@ -521,7 +525,9 @@ async def run_simulation(
     names = spec.participants
     agg_transport, bank_transports = await _transports(config, names)
     store = RedisModelStore(
-        connect_redis(config.redis_url or "memory://"), StoreConfig(prefix="fedq")
+        connect_redis(config.redis_url or "memory://"),
+        StoreConfig(prefix="fedq"),
+        stages=config.stages,
     )
     metrics = AggregatorMetrics()
     progress = Progress()
@@ -552,6 +558,7 @@ async def run_simulation(
         ServiceConfig(require_sender_match=config.amqp_url is None, depth_poll_s=1.0),
         metrics,
         on_version,
+        stages=config.stages,
     )
     genesis = model_tensors(build_task_model(spec))
     g = evaluate(spec, genesis, prep.x_test, prep.y_test).get("auc", 0.5)
@@ -575,6 +582,7 @@ async def run_simulation(
             ),
             bank_transports[name],
             prep.shards[name],
+            stages=config.stages,
         )
         for i, name in enumerate(names)
     ]
@@ -638,6 +646,8 @@ async def run_simulation(
 def _settings(config: SimulationConfig, spec: TaskSpec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in asdict(config).items():
+        if k == "stages":
+            continue  # a hook, not a setting
         out[k] = str(v) if isinstance(v, Path) else v
     out["embedded"] = config.embedded
     out["amqp_url"] = "set" if config.amqp_url else None

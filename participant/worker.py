@@ -21,6 +21,7 @@ import structlog
 
 from common.errors import DecodeError, TransportError
 from common.evaluation import evaluate
+from common.hooks import Stages, untimed
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import TaskSpec
 from common.transport import ModelDelivery, Subscription, Transport, next_or_none
@@ -64,9 +65,16 @@ class ParticipantWorker:
     """One bank's worker for one task."""
 
     def __init__(
-        self, spec: TaskSpec, config: WorkerConfig, transport: Transport, data: pd.DataFrame
+        self,
+        spec: TaskSpec,
+        config: WorkerConfig,
+        transport: Transport,
+        data: pd.DataFrame,
+        stages: Stages = untimed,
     ) -> None:
         self.spec = spec
+        #: A named hook around each stage of the loop (benchmarks time them).
+        self.stages = stages
         self.config = config
         self.transport = transport
         x, y = encode(data, spec)
@@ -98,9 +106,11 @@ class ParticipantWorker:
                     wait = cfg.wait_for_model_s
                 else:
                     wait = 0.0
-                newest = await self._newest_model(sub, wait, stop)
+                with self.stages("worker: wait for the newest model"):
+                    newest = await self._newest_model(sub, wait, stop)
                 if newest is not None:
-                    model = await self._decode(newest)
+                    with self.stages("worker: decode the model"):
+                        model = await self._decode(newest)
                     if model is None or (current is not None and model.version <= current.version):
                         await self._ack(newest)
                     else:
@@ -116,7 +126,8 @@ class ParticipantWorker:
                         )
                 if current is None or stop.is_set() or (sync and trained_on == current.version):
                     continue
-                await self._train_and_publish(current, val_metrics)
+                with self.stages("worker: train, encode, publish"):
+                    await self._train_and_publish(current, val_metrics)
                 trained_on = current.version
                 if cfg.max_updates is not None and self.stats.published >= cfg.max_updates:
                     break
