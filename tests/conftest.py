@@ -6,7 +6,6 @@ not answer, the test fails and says how to start it.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,8 +16,7 @@ from redis.exceptions import RedisError
 
 from aggregator.store import RedisModelStore, StoreConfig
 from common.spec import CategoricalFeature, ModelSpec, NumericFeature, TargetSpec, TaskSpec
-
-REDIS_URL = os.environ.get("FEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.helpers import CREDIT_TASK, REDIS_URL
 
 
 @pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
@@ -59,7 +57,7 @@ async def store(redis_client: aioredis.Redis, prefix: str) -> AsyncIterator[Redi
 def task_spec() -> TaskSpec:
     """A small credit-like task: three numeric features, one categorical."""
     return TaskSpec(
-        task_id="credit",
+        task_id=CREDIT_TASK,
         model=ModelSpec(kind="mlp", hidden=(8, 4)),
         features=(
             NumericFeature(name="duration", mean=20.9, std=12.1),

@@ -33,6 +33,11 @@ Every server is also registered with ``atexit``: even if a fixture's teardown ne
 runs (an interpreter shutting down on an error), nothing is left behind. Only a
 SIGKILLed test process (or ``os._exit``, e.g. pytest-timeout's ``thread`` method)
 can leave a server running: its files are under ``$TMPDIR/fedqtest-*``.
+
+For a run on these servers under the shipped users (the end of this module):
+:class:`Federation` runs an aggregator as :data:`AGGREGATOR` and one worker per bank
+as that bank's broker user on a :func:`bank_task`; :func:`replay_as_auditor` runs
+``fedq replay --verify`` as :data:`AUDITOR`; :func:`wait_until` polls its progress.
 """
 
 from __future__ import annotations
@@ -52,31 +57,49 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
+import pandas as pd
 import pytest
 import redis
+from click.testing import CliRunner
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from aggregator.service import AggregatorService, ServiceConfig
+from aggregator.store import RedisModelStore
+from common.spec import TaskSpec
+from common.transport import Transport
+from common.transport.amqp import AmqpTransport
+from fedq.cli_audit import replay
+from fedq.simulate import SimulationConfig, prepare
+from participant.worker import ParticipantWorker, WorkerConfig
+
 __all__ = [
+    "AGGREGATOR",
+    "AUDITOR",
+    "BANKS",
     "BROKER_CONFIG",
+    "Federation",
     "PrivateRabbit",
     "PrivateRedis",
     "ServerError",
     "ServerExitedError",
+    "bank_task",
     "free_port",
     "private_rabbit",
     "private_rabbit_fixture",
     "private_redis",
     "private_redis_fixture",
     "redis_conf_passwords",
+    "replay_as_auditor",
     "shipped_rabbitmq_conf",
     "shipped_redis_conf",
+    "wait_until",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -968,3 +991,159 @@ def private_rabbit_fixture(request: pytest.FixtureRequest) -> PrivateRabbit:
 # (redefinition of an unused import): import the *_fixture names instead.
 private_redis = private_redis_fixture
 private_rabbit = private_rabbit_fixture
+
+
+# ------------------------------------------------- a federation on the private servers
+
+AGGREGATOR = "fedq-aggregator"
+AUDITOR = "fedq-auditor"
+#: Broker users of definitions.json: participant ids must be broker user names.
+BANKS = ("bank-a", "bank-b")
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], seconds: float = 90.0) -> None:
+    """Await an async condition (a federation's progress) every 0.1 s until it holds."""
+    async with asyncio.timeout(seconds):
+        while not await cond():
+            await asyncio.sleep(0.1)
+
+
+def bank_task(banks: tuple[str, ...] = BANKS) -> tuple[TaskSpec, dict[str, pd.DataFrame]]:
+    """A simulation task whose participants are the shipped bank users, with their shards."""
+    prep = prepare(SimulationConfig(participants=len(banks)))
+    shards = {
+        bank: prep.shards[name] for name, bank in zip(prep.spec.participants, banks, strict=True)
+    }
+    spec = TaskSpec.model_validate(
+        {
+            **prep.spec.model_dump(by_alias=True),
+            "participants": banks,
+            "declared_samples": {bank: len(shard) for bank, shard in shards.items()},
+            "async": {**prep.spec.async_.model_dump(), "max_staleness": 1000},
+        }
+    )
+    return spec, shards
+
+
+class Federation:
+    """An aggregator and one worker per bank, each with its own broker credentials."""
+
+    def __init__(self, spec: TaskSpec, store: RedisModelStore, rabbit: PrivateRabbit) -> None:
+        self.spec, self.store, self.rabbit = spec, store, rabbit
+        self.task = spec.task_id
+        self.stop, self.bank_stop = asyncio.Event(), asyncio.Event()
+        self.tasks: list[asyncio.Task[object]] = []
+        self.workers: list[ParticipantWorker] = []
+        self.service: AggregatorService | None = None
+
+    async def start(self, shards: Mapping[str, pd.DataFrame]) -> None:
+        agg: Transport = await AmqpTransport.connect(
+            self.rabbit.url_for(AGGREGATOR), name="restart-aggregator"
+        )
+        # require_sender_match stays True: the banks publish with their own user_id.
+        self.service = AggregatorService(self.spec, self.store, agg, ServiceConfig(lease_ttl_s=5))
+        self.tasks.append(asyncio.create_task(_run(self.service, self.stop)))
+        async with asyncio.timeout(30):
+            await self.service.ready.wait()
+        for i, name in enumerate(self.spec.participants):
+            t = await AmqpTransport.connect(self.rabbit.url_for(name), name=f"restart-{name}")
+            w = ParticipantWorker(
+                self.spec,
+                WorkerConfig(participant=name, seed=i, delay_s=0.05, wait_for_model_s=0.5),
+                t,
+                shards[name],
+            )
+            self.workers.append(w)
+            self.tasks.append(asyncio.create_task(_work(w, self.bank_stop)))
+
+    @property
+    def aggregator(self) -> AggregatorService:
+        assert self.service is not None
+        return self.service
+
+    def published(self) -> list[str]:
+        """Update ids the broker confirmed to the banks so far."""
+        return [uid for w in self.workers for uid in w.stats.published_ids]
+
+    async def head_at_least(self, n: int) -> bool:
+        return (await self.store.head(self.task) or 0) >= n
+
+    async def wind_down(self) -> None:
+        """Stop the banks, let the aggregator settle every update they sent, then stop it."""
+        self.bank_stop.set()
+        await asyncio.gather(*self.tasks[1:])
+        async with asyncio.timeout(60):
+            while await self._unsettled():
+                await asyncio.sleep(0.2)
+        self.stop.set()
+        await self.tasks[0]
+
+    async def _unsettled(self) -> set[str]:
+        """Confirmed update ids neither applied nor refused (yet)."""
+        confirmed = self.published()
+        applied = await self.store.applied_in(self.task, confirmed)
+        return set(confirmed) - set(applied) - await self._refused()
+
+    async def _refused(self) -> set[str]:
+        return {
+            d["update_id"]
+            for d in await self.store.decisions(self.task)
+            if d["decision"] == "refused" and "update_id" in d
+        }
+
+    async def accounted(self) -> int:
+        """Every confirmed update applied exactly once or refused; the chain verifies."""
+        head = await self.store.head(self.task)
+        assert head is not None
+        applied: list[str] = []
+        for v in range(1, head + 1):
+            record = await self.store.get_version(self.task, v)
+            assert record.parent == v - 1
+            applied += [e.update_id for e in record.lineage]
+        assert len(applied) == len(set(applied))
+        confirmed = set(self.published())
+        assert confirmed, "the banks published nothing"
+        assert all(w.stats.published > 0 for w in self.workers)
+        missing = confirmed - set(applied) - await self._refused()
+        assert not missing, f"{len(missing)} confirmed updates neither applied nor refused"
+        assert (await self.store.verify_chain(self.task)).ok
+        return head
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for w in self.workers:
+            await w.transport.close()
+        if self.service is not None:
+            await self.service.transport.close()
+        await self.store.close()
+
+
+async def _run(service: AggregatorService, stop: asyncio.Event) -> object:
+    await service.run(stop)
+    return None
+
+
+async def _work(worker: ParticipantWorker, stop: asyncio.Event) -> object:
+    return await worker.run(stop)
+
+
+def replay_as_auditor(rabbit: PrivateRabbit, redis: PrivateRedis, task: str) -> dict[str, Any]:
+    """``fedq replay --verify --json`` with the auditor's read-only credentials."""
+    result = CliRunner().invoke(
+        replay,
+        [
+            "--task",
+            task,
+            "--verify",
+            "--json",
+            "--amqp-url",
+            rabbit.url_for(AUDITOR),
+            "--redis-url",
+            redis.url_for(AUDITOR),
+        ],
+    )
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["ok"] is True, report
+    return report

@@ -28,8 +28,7 @@ from common.wire import ModelEnvelope, UpdateEnvelope, decode_update, encode_mod
 from fedq.cli import main
 from fedq.simulate import SimulationConfig, prepare, run_simulation
 from participant.worker import ParticipantWorker, WorkerConfig
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, forget_task
+from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "fedq" / "data" / "german_credit.csv"

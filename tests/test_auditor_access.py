@@ -23,8 +23,17 @@ from common.errors import TransportError
 from common.transport.amqp import AmqpTransport
 from common.transport.names import UPDATES_EXCHANGE, dead_queue, model_queue, work_queue
 from fedq.cli_audit import audit
-from tests.servers import PrivateRabbit, PrivateRedis, private_rabbit_fixture, private_redis_fixture  # noqa: F401
-from tests.test_server_restarts import AUDITOR, Federation, _task, _until, replay_as_auditor
+from tests.servers import (  # noqa: F401
+    AUDITOR,
+    Federation,
+    PrivateRabbit,
+    PrivateRedis,
+    bank_task,
+    private_rabbit_fixture,
+    private_redis_fixture,
+    replay_as_auditor,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -139,11 +148,11 @@ async def _rabbit_refuses_the_auditor(node: PrivateRabbit, task: str, bank: str)
 async def test_auditor_replays_with_read_only_access(
     private_redis: PrivateRedis, private_rabbit: PrivateRabbit
 ) -> None:
-    spec, shards = _task()
+    spec, shards = bank_task()
     fed = Federation(spec, RedisModelStore(connect_redis(private_redis.url)), private_rabbit)
     try:
         await fed.start(shards)
-        await _until(lambda: fed.head_at_least(6))
+        await wait_until(lambda: fed.head_at_least(6))
         await fed.wind_down()
         head = await fed.accounted()
 

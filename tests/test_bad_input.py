@@ -20,8 +20,7 @@ from common.models import build_task_model, model_tensors
 from common.spec import NumericFeature, TargetSpec, TaskSpec
 from common.transport.amqp import AmqpTransport
 from common.wire import DecodeLimits, UpdateEnvelope, encode_update
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, _delete_queues
+from tests.helpers import AMQP_URL, REDIS_URL, delete_queues
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -72,7 +71,7 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     await running
     await agg.close()
     await bank.close()
-    await _delete_queues(spec.task_id, spec.participants)
+    await delete_queues(spec.task_id, spec.participants)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     if keys:
         await client.delete(*keys)

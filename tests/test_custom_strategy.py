@@ -41,7 +41,8 @@ from common.models import build_task_model, model_tensors
 from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
 from common.transport.memory import MemoryBroker, MemoryTransport
 from common.wire import Tensors, UpdateEnvelope, encode_update
-from tests.test_strategy_contract import check_contract
+from tests.helpers import wait_for
+from tests.strategy_contract import check_contract
 
 
 class FedMedian(StrategyBase):
@@ -155,12 +156,6 @@ def _body(spec: TaskSpec, participant: str, base: int, gen: torch.Generator) -> 
     return body
 
 
-async def _wait_for(cond: Callable[[], bool], seconds: float = 10.0) -> None:
-    async with asyncio.timeout(seconds):
-        while not cond():
-            await asyncio.sleep(0.02)
-
-
 def test_the_contract_holds_for_the_new_strategy(fedmedian: type[FedMedian]) -> None:
     check_contract(fedmedian)
 
@@ -178,7 +173,7 @@ async def test_a_registered_strategy_runs_end_to_end_and_replays(
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
     try:
-        await _wait_for(service.ready.is_set)
+        await wait_for(service.ready.is_set)
         gen = torch.Generator().manual_seed(3)
         for version in range(1, 5):
             for i, bank in enumerate(BANKS):
@@ -188,7 +183,7 @@ async def test_a_registered_strategy_runs_end_to_end_and_replays(
                 await banks[bank].publish_update(
                     spec.task_id, bank, body, message_id=f"{version}{i}"
                 )
-            await _wait_for(lambda: service.head_version == version)  # noqa: B023
+            await wait_for(lambda: service.head_version == version)  # noqa: B023
     finally:
         stop.set()
         await running

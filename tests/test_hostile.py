@@ -24,8 +24,7 @@ from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
 from common.transport import UpdateDelivery
 from common.transport.amqp import AmqpTransport
 from common.wire import UpdateEnvelope, encode_update
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, _delete_queues
+from tests.helpers import AMQP_URL, REDIS_URL, delete_queues, wait_for
 
 pytestmark = [pytest.mark.real]
 
@@ -128,7 +127,7 @@ class Rig:
         for t in (self.agg, self.bank):
             if t is not None:
                 await t.close()
-        await _delete_queues(self.task, self.spec.participants)
+        await delete_queues(self.task, self.spec.participants)
         await self.wipe_store()
         await self.store.close()
 
@@ -147,10 +146,9 @@ async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
         await rig.close()
 
 
-async def _until(cond: Callable[[], bool], seconds: float = 30) -> None:
-    async with asyncio.timeout(seconds):
-        while not cond():
-            await asyncio.sleep(0.02)
+async def _until(cond: Callable[[], bool]) -> None:
+    """:func:`wait_for` with the longer patience of runs on the real servers."""
+    await wait_for(cond, seconds=30)
 
 
 # ------------------------------------------------------------- item 2: a store going back

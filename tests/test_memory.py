@@ -20,8 +20,7 @@ from common.spec import AsyncSettings, ModelSpec, NumericFeature, TargetSpec, Ta
 from common.transport import TaskTopology
 from common.transport.amqp import AmqpTransport
 from common.wire import UpdateEnvelope, encode_update
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, forget_task
+from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 PARTICIPANTS = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")

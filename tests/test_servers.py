@@ -12,6 +12,8 @@ import aiormq
 import pytest
 import redis.asyncio as aioredis
 
+from tests.helpers import AMQP_URL as SHARED_AMQP_URL
+from tests.helpers import REDIS_URL as SHARED_REDIS_URL
 from tests.servers import (  # noqa: F401
     BROKER_CONFIG,
     PrivateRabbit,
@@ -23,9 +25,6 @@ from tests.servers import (  # noqa: F401
 )
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
-
-SHARED_REDIS_URL = os.environ.get("FEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-SHARED_AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def _alive(pid: int) -> bool:

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+import structlog
 import torch
 
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
 from common.errors import TransportError
-from common.models import build_task_model, model_tensors
-from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
+from common.spec import TaskSpec
 from common.transport import DeadLetter, Transport
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
-from common.wire import UpdateEnvelope, decode_model, encode_update
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, _delete_queues
+from common.wire import decode_model
+from tests.helpers import AMQP_URL, REDIS_URL, delete_queues, encoded_update, service_spec, wait_for
 
 
 @dataclass
@@ -34,19 +33,9 @@ class Rig:
     real: bool
 
 
-def _spec(**async_kw: object) -> TaskSpec:
-    return TaskSpec(
-        task_id=f"svc{uuid.uuid4().hex[:10]}",
-        features=tuple(NumericFeature(name=f"x{i}") for i in range(3)),
-        target=TargetSpec(name="y"),
-        participants=("bank-a", "bank-b"),
-        **{"async": AsyncSettings.model_validate({"max_staleness": 2, **async_kw})},
-    )
-
-
 @pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
-    spec = _spec()
+    spec = service_spec()
     prefix = f"fedqtest-{uuid.uuid4().hex[:8]}"
     if request.param == "memory":
         broker = MemoryBroker()
@@ -71,41 +60,11 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     await rig.agg.close()
     await rig.bank.close()
     if rig.real:
-        await _delete_queues(spec.task_id, spec.participants)
+        await delete_queues(spec.task_id, spec.participants)
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
         if keys:
             await client.delete(*keys)
     await rig.store.close()
-
-
-def _update(
-    spec: TaskSpec,
-    *,
-    base: int,
-    participant: str = "bank-a",
-    scale: float = 0.1,
-    update_id: str | None = None,
-) -> tuple[str, bytes]:
-    delta = {k: torch.full_like(v, scale) for k, v in model_tensors(build_task_model(spec)).items()}
-    uid = update_id or uuid.uuid4().hex
-    body, _ = encode_update(
-        UpdateEnvelope(
-            task=spec.task_id,
-            participant=participant,
-            update_id=uid,
-            base_version=base,
-            num_samples=10,
-            tensors=delta,
-        )
-    )
-    return uid, body
-
-
-async def _wait_for(cond: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Poll a condition of the system under test (tests may poll; services may not)."""
-    async with asyncio.timeout(seconds):
-        while not cond():
-            await asyncio.sleep(0.02)
 
 
 async def _dead(rig: Rig, n: int) -> list[DeadLetter]:
@@ -124,18 +83,18 @@ async def test_valid_updates_commit_and_refusals_are_dead_lettered(rig: Rig) -> 
     )
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await _wait_for(lambda: service.ready.is_set())
+    await wait_for(lambda: service.ready.is_set())
     task = spec.task_id
     before = (await rig.store.get_params(task, 0)).tensors
 
-    uid, good = _update(spec, base=0)
+    uid, good = encoded_update(spec, base=0)
     await rig.bank.publish_update(task, "bank-a", good, message_id=uid)
-    await _wait_for(lambda: service.head_version == 1)
+    await wait_for(lambda: service.head_version == 1)
     # Each of these must be refused with its reason, leaving the model as it is.
     bad = [
         b"\xc1 not msgpack",
-        _update(spec, base=0, participant="bank-z")[1],
-        _update(spec, base=9)[1],
+        encoded_update(spec, base=0, participant="bank-z")[1],
+        encoded_update(spec, base=9)[1],
         good,  # the same update again
         b"\x92\x01\x02",  # msgpack, but an array, not an envelope
     ]
@@ -173,16 +132,16 @@ async def test_too_stale_and_announcements(rig: Rig) -> None:
     service = AggregatorService(spec, rig.store, rig.agg, ServiceConfig(require_sender_match=False))
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await _wait_for(lambda: service.ready.is_set())
+    await wait_for(lambda: service.ready.is_set())
     models = await rig.bank.consume_models(task, "bank-a")
     first = await asyncio.wait_for(models.get(), 5)
     assert first.version == 0
     await first.ack()
     for v in range(4):
-        uid, body = _update(spec, base=v)
+        uid, body = encoded_update(spec, base=v)
         await rig.bank.publish_update(task, "bank-a", body, message_id=uid)
-        await _wait_for(lambda: service.head_version == v + 1)  # noqa: B023
-    uid, stale = _update(spec, base=1)  # head 4, staleness 3 > max 2
+        await wait_for(lambda: service.head_version == v + 1)  # noqa: B023
+    uid, stale = encoded_update(spec, base=1)  # head 4, staleness 3 > max 2
     await rig.bank.publish_update(task, "bank-a", stale, message_id=uid)
     dead = await _dead(rig, 1)
     assert [d.reason for d in dead] == ["too_stale"]
@@ -202,15 +161,15 @@ async def test_too_stale_and_announcements(rig: Rig) -> None:
 
 async def test_sender_must_match_participant() -> None:
     broker = MemoryBroker()
-    spec = _spec()
+    spec = service_spec()
     store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
     agg = MemoryTransport(broker, "fedq-aggregator")
     service = AggregatorService(spec, store, agg)
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await _wait_for(lambda: service.ready.is_set())
+    await wait_for(lambda: service.ready.is_set())
     impostor = MemoryTransport(broker, "bank-b")  # bank-b's credentials, claims to be bank-a
-    uid, body = _update(spec, base=0, participant="bank-a")
+    uid, body = encoded_update(spec, base=0, participant="bank-a")
     await impostor.publish_update(spec.task_id, "bank-a", body, message_id=uid)
     dead: list[DeadLetter] = []
     async with asyncio.timeout(5):
@@ -225,18 +184,18 @@ async def test_sender_must_match_participant() -> None:
 
 async def test_fedbuff_acks_only_after_commit_and_returns_buffer_on_stop() -> None:
     broker = MemoryBroker()
-    spec = _spec(strategy="fedbuff", buffer_size=3)
+    spec = service_spec(strategy="fedbuff", buffer_size=3)
     store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
     agg = MemoryTransport(broker, "fedq-aggregator")
     bank = MemoryTransport(broker, "bank-a")
     service = AggregatorService(spec, store, agg)
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await _wait_for(lambda: service.ready.is_set())
+    await wait_for(lambda: service.ready.is_set())
     for _ in range(5):
-        uid, body = _update(spec, base=0)
+        uid, body = encoded_update(spec, base=0)
         await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
-    await _wait_for(lambda: service.head_version == 1 and service.unacked == 2)
+    await wait_for(lambda: service.head_version == 1 and service.unacked == 2)
     assert len((await store.get_version(spec.task_id, 1)).lineage) == 3
     stop.set()
     await running
@@ -246,10 +205,10 @@ async def test_fedbuff_acks_only_after_commit_and_returns_buffer_on_stop() -> No
     service2 = AggregatorService(spec, store, MemoryTransport(broker, "fedq-aggregator"))
     stop2 = asyncio.Event()
     running2 = asyncio.create_task(service2.run(stop2))
-    uid, body = _update(spec, base=1)
-    await _wait_for(lambda: service2.ready.is_set())
+    uid, body = encoded_update(spec, base=1)
+    await wait_for(lambda: service2.ready.is_set())
     await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
-    await _wait_for(lambda: service2.head_version == 2)
+    await wait_for(lambda: service2.head_version == 2)
     assert len((await store.get_version(spec.task_id, 2)).lineage) == 3
     stop2.set()
     await running2
@@ -278,15 +237,15 @@ async def _prepared(spec: TaskSpec, transport: Transport | None = None) -> Aggre
 
 
 async def test_a_redelivered_buffered_update_is_kept_not_refused() -> None:
-    spec = _spec(strategy="fedbuff", buffer_size=2)
+    spec = service_spec(strategy="fedbuff", buffer_size=2)
     service = await _prepared(spec)
-    uid, body = _update(spec, base=0)
+    uid, body = encoded_update(spec, base=0)
     first, again = FakeDelivery(body), FakeDelivery(body)
     await service.handle(first)
     first.live = False  # the broker lost the channel and redelivered it
     await service.handle(again)
     assert first.settled == [] and again.settled == []
-    _, other = _update(spec, base=0, participant="bank-b")
+    _, other = encoded_update(spec, base=0, participant="bank-b")
     third = FakeDelivery(other, user_id="bank-b")
     await service.handle(third)
     assert service.head_version == 1
@@ -298,7 +257,7 @@ async def test_a_redelivered_buffered_update_is_kept_not_refused() -> None:
 
 
 async def test_prefetch_is_raised_above_the_buffer() -> None:
-    spec = _spec(strategy="fedbuff", buffer_size=5)
+    spec = service_spec(strategy="fedbuff", buffer_size=5)
     broker = MemoryBroker()
     store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
     service = AggregatorService(
@@ -307,12 +266,12 @@ async def test_prefetch_is_raised_above_the_buffer() -> None:
     assert service.prefetch == 6
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await _wait_for(lambda: service.ready.is_set())
+    await wait_for(lambda: service.ready.is_set())
     bank = MemoryTransport(broker, "bank-a")
     for _ in range(5):
-        uid, body = _update(spec, base=0)
+        uid, body = encoded_update(spec, base=0)
         await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
-    await _wait_for(lambda: service.head_version == 1)
+    await wait_for(lambda: service.head_version == 1)
     stop.set()
     await running
 
@@ -320,7 +279,7 @@ async def test_prefetch_is_raised_above_the_buffer() -> None:
 async def test_a_decoder_failure_is_refused_and_the_service_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = _spec()
+    spec = service_spec()
     service = await _prepared(spec)
 
     def broken(*_: object, **__: object) -> None:
@@ -331,7 +290,7 @@ async def test_a_decoder_failure_is_refused_and_the_service_goes_on(
     await service.handle(d)
     assert d.settled == ["dead:malformed"]
     monkeypatch.undo()
-    _, body = _update(spec, base=0)
+    _, body = encoded_update(spec, base=0)
     ok = FakeDelivery(body)
     await service.handle(ok)
     assert ok.settled == ["ack"]
@@ -359,7 +318,7 @@ class FlakyAnnouncer(MemoryTransport):
 
 
 async def test_a_failed_announcement_is_retried() -> None:
-    spec = _spec()
+    spec = service_spec()
     broker = MemoryBroker()
     agg = FlakyAnnouncer(broker, "agg")
     agg.failures = 0
@@ -367,14 +326,14 @@ async def test_a_failed_announcement_is_retried() -> None:
     service = AggregatorService(spec, store, agg)
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await _wait_for(lambda: service.ready.is_set())
+    await wait_for(lambda: service.ready.is_set())
     agg.failures = 2
     bank = MemoryTransport(broker, "bank-a")
     models = await bank.consume_models(spec.task_id, "bank-a")
     first = await models.get()
     assert first.version == 0
     await first.ack()
-    uid, body = _update(spec, base=0)
+    uid, body = encoded_update(spec, base=0)
     await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
     async with asyncio.timeout(10):
         latest = await models.get()
@@ -382,3 +341,20 @@ async def test_a_failed_announcement_is_retried() -> None:
     assert agg.failures == 0
     stop.set()
     await running
+
+
+async def test_every_line_about_an_update_carries_its_context() -> None:
+    spec = service_spec()
+    service = await _prepared(spec)
+    uid, body = encoded_update(spec, base=0)
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        await service.handle(FakeDelivery(body))
+    committed = next(e for e in logs if e["event"] == "version committed")
+    assert (committed["update_id"], committed["participant"], committed["version"]) == (
+        uid,
+        "bank-a",
+        1,
+    )
+    assert structlog.contextvars.get_contextvars() == {}  # unbound after the update

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,8 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL
+from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 DATA = Path(__file__).resolve().parent.parent / "fedq" / "data" / "german_credit.csv"
@@ -60,17 +60,7 @@ def task_file(tmp_path: Path) -> Iterator[Path]:
         timeout=60,
     )
     yield out
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"fedq:{{{task}}}:*"))
-    if keys:
-        client.delete(*keys)
-    client.srem("fedq:tasks", task)
-    client.close()
-    import asyncio
-
-    from tests.test_transport import _delete_queues
-
-    asyncio.run(_delete_queues(task, ("bank-a", "bank-b")))
+    asyncio.run(forget_task(task, ("bank-a", "bank-b")))
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 from fedq.cli import main
 from fedq.simulate import SimulationConfig, prepare
-from tests.test_transport import AMQP_URL
+from tests.helpers import AMQP_URL
 
 BANNER = "fedq simulate:"
 

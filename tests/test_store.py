@@ -17,45 +17,21 @@ from common.errors import (
     StoreUnavailableError,
     TaskConflictError,
 )
-from common.hashing import LineageEntry
-from common.models import build_task_model, model_tensors
 from common.spec import TaskSpec
-from common.wire import ModelEnvelope, Tensors, encode_model, tensors_hash
-
-TASK = "credit"
-
-
-def _entry(
-    update_id: str, *, weight: float = 0.5, base: int = 0, staleness: int = 0
-) -> LineageEntry:
-    return LineageEntry(
-        update_id=update_id,
-        participant="bank-a",
-        base_version=base,
-        staleness=staleness,
-        weight=weight,
-        content_hash=bytes(32),
-    )
-
-
-def _params(task_spec: TaskSpec, shift: float = 0.0) -> Tensors:
-    return {k: v + shift for k, v in model_tensors(build_task_model(task_spec)).items()}
-
-
-async def _init(store: RedisModelStore, task_spec: TaskSpec) -> Tensors:
-    await store.register_task(task_spec)
-    params = _params(task_spec)
-    await store.create_genesis(TASK, params, info={"strategy": "genesis"})
-    return params
+from common.wire import ModelEnvelope, encode_model, tensors_hash
+from tests.helpers import CREDIT_TASK, init_task, lineage_entry, model_params
 
 
 async def _chain(store: RedisModelStore, task_spec: TaskSpec, n: int) -> None:
     for v in range(n):
         result = await store.commit(
-            TASK,
+            CREDIT_TASK,
             parent=v,
-            params=_params(task_spec, float(v + 1)),
-            lineage=[_entry(f"u{v}-a", weight=0.25), _entry(f"u{v}-b", weight=0.75, staleness=1)],
+            params=model_params(task_spec, float(v + 1)),
+            lineage=[
+                lineage_entry(f"u{v}-a", weight=0.25),
+                lineage_entry(f"u{v}-b", weight=0.75, staleness=1),
+            ],
         )
         assert result.committed
 
@@ -66,8 +42,8 @@ class TestModelStore:
     ) -> None:
         assert await store.register_task(task_spec) is True
         assert await store.register_task(task_spec) is False
-        assert await store.get_spec(TASK) == task_spec
-        assert await store.tasks() == [TASK]
+        assert await store.get_spec(CREDIT_TASK) == task_spec
+        assert await store.tasks() == [CREDIT_TASK]
         other = task_spec.model_copy(update={"seed": 42})
         with pytest.raises(TaskConflictError):
             await store.register_task(other)
@@ -77,70 +53,73 @@ class TestModelStore:
     async def test_genesis_round_trips_parameters_bit_for_bit(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        params = await _init(store, task_spec)
-        assert await store.head(TASK) == 0
-        record = await store.get_head(TASK)
+        params = await init_task(store, task_spec)
+        assert await store.head(CREDIT_TASK) == 0
+        record = await store.get_head(CREDIT_TASK)
         assert record.parent is None and record.lineage == ()
         assert record.param_hash == tensors_hash(params)
-        env = await store.get_params(TASK, 0)
+        env = await store.get_params(CREDIT_TASK, 0)
         assert env.version == 0 and env.version_hash == record.version_hash
         for name, t in params.items():
             assert torch.equal(env.tensors[name], t)
         with pytest.raises(TaskConflictError):
-            await store.create_genesis(TASK, params)
+            await store.create_genesis(CREDIT_TASK, params)
 
     async def test_genesis_needs_a_registered_task(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
         with pytest.raises(NotFoundError):
-            await store.create_genesis(TASK, _params(task_spec))
+            await store.create_genesis(CREDIT_TASK, model_params(task_spec))
 
     async def test_commit_writes_version_lineage_and_applied_ids(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
-        lineage = [_entry("a", weight=0.1), _entry("b", weight=0.9, staleness=2)]
+        await init_task(store, task_spec)
+        lineage = [lineage_entry("a", weight=0.1), lineage_entry("b", weight=0.9, staleness=2)]
         result = await store.commit(
-            TASK,
+            CREDIT_TASK,
             parent=0,
-            params=_params(task_spec, 1.0),
+            params=model_params(task_spec, 1.0),
             lineage=lineage,
             info={"strategy": "fedasync"},
         )
         assert result.outcome is CommitOutcome.COMMITTED and result.record is not None
-        assert await store.head(TASK) == 1
-        record = await store.get_version(TASK, 1)
+        assert await store.head(CREDIT_TASK) == 1
+        record = await store.get_version(CREDIT_TASK, 1)
         assert record == result.record
         assert record.parent == 0 and record.lineage == tuple(lineage)
         assert record.info == {"strategy": "fedasync"}
-        assert await store.applied_in(TASK, ["a", "b", "c"]) == {"a": 1, "b": 1}
-        genesis = await store.get_version(TASK, 0)
+        assert await store.applied_in(CREDIT_TASK, ["a", "b", "c"]) == {"a": 1, "b": 1}
+        genesis = await store.get_version(CREDIT_TASK, 0)
         assert record.version_hash != genesis.version_hash
 
     async def test_commit_on_an_old_parent_is_a_lost_race_and_writes_nothing(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         await _chain(store, task_spec, 2)
         result = await store.commit(
-            TASK, parent=1, params=_params(task_spec, 9.0), lineage=[_entry("late")]
+            CREDIT_TASK,
+            parent=1,
+            params=model_params(task_spec, 9.0),
+            lineage=[lineage_entry("late")],
         )
         assert result.outcome is CommitOutcome.LOST_RACE and result.head == 2
-        assert await store.head(TASK) == 2
-        assert await store.applied_in(TASK, ["late"]) == {}
+        assert await store.head(CREDIT_TASK) == 2
+        assert await store.applied_in(CREDIT_TASK, ["late"]) == {}
 
     async def test_racing_writers_exactly_one_wins(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         for parent in range(10):
             results = await asyncio.gather(
                 *(
                     store.commit(
-                        TASK,
+                        CREDIT_TASK,
                         parent=parent,
-                        params=_params(task_spec, float(w)),
-                        lineage=[_entry(f"r{parent}-w{w}")],
+                        params=model_params(task_spec, float(w)),
+                        lineage=[lineage_entry(f"r{parent}-w{w}")],
                     )
                     for w in range(4)
                 )
@@ -150,10 +129,12 @@ class TestModelStore:
             assert outcomes.count(CommitOutcome.LOST_RACE) == 3, outcomes
             winner = next(r for r in results if r.committed)
             assert winner.record is not None
-            assert await store.head(TASK) == parent + 1
+            assert await store.head(CREDIT_TASK) == parent + 1
             # Only the winner's update is applied; the losers' may be retried later.
             ids = [f"r{parent}-w{w}" for w in range(4)]
-            assert list(await store.applied_in(TASK, ids)) == [winner.record.lineage[0].update_id]
+            assert list(await store.applied_in(CREDIT_TASK, ids)) == [
+                winner.record.lineage[0].update_id
+            ]
 
     async def test_racing_writers_on_separate_connections(
         self, redis_client: aioredis.Redis, prefix: str, task_spec: TaskSpec
@@ -161,10 +142,20 @@ class TestModelStore:
         """Two stores (two aggregators) on one Redis: the WATCH guard decides."""
         a = RedisModelStore(redis_client, StoreConfig(prefix=prefix))
         b = RedisModelStore(redis_client, StoreConfig(prefix=prefix))
-        await _init(a, task_spec)
+        await init_task(a, task_spec)
         results = await asyncio.gather(
-            a.commit(TASK, parent=0, params=_params(task_spec, 1.0), lineage=[_entry("x")]),
-            b.commit(TASK, parent=0, params=_params(task_spec, 2.0), lineage=[_entry("y")]),
+            a.commit(
+                CREDIT_TASK,
+                parent=0,
+                params=model_params(task_spec, 1.0),
+                lineage=[lineage_entry("x")],
+            ),
+            b.commit(
+                CREDIT_TASK,
+                parent=0,
+                params=model_params(task_spec, 2.0),
+                lineage=[lineage_entry("y")],
+            ),
         )
         assert sorted(r.outcome.value for r in results) == ["committed", "lost_race"]
         keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:*")]
@@ -173,54 +164,68 @@ class TestModelStore:
     async def test_update_applied_earlier_is_refused_later(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
-        await store.commit(TASK, parent=0, params=_params(task_spec, 1.0), lineage=[_entry("once")])
+        await init_task(store, task_spec)
         await store.commit(
-            TASK, parent=1, params=_params(task_spec, 2.0), lineage=[_entry("other")]
+            CREDIT_TASK,
+            parent=0,
+            params=model_params(task_spec, 1.0),
+            lineage=[lineage_entry("once")],
+        )
+        await store.commit(
+            CREDIT_TASK,
+            parent=1,
+            params=model_params(task_spec, 2.0),
+            lineage=[lineage_entry("other")],
         )
         result = await store.commit(
-            TASK, parent=2, params=_params(task_spec, 3.0), lineage=[_entry("new"), _entry("once")]
+            CREDIT_TASK,
+            parent=2,
+            params=model_params(task_spec, 3.0),
+            lineage=[lineage_entry("new"), lineage_entry("once")],
         )
         assert result.outcome is CommitOutcome.DUPLICATE
         assert result.duplicates == {"once": 1}
-        assert await store.head(TASK) == 2
-        assert await store.applied_in(TASK, ["new"]) == {}
+        assert await store.head(CREDIT_TASK) == 2
+        assert await store.applied_in(CREDIT_TASK, ["new"]) == {}
 
     async def test_lineage_with_a_repeated_id_is_an_error(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         with pytest.raises(StoreError, match="twice"):
             await store.commit(
-                TASK, parent=0, params=_params(task_spec), lineage=[_entry("d"), _entry("d")]
+                CREDIT_TASK,
+                parent=0,
+                params=model_params(task_spec),
+                lineage=[lineage_entry("d"), lineage_entry("d")],
             )
 
     async def test_missing_versions_are_not_found(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         with pytest.raises(NotFoundError):
-            await store.get_version(TASK, 5)
+            await store.get_version(CREDIT_TASK, 5)
         with pytest.raises(NotFoundError):
-            await store.get_blob(TASK, 5)
+            await store.get_blob(CREDIT_TASK, 5)
         with pytest.raises(NotFoundError):
-            await store.commit(TASK, parent=5, params=_params(task_spec), lineage=[])
+            await store.commit(CREDIT_TASK, parent=5, params=model_params(task_spec), lineage=[])
         assert await store.head("unknown") is None
 
     async def test_retention_drops_old_blobs_but_keeps_metadata_and_genesis(
         self, redis_client: aioredis.Redis, prefix: str, task_spec: TaskSpec
     ) -> None:
         store = RedisModelStore(redis_client, StoreConfig(prefix=prefix, keep_blobs=2))
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         await _chain(store, task_spec, 5)
         for v in (1, 2, 3):
             with pytest.raises(BlobPrunedError):
-                await store.get_blob(TASK, v)
+                await store.get_blob(CREDIT_TASK, v)
         for v in (0, 4, 5):
-            assert (await store.get_params(TASK, v)).version == v
+            assert (await store.get_params(CREDIT_TASK, v)).version == v
         for v in range(6):
-            assert len((await store.get_version(TASK, v)).lineage) == (0 if v == 0 else 2)
-        report = await store.verify_chain(TASK)
+            assert len((await store.get_version(CREDIT_TASK, v)).lineage) == (0 if v == 0 else 2)
+        report = await store.verify_chain(CREDIT_TASK)
         assert report.ok and report.unverified_params == (1, 2, 3)
         keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:*")]
         await redis_client.delete(*keys)
@@ -228,36 +233,38 @@ class TestModelStore:
     async def test_verify_chain_matches_an_untouched_store(
         self, store: RedisModelStore, task_spec: TaskSpec
     ) -> None:
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         await _chain(store, task_spec, 4)
-        report = await store.verify_chain(TASK)
+        report = await store.verify_chain(CREDIT_TASK)
         assert report.ok, report.reason
         assert report.checked == 5
-        assert report.head_hash == (await store.get_head(TASK)).version_hash
+        assert report.head_hash == (await store.get_head(CREDIT_TASK)).version_hash
 
 
 class TestTamperingChangesTheHeadHash:
     """Changing any stored parameter byte or lineage entry is detected and named."""
 
     async def _setup(self, store: RedisModelStore, task_spec: TaskSpec) -> bytes:
-        await _init(store, task_spec)
+        await init_task(store, task_spec)
         await _chain(store, task_spec, 4)
-        return (await store.get_head(TASK)).version_hash
+        return (await store.get_head(CREDIT_TASK)).version_hash
 
     async def test_re_encoded_parameters(
         self, store: RedisModelStore, redis_client: aioredis.Redis, task_spec: TaskSpec
     ) -> None:
         head_hash = await self._setup(store, task_spec)
-        env = await store.get_params(TASK, 2)
+        env = await store.get_params(CREDIT_TASK, 2)
         tensors = {k: v.clone() for k, v in env.tensors.items()}
         first = next(iter(tensors))
         flat = tensors[first].view(-1).view(torch.int32)
         flat[0] ^= 1  # one bit of one parameter
         blob, _ = encode_model(
-            ModelEnvelope(task=TASK, version=2, tensors=tensors, version_hash=env.version_hash)
+            ModelEnvelope(
+                task=CREDIT_TASK, version=2, tensors=tensors, version_hash=env.version_hash
+            )
         )
-        await redis_client.set(store.keys.blob(TASK, 2), blob)
-        report = await store.verify_chain(TASK)
+        await redis_client.set(store.keys.blob(CREDIT_TASK, 2), blob)
+        report = await store.verify_chain(CREDIT_TASK)
         assert report.first_bad_version == 2 and "parameter hash" in report.reason
         assert report.head_hash != head_hash
 
@@ -266,13 +273,13 @@ class TestTamperingChangesTheHeadHash:
         self, store: RedisModelStore, redis_client: aioredis.Redis, task_spec: TaskSpec, offset: int
     ) -> None:
         head_hash = await self._setup(store, task_spec)
-        key = store.keys.blob(TASK, 3)
+        key = store.keys.blob(CREDIT_TASK, 3)
         stored = await redis_client.get(key)
         assert isinstance(stored, bytes)
         blob = bytearray(stored)
         blob[offset] ^= 0x01
         await redis_client.set(key, bytes(blob))
-        report = await store.verify_chain(TASK)
+        report = await store.verify_chain(CREDIT_TASK)
         assert report.first_bad_version == 3, report
         assert report.head_hash != head_hash
 
@@ -289,11 +296,11 @@ class TestTamperingChangesTheHeadHash:
         value: object,
     ) -> None:
         head_hash = await self._setup(store, task_spec)
-        key = store.keys.lineage(TASK, 2)
+        key = store.keys.lineage(CREDIT_TASK, 2)
         lineage = json.loads(await redis_client.get(key) or b"[]")
         lineage[0][field] = value
         await redis_client.set(key, json.dumps(lineage))
-        report = await store.verify_chain(TASK)
+        report = await store.verify_chain(CREDIT_TASK)
         assert report.first_bad_version == 2 and "version hash" in report.reason
         assert report.head_hash != head_hash
 
@@ -301,10 +308,10 @@ class TestTamperingChangesTheHeadHash:
         self, store: RedisModelStore, redis_client: aioredis.Redis, task_spec: TaskSpec
     ) -> None:
         head_hash = await self._setup(store, task_spec)
-        key = store.keys.lineage(TASK, 1)
+        key = store.keys.lineage(CREDIT_TASK, 1)
         lineage = json.loads(await redis_client.get(key) or b"[]")
         await redis_client.set(key, json.dumps(lineage[1:]))
-        report = await store.verify_chain(TASK)
+        report = await store.verify_chain(CREDIT_TASK)
         assert report.first_bad_version == 1
         assert report.head_hash != head_hash
 
@@ -315,6 +322,6 @@ async def test_unreachable_redis_raises_store_error(task_spec: TaskSpec) -> None
     try:
         assert await store.ping() is False
         with pytest.raises(StoreUnavailableError, match="Redis unavailable"):
-            await store.head(TASK)
+            await store.head(CREDIT_TASK)
     finally:
         await store.close()

@@ -13,8 +13,7 @@ from common.spec import TaskSpec
 from common.transport.memory import MemoryBroker, MemoryTransport
 from fedq.simulate import SimulationConfig, prepare, run_comparison, run_simulation
 from participant.worker import ParticipantWorker, WorkerConfig
-from tests.conftest import REDIS_URL
-from tests.test_transport import AMQP_URL, forget_task
+from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = pytest.mark.slow
 

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import aio_pika
 import pytest
-import redis.asyncio as aioredis
 
 from common.errors import TransportError
 from common.transport import DeadLetter, TaskTopology, Transport
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
-from common.transport.names import (
-    audit_stream,
-    dead_queue,
-    head_queue,
-    model_queue,
-    work_queue,
-)
-from tests.conftest import REDIS_URL
+from tests.helpers import AMQP_URL, delete_queues
 
 T = TypeVar("T")
-AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 @dataclass
@@ -41,37 +30,6 @@ class Pair:
 
     def topology(self, delivery_limit: int = 5) -> TaskTopology:
         return TaskTopology(self.task, self.participants, delivery_limit=delivery_limit)
-
-
-async def _delete_queues(task: str, participants: tuple[str, ...]) -> None:
-    conn = await aio_pika.connect(AMQP_URL)
-    try:
-        names = [work_queue(task), audit_stream(task), dead_queue(task), head_queue(task)]
-        names += [model_queue(task, p) for p in participants]
-        for name in names:
-            ch = await conn.channel()
-            try:
-                await ch.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
-    finally:
-        await conn.close()
-
-
-async def forget_task(task: str, participants: tuple[str, ...], prefix: str = "fedq") -> None:
-    """Delete what a run left on the shared servers: the task's queues and Redis keys."""
-    await _delete_queues(task, participants)
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:{{{task}}}:*")]
-        if keys:
-            await client.delete(*keys)
-        await client.srem(f"{prefix}:tasks", task)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
@@ -91,7 +49,7 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
         try:
             yield p
         finally:
-            await _delete_queues(task, p.participants)
+            await delete_queues(task, p.participants)
     await p.agg.close()
     await p.bank.close()
 
