@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
-import torch
 
 from aggregator.admission import (
     Admission,
@@ -32,6 +31,7 @@ from aggregator.admission import (
     Refused,
 )
 from aggregator.announcer import Announcer
+from aggregator.guard import non_finite, overflowing
 from aggregator.lease import FencedOutError, LeaseConfig, WriterLease, check_fence
 from aggregator.metrics import AggregatorMetrics
 from aggregator.retry import store_retry
@@ -448,12 +448,12 @@ class AggregatorService:
         finite; the others go back into the buffer. If no single update is to blame
         (the sum overflows), every update of the step is refused.
         """
-        bad = await asyncio.to_thread(_non_finite, step.params)
+        bad = await asyncio.to_thread(non_finite, step.params)
         if not bad:
             await self._commit(step)
             return
         updates = [self._pending[e.update_id][1] for e in step.lineage]
-        culprits = await asyncio.to_thread(_culprits, self.head_params, step, updates)
+        culprits = await asyncio.to_thread(overflowing, self.head_params, step, updates)
         blamed = culprits or {e.update_id for e in step.lineage}
         version = self.head_version + 1
         self.log.error(
@@ -633,26 +633,3 @@ class AggregatorService:
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
     await source.wait()
     target.set()
-
-
-def _non_finite(params: Tensors) -> list[str]:
-    """Names of the tensors that hold NaN or Inf."""
-    return [name for name, t in params.items() if not bool(torch.isfinite(t).all())]
-
-
-def _culprits(head: Tensors, step: Step, updates: list[AcceptedUpdate]) -> set[str]:
-    """Updates of a non-finite step that are not finite on their own.
-
-    A step of one update: that update. Otherwise an update whose ``head + w * delta``
-    (its own weight, float64, cast to the head's dtype) is not finite.
-    """
-    if len(updates) == 1:
-        return {updates[0].update_id}
-    out = set()
-    for entry, u in zip(step.lineage, updates, strict=True):
-        for name, h in head.items():
-            alone = h.to(torch.float64) + entry.weight * u.delta[name].to(torch.float64)
-            if not bool(torch.isfinite(alone.to(h.dtype)).all()):
-                out.add(u.update_id)
-                break
-    return out

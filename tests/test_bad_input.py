@@ -17,6 +17,7 @@ from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
 from common.hashing import TensorHasher
 from common.models import build_task_model, model_tensors
+from common.refusals import Refusal
 from common.spec import NumericFeature, TargetSpec, TaskSpec
 from common.transport.amqp import AmqpTransport
 from common.wire import DecodeLimits, UpdateEnvelope, encode_update
@@ -190,17 +191,17 @@ async def test_each_kind_of_bad_input_is_refused_with_its_reason(rig: Rig) -> No
     reasons = await _dead(rig, len(cases))
     assert sorted(reasons) == sorted(
         [
-            "malformed",
-            "malformed",
-            "unknown_task",
-            "unknown_participant",
-            "tensor_mismatch",
-            "tensor_mismatch",
-            "non_finite",
-            "too_large",
-            "size_mismatch",
-            "duplicate",
-            "future_base",
+            Refusal.MALFORMED,
+            Refusal.MALFORMED,
+            Refusal.UNKNOWN_TASK,
+            Refusal.UNKNOWN_PARTICIPANT,
+            Refusal.TENSOR_MISMATCH,
+            Refusal.TENSOR_MISMATCH,
+            Refusal.NON_FINITE,
+            Refusal.TOO_LARGE,
+            Refusal.SIZE_MISMATCH,
+            Refusal.DUPLICATE,
+            Refusal.FUTURE_BASE,
         ]
     )
     assert not rig.running.done()  # still serving

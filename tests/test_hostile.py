@@ -20,6 +20,7 @@ from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
 from common.errors import StoreRegressedError
 from common.models import build_task_model, model_tensors
+from common.refusals import Refusal
 from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
 from common.transport import UpdateDelivery
 from common.transport.amqp import AmqpTransport
@@ -248,7 +249,7 @@ async def test_an_overflowing_aggregate_is_refused_and_the_service_keeps_running
     for _ in range(5):
         await rig.publish(base=1, value=3e38)
     dead = await rig.dead(5)
-    assert [r for r, _ in dead] == ["non_finite_result"] * 5
+    assert [r for r, _ in dead] == [Refusal.NON_FINITE_RESULT] * 5
     assert all("NaN or Inf" in d for _, d in dead)
     assert not rig.services[0][1].done()  # still serving
     assert service.head_version == 1
@@ -279,9 +280,9 @@ async def test_only_the_update_that_overflows_a_buffer_is_refused(
     ]
     await rig.publish(participant="bank-c", base=1, value=3.3e38)  # head + w * delta: inf
     dead = await rig.dead(1)
-    assert [r for r, _ in dead] == ["non_finite_result"]
+    assert [r for r, _ in dead] == [Refusal.NON_FINITE_RESULT]
     assert service.head_version == 1
-    assert service.stats.refused == {"non_finite_result": 1}
+    assert service.stats.refused == {Refusal.NON_FINITE_RESULT: 1}
     # The honest two went back into the buffer: the next update completes it.
     third = await rig.publish(participant="bank-c", base=1, value=-0.03)
     await _until(lambda: service.head_version == 2)
@@ -299,7 +300,7 @@ async def test_a_buffer_whose_sum_overflows_is_refused_whole(
     for p in ("bank-a", "bank-b", "bank-c"):  # each alone stays finite, the sum does not
         await rig.publish(participant=p, base=1, value=3e38)
     dead = await rig.dead(3)
-    assert [r for r, _ in dead] == ["non_finite_result"] * 3
+    assert [r for r, _ in dead] == [Refusal.NON_FINITE_RESULT] * 3
     assert all("overflows" in d for _, d in dead)
     assert service.head_version == 1 and not rig.services[0][1].done()
 
@@ -386,7 +387,7 @@ async def test_claimed_sample_counts_are_bounded(make_rig: Callable[..., Rig]) -
     await rig.publish(participant="bank-a", n=101)
     await rig.publish(participant="bank-b", n=1001)
     dead = await rig.dead(3)
-    assert [r for r, _ in dead] == ["too_many_samples"] * 3
+    assert [r for r, _ in dead] == [Refusal.TOO_MANY_SAMPLES] * 3
     assert "may claim at most 100" in dead[1][1]
     assert "may claim at most 1000" in dead[2][1]
     assert service.head_version == 0

@@ -16,6 +16,7 @@ import torch
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
 from common.errors import TransportError
+from common.refusals import Refusal
 from common.spec import TaskSpec
 from common.transport import DeadLetter, Transport
 from common.transport.amqp import AmqpTransport
@@ -103,19 +104,26 @@ async def test_valid_updates_commit_and_refusals_are_dead_lettered(rig: Rig) -> 
     dead = await _dead(rig, len(bad))
     reasons = sorted(d.reason for d in dead)
     assert reasons == sorted(
-        ["malformed", "unknown_participant", "future_base", "duplicate", "malformed"]
+        [
+            Refusal.MALFORMED,
+            Refusal.UNKNOWN_PARTICIPANT,
+            Refusal.FUTURE_BASE,
+            Refusal.DUPLICATE,
+            Refusal.MALFORMED,
+        ]
     )
     assert all(d.body in bad for d in dead)
     assert service.head_version == 1
     assert await rig.store.head(task) == 1
     assert service.stats.refused == {
-        "malformed": 2,
-        "unknown_participant": 1,
-        "future_base": 1,
-        "duplicate": 1,
+        Refusal.MALFORMED: 2,
+        Refusal.UNKNOWN_PARTICIPANT: 1,
+        Refusal.FUTURE_BASE: 1,
+        Refusal.DUPLICATE: 1,
     }
     metrics = service.metrics.render().decode()
-    assert 'fedq_updates_refused_total{reason="duplicate",task="' + task + '"} 1.0' in metrics
+    label = f'reason="{Refusal.DUPLICATE.value}",task="{task}"'
+    assert f"fedq_updates_refused_total{{{label}}} 1.0" in metrics
     assert f'fedq_head_version{{task="{task}"}} 1.0' in metrics
     after = (await rig.store.get_params(task, 1)).tensors
     assert not all(torch.equal(after[k], before[k]) for k in after)
@@ -144,7 +152,7 @@ async def test_too_stale_and_announcements(rig: Rig) -> None:
     uid, stale = encoded_update(spec, base=1)  # head 4, staleness 3 > max 2
     await rig.bank.publish_update(task, "bank-a", stale, message_id=uid)
     dead = await _dead(rig, 1)
-    assert [d.reason for d in dead] == ["too_stale"]
+    assert [d.reason for d in dead] == [Refusal.TOO_STALE]
     latest = await asyncio.wait_for(models.get(), 5)
     while latest.version < 4:
         await latest.ack()
