@@ -14,14 +14,14 @@ import structlog
 import torch
 
 from aggregator.service import AggregatorService, ServiceConfig
-from aggregator.store import RedisModelStore, StoreConfig
+from aggregator.store import RedisModelStore, StoreConfig, VersionRecord
 from common.errors import TransportError
 from common.refusals import Refusal
 from common.spec import TaskSpec
 from common.transport import DeadLetter, Transport
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
-from common.wire import decode_model
+from common.wire import Tensors, decode_model
 from tests.helpers import AMQP_URL, REDIS_URL, delete_queues, encoded_update, service_spec, wait_for
 
 
@@ -352,17 +352,18 @@ async def test_a_failed_announcement_is_retried() -> None:
 
 
 async def test_every_line_about_an_update_carries_its_context() -> None:
+    """The context is bound with structlog's contextvars while the update is handled
+    (what common.logging's merge_contextvars adds to every line), and unbound after."""
     spec = service_spec()
     service = await _prepared(spec)
     uid, body = encoded_update(spec, base=0)
-    with structlog.testing.capture_logs(
-        processors=[structlog.contextvars.merge_contextvars]
-    ) as logs:
-        await service.handle(FakeDelivery(body))
-    committed = next(e for e in logs if e["event"] == "version committed")
-    assert (committed["update_id"], committed["participant"], committed["version"]) == (
-        uid,
-        "bank-a",
-        1,
-    )
-    assert structlog.contextvars.get_contextvars() == {}  # unbound after the update
+    seen: list[dict[str, object]] = []
+
+    async def on_version(record: VersionRecord, params: Tensors) -> None:
+        seen.append(dict(structlog.contextvars.get_contextvars()))
+
+    service.on_version = on_version
+    before = dict(structlog.contextvars.get_contextvars())
+    await service.handle(FakeDelivery(body))
+    assert seen == [{**before, "update_id": uid, "participant": "bank-a", "version": 1}]
+    assert structlog.contextvars.get_contextvars() == before
