@@ -329,6 +329,13 @@ async def test_one_update_id_repeated_does_not_stall_the_federation(
     assert (await service.health())["ok"] is True
 
 
+async def _healthy(service: AggregatorService) -> None:
+    """Wait until /healthz says ok: ``ready`` is set just before the consumer starts."""
+    async with asyncio.timeout(10):
+        while not (await service.health())["ok"]:
+            await asyncio.sleep(0.02)
+
+
 async def test_health_turns_unhealthy_when_the_consumer_makes_no_progress(
     make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,8 +343,7 @@ async def test_health_turns_unhealthy_when_the_consumer_makes_no_progress(
     service = await rig.start(
         ServiceConfig(require_sender_match=False, prefetch=2, stall_s=0.5, depth_poll_s=0.1)
     )
-    await _until(service.ready.is_set)
-    assert (await service.health())["ok"] is True
+    await _healthy(service)
     held: list[UpdateDelivery] = []
 
     async def leak(delivery: UpdateDelivery) -> None:  # a consumer bug: never settles
@@ -358,7 +364,7 @@ async def test_health_turns_unhealthy_while_one_update_hangs(
 ) -> None:
     rig = make_rig()
     service = await rig.start(ServiceConfig(require_sender_match=False, stall_s=0.5))
-    await _until(service.ready.is_set)
+    await _healthy(service)
     release = asyncio.Event()
     real = service.handle
 
@@ -369,8 +375,9 @@ async def test_health_turns_unhealthy_while_one_update_hangs(
     monkeypatch.setattr(service, "handle", hang)
     await rig.publish()
     async with asyncio.timeout(10):
-        while (await service.health())["ok"]:
+        while (health := await service.health())["ok"]:
             await asyncio.sleep(0.1)
+    assert health["stalled"] is True and health["consuming"] is True
     release.set()
     await _until(lambda: service.head_version == 1)
     assert (await service.health())["ok"] is True
