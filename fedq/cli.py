@@ -186,7 +186,12 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     type=click.FloatRange(min=0.0, min_open=True),
     help="Sync: close a round after this many seconds if --min-updates arrived.",
 )
-@_sim_spec("sync.min_updates", "--min-updates", type=click.IntRange(min=1))
+@_sim_spec(
+    "sync.min_updates",
+    "--min-updates",
+    type=click.IntRange(min=1),
+    help="Sync: the fewest updates a round closes with at its deadline.",
+)
 @_sim_spec(
     "sync.late",
     "--late",
@@ -216,6 +221,18 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 @_sim_spec("async.staleness.a", "--staleness-a", type=click.FloatRange(min=0.0))
 @_sim_spec("async.staleness.b", "--staleness-b", type=click.IntRange(min=0))
 @_sim_spec("async.buffer_size", "--buffer-size", type=click.IntRange(min=1))
+@_sim_spec(
+    "async.max_staleness",
+    "--max-staleness",
+    type=click.IntRange(min=0),
+    help="Refuse updates more versions behind the head than this (sync: late rounds).",
+)
+@_sim_spec(
+    "async.server_lr",
+    "--server-lr",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="FedBuff: the server's step size over the buffer's mean delta.",
+)
 @model_options(simulation=True)
 @_sim_spec("training.epochs", "--epochs", type=click.IntRange(min=1))
 @_sim_spec("training.lr", "--lr", type=click.FloatRange(min=0.0, min_open=True))

@@ -206,10 +206,12 @@ def spec_overrides(ctx: click.Context) -> dict[str, Any]:
     model = out.get("model", {})
     if model.get("kind", "logreg") != "mlp":
         model.pop("hidden", None)
-    # The staleness function weighs late updates in sync rounds too (``--late stale``).
-    staleness = out.get("async", {}).get("staleness")
-    if staleness is not None:
-        out.setdefault("sync", {})["staleness"] = dict(staleness)
+    # The staleness function and its bound apply to late updates in sync rounds too
+    # (``--late stale``).
+    for key in ("staleness", "max_staleness"):
+        value = out.get("async", {}).get(key)
+        if value is not None:
+            out.setdefault("sync", {})[key] = dict(value) if isinstance(value, dict) else value
     return out
 
 

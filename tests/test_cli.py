@@ -74,6 +74,19 @@ def test_spec_options_default_to_the_spec_and_nest_in_its_shape() -> None:
     }
     assert CliRunner().invoke(cmd, ["--model", "mlp", "--hidden", "8,4"]).exit_code == 0
     assert seen["model"] == {"kind": "mlp", "hidden": (8, 4)}
+
+    @click.command()
+    @spec_option("async.max_staleness", "--max-staleness", simulation=True, type=int)
+    @spec_option("async.staleness.kind", "--staleness", simulation=True, type=str)
+    def bounds(**_: Any) -> None:
+        seen.clear()
+        seen.update(spec_overrides(click.get_current_context()))
+
+    args = ["--max-staleness", "50", "--staleness", "hinge"]
+    assert CliRunner().invoke(bounds, args).exit_code == 0
+    # The bound and the function weigh late updates in sync rounds too.
+    assert seen["sync"] == {"max_staleness": 50, "staleness": {"kind": "hinge"}}
+    assert seen["async"]["max_staleness"] == 50
     task_default = TaskSpec.model_fields["async_"].default
     assert spec_default("async.mixing", simulation=False) == task_default.mixing
 
