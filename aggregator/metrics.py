@@ -28,6 +28,12 @@ class AggregatorMetrics:
         self.commit_seconds = Histogram(
             "fedq_commit_seconds", "Time to commit a version to the store", ["task"], registry=r
         )
+        self.flagged = Gauge(
+            "fedq_participant_flagged",
+            "1 while a participant's recent updates were all refused (flag_after in a row)",
+            ["task", "participant"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "fedq_queue_depth", "Updates waiting in the work queue", ["task"], registry=r
         )

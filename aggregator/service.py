@@ -89,6 +89,8 @@ class ServiceConfig:
     #: /healthz turns unhealthy when updates wait in the queue and none has been
     #: received for this long (seconds), or one update has been in hand that long.
     stall_s: float = 60.0
+    #: A bank is flagged after this many of its updates in a row were refused.
+    flag_after: int = 5
 
 
 class AggregatorService:
@@ -126,7 +128,7 @@ class AggregatorService:
             store, self.task, LeaseConfig(self.config.owner, self.config.lease_ttl_s)
         )
         self.announcer = Announcer(transport, self.task, lambda: self.lease.token, stages=stages)
-        self.stats = ServiceStats()
+        self.stats = ServiceStats(flag_after=self.config.flag_after)
         self.head_version = -1
         self.head_params: Tensors = {}
         self.head_hash = b""
@@ -317,6 +319,7 @@ class AggregatorService:
             "stalled": stalled,
             "waiting": self._depth,
             "unacked": len(self._pending),
+            "flagged": self.stats.flagged,
         }
         if self.failure is not None:
             report["error"] = self.failure
@@ -411,7 +414,14 @@ class AggregatorService:
         reason = refused.reason
         await delivery.dead_letter(reason.value, refused.detail)
         self.metrics.refused.labels(self.task, reason.value).inc()
-        self.stats.count_refusal(reason)
+        if self.stats.count_refusal(reason, refused.participant):
+            self.log.warning(
+                "participant flagged: its updates keep being refused",
+                participant=refused.participant,
+                refused_in_a_row=self.stats.flag_after,
+                reasons=self.stats.banks[str(refused.participant)].refused,
+            )
+            self.metrics.flagged.labels(self.task, str(refused.participant)).set(1)
         self.log.warning(
             "update refused",
             reason=reason.value,
@@ -520,7 +530,10 @@ class AggregatorService:
             except FedqError as e:
                 self.log.warning("ack after commit failed", update_id=entry.update_id, error=str(e))
         elapsed = time.perf_counter() - started
-        self.stats.accepted += len(step.lineage)
+        for entry in step.lineage:
+            if self.stats.count_accepted(entry.participant, record.version):
+                self.log.info("participant no longer flagged", participant=entry.participant)
+                self.metrics.flagged.labels(self.task, entry.participant).set(0)
         self.metrics.accepted.labels(self.task).inc(len(step.lineage))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
         self.announcer.announce(record.version, result.blob, record.version_hash)

@@ -325,6 +325,14 @@ def aggregator() -> None:
     "for this many seconds.",
 )
 @click.option(
+    "--flag-after",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Flag a bank (log, fedq_participant_flagged, /healthz) after this many of its "
+    "updates in a row were refused.",
+)
+@click.option(
     "--audit-max-age",
     default="90D",
     show_default=True,

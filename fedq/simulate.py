@@ -51,6 +51,7 @@ from participant.data import (
 if TYPE_CHECKING:
     import torch
 
+    from aggregator.stats import ServiceStats
     from common.transport import Transport
     from common.wire import Tensors
 
@@ -635,12 +636,24 @@ async def run_simulation(
                 "speed": speeds[i],
                 "updates_published": w.stats.published,
                 "last_version_seen": w.stats.last_version,
+                **_bank_decisions(service.stats, w.config.participant),
             }
             for i, w in enumerate(workers)
         },
         settings=_settings(config, spec),
         warnings=list(prep.warnings),
     )
+
+
+def _bank_decisions(stats: ServiceStats, name: str) -> dict[str, Any]:
+    """What the aggregator decided about one bank's updates, and whether it is flagged."""
+    bank = stats.banks.get(name)
+    decided = bank.as_dict() if bank is not None else {"accepted": 0, "refused": {}}
+    return {
+        "updates_accepted": decided["accepted"],
+        "updates_refused": decided["refused"],
+        "flagged": name in stats.flagged,
+    }
 
 
 def _settings(config: SimulationConfig, spec: TaskSpec) -> dict[str, Any]:

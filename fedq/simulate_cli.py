@@ -123,6 +123,15 @@ def _summary(r: SimulationResult, console: Console) -> None:
         p = r.participants[name]
         table.add_row(f"  local-only {name} ({p['rows']} rows, speed {p['speed']:g})", f"{auc:.4f}")
     console.print(table)
+    for name, p in r.participants.items():
+        if p.get("flagged"):
+            refused = p["updates_refused"]
+            why = ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
+            console.print(
+                f"[yellow]flagged:[/] {name}: {sum(refused.values())} of "
+                f"{p['updates_published']} updates refused ({why}), {p['updates_accepted']} "
+                "accepted: its data barely reaches the model"
+            )
     reached = "not reached" if r.time_to_target_s is None else f"{r.time_to_target_s:.2f} s"
     console.print(
         f"{r.versions} versions, {r.updates_accepted} updates accepted, "

@@ -401,3 +401,31 @@ async def test_claimed_sample_counts_are_bounded(make_rig: Callable[..., Rig]) -
     await rig.publish(participant="bank-a", n=100)
     await rig.publish(participant="bank-b", base=1, n=1000)
     await _until(lambda: service.head_version == 2)
+
+
+# ---------------------------------------------------------- a bank that keeps being refused
+
+
+async def test_a_bank_refused_again_and_again_is_flagged_until_one_is_accepted(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(max_staleness=0)
+    service = await rig.start(
+        ServiceConfig(require_sender_match=False, flag_after=3, lease_ttl_s=2.0)
+    )
+    await _healthy(service)
+    await rig.publish(participant="bank-b", base=0)
+    await _until(lambda: service.head_version == 1)
+    for _ in range(3):  # trained on version 0, the head is 1: too stale
+        await rig.publish(participant="bank-a", base=0)
+    await rig.dead(3)
+    health = await service.health()
+    assert health["flagged"] == ["bank-a"]
+    metrics = service.metrics.render().decode()
+    label = f'participant="bank-a",task="{rig.task}"'
+    assert f"fedq_participant_flagged{{{label}}} 1.0" in metrics
+    assert service.stats.banks["bank-a"].refused == {Refusal.TOO_STALE: 3}
+    await rig.publish(participant="bank-a", base=1)
+    await _until(lambda: service.head_version == 2)
+    assert (await service.health())["flagged"] == []
+    assert f"fedq_participant_flagged{{{label}}} 0.0" in service.metrics.render().decode()

@@ -98,6 +98,28 @@ async def test_a_ten_times_slower_bank_does_not_hold_versions_back() -> None:
     assert result.updates_accepted == result.versions
 
 
+async def test_a_bank_whose_updates_are_all_refused_is_flagged_not_dropped() -> None:
+    result = await run_simulation(
+        SimulationConfig(
+            participants=5,
+            speeds=(1, 1, 1, 1, 10),
+            base_delay_s=0.05,
+            versions=100,
+            seconds=60,
+            spec_overrides={"async": {"max_staleness": 3}},
+        )
+    )
+    slow = result.participants["bank-05"]
+    refused = sum(slow["updates_refused"].values())
+    assert refused >= 5 and set(slow["updates_refused"]) == {"too_stale"}, slow
+    assert slow["flagged"] is True
+    assert [n for n, p in result.participants.items() if p["flagged"]] == ["bank-05"]
+    for name, p in result.participants.items():  # every bank's updates are accounted for
+        assert (
+            p["updates_accepted"] + sum(p["updates_refused"].values()) <= p["updates_published"]
+        ), name
+
+
 async def test_late_and_restarted_participants_pick_up_the_head() -> None:
     prep = prepare(SimulationConfig(participants=3))
     spec = prep.spec
