@@ -120,6 +120,40 @@ class TrainingSettings(_Spec):
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.05, gt=0)
     prox_mu: float = Field(default=0.0, ge=0)
+    #: Weight of class 1 in the local loss (``BCEWithLogitsLoss(pos_weight=...)``):
+    #: rare positives (fraud) count more. Fixed in the spec so every bank trains with
+    #: the same one; see :func:`positive_weight_for`.
+    positive_weight: float = Field(default=1.0, gt=0, le=1e6)
+
+
+#: ``--class-weight auto`` weighs positives only below this positive rate.
+AUTO_WEIGHT_BELOW = 0.1
+
+
+def positive_weight_for(positive_rate: float, class_weight: str) -> float:
+    """The spec's ``training.positive_weight`` from a class-weight rule.
+
+    ``auto``: ``(1 - p) / p`` (the two classes weigh the same in the loss) when the
+    positive rate ``p`` is below :data:`AUTO_WEIGHT_BELOW`, else 1; ``none``: 1; a
+    number: that weight. Raises SpecError for anything else or a rate outside (0, 1).
+    """
+    if class_weight == "none":
+        return 1.0
+    if class_weight == "auto":
+        if not 0.0 < positive_rate < 1.0:
+            raise SpecError(f"positive rate {positive_rate!r} is not in (0, 1)")
+        if positive_rate >= AUTO_WEIGHT_BELOW:
+            return 1.0
+        return (1.0 - positive_rate) / positive_rate
+    try:
+        weight = float(class_weight)
+    except ValueError:
+        raise SpecError(
+            f"class weight {class_weight!r} is not 'auto', 'none' or a positive number"
+        ) from None
+    if not 0.0 < weight <= 1e6:
+        raise SpecError(f"class weight {class_weight!r} is not a positive number up to 1e6")
+    return weight
 
 
 class TaskSpec(_Spec):

@@ -18,6 +18,7 @@ from fedq.cli_common import (
     F,
     FedqGroup,
     amqp_option,
+    class_weight_option,
     file_option,
     limit_option,
     log_options,
@@ -210,6 +211,7 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     type=click.FloatRange(0.0, 1.0),
     help="Time to target is measured to this fraction of the centralized AUC.",
 )
+@class_weight_option
 @strategy_option(simulation=True)
 @_sim_spec("async.mixing", "--mixing", type=click.FloatRange(0.0, 1.0, min_open=True))
 @_sim_spec(
@@ -276,6 +278,7 @@ def simulate(**opts: Any) -> None:
         base_delay_s=opts["base_delay"],
         mode="async" if opts["mode"] == "both" else opts["mode"],
         spec_overrides=spec_overrides(ctx),
+        class_weight=opts["class_weight"],
         target_fraction=opts["target_fraction"],
         versions=opts["versions"],
         seconds=opts["seconds"],
@@ -438,6 +441,7 @@ def task() -> None:
 )
 @click.option("--task-id", required=True)
 @click.option("--participants", required=True, help="Comma-separated participant ids.")
+@class_weight_option
 @model_options(simulation=False)
 @strategy_option(simulation=False)
 @click.option(
@@ -455,16 +459,21 @@ def task() -> None:
 @file_option("--out", help="Write here (default: standard output).")
 def task_init(**opts: Any) -> None:
     """Derive a task spec (shared feature schema) from a reference sample."""
-    from common.spec import TargetSpec, TaskSpec
-    from participant.data import infer_features, load_table, resolve_positive
+    from common.spec import TargetSpec, TaskSpec, positive_weight_for
+    from participant.data import binary_labels, infer_features, load_table, resolve_positive
 
     target = opts["target"]
     df = load_table(opts["data"])
     positive = resolve_positive(df, target, opts["positive"])
     schema = infer_features(df, target)
+    overrides = spec_overrides(click.get_current_context())
+    rate = float(binary_labels(df, target, positive).mean())
+    overrides.setdefault("training", {})["positive_weight"] = positive_weight_for(
+        rate, opts["class_weight"]
+    )
     spec = TaskSpec.parse(
         {
-            **spec_overrides(click.get_current_context()),
+            **overrides,
             "task_id": opts["task_id"],
             "features": schema.features,
             "target": TargetSpec(name=target, positive=positive),

@@ -279,3 +279,23 @@ def strategy_option(*, simulation: bool) -> Callable[[F], F]:
         type=_AsyncStrategies(),
         help="Async aggregation strategy.",
     )
+
+
+def _class_weight(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from common.spec import positive_weight_for
+
+    try:
+        positive_weight_for(0.5, value)
+    except FedqError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+class_weight_option = click.option(
+    "--class-weight",
+    default="auto",
+    show_default=True,
+    callback=_class_weight,
+    help="Weight of the positive class in local training: auto (rare positives, below "
+    "10%, weigh (1-p)/p), none, or a number.",
+)

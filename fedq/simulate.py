@@ -36,7 +36,7 @@ import structlog
 
 from common.errors import ConfigError
 from common.hooks import Stages, untimed
-from common.spec import NumericFeature, TargetSpec, TaskSpec
+from common.spec import NumericFeature, TargetSpec, TaskSpec, positive_weight_for
 from participant import partition
 from participant.data import (
     binary_labels,
@@ -103,6 +103,9 @@ class SimulationConfig:
     #: mappings merge), e.g. ``{"async": {"strategy": "fedbuff"}, "sync": {"quorum": 3}}``.
     #: The simulation sets the fields in :data:`SIMULATION_SETS` itself.
     spec_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: How class 1 is weighted in local training: "auto" (rare positives count more,
+    #: see common.spec.positive_weight_for), "none", or a number.
+    class_weight: str = "auto"
     baseline_epochs: int = 60
     #: Stop after this many versions (None: 200 async, 200 / participants rounds sync).
     versions: int | None = None
@@ -167,6 +170,10 @@ class SimulationResult:
     settings: dict[str, Any]
     #: What the user should know about the data and the split (columns left out, ...).
     warnings: list[str] = field(default_factory=list)
+    #: Test metrics of the final global model and of the centralized baseline
+    #: (common.evaluation: auc, pr_auc, loss, brier, positive_rate, n).
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    centralized_metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -373,6 +380,10 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
     names = _names(config)
     spec = _task_spec(config, schema.features, positive, names)
     y_np = np.asarray(y_train_np, dtype=np.int64)
+    weight = positive_weight_for(float(y_np.mean()), config.class_weight)
+    spec = spec.model_copy(
+        update={"training": spec.training.model_copy(update={"positive_weight": weight})}
+    )
     if config.partition == "iid":
         parts = partition.iid(len(train_df), config.participants, config.seed)
     elif config.partition == "dirichlet":
@@ -451,7 +462,9 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
     if prep.spec.mode == config.mode:
         return prep
     spec = _task_spec(config, prep.spec.features, prep.spec.target.positive, prep.spec.participants)
-    spec = spec.model_copy(update={"declared_samples": prep.spec.declared_samples})
+    spec = spec.model_copy(
+        update={"declared_samples": prep.spec.declared_samples, "training": prep.spec.training}
+    )
     return replace(prep, spec=spec)
 
 
@@ -466,8 +479,10 @@ def _baseline(spec: TaskSpec, x: torch.Tensor, y: torch.Tensor, epochs: int, see
     return {k: params[k] + delta[k] for k in params}
 
 
-def baselines(prep: Prepared, config: SimulationConfig) -> tuple[float, dict[str, float]]:
-    """Centralized test AUC, and each bank's local-only test AUC."""
+def baselines(
+    prep: Prepared, config: SimulationConfig
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The centralized model's test metrics, and each bank's local-only test AUC."""
     from common.evaluation import evaluate
 
     spec = prep.spec
@@ -482,7 +497,7 @@ def baselines(prep: Prepared, config: SimulationConfig) -> tuple[float, dict[str
         x, y = encode(shard, spec)
         params = _baseline(spec, x, y, config.baseline_epochs, config.seed)
         local[name] = evaluate(spec, params, prep.x_test, prep.y_test).get("auc", 0.5)
-    return central.get("auc", 0.5), local
+    return central, local
 
 
 async def _transports(
@@ -522,7 +537,9 @@ async def run_simulation(
     else:
         prep = _for_mode(prepared, config)
     spec = prep.spec
-    central_auc, local_auc = await asyncio.to_thread(baselines, prep, config)
+    central, local_auc = await asyncio.to_thread(baselines, prep, config)
+    central_auc = central.get("auc", 0.5)
+    final: dict[str, float] = {}
     names = spec.participants
     agg_transport, bank_transports = await _transports(config, names)
     store = RedisModelStore(
@@ -539,6 +556,8 @@ async def run_simulation(
 
     async def on_version(record: VersionRecord, params: Tensors) -> None:
         result = await asyncio.to_thread(evaluate, spec, params, prep.x_test, prep.y_test)
+        final.clear()
+        final.update(result)
         auc = result.get("auc", 0.5)
         curve.append((time.perf_counter() - started, record.version, auc))
         contributors.append([e.participant for e in record.lineage])
@@ -619,6 +638,8 @@ async def run_simulation(
         mode=config.mode,
         final_auc=final_auc,
         centralized_auc=central_auc,
+        final_metrics=dict(final),
+        centralized_metrics=central,
         local_only_auc=local_auc,
         local_only_auc_mean=local_mean,
         versions=head,

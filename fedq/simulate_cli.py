@@ -132,6 +132,13 @@ def _summary(r: SimulationResult, console: Console) -> None:
                 f"{p['updates_published']} updates refused ({why}), {p['updates_accepted']} "
                 "accepted: its data barely reaches the model"
             )
+    fm, cm = r.final_metrics, r.centralized_metrics
+    if "pr_auc" in fm and "pr_auc" in cm:
+        console.print(
+            f"PR-AUC {fm['pr_auc']:.4f} (centralized {cm['pr_auc']:.4f}), Brier "
+            f"{fm['brier']:.4f} ({cm['brier']:.4f}); test positives "
+            f"{100 * fm['positive_rate']:.1f}%"
+        )
     reached = "not reached" if r.time_to_target_s is None else f"{r.time_to_target_s:.2f} s"
     console.print(
         f"{r.versions} versions, {r.updates_accepted} updates accepted, "

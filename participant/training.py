@@ -15,8 +15,9 @@ def train_local(
 ) -> tuple[Tensors, dict[str, float]]:
     """Train from ``params`` on ``(x, y)``; returns the delta (local - params) and metrics.
 
-    Settings come from ``spec.training``: epochs, batch size, SGD learning rate, and
-    the FedProx proximal term ``mu/2 * ||w - params||^2`` when ``prox_mu > 0``.
+    Settings come from ``spec.training``: epochs, batch size, SGD learning rate, the
+    weight of class 1 in the loss (``positive_weight``, for rare positives), and the
+    FedProx proximal term ``mu/2 * ||w - params||^2`` when ``prox_mu > 0``.
     Shuffling uses a private generator seeded by ``seed``.
     """
     settings = spec.training
@@ -25,7 +26,10 @@ def train_local(
     model.train()
     anchors = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
+    weight = settings.positive_weight
+    loss_fn = nn.BCEWithLogitsLoss(
+        pos_weight=None if weight == 1.0 else torch.tensor([weight], dtype=torch.float32)
+    )
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
     total, batches = 0.0, 0

@@ -208,6 +208,12 @@ def test_imbalanced_wide_uneven_data_runs_and_says_which_banks_lack_a_class(
     lacking = [w for w in doc["warnings"] if "have no training row of class 1" in w]
     assert lacking, doc["warnings"]
     assert lacking[0] in _text(result)
+    # Rare positives: weighted in training by default, and scored by PR-AUC as well.
+    rate = doc["centralized_metrics"]["positive_rate"]
+    weight = doc["settings"]["spec"]["training"]["positive_weight"]
+    assert weight > 10, weight  # about (1 - p) / p of the training rows
+    assert 0 < doc["final_metrics"]["pr_auc"] <= 1 and 0 < rate < 0.05
+    assert "PR-AUC" in _text(result)
 
 
 def test_task_init_reports_bad_values_in_one_line(tmp_path: Path) -> None:
@@ -257,3 +263,21 @@ def test_participant_run_refuses_a_bank_file_with_a_huge_value(tmp_path: Path) -
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "'amount' holds a value too large to use: 1e+308 in row 5 (CSV line 6)" in _text(result)
+
+
+def test_task_init_weighs_rare_positives_in_the_spec(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    df = pd.DataFrame({"a": rng.normal(size=1000), "b": rng.normal(size=1000)})
+    df["fraud"] = (rng.uniform(size=1000) < 0.02).astype(int)
+    csv = tmp_path / "ref.csv"
+    df.to_csv(csv, index=False)
+    base = ["task", "init", "--data", str(csv), "--target", "fraud", "--task-id", "t1"]
+    base += ["--participants", "bank-a"]
+    rate = float(df["fraud"].mean())
+    for extra, expected in ((), (1 - rate) / rate), (("--class-weight", "none"), 1.0):
+        result = CliRunner().invoke(main, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        spec = json.loads(result.stdout)
+        assert spec["training"]["positive_weight"] == pytest.approx(expected)
+    bad = CliRunner().invoke(main, [*base, "--class-weight", "lots"])
+    assert bad.exit_code == 2 and "--class-weight" in _text(bad)

@@ -8,7 +8,7 @@ from torch import nn
 
 from common.errors import SpecError
 from common.models import build_model, build_task_model, model_tensors, tensor_specs
-from common.spec import ModelSpec, TaskSpec
+from common.spec import ModelSpec, TaskSpec, positive_weight_for
 from common.wire import TensorSpec
 
 
@@ -131,3 +131,15 @@ def test_declared_samples_must_name_participants_and_errors_fit_one_line() -> No
     assert "\n" not in str(e.value)
     with pytest.raises(SpecError, match="max_samples"):
         TaskSpec.parse(_doc(max_samples=0))
+
+
+def test_the_positive_weight_follows_the_class_weight_rule() -> None:
+    assert positive_weight_for(0.3, "auto") == 1.0  # German credit: not rare
+    assert positive_weight_for(0.02, "auto") == pytest.approx(49.0)
+    assert positive_weight_for(0.02, "none") == 1.0
+    assert positive_weight_for(0.5, "7.5") == 7.5
+    for bad in ("x", "0", "-2", "inf"):
+        with pytest.raises(SpecError, match="class weight"):
+            positive_weight_for(0.5, bad)
+    with pytest.raises(SpecError, match="positive rate"):
+        positive_weight_for(0.0, "auto")
