@@ -166,6 +166,8 @@ class SimulationResult:
     curve: list[tuple[float, int, float]]
     #: For each version 1..n, the participants whose updates went into it.
     contributors: list[list[str]]
+    #: Which budget ended the run: versions, seconds, or other.
+    stopped_by: str
     participants: dict[str, dict[str, Any]]
     settings: dict[str, Any]
     #: What the user should know about the data and the split (columns left out, ...).
@@ -651,6 +653,7 @@ async def run_simulation(
         time_to_target_s=reached,
         curve=curve,
         contributors=contributors,
+        stopped_by=_stopped_by(head, config, wall),
         participants={
             w.config.participant: {
                 "rows": len(prep.shards[w.config.participant]),
@@ -662,8 +665,42 @@ async def run_simulation(
             for i, w in enumerate(workers)
         },
         settings=_settings(config, spec),
-        warnings=list(prep.warnings),
+        warnings=[*prep.warnings, *_still_rising(curve)],
     )
+
+
+def _stopped_by(head: int, config: SimulationConfig, wall: float) -> str:
+    """Which budget ended the run: ``versions``, ``seconds``, or ``other`` (an error)."""
+    if head >= config.max_versions:
+        return "versions"
+    if config.seconds is not None and wall >= config.seconds:
+        return "seconds"
+    return "other"
+
+
+#: The test AUC gain over the last fifth of a run above which it was still improving.
+STILL_RISING = 0.005
+
+
+def _still_rising(curve: list[tuple[float, int, float]]) -> list[str]:
+    """A warning when the global model was still improving as the run ended.
+
+    Compares the mean test AUC of the last fifth of the versions with the fifth
+    before it: a gain above :data:`STILL_RISING` means more versions would help.
+    """
+    points = [a for _, v, a in curve if v > 0]
+    fifth = len(points) // 5
+    if fifth < 2:
+        return []
+    last = float(np.mean(points[-fifth:]))
+    before = float(np.mean(points[-2 * fifth : -fifth]))
+    if last - before <= STILL_RISING:
+        return []
+    return [
+        f"the global model was still improving when the run ended (test AUC +{last - before:.3f} "
+        f"over the last {fifth} versions): more versions (--versions) or time (--seconds) "
+        "would help"
+    ]
 
 
 def _bank_decisions(stats: ServiceStats, name: str) -> dict[str, Any]:

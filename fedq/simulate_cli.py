@@ -112,6 +112,9 @@ def _run_one(config: SimulationConfig, console: Console, prep: Prepared) -> Simu
         return asyncio.run(run_simulation(config, on_progress, prep))
 
 
+_BUDGETS = {"versions": "the version budget", "seconds": "the time budget"}
+
+
 def _summary(r: SimulationResult, console: Console) -> None:
     table = Table(title=f"{r.task} ({r.mode})")
     table.add_column("model")
@@ -140,8 +143,13 @@ def _summary(r: SimulationResult, console: Console) -> None:
             f"{100 * fm['positive_rate']:.1f}%"
         )
     reached = "not reached" if r.time_to_target_s is None else f"{r.time_to_target_s:.2f} s"
+    for line in r.warnings:
+        if line.startswith("the global model was still improving"):
+            console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    budget = _BUDGETS.get(r.stopped_by, "an early stop")
     console.print(
-        f"{r.versions} versions, {r.updates_accepted} updates accepted, "
+        f"{r.versions} versions (stopped by {budget}), "
+        f"{r.updates_accepted} updates accepted, "
         f"{r.updates_refused} refused, {r.wall_seconds:.1f} s; "
         f"AUC {r.target_auc:.4f} (target) reached: {reached}"
     )

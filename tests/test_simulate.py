@@ -240,3 +240,24 @@ def test_each_simulated_bank_declares_the_rows_it_holds() -> None:
     prep = prepare(SimulationConfig(participants=4))
     assert prep.spec.declared_samples == {n: len(s) for n, s in prep.shards.items()}
     assert all(prep.spec.sample_bound(n) == len(s) for n, s in prep.shards.items())
+
+
+def test_a_run_says_which_budget_stopped_it_and_whether_auc_was_still_rising() -> None:
+    from fedq.simulate import _still_rising, _stopped_by
+
+    flat = [(float(v), v, 0.78) for v in range(1, 101)]
+    rising = [(float(v), v, 0.6 + 0.002 * v) for v in range(1, 101)]
+    assert _still_rising(flat) == []
+    (warning,) = _still_rising(rising)
+    assert "still improving" in warning and "+0.040 over the last 20 versions" in warning
+    assert _still_rising(rising[:5]) == []  # too short to tell
+    config = SimulationConfig(versions=50, seconds=10.0)
+    assert _stopped_by(50, config, 3.0) == "versions"
+    assert _stopped_by(20, config, 10.5) == "seconds"
+    assert _stopped_by(20, config, 3.0) == "other"
+
+
+async def test_the_report_names_the_budget_that_ended_the_run() -> None:
+    result = await run_simulation(SimulationConfig(participants=3, versions=12, seconds=60))
+    assert result.stopped_by == "versions"
+    assert result.to_json()["stopped_by"] == "versions"
