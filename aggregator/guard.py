@@ -1,8 +1,8 @@
-"""The guard before a commit: a model that is not finite is never committed.
+"""Which updates make a step non-finite (the store never commits such a step).
 
-Pure functions over tensors. :func:`non_finite` names the tensors of a step that hold
-NaN or Inf; :func:`overflowing` finds the updates of such a step that overflow on
-their own, so that only they are refused and the others stay in the buffer.
+A pure function over tensors: :func:`overflowing` finds the updates of a non-finite
+step that overflow on their own, so that only they are refused and the others stay
+in the buffer.
 """
 
 from __future__ import annotations
@@ -11,11 +11,6 @@ import torch
 
 from aggregator.strategies import AcceptedUpdate, Step
 from common.wire import Tensors
-
-
-def non_finite(params: Tensors) -> list[str]:
-    """Names of the tensors that hold NaN or Inf."""
-    return [name for name, t in params.items() if not bool(torch.isfinite(t).all())]
 
 
 def overflowing(head: Tensors, step: Step, updates: list[AcceptedUpdate]) -> set[str]:

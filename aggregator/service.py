@@ -31,7 +31,7 @@ from aggregator.admission import (
     Refused,
 )
 from aggregator.announcer import Announcer
-from aggregator.guard import non_finite, overflowing
+from aggregator.guard import overflowing
 from aggregator.lease import FencedOutError, LeaseConfig, WriterLease, check_fence
 from aggregator.metrics import AggregatorMetrics
 from aggregator.retry import store_retry
@@ -42,6 +42,7 @@ from common.errors import (
     BlobPrunedError,
     CommitConflictError,
     FedqError,
+    NonFiniteError,
     NotFoundError,
     StoreRegressedError,
     StoreUnavailableError,
@@ -452,16 +453,19 @@ class AggregatorService:
     async def _emit(self, step: Step) -> None:
         """Commit a step, unless its parameters are not finite.
 
-        A non-finite result is never committed: the updates that make it so are
-        refused (``non_finite_result``) and the head stays. In a buffer or a round,
-        an update is a culprit if the head plus its own weighted delta is already not
-        finite; the others go back into the buffer. If no single update is to blame
-        (the sum overflows), every update of the step is refused.
+        A non-finite result is never committed: the store's encoder refuses it before
+        anything is written (one pass over the parameters, the one encoding needs
+        anyway); then the updates that make it so are refused (``non_finite_result``)
+        and the head stays. In a buffer or a round, an update is a culprit if the head
+        plus its own weighted delta is already not finite; the others go back into the
+        buffer. If no single update is to blame (the sum overflows), every update of
+        the step is refused.
         """
-        bad = await asyncio.to_thread(non_finite, step.params)
-        if not bad:
+        try:
             await self._commit(step)
             return
+        except NonFiniteError as e:
+            bad = [e.tensor]
         updates = [self._pending[e.update_id][1] for e in step.lineage]
         culprits = await asyncio.to_thread(overflowing, self.head_params, step, updates)
         blamed = culprits or {e.update_id for e in step.lineage}

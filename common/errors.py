@@ -31,6 +31,14 @@ class EncodeError(FedqError):
     """Values that cannot be put on the wire (bad ids, unsupported dtype, too large)."""
 
 
+class NonFiniteError(EncodeError):
+    """A float tensor holds NaN or Inf: it is never put on the wire nor stored."""
+
+    def __init__(self, tensor: str) -> None:
+        self.tensor = tensor
+        super().__init__(f"tensor {tensor!r} holds NaN or Inf")
+
+
 class SpecError(FedqError):
     """An invalid task or model specification."""
 

@@ -19,7 +19,7 @@ import torch
 
 from common.codecs import get_codec
 from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES, itemsize, wire_name
-from common.errors import DecodeError, EncodeError
+from common.errors import DecodeError, EncodeError, NonFiniteError
 from common.hashing import HASH_SIZE, TensorHasher
 from common.ids import is_name, is_update_id
 from common.refusals import Refusal
@@ -200,7 +200,7 @@ def _encode_tensors(
         if t.dim() > limits.max_ndim:
             raise EncodeError(f"tensor {name!r} has {t.dim()} dims, at most {limits.max_ndim}")
         if dtype in FLOAT_WIRE_DTYPES and not bool(t.isfinite().all()):
-            raise EncodeError(f"tensor {name!r} holds NaN or Inf")
+            raise NonFiniteError(name)
         shape = tuple(int(d) for d in t.shape)
         raw = _raw_view(t)
         hasher.add(name, dtype, shape, raw)
