@@ -85,6 +85,30 @@ class StalenessSpec(_Spec):
     b: int = Field(default=4, ge=0)
 
 
+class ServerOptimizerSpec(_Spec):
+    """The server's optimizer over the aggregated delta (Reddi et al., 2021, "Adaptive
+    Federated Optimization"), for FedBuff and sync rounds.
+
+    ``sgd`` applies the aggregated delta as it is (plain FedAvg / FedBuff); ``momentum``
+    is server momentum (FedAvgM); ``adam`` and ``yogi`` are FedAdam and FedYogi, with
+    ``lr`` the server learning rate, ``beta1``/``beta2`` the moment decays and ``tau``
+    the adaptivity (the epsilon of the paper).
+    """
+
+    kind: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
+    lr: float = Field(default=1.0, gt=0, le=100)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+
+
+#: How async strategies weigh an update besides its staleness (see AsyncSettings.weighting).
+Weighting = Literal["staleness", "samples", "balanced"]
+
+#: The unit staleness is measured and bounded in (see AsyncSettings.staleness_unit).
+StalenessUnit = Literal["rounds", "versions"]
+
+
 class AsyncSettings(_Spec):
     """FedAsync (mix each update in), FedBuff (buffer K deltas, then step) or another
     registered async strategy, and the settings they read."""
@@ -94,9 +118,27 @@ class AsyncSettings(_Spec):
     strategy: str = Field(default="fedasync", pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
     mixing: float = Field(default=0.6, gt=0, le=1)
     staleness: StalenessSpec = StalenessSpec()
+    #: ``rounds``: staleness ``t - v`` is counted in rounds of the federation (one
+    #: round = one update per participant, so ``(t - v) * updates per version /
+    #: participants``) for both ``s(.)`` and ``max_staleness``, and does not grow
+    #: with the number of banks; ``versions``: raw ``t - v``.
+    staleness_unit: StalenessUnit = "rounds"
+    #: The hard bound, in ``staleness_unit``: an older update is refused ``too_stale``;
+    #: below it an update is down-weighted by ``s(.)``, never refused for its age.
     max_staleness: int = Field(default=20, ge=0)
     buffer_size: int = Field(default=3, ge=1)
     server_lr: float = Field(default=1.0, gt=0)
+    #: ``staleness``: ``s(.)`` only; ``samples``: also the update's sample count
+    #: relative to the participants' mean, bounded by ``max_boost``; ``balanced``:
+    #: also steered so that each bank's recent share of weight follows its share of
+    #: the data, whatever its speed (a slow bank's updates weigh more, a fast one's less).
+    weighting: Weighting = "balanced"
+    #: The factor weighting may multiply an update's weight by lies in
+    #: ``[1 / max_boost, max_boost]``.
+    max_boost: float = Field(default=10.0, ge=1, le=1000)
+    #: How many recent accepted updates ``balanced`` measures shares over; 0: ``20 *``
+    #: the number of participants.
+    balance_window: int = Field(default=0, ge=0, le=1_000_000)
 
 
 class SyncSettings(_Spec):
@@ -167,6 +209,8 @@ class TaskSpec(_Spec):
     async_: AsyncSettings = Field(default=AsyncSettings(), alias="async")
     sync: SyncSettings = SyncSettings()
     training: TrainingSettings = TrainingSettings()
+    #: The server optimizer of FedBuff and sync rounds (FedAsync accepts only ``sgd``).
+    server: ServerOptimizerSpec = ServerOptimizerSpec()
     participants: tuple[Name, ...] = ()
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
