@@ -230,6 +230,15 @@ class TaskSpec(_Spec):
             raise ValueError("feature names repeat")
         if self.target.name in names:
             raise ValueError(f"target {self.target.name!r} is also a feature")
+        if (
+            self.mode == "async"
+            and self.async_.strategy == "fedasync"
+            and self.server.kind != "sgd"
+        ):
+            raise ValueError(
+                f"server.kind {self.server.kind!r} needs a step over several updates "
+                "(fedbuff or sync); fedasync mixes one update at a time and takes only 'sgd'"
+            )
         unknown = sorted(set(self.declared_samples) - set(self.participants))
         if self.participants and unknown:
             raise ValueError(f"declared_samples names non-participants: {', '.join(unknown)}")
