@@ -20,10 +20,11 @@ from typing import Protocol
 
 import structlog
 
+from aggregator.staleness import exceeds, in_unit, versions_within
 from aggregator.strategies import AcceptedUpdate
 from common.errors import DecodeError
 from common.refusals import Refusal
-from common.spec import TaskSpec
+from common.spec import StalenessUnit, TaskSpec
 from common.wire import DecodeLimits, Tensors, TensorSpec, UpdateEnvelope, decode_update
 
 log = structlog.get_logger("fedq.aggregator")
@@ -99,6 +100,7 @@ class Admission:
         expected: Mapping[str, TensorSpec],
         *,
         uses_base: bool,
+        updates_per_version: int = 1,
     ) -> None:
         self.spec = spec
         self.config = config
@@ -106,6 +108,14 @@ class Admission:
         self.uses_base = uses_base
         self.sync = spec.mode == "sync"
         self.max_staleness = spec.sync.max_staleness if self.sync else spec.async_.max_staleness
+        #: The unit ``max_staleness`` is in: a sync version is a round already.
+        self.unit: StalenessUnit = "versions" if self.sync else spec.async_.staleness_unit
+        self.updates_per_version = max(1, updates_per_version)
+        self.participants = max(1, len(spec.participants))
+        #: The largest ``t - v`` admitted, in versions (how many old bases may be read).
+        self.max_versions_behind = versions_within(
+            self.max_staleness, self.unit, self.updates_per_version, self.participants
+        )
 
     async def admit(self, body: bytes, sender: str | None, state: AdmissionState) -> Outcome:
         """Every rule, in order; the first that fails refuses the update."""
@@ -201,13 +211,24 @@ class Admission:
                     Refusal.DUPLICATE_IN_ROUND,
                     f"{env.participant!r} already has an update in round {head}",
                 )
-        if staleness > self.max_staleness:
-            return self._refused(
-                env,
-                Refusal.TOO_STALE,
-                f"staleness {staleness} exceeds the maximum {self.max_staleness}",
-            )
+        if exceeds(
+            staleness,
+            self.max_staleness,
+            self.unit,
+            self.updates_per_version,
+            self.participants,
+        ):
+            return self._refused(env, Refusal.TOO_STALE, self._too_stale(staleness))
         return None
+
+    def _too_stale(self, staleness: int) -> str:
+        if self.unit == "versions":
+            return f"staleness {staleness} exceeds the maximum {self.max_staleness}"
+        rounds = in_unit(staleness, self.unit, self.updates_per_version, self.participants)
+        return (
+            f"staleness {staleness} versions ({rounds:g} rounds) exceeds the maximum "
+            f"{self.max_staleness} rounds ({self.max_versions_behind} versions)"
+        )
 
     @staticmethod
     def _refused(env: UpdateEnvelope, reason: Refusal, detail: str) -> Refused:

@@ -19,7 +19,7 @@ class AggregatorMetrics:
         )
         self.staleness = Histogram(
             "fedq_update_staleness",
-            "Staleness (head - base version) of accepted updates",
+            "Staleness (head - base version, in versions) of accepted updates",
             ["task"],
             buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55),
             registry=r,
@@ -30,7 +30,21 @@ class AggregatorMetrics:
         )
         self.flagged = Gauge(
             "fedq_participant_flagged",
-            "1 while a participant's recent updates were all refused (flag_after in a row)",
+            "1 while a participant is flagged: its recent updates were all refused "
+            "(flag_after in a row) or carry negligible weight (see fedq_participant_low_weight)",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.low_weight = Gauge(
+            "fedq_participant_low_weight",
+            "1 while a participant's recent accepted updates carry negligible weight "
+            "(share of recent recorded weight below a tenth of its data share)",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.weight_share = Gauge(
+            "fedq_participant_weight_share",
+            "A participant's share of the recorded weight of recent accepted updates",
             ["task", "participant"],
             registry=r,
         )

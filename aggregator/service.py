@@ -38,6 +38,8 @@ from aggregator.retry import store_retry
 from aggregator.stats import ServiceStats, Stages, untimed
 from aggregator.store import CommitOutcome, CommitResult, RedisModelStore, VersionRecord
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
+from aggregator.strategies.base import server_optimizer
+from aggregator.weighting import Remembering
 from common.errors import (
     BlobPrunedError,
     CommitConflictError,
@@ -47,6 +49,7 @@ from common.errors import (
     StoreRegressedError,
     StoreUnavailableError,
 )
+from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.refusals import Refusal
 from common.spec import TaskSpec
@@ -65,6 +68,11 @@ log = structlog.get_logger("fedq.aggregator")
 
 #: Called after each commit with the new version's record and parameters.
 VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
+
+#: Base versions kept in memory at most (with the head); older ones admission still
+#: admits (``max_staleness`` in rounds may span hundreds of versions) are read from
+#: the store on demand.
+BASE_CACHE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,9 @@ class AggregatorService:
         self.on_version = on_version
         self.stages = stages
         self.strategy: Strategy = strategy_for(spec)
+        #: The strategy's server optimizer, if it has one: restored from the head's
+        #: stored state at start, advanced after each commit.
+        self.server = server_optimizer(self.strategy)
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
         self.prefetch = max(self.config.prefetch, self.strategy.capacity + 1)
@@ -124,12 +135,13 @@ class AggregatorService:
             AdmissionConfig(self.config.limits, self.config.require_sender_match),
             tensor_specs(model_tensors(build_task_model(spec))),
             uses_base=self.strategy.uses_base,
+            updates_per_version=self.strategy.capacity,
         )
         self.lease = WriterLease(
             store, self.task, LeaseConfig(self.config.owner, self.config.lease_ttl_s)
         )
         self.announcer = Announcer(transport, self.task, lambda: self.lease.token, stages=stages)
-        self.stats = ServiceStats(flag_after=self.config.flag_after)
+        self.stats = ServiceStats.for_task(spec, flag_after=self.config.flag_after)
         self.head_version = -1
         self.head_params: Tensors = {}
         self.head_hash = b""
@@ -191,8 +203,12 @@ class AggregatorService:
         record = await self.store.get_head(self.task)
         self._check_announced(announced, record.version, record.version_hash)
         env = await self.store.get_params(self.task, record.version)
+        if self.server is not None:
+            # Continue from the head's optimizer state, bit for bit (None: it has none).
+            self.server.advance(await self.store.get_state(self.task, record.version))
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
+        await self._restore_weighting(record.version)
         blob = await self.store.get_blob(self.task, record.version)
         await self.announcer.send_now(record.version, blob, record.version_hash)
         self.ready.set()
@@ -321,6 +337,7 @@ class AggregatorService:
             "waiting": self._depth,
             "unacked": len(self._pending),
             "flagged": self.stats.flagged,
+            "flag_reasons": self.stats.flag_reasons,
         }
         if self.failure is not None:
             report["error"] = self.failure
@@ -524,6 +541,8 @@ class AggregatorService:
             )
         record = result.record
         self._set_head(record.version, step.params)
+        if self.server is not None:
+            self.server.advance(step.state)
         self.head_hash = record.version_hash
         # Only now is the effect saved: ack what went into it. An ack that fails (the
         # channel was lost) is harmless: the redelivery is refused as a duplicate.
@@ -534,10 +553,13 @@ class AggregatorService:
             except FedqError as e:
                 self.log.warning("ack after commit failed", update_id=entry.update_id, error=str(e))
         elapsed = time.perf_counter() - started
+        if isinstance(self.strategy, Remembering):
+            self.strategy.committed(step.lineage)
         for entry in step.lineage:
             if self.stats.count_accepted(entry.participant, record.version):
                 self.log.info("participant no longer flagged", participant=entry.participant)
-                self.metrics.flagged.labels(self.task, entry.participant).set(0)
+                self._flag_metric(entry.participant)
+        self._count_weights(step.lineage)
         self.metrics.accepted.labels(self.task).inc(len(step.lineage))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
         self.announcer.announce(record.version, result.blob, record.version_hash)
@@ -561,6 +583,7 @@ class AggregatorService:
         info = {
             "strategy": self.strategy.name,
             "settings": self.strategy.settings(),
+            **({"server": self.server.settings()} if self.server is not None else {}),
             "owner": self.config.owner,
         }
         ids = [e.update_id for e in step.lineage]
@@ -576,6 +599,7 @@ class AggregatorService:
                     info={**info, "fence": lease.token if lease else None},
                     lease=lease,
                     parent_hash=self.head_hash or None,
+                    state=step.state,
                 )
                 if result.outcome is not CommitOutcome.FENCED or not await self.lease.reclaim(
                     lease
@@ -631,9 +655,56 @@ class AggregatorService:
         self._overdue = False
         self.metrics.head.labels(self.task).set(version)
         self._bases[version] = params
-        keep = self.admission.max_staleness + 1
+        # Bases older than the cache are read from the store on demand (see base()).
+        keep = min(self.admission.max_versions_behind + 1, BASE_CACHE)
         while len(self._bases) > keep:
             self._bases.popitem(last=False)
+
+    async def _restore_weighting(self, head: int) -> None:
+        """Rebuild what weights depend on (the strategy's window, if it remembers, and
+        the stats' recent weights) from the lineages of the last versions in the store,
+        so a restarted aggregator weighs exactly as one that never stopped."""
+        wanted = max(self.stats.weight_window, 0)
+        if isinstance(self.strategy, Remembering):
+            wanted = max(wanted, self.strategy.history)
+        lineages: list[tuple[LineageEntry, ...]] = []
+        entries, version = 0, head
+        while entries < wanted and version > 0:
+            lineage = (await self.store.get_version(self.task, version)).lineage
+            lineages.append(lineage)
+            entries += len(lineage)
+            version -= 1
+        lineages.reverse()
+        if isinstance(self.strategy, Remembering):
+            self.strategy.restore(lineages)
+        for lineage in lineages:
+            self._count_weights(lineage, log_changes=False)
+        if lineages:
+            self.log.info("weighting state restored", versions=len(lineages), entries=entries)
+
+    def _count_weights(self, lineage: Sequence[LineageEntry], *, log_changes: bool = True) -> None:
+        """Recent weight shares and the ``low_weight`` flags after a committed lineage."""
+        for name, low in self.stats.count_weights(lineage):
+            if low and log_changes:
+                bank = self.stats.banks[name]
+                self.log.warning(
+                    "participant flagged: its updates carry negligible weight",
+                    participant=name,
+                    weight_share=round(bank.weight_share, 6),
+                    data_share=self.stats.data_shares.get(name),
+                    recent_updates=bank.recent_updates,
+                )
+            elif log_changes:
+                self.log.info("participant no longer flagged for low weight", participant=name)
+            self.metrics.low_weight.labels(self.task, name).set(1 if low else 0)
+            self._flag_metric(name)
+        for name, bank in self.stats.banks.items():
+            self.metrics.weight_share.labels(self.task, name).set(bank.weight_share)
+
+    def _flag_metric(self, participant: str) -> None:
+        """``fedq_participant_flagged``: 1 while the bank is flagged for any reason."""
+        flagged = participant in self.stats.flag_reasons
+        self.metrics.flagged.labels(self.task, participant).set(1 if flagged else 0)
 
     async def _poll_depth(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

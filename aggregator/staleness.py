@@ -19,6 +19,21 @@ which is ours; some published code instead uses ``1 / (a (t - v + b) + 1)``
 paper's form above and no other; anyone comparing runs with another framework
 should check which one it uses.
 
+Units
+-----
+``t - v`` counts versions, and with FedAsync one round of ``N`` banks is ``N``
+versions: the same age in wall-clock terms grows with the number of banks. With
+``AsyncSettings.staleness_unit = "rounds"`` (the default) staleness is measured in
+rounds of the federation instead (one round = one update per participant)::
+
+    staleness_rounds = (t - v) * updates_per_version / N
+
+with ``updates_per_version`` the strategy's capacity (1 for FedAsync, K for
+FedBuff) and ``N = max(1, number of participants)``. :func:`in_unit` converts,
+:func:`exceeds` checks the hard bound ``max_staleness`` in exact integer
+arithmetic, and ``s(.)`` takes the float. With ``"versions"``, ``s(.)`` gets
+``float(t - v)``, which gives exactly the weights of the integer formula.
+
 The weight is an ordinary Python float (IEEE binary64). ``constant`` and
 ``hinge`` use only correctly rounded operations, so they are bit-identical on
 every platform; ``polynomial`` calls the C library's ``pow`` (through
@@ -32,12 +47,14 @@ from __future__ import annotations
 import math
 from typing import assert_never
 
-from common.spec import StalenessSpec
+from common.spec import StalenessSpec, StalenessUnit
 
 
-def staleness_weight(spec: StalenessSpec, staleness: int) -> float:
+def staleness_weight(spec: StalenessSpec, staleness: float) -> float:
     """``s(staleness)`` for the given spec; a value in ``(0, 1]``.
 
+    ``staleness`` is in versions or in rounds (a float, see :func:`in_unit`); for an
+    integer the result is the same as for the equal float.
     Raises ValueError when ``staleness`` is negative (an update cannot be based on
     a version newer than the head).
     """
@@ -47,9 +64,35 @@ def staleness_weight(spec: StalenessSpec, staleness: int) -> float:
     if kind == "constant":
         return 1.0
     if kind == "polynomial":
-        return math.pow(float(staleness + 1), -float(spec.a))
+        return math.pow(float(staleness) + 1.0, -float(spec.a))
     if kind == "hinge":
         if staleness <= spec.b:
             return 1.0
-        return 1.0 / (float(spec.a) * float(staleness - spec.b) + 1.0)
+        return 1.0 / (float(spec.a) * (float(staleness) - float(spec.b)) + 1.0)
     assert_never(kind)
+
+
+def in_unit(staleness: int, unit: StalenessUnit, updates_per_version: int, n: int) -> float:
+    """``t - v`` in ``unit``: ``float(t - v)`` for versions, else
+    ``float((t - v) * updates_per_version) / max(1, n)`` (rounds of ``n`` participants)."""
+    if unit == "versions":
+        return float(staleness)
+    return float(staleness * updates_per_version) / float(max(1, n))
+
+
+def exceeds(
+    staleness: int, bound: int, unit: StalenessUnit, updates_per_version: int, n: int
+) -> bool:
+    """Whether ``t - v`` is beyond the hard bound ``bound`` (in ``unit``), exactly:
+    ``(t - v) * updates_per_version > bound * max(1, n)`` for rounds."""
+    if unit == "versions":
+        return staleness > bound
+    return staleness * updates_per_version > bound * max(1, n)
+
+
+def versions_within(bound: int, unit: StalenessUnit, updates_per_version: int, n: int) -> int:
+    """The largest ``t - v`` (in versions) that :func:`exceeds` still admits:
+    ``bound`` for versions, ``floor(bound * max(1, n) / updates_per_version)`` for rounds."""
+    if unit == "versions":
+        return bound
+    return bound * max(1, n) // max(1, updates_per_version)

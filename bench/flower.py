@@ -79,8 +79,8 @@ def fedq_figures(result: SimulationResult, banks: int, per_round_versions: int) 
 
 async def run_fedq(config: SimulationConfig, rounds: int) -> dict[str, Any]:
     banks = config.participants
-    sync = await run_simulation(replace(config, mode="sync", versions=rounds))
-    asyn = await run_simulation(replace(config, mode="async", versions=rounds * banks))
+    sync = await run_simulation(replace(config, mode="sync", versions=rounds, patience=0))
+    asyn = await run_simulation(replace(config, mode="async", versions=rounds * banks, patience=0))
     return {
         "fedq sync": fedq_figures(sync, banks, 1),
         "fedq async": fedq_figures(asyn, banks, banks),

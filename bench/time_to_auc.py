@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, dict[str, Any]] = {}
         for mode in ("async", "sync"):
             b = budgets.get(participants, budgets[20])[mode]
-            config = replace(base, mode=mode, versions=b.versions, seconds=b.seconds)
+            config = replace(base, mode=mode, versions=b.versions, seconds=b.seconds, patience=0)
             t0 = time.perf_counter()
             result = await run_simulation(config)
             runs[mode] = summary(result)

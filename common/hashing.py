@@ -73,10 +73,37 @@ def lineage_bytes(lineage: Iterable[LineageEntry]) -> bytes:
     return packed
 
 
-def version_hash(
-    *, task: str, version: int, parent_hash: bytes, param_hash: bytes, lineage: bytes
+def optimizer_bytes(
+    *, kind: str, lr: float, beta1: float, beta2: float, tau: float, state_hash: bytes
 ) -> bytes:
-    """Hash of a version: chains the parent's hash, the parameters and the ordered inputs."""
+    """Canonical msgpack of a version's server optimizer: its settings and state hash.
+
+    ``[kind, lr, beta1, beta2, tau, state_hash]``: a str, four float64 and a 32-byte bin.
+    """
+    if len(state_hash) != HASH_SIZE:
+        raise ValueError("the state hash must be a 32-byte SHA-256 digest")
+    packed: bytes = msgpack.packb(
+        [kind, float(lr), float(beta1), float(beta2), float(tau), bytes(state_hash)],
+        use_bin_type=True,
+    )
+    return packed
+
+
+def version_hash(
+    *,
+    task: str,
+    version: int,
+    parent_hash: bytes,
+    param_hash: bytes,
+    lineage: bytes,
+    optimizer: bytes | None = None,
+) -> bytes:
+    """Hash of a version: chains the parent's hash, the parameters and the ordered inputs.
+
+    ``optimizer`` (:func:`optimizer_bytes`), only for a version made by a server
+    optimizer that keeps state, is appended with its length; without it the hash is
+    the one of every version made before server optimizers existed.
+    """
     if len(parent_hash) != HASH_SIZE or len(param_hash) != HASH_SIZE:
         raise ValueError("parent and parameter hashes must be 32-byte SHA-256 digests")
     task_b = task.encode()
@@ -88,4 +115,7 @@ def version_hash(
     h.update(param_hash)
     h.update(struct.pack("<Q", len(lineage)))
     h.update(lineage)
+    if optimizer is not None:
+        h.update(struct.pack("<Q", len(optimizer)))
+        h.update(optimizer)
     return h.digest()

@@ -128,16 +128,19 @@ class AsyncSettings(_Spec):
     max_staleness: int = Field(default=20, ge=0)
     buffer_size: int = Field(default=3, ge=1)
     server_lr: float = Field(default=1.0, gt=0)
-    #: ``staleness``: ``s(.)`` only; ``samples``: also the update's sample count
-    #: relative to the participants' mean, bounded by ``max_boost``; ``balanced``:
-    #: also steered so that each bank's recent share of weight follows its share of
-    #: the data, whatever its speed (a slow bank's updates weigh more, a fast one's less).
+    #: ``staleness``: ``s(.)`` only (factor 1); ``samples``: also the update's sample
+    #: count relative to the participants' mean, ``N * min(n, bound) / sum of declared``,
+    #: bounded by ``max_boost`` (1 unless every participant declared its samples);
+    #: ``balanced``: also normalised by each bank's recent update rate so that its
+    #: share of weight follows its share of the data, whatever its speed (a slow bank's
+    #: updates weigh more, a fast one's less). Formulas: :mod:`aggregator.weighting`.
     weighting: Weighting = "balanced"
     #: The factor weighting may multiply an update's weight by lies in
-    #: ``[1 / max_boost, max_boost]``.
+    #: ``[1 / max_boost, max_boost]`` (FedAsync's ``a_t`` stays at most 1).
     max_boost: float = Field(default=10.0, ge=1, le=1000)
-    #: How many recent accepted updates ``balanced`` measures shares over; 0: ``20 *``
-    #: the number of participants.
+    #: How many recent accepted updates (lineage entries) ``balanced`` measures update
+    #: rates over, and low-weight flagging measures shares over; 0: ``20 *`` the number
+    #: of participants (20 rounds).
     balance_window: int = Field(default=0, ge=0, le=1_000_000)
 
 

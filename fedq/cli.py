@@ -18,6 +18,7 @@ from fedq.cli_common import (
     F,
     FedqGroup,
     amqp_option,
+    async_options,
     class_weight_option,
     file_option,
     limit_option,
@@ -26,10 +27,10 @@ from fedq.cli_common import (
     redis_option,
     seconds_option,
     seed_option,
+    server_options,
     spec_file_option,
     spec_option,
     spec_overrides,
-    strategy_option,
     target_options,
 )
 
@@ -125,6 +126,22 @@ def _speeds(value: str | None, participants: int, straggler: float | None) -> tu
     return ()
 
 
+def _shares(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[float, ...]:
+    """``--shares 60,10,10,10,10``: positive numbers (normalised to shares of the rows)."""
+    if not value:
+        return ()
+    try:
+        shares = tuple(float(s) for s in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of numbers, e.g. 60,10,10,10,10"
+        ) from None
+    bad = [s for s in shares if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]:g} is not a positive share")
+    return shares
+
+
 def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     """A task-spec option of ``fedq simulate``: its default is the simulation's."""
     return spec_option(spec_field, *decls, simulation=True, **attrs)
@@ -141,9 +158,18 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 @click.option("--participants", "-n", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option(
     "--partition",
-    type=click.Choice(["iid", "dirichlet", "column"]),
+    type=click.Choice(["iid", "dirichlet", "column", "sizes"]),
     default="iid",
     show_default=True,
+    help="How rows are dealt to banks: iid, dirichlet (label skew, --alpha), column (one "
+    "bank per value of --partition-column), sizes (--shares).",
+)
+@click.option(
+    "--shares",
+    default=None,
+    callback=_shares,
+    help="With --partition sizes: each bank's share of the rows, e.g. 60,10,10,10,10 "
+    "(normalised; stratified by class).",
 )
 @click.option(
     "--alpha",
@@ -209,42 +235,62 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     default=0.95,
     show_default=True,
     type=click.FloatRange(0.0, 1.0),
-    help="Time to target is measured to this fraction of the centralized AUC.",
+    help="Time to target: to initial AUC + this fraction of the centralized model's lift "
+    "over the initial model.",
 )
 @class_weight_option
-@strategy_option(simulation=True)
-@_sim_spec("async.mixing", "--mixing", type=click.FloatRange(0.0, 1.0, min_open=True))
-@_sim_spec(
-    "async.staleness.kind",
-    "--staleness",
-    "staleness_kind",
-    type=click.Choice(["constant", "polynomial", "hinge"]),
-)
-@_sim_spec("async.staleness.a", "--staleness-a", type=click.FloatRange(min=0.0))
-@_sim_spec("async.staleness.b", "--staleness-b", type=click.IntRange(min=0))
-@_sim_spec("async.buffer_size", "--buffer-size", type=click.IntRange(min=1))
-@_sim_spec(
-    "async.max_staleness",
-    "--max-staleness",
-    type=click.IntRange(min=0),
-    help="Refuse updates more versions behind the head than this (sync: late rounds).",
-)
-@_sim_spec(
-    "async.server_lr",
-    "--server-lr",
-    type=click.FloatRange(min=0.0, min_open=True),
-    help="FedBuff: the server's step size over the buffer's mean delta.",
-)
+@async_options(simulation=True)
+@server_options(simulation=True)
 @model_options(simulation=True)
 @_sim_spec("training.epochs", "--epochs", type=click.IntRange(min=1))
 @_sim_spec("training.lr", "--lr", type=click.FloatRange(min=0.0, min_open=True))
 @limit_option(
     "--versions",
-    help="Stop after this many versions (default: 200 async; the same number of updates "
-    "in sync rounds, 200 / participants).",
+    help="Stop after this many versions at the latest (default: 1000 async; the same "
+    "number of updates in sync rounds, 1000 / participants).",
 )
 @seconds_option(
     "--seconds", default=120.0, minimum=0.1, help="Stop after this many seconds at the latest."
+)
+@click.option(
+    "--patience",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Stop when the global model's validation AUC (on the banks' validation rows, not "
+    "the test set; async: averaged over the last round) has not improved by more than "
+    "--min-delta for this many versions (sync: this many updates, in rounds, at least "
+    "3); 0: never.",
+)
+@click.option(
+    "--min-delta",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="The validation AUC gain that counts as an improvement for --patience.",
+)
+@click.option(
+    "--seeds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Repeat the whole run over this many split seeds (--seed, --seed + 1, ...) and "
+    "report the mean and spread.",
+)
+@click.option(
+    "--baseline-epochs",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="The most epochs the centralized and local-only models train for (they stop "
+    "sooner once converged).",
+)
+@click.option(
+    "--alert-rate",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    help="The share of customers flagged for the report's precision and recall at alert.",
 )
 @seed_option
 @amqp_option("Run against this RabbitMQ instead of the in-process broker.", default=None)
@@ -263,7 +309,7 @@ def simulate(**opts: Any) -> None:
         # The services run in this process: their per-version lines would drown the
         # progress bar. Warnings still show; --log-level info brings the rest back.
         configure_logging("warning", (ctx.obj or {}).get("log_format", "auto"))
-    from fedq.simulate import SimulationConfig, bundled_data, prepare
+    from fedq.simulate import SimulationConfig, bundled_data, load_data, prepare
 
     bundled = opts["data"] is None
     config = SimulationConfig(
@@ -274,6 +320,7 @@ def simulate(**opts: Any) -> None:
         partition=opts["partition"],
         alpha=opts["alpha"],
         partition_column=opts["partition_column"],
+        shares=opts["shares"],
         speeds=_speeds(opts["speeds"], opts["participants"], opts["straggler"]),
         base_delay_s=opts["base_delay"],
         mode="async" if opts["mode"] == "both" else opts["mode"],
@@ -282,6 +329,11 @@ def simulate(**opts: Any) -> None:
         target_fraction=opts["target_fraction"],
         versions=opts["versions"],
         seconds=opts["seconds"],
+        patience=opts["patience"],
+        min_delta=opts["min_delta"],
+        seeds=opts["seeds"],
+        baseline_epochs=opts["baseline_epochs"],
+        alert_rate=opts["alert_rate"],
         seed=opts["seed"],
         amqp_url=opts["amqp_url"],
         redis_url=opts["redis_url"],
@@ -292,10 +344,13 @@ def simulate(**opts: Any) -> None:
         raise click.BadParameter("--target is required with --data", param_hint="'--target'")
     # Read and check the data and the options before anything starts: a bad cell or
     # option is one line here, before the banner and the progress bar.
-    prepared = prepare(config)
+    data = load_data(config)
+    prepared = prepare(config, data)
     from fedq.simulate_cli import run_with_progress
 
-    ok = run_with_progress(config, Console(), both=opts["mode"] == "both", prepared=prepared)
+    ok = run_with_progress(
+        config, Console(), both=opts["mode"] == "both", prepared=prepared, data=data
+    )
     sys.exit(0 if ok else 1)
 
 
@@ -443,7 +498,8 @@ def task() -> None:
 @click.option("--participants", required=True, help="Comma-separated participant ids.")
 @class_weight_option
 @model_options(simulation=False)
-@strategy_option(simulation=False)
+@async_options(simulation=False)
+@server_options(simulation=False)
 @click.option(
     "--max-samples",
     type=click.IntRange(min=1),

@@ -221,6 +221,12 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
         f"[bold]{task}[/] version {version} (parent {doc['parent']}), strategy {doc['strategy']}"
     )
     console.print(f"version hash {doc['version_hash']}\nparam hash   {doc['param_hash']}")
+    if doc.get("optimizer"):
+        o = doc["optimizer"]
+        console.print(
+            f"optimizer    {o['kind']} (lr {o['lr']}, beta1 {o['beta1']}, beta2 {o['beta2']}, "
+            f"tau {o['tau']})\nstate hash   {doc['state_hash']}"
+        )
     table = Table(title="contributing updates")
     for col in ("participant", "update id", "base", "staleness", "weight", "content hash"):
         table.add_column(col)

@@ -281,6 +281,122 @@ def strategy_option(*, simulation: bool) -> Callable[[F], F]:
     )
 
 
+def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """The decorators applied in order: the options show in ``--help`` as listed."""
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+def async_options(*, simulation: bool) -> Callable[[F], F]:
+    """The async strategy and its settings (``common.spec.AsyncSettings``), one option each."""
+    from typing import get_args
+
+    from common.spec import StalenessUnit, Weighting
+
+    def opt(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
+        return spec_option(spec_field, *decls, simulation=simulation, **attrs)
+
+    return _stack(
+        strategy_option(simulation=simulation),
+        opt(
+            "async.mixing",
+            "--mixing",
+            type=click.FloatRange(0.0, 1.0, min_open=True),
+            help="FedAsync: how far a fresh update moves the model.",
+        ),
+        opt(
+            "async.staleness.kind",
+            "--staleness",
+            "staleness_kind",
+            type=click.Choice(["constant", "polynomial", "hinge"]),
+            help="How an update's weight falls with its staleness.",
+        ),
+        opt("async.staleness.a", "--staleness-a", type=click.FloatRange(min=0.0)),
+        opt("async.staleness.b", "--staleness-b", type=click.IntRange(min=0)),
+        opt(
+            "async.staleness_unit",
+            "--staleness-unit",
+            type=click.Choice(list(get_args(StalenessUnit))),
+            help="Count staleness in rounds of the federation or in raw versions.",
+        ),
+        opt(
+            "async.max_staleness",
+            "--max-staleness",
+            type=click.IntRange(min=0),
+            help="Refuse updates staler than this, in --staleness-unit (sync: late rounds).",
+        ),
+        opt(
+            "async.buffer_size",
+            "--buffer-size",
+            type=click.IntRange(min=1),
+            help="FedBuff: updates per version.",
+        ),
+        opt(
+            "async.server_lr",
+            "--server-lr",
+            type=click.FloatRange(min=0.0, min_open=True),
+            help="FedBuff: the server's step size over the buffer's mean delta.",
+        ),
+        opt(
+            "async.weighting",
+            "--weighting",
+            type=click.Choice(list(get_args(Weighting))),
+            help="Weigh updates by staleness only, also by sample count, or balanced so "
+            "each bank's share of weight follows its share of the data.",
+        ),
+        opt(
+            "async.max_boost",
+            "--max-boost",
+            type=click.FloatRange(1.0, 1000.0),
+            help="The most --weighting may multiply (or divide) an update's weight by.",
+        ),
+        opt(
+            "async.balance_window",
+            "--balance-window",
+            type=click.IntRange(0, 1_000_000),
+            help="Balanced weighting: recent accepted updates it measures shares over "
+            "(0: 20 x participants).",
+        ),
+    )
+
+
+def server_options(*, simulation: bool) -> Callable[[F], F]:
+    """The server optimizer of FedBuff and sync rounds (``common.spec.ServerOptimizerSpec``)."""
+
+    def opt(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
+        return spec_option(spec_field, *decls, simulation=simulation, **attrs)
+
+    return _stack(
+        opt(
+            "server.kind",
+            "--server-opt",
+            "server_opt",
+            type=click.Choice(["sgd", "momentum", "adam", "yogi"]),
+            help="Server optimizer of FedBuff and sync rounds: sgd (plain), momentum "
+            "(FedAvgM), adam (FedAdam), yogi (FedYogi). FedAsync takes sgd only.",
+        ),
+        opt(
+            "server.lr",
+            "--server-opt-lr",
+            type=click.FloatRange(0.0, 100.0, min_open=True),
+            help="The server optimizer's learning rate.",
+        ),
+        opt("server.beta1", "--server-beta1", type=click.FloatRange(0.0, 1.0, max_open=True)),
+        opt("server.beta2", "--server-beta2", type=click.FloatRange(0.0, 1.0, max_open=True)),
+        opt(
+            "server.tau",
+            "--server-tau",
+            type=click.FloatRange(min=0.0, min_open=True),
+            help="Adam / Yogi: the adaptivity (epsilon).",
+        ),
+    )
+
+
 def _class_weight(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     from common.spec import positive_weight_for
 

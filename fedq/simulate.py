@@ -1,11 +1,29 @@
 """``fedq simulate``: an aggregator and N bank workers on one machine, from one CSV.
 
 Embedded by default (in-process broker and Redis); with an AMQP and a Redis URL the
-very same services run against real servers. The CSV is split into a pooled test
-set and N bank shards; the shared feature schema (vocabularies, scaling statistics)
-is fixed once from the pooled training rows, as a consortium would agree it, and
-never refitted at a bank. Reports global test AUC over wall-clock time beside the
-centralized baseline (all training rows pooled) and each bank's local-only model.
+very same services run against real servers.
+
+The split (deterministic by seed): the rows are dealt to N banks (``--partition``);
+each bank's rows are split, stratified by class where the bank has two rows of each,
+into its training rows (what its worker gets) and its own held-out customers
+(``test_fraction``). The **pooled test set is the union of the banks' held-out
+customers**. Each worker keeps :data:`VAL_FRACTION` of its training rows for
+validation; the union of those validation rows is the **validation set** the run
+watches to stop on a plateau (never the test set). The shared feature schema
+(vocabularies, scaling statistics) is fixed once from the pooled training rows, as a
+consortium would agree it, and never refitted at a bank.
+
+The yardsticks, trained once per split (also in ``--mode both``, see
+:func:`fit_baselines`): the centralized model (all training rows pooled) and each
+bank's local-only model (its training rows alone). The report scores the global
+model, the centralized model and each local-only model on the pooled test set and
+on each bank's own held-out customers.
+
+A run stops at the first of: a plateau (the global model's validation AUC has not
+improved by more than ``min_delta`` for ``patience`` versions), the version budget,
+the time budget; ``stopped_by`` says which. Time to target is measured on the lift
+over the initial model: ``target = initial_auc + target_fraction * (centralized_auc
+- initial_auc)`` on the pooled test set.
 
 Inputs are checked before anything starts: :func:`load_data` reads the table and
 checks its values and the options that depend on it (a one-line
@@ -23,7 +41,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
@@ -51,18 +69,23 @@ from participant.data import (
 if TYPE_CHECKING:
     import torch
 
+    from aggregator.service import AggregatorService
     from aggregator.stats import ServiceStats
+    from aggregator.store import VersionRecord
     from common.transport import Transport
     from common.wire import Tensors
+    from participant.worker import ParticipantWorker
 
 log = structlog.get_logger("fedq.simulate")
 
-Partition = Literal["iid", "dirichlet", "column"]
+Partition = Literal["iid", "dirichlet", "column", "sizes"]
 
 #: Each bank keeps this share of its rows for validation (the worker's split).
 VAL_FRACTION = 0.2
 #: The fewest training rows (after the validation split) a bank may have.
 MIN_TRAIN_ROWS = 10
+#: The default version budget (async; sync: the same number of updates in rounds).
+DEFAULT_VERSIONS = 1000
 
 
 #: The simulation's task settings over a task spec's defaults: short local rounds on
@@ -93,6 +116,9 @@ class SimulationConfig:
     partition: Partition = "iid"
     alpha: float = 0.5
     partition_column: str | None = None
+    #: ``partition="sizes"``: each bank's share of the rows (any positive numbers,
+    #: normalised), one per participant; stratified by class.
+    shares: tuple[float, ...] = ()
     #: Per-participant slowness factors (1 = base pace); shorter lists pad with 1.
     speeds: tuple[float, ...] = ()
     #: Pause per local round at speed 1 (seconds); a bank with speed 10 pauses 10x.
@@ -106,14 +132,30 @@ class SimulationConfig:
     #: How class 1 is weighted in local training: "auto" (rare positives count more,
     #: see common.spec.positive_weight_for), "none", or a number.
     class_weight: str = "auto"
-    baseline_epochs: int = 60
-    #: Stop after this many versions (None: 200 async, 200 / participants rounds sync).
+    #: The most epochs a baseline (centralized, local-only) trains for (fedq.baselines
+    #: stops sooner when its validation loss stops improving).
+    baseline_epochs: int = 100
+    #: Threads the baselines train in (None: as many as the cores allow).
+    baseline_workers: int | None = None
+    #: Stop after this many versions (None: DEFAULT_VERSIONS async, DEFAULT_VERSIONS /
+    #: participants rounds sync).
     versions: int | None = None
-    #: Time to target is measured to this fraction of the centralized AUC.
+    #: Stop when the global model's validation AUC (async: averaged over the last
+    #: ``participants`` versions, one round) has not improved by more than
+    #: ``min_delta`` for this many versions (sync: this many updates, in rounds, at
+    #: least 3 rounds); 0: never stop on a plateau.
+    patience: int = 50
+    min_delta: float = 1e-3
+    #: Time to target: ``initial + target_fraction * (centralized - initial)`` AUC.
     target_fraction: float = 0.95
     seconds: float | None = 120.0
+    #: Each bank's share of rows held out as its own test customers.
     test_fraction: float = 0.25
     seed: int = 0
+    #: Repeat the whole run over this many split seeds: seed, seed + 1, ...
+    seeds: int = 1
+    #: The share of customers flagged in the risk report's precision / recall at alert.
+    alert_rate: float = 0.05
     amqp_url: str | None = None
     redis_url: str | None = None
     report: Path | None = None
@@ -131,7 +173,23 @@ class SimulationConfig:
         """The version to stop at: the same update budget in both modes by default."""
         if self.versions is not None:
             return self.versions
-        return 200 if self.mode == "async" else max(10, 200 // self.participants)
+        if self.mode == "async":
+            return DEFAULT_VERSIONS
+        return max(10, DEFAULT_VERSIONS // self.participants)
+
+    @property
+    def plateau_window(self) -> int:
+        """The plateau watches the validation AUC averaged over this many versions: one
+        round of the federation in async (``participants`` versions), 1 in sync."""
+        return self.participants if self.mode == "async" else 1
+
+    @property
+    def patience_versions(self) -> int:
+        """Versions without validation gain that end the run (0: never); sync counts
+        the same number of updates, in rounds of ``participants`` (at least 3)."""
+        if self.patience == 0 or self.mode == "async":
+            return self.patience
+        return max(3, math.ceil(self.patience / self.participants))
 
 
 @dataclass(slots=True)
@@ -140,6 +198,9 @@ class Progress:
 
     version: int = 0
     auc: float | None = None
+    val_auc: float | None = None
+    #: Versions since the validation AUC last improved (the plateau count).
+    since_best: int = 0
     staleness: float = 0.0
     accepted: int = 0
     refused: int = 0
@@ -147,12 +208,17 @@ class Progress:
 
 @dataclass(slots=True)
 class SimulationResult:
-    """What the report holds."""
+    """What the report holds (one run: one split seed, one mode)."""
 
     task: str
     mode: str
+    #: The split seed of this run.
+    seed: int
+    #: Pooled test AUC of the final global model, the centralized model, version 0.
     final_auc: float
     centralized_auc: float
+    initial_auc: float
+    #: Each bank's local-only model on the pooled test set.
     local_only_auc: dict[str, float]
     local_only_auc_mean: float
     versions: int
@@ -160,13 +226,16 @@ class SimulationResult:
     updates_refused: int
     refused_by_reason: dict[str, int]
     wall_seconds: float
-    target_auc: float
+    #: ``initial_auc + target_fraction * (centralized_auc - initial_auc)``; None when
+    #: the centralized model does not beat the initial one (``target_note`` says so).
+    target_auc: float | None
     #: Wall-clock seconds until the global model first reached target_auc (None: never).
     time_to_target_s: float | None
+    #: (seconds, version, pooled test AUC) from version 0 on.
     curve: list[tuple[float, int, float]]
     #: For each version 1..n, the participants whose updates went into it.
     contributors: list[list[str]]
-    #: Which budget ended the run: versions, seconds, or other.
+    #: What ended the run: plateau, versions, seconds, or other (an error).
     stopped_by: str
     participants: dict[str, dict[str, Any]]
     settings: dict[str, Any]
@@ -176,10 +245,29 @@ class SimulationResult:
     #: (common.evaluation: auc, pr_auc, loss, brier, positive_rate, n).
     final_metrics: dict[str, float] = field(default_factory=dict)
     centralized_metrics: dict[str, float] = field(default_factory=dict)
+    #: common.evaluation.risk_metrics of the final global and centralized models on
+    #: the pooled test set (AUC, PR-AUC, log loss, Brier, KS, calibration, alerts).
+    final_risk: dict[str, Any] = field(default_factory=dict)
+    centralized_risk: dict[str, Any] = field(default_factory=dict)
+    #: Why there is no target (the centralized model does not beat the initial one).
+    target_note: str | None = None
+    #: Validation AUC (the banks' validation rows) for each point of ``curve``.
+    val_curve: list[float | None] = field(default_factory=list)
+    #: Per version: {"seconds", "version", "refused": {bank: refusals since the last version}}.
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: How the centralized baseline was fitted (fedq.baselines: epochs, why it stopped).
+    centralized_how: Any = None
+    #: Seconds spent fitting the baselines of this split (shared by the modes of a split).
+    baseline_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["curve"] = [{"seconds": s, "version": v, "auc": a} for s, v, a in self.curve]
+        vals = self.val_curve or [None] * len(self.curve)
+        out["curve"] = [
+            {"seconds": s, "version": v, "auc": a, "val_auc": va}
+            for (s, v, a), va in zip(self.curve, vals, strict=False)
+        ]
+        out.pop("val_curve")
         return out
 
 
@@ -196,14 +284,28 @@ class Dataset:
 
 @dataclass(slots=True)
 class Prepared:
-    """What :func:`prepare` made: the task spec, the bank shards, encoded test and training rows."""
+    """What :func:`prepare` made: the task spec, the bank shards, encoded rows.
+
+    The pooled tensors are concatenated bank by bank, in ``spec.participants`` order;
+    ``bank_test`` and ``bank_train`` are each bank's slice of them.
+    """
 
     spec: TaskSpec
+    #: Each bank's training rows (what its worker gets, validation rows included).
     shards: dict[str, pd.DataFrame]
+    #: The pooled test set: the union of the banks' held-out customers.
     x_test: torch.Tensor
     y_test: torch.Tensor
+    #: The pooled training rows (the centralized baseline's).
     x_train: torch.Tensor
     y_train: torch.Tensor
+    #: The union of the workers' validation rows (the plateau is measured on it).
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    bank_test: dict[str, slice]
+    bank_train: dict[str, slice]
+    #: The split seed.
+    seed: int = 0
     #: What the user should know about the data and the split, one sentence each.
     warnings: tuple[str, ...] = ()
 
@@ -220,6 +322,8 @@ def check_options(config: SimulationConfig) -> None:
             raise ConfigError(f"--speeds: {s:g} is not a positive finite factor")
     if not 0.0 < config.test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), not {config.test_fraction}")
+    _check_run_options(config)
+    _check_shares(config)
     if config.partition == "column" and not config.partition_column:
         raise ConfigError("--partition column needs --partition-column NAME")
     if config.partition != "column" and config.partition_column:
@@ -236,13 +340,44 @@ def check_options(config: SimulationConfig) -> None:
             )
 
 
+def _check_run_options(config: SimulationConfig) -> None:
+    if config.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, not {config.seeds}")
+    if config.patience < 0:
+        raise ConfigError(f"--patience must be 0 (off) or more, not {config.patience}")
+    if not (math.isfinite(config.min_delta) and config.min_delta >= 0):
+        raise ConfigError(f"--min-delta must be a finite number >= 0, not {config.min_delta}")
+    if not 0.0 < config.alert_rate < 1.0:
+        raise ConfigError(f"--alert-rate must be in (0, 1), not {config.alert_rate}")
+    if config.baseline_epochs < 1:
+        raise ConfigError(f"--baseline-epochs must be at least 1, not {config.baseline_epochs}")
+
+
+def _check_shares(config: SimulationConfig) -> None:
+    if config.partition != "sizes":
+        if config.shares:
+            raise ConfigError(
+                f"--shares is used only with --partition sizes, not {config.partition}"
+            )
+        return
+    if len(config.shares) != config.participants:
+        raise ConfigError(
+            f"--partition sizes needs one share per bank: --shares gives "
+            f"{len(config.shares)} for --participants {config.participants}"
+        )
+    for s in config.shares:
+        if not (math.isfinite(s) and s > 0):
+            raise ConfigError(f"--shares: {s:g} is not a positive finite share")
+
+
 def load_data(config: SimulationConfig) -> Dataset:
     """Read the table and check it against the options, before anything starts.
 
     The whole table is checked, so an error names the row of the file: the target
     must be binary with at least 2 rows of each class and no missing cell; every
-    feature value must be usable (see :func:`participant.data.infer_features`); the
-    rows left for training must give every bank at least :data:`MIN_TRAIN_ROWS`.
+    feature value must be usable (see :func:`participant.data.infer_features`); an
+    even split must leave every bank at least :data:`MIN_TRAIN_ROWS` to train on
+    (after its held-out customers and its validation rows).
 
     Raises:
         ConfigError: one line naming the option, column or row at fault.
@@ -266,12 +401,10 @@ def load_data(config: SimulationConfig) -> Dataset:
     if column is not None and column == target:
         raise ConfigError(f"--partition-column {column!r} is the target column")
     infer_features(df, target, exclude=[column] if column else [])  # value checks, named rows
-    n_test = math.ceil(config.test_fraction * len(df))  # as train_test_split counts
-    n_train = len(df) - n_test
-    if config.partition != "column":
-        smallest = n_train // config.participants
-        if train_rows(smallest, VAL_FRACTION) < MIN_TRAIN_ROWS:
-            most = n_train // _min_shard()
+    if config.partition in ("iid", "dirichlet"):
+        smallest = len(df) // config.participants
+        if _trainable(smallest, config.test_fraction) < MIN_TRAIN_ROWS:
+            most = len(df) // _min_bank_rows(config.test_fraction)
             fix = (
                 f"use --participants {most} or fewer"
                 if most >= 1
@@ -279,17 +412,27 @@ def load_data(config: SimulationConfig) -> Dataset:
             )
             raise ConfigError(
                 f"--participants {config.participants} is too many for {len(df)} rows: "
-                f"{n_train} training rows (after {n_test} held out for testing) leave a bank "
-                f"{train_rows(smallest, VAL_FRACTION)} to train on after its validation "
-                f"split, and each bank needs at least {MIN_TRAIN_ROWS}: {fix}"
+                f"a bank's {smallest} rows leave {_trainable(smallest, config.test_fraction)} "
+                "to train on after its held-out customers and its validation split, and "
+                f"each bank needs at least {MIN_TRAIN_ROWS}: {fix}"
             )
     return Dataset(df=df, positive=positive, labels=labels)
 
 
-def _min_shard() -> int:
+def _held_out(n: int, test_fraction: float) -> int:
+    """How many of a bank's ``n`` rows are held out (as train_test_split counts)."""
+    return min(max(math.ceil(test_fraction * n), 1), n - 1) if n >= 2 else 0
+
+
+def _trainable(n: int, test_fraction: float) -> int:
+    """What a bank with ``n`` rows trains on after its held-out and validation rows."""
+    return train_rows(n - _held_out(n, test_fraction), VAL_FRACTION) if n >= 2 else 0
+
+
+def _min_bank_rows(test_fraction: float) -> int:
     """The fewest rows a bank can have and still train on MIN_TRAIN_ROWS."""
     n = MIN_TRAIN_ROWS
-    while train_rows(n, VAL_FRACTION) < MIN_TRAIN_ROWS:
+    while _trainable(n, test_fraction) < MIN_TRAIN_ROWS:
         n += 1
     return n
 
@@ -346,91 +489,166 @@ def _names(config: SimulationConfig) -> tuple[str, ...]:
 
 
 def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
-    """Split the data, fix the shared schema, build the task spec and the bank shards.
+    """Deal the rows to the banks, hold out each bank's test customers, fix the shared
+    schema from the pooled training rows, build the task spec and encode.
 
-    ``data`` is what :func:`load_data` returned for ``config`` (read here if None).
+    ``data`` is what :func:`load_data` returned for ``config`` (read here if None);
+    a caller repeating the split over seeds reads it once.
 
     Raises:
         ConfigError: one line naming the option, column or row at fault.
     """
     if data is None:
         data = load_data(config)
-    from sklearn.model_selection import train_test_split
-
     df, positive, target = data.df, data.positive, config.target
-    try:
-        train_df, test_df, y_train_np, y_test_np = train_test_split(
-            df,
-            data.labels,
-            test_size=config.test_fraction,
-            random_state=config.seed,
-            stratify=data.labels,
-        )
-    except ValueError as e:  # checked above; kept one line should sklearn still object
-        raise ConfigError(f"cannot split {len(df)} rows into test and training: {e}") from e
-    for where, y in (("test set", y_test_np), ("training rows", y_train_np)):
+    names = _names(config)
+    labels = data.labels
+    parts = _partition(config, df, labels)
+    train_parts, test_parts = _hold_out(config, names, parts, labels)
+    train_idx, test_idx = np.concatenate(train_parts), np.concatenate(test_parts)
+    for where, idx in (("test set", test_idx), ("training rows", train_idx)):
         for cls in (1, 0):
-            if not (y == cls).any():
+            if not (labels[idx] == cls).any():
                 raise ConfigError(
                     f"the {where} have no row of {_class_name(cls, positive)}: target column "
-                    f"{target!r} has too few of them to split ({int((data.labels == cls).sum())})"
+                    f"{target!r} has too few of them to split ({int((labels == cls).sum())})"
                 )
-    train_df = train_df.reset_index(drop=True)
     exclude = [config.partition_column] if config.partition_column else []
-    schema = infer_features(train_df, target, exclude=exclude)
+    schema = infer_features(df.iloc[train_idx].reset_index(drop=True), target, exclude=exclude)
     warnings = list(schema.warnings)
-    names = _names(config)
     spec = _task_spec(config, schema.features, positive, names)
-    y_np = np.asarray(y_train_np, dtype=np.int64)
-    weight = positive_weight_for(float(y_np.mean()), config.class_weight)
+    weight = positive_weight_for(float(labels[train_idx].mean()), config.class_weight)
+    shards = {
+        name: df.iloc[rows].reset_index(drop=True)
+        for name, rows in zip(names, train_parts, strict=True)
+    }
+    # Each bank declares the rows it holds: an update may claim no more (a bank that
+    # claims 2**62 samples is refused, not weighted by it).
     spec = spec.model_copy(
-        update={"training": spec.training.model_copy(update={"positive_weight": weight})}
+        update={
+            "training": spec.training.model_copy(update={"positive_weight": weight}),
+            "declared_samples": {n: len(s) for n, s in shards.items()},
+        }
     )
+    warnings.extend(_one_class_banks(config, names, train_parts, labels, positive))
+    x_all, y_all = encode(df, spec)  # one pass; every row with the pooled statistics
+    val_idx = [
+        rows[train_val_split(len(rows), VAL_FRACTION, config.seed + i)[1].numpy()]
+        for i, rows in enumerate(train_parts)
+    ]  # the rows each worker keeps for validation (its split, its seed)
+    val = torch_index(np.concatenate(val_idx))
+    return Prepared(
+        spec=spec,
+        shards=shards,
+        x_test=x_all[torch_index(test_idx)],
+        y_test=y_all[torch_index(test_idx)],
+        x_train=x_all[torch_index(train_idx)],
+        y_train=y_all[torch_index(train_idx)],
+        x_val=x_all[val],
+        y_val=y_all[val],
+        bank_test=_slices(names, test_parts),
+        bank_train=_slices(names, train_parts),
+        seed=config.seed,
+        warnings=tuple(warnings),
+    )
+
+
+def torch_index(rows: npt.NDArray[np.int64]) -> torch.Tensor:
+    """Row positions as a tensor index."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+
+
+def _slices(names: tuple[str, ...], parts: list[npt.NDArray[np.int64]]) -> dict[str, slice]:
+    out: dict[str, slice] = {}
+    at = 0
+    for name, rows in zip(names, parts, strict=True):
+        out[name] = slice(at, at + len(rows))
+        at += len(rows)
+    return out
+
+
+def _partition(
+    config: SimulationConfig, df: pd.DataFrame, labels: npt.NDArray[np.int64]
+) -> list[npt.NDArray[np.int64]]:
+    """Every row dealt to one bank, by ``config.partition``."""
+    smallest = _min_bank_rows(config.test_fraction)
     if config.partition == "iid":
-        parts = partition.iid(len(train_df), config.participants, config.seed)
-    elif config.partition == "dirichlet":
+        return partition.iid(len(df), config.participants, config.seed)
+    if config.partition == "dirichlet":
         try:
-            parts = partition.dirichlet_label_skew(
-                y_np, config.participants, config.alpha, config.seed, min_size=_min_shard()
+            return partition.dirichlet_label_skew(
+                labels, config.participants, config.alpha, config.seed, min_size=smallest
             )
         except ConfigError as e:
             raise ConfigError(
                 f"--partition dirichlet (--alpha {config.alpha:g}, --participants "
-                f"{config.participants}, at least {_min_shard()} rows per bank): {e}"
+                f"{config.participants}, at least {smallest} rows per bank): {e}"
             ) from e
-    else:
-        parts = _by_column(config, train_df)
-    shards = {
-        name: train_df.iloc[rows].reset_index(drop=True)
-        for name, rows in zip(names, parts, strict=True)
-    }
-    warnings.extend(_one_class_banks(config, names, parts, y_np, positive))
-    # Each bank declares the rows it holds: an update may claim no more (a bank that
-    # claims 2**62 samples is refused, not weighted by it).
-    spec = spec.model_copy(update={"declared_samples": {n: len(s) for n, s in shards.items()}})
-    x_train, y_train = encode(train_df, spec)
-    x_test, y_test = encode(test_df.reset_index(drop=True), spec)
-    return Prepared(spec, shards, x_test, y_test, x_train, y_train, tuple(warnings))
+    if config.partition == "sizes":
+        parts = partition.by_shares(labels, config.shares, config.seed)
+        for i, rows in enumerate(parts):
+            if _trainable(len(rows), config.test_fraction) < MIN_TRAIN_ROWS:
+                raise ConfigError(
+                    f"--shares: bank-{i + 1:02d}'s share {config.shares[i]:g} gives it "
+                    f"{len(rows)} of {len(df)} rows, {_trainable(len(rows), config.test_fraction)}"
+                    f" to train on; each bank needs at least {MIN_TRAIN_ROWS} to train on "
+                    f"({smallest} rows in all): give it a larger share"
+                )
+        return parts
+    return _by_column(config, df)
 
 
-def _by_column(config: SimulationConfig, train_df: pd.DataFrame) -> list[npt.NDArray[np.int64]]:
+def _hold_out(
+    config: SimulationConfig,
+    names: tuple[str, ...],
+    parts: list[npt.NDArray[np.int64]],
+    labels: npt.NDArray[np.int64],
+) -> tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.int64]]]:
+    """Each bank's rows as (training rows, held-out customers), sorted in file order.
+
+    ``test_fraction`` of a bank's rows are held out, stratified by class when the bank
+    has at least 2 rows of each class (else at random), with the seed ``seed + i``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    train: list[npt.NDArray[np.int64]] = []
+    test: list[npt.NDArray[np.int64]] = []
+    for i, rows in enumerate(parts):
+        y = labels[rows]
+        n_test = _held_out(len(rows), config.test_fraction)
+        stratify = y if min(int(y.sum()), int(len(y) - y.sum())) >= 2 and n_test >= 2 else None
+        try:
+            tr, te = train_test_split(
+                rows, test_size=n_test, random_state=config.seed + i, stratify=stratify
+            )
+        except ValueError:  # too few of a class to stratify this many: at random
+            tr, te = train_test_split(rows, test_size=n_test, random_state=config.seed + i)
+        train.append(np.sort(np.asarray(tr, dtype=np.int64)))
+        test.append(np.sort(np.asarray(te, dtype=np.int64)))
+    return train, test
+
+
+def _by_column(config: SimulationConfig, df: pd.DataFrame) -> list[npt.NDArray[np.int64]]:
     """One part per value of the partition column; ConfigError naming the options."""
     column = str(config.partition_column)
-    groups = partition.by_column_labeled(train_df[column].to_numpy())
+    groups = partition.by_column_labeled(df[column].to_numpy())
     if len(groups) != config.participants:
         shown = [label for label, _ in groups[:10]]
         raise ConfigError(
             f"--partition column makes one bank per value, and column {column!r} has "
-            f"{len(groups)} values in the training rows {shown}"
+            f"{len(groups)} values {shown}"
             f"{' ...' if len(groups) > 10 else ''}: use --participants {len(groups)}, "
             f"not {config.participants}"
         )
     for label, rows in groups:
-        if train_rows(len(rows), VAL_FRACTION) < MIN_TRAIN_ROWS:
+        left = _trainable(len(rows), config.test_fraction)
+        if left < MIN_TRAIN_ROWS:
             raise ConfigError(
                 f"--partition column: value {label!r} of column {column!r} has "
-                f"{len(rows)} training rows, {train_rows(len(rows), VAL_FRACTION)} to train "
-                f"on after the validation split; each bank needs at least {MIN_TRAIN_ROWS}"
+                f"{len(rows)} rows, {left} to train on after its held-out customers and "
+                f"the validation split; each bank needs at least {MIN_TRAIN_ROWS}"
             )
     return [rows for _, rows in groups]
 
@@ -470,36 +688,134 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
     return replace(prep, spec=spec)
 
 
-def _baseline(spec: TaskSpec, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> Tensors:
-    """A model trained from version 0 on ``(x, y)`` alone for ``epochs`` epochs."""
-    from common.models import build_task_model, model_tensors
-    from participant.training import train_local
+@dataclass(slots=True)
+class Baselines:
+    """The yardsticks of one split: trained once, shared by the modes run on it."""
 
-    params = model_tensors(build_task_model(spec))
-    long = spec.model_copy(update={"training": spec.training.model_copy(update={"epochs": epochs})})
-    delta, _ = train_local(long, params, x, y, seed=seed)
-    return {k: params[k] + delta[k] for k in params}
+    #: The centralized model (all training rows pooled).
+    central: Tensors
+    #: Each bank's local-only model (its training rows alone).
+    local: dict[str, Tensors]
+    #: How each was fitted (fedq.baselines' account: epochs, why it stopped), by
+    #: ``"centralized"`` and bank name.
+    how: dict[str, Any]
+    seconds: float
 
 
-def baselines(
-    prep: Prepared, config: SimulationConfig
-) -> tuple[dict[str, float], dict[str, float]]:
-    """The centralized model's test metrics, and each bank's local-only test AUC."""
+def fit_baselines(
+    prep: Prepared, config: SimulationConfig, on_done: Callable[[str], None] | None = None
+) -> Baselines:
+    """Fit the centralized and local-only models of ``prep``'s split (fedq.baselines:
+    to convergence, at most ``baseline_epochs``), in parallel threads.
+
+    ``on_done(name)`` is called as each one is done (the CLI's progress), with
+    ``"centralized"`` or the bank's name.
+    """
+    import os
+
+    from fedq.baselines import fit_all
+
+    workers = config.baseline_workers or min(os.cpu_count() or 1, len(prep.bank_train) + 1)
+
+    started = time.perf_counter()
+    banks = {n: (prep.x_train[s], prep.y_train[s]) for n, s in prep.bank_train.items()}
+    central, local = fit_all(
+        prep.spec,
+        (prep.x_train, prep.y_train),
+        banks,
+        max_epochs=config.baseline_epochs,
+        seed=config.seed,
+        workers=workers,
+        on_done=on_done,
+    )
+    how: dict[str, Any] = {"centralized": dict(central.how)}
+    how.update({n: dict(f.how) for n, f in local.items()})
+    return Baselines(
+        central=central.params,
+        local={n: f.params for n, f in local.items()},
+        how=how,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _proba(spec: TaskSpec, params: Tensors, x: torch.Tensor) -> npt.NDArray[np.float64]:
+    from common.evaluation import predict_proba
+
+    return predict_proba(spec, params, x).numpy().astype(np.float64)
+
+
+def _auc(y: npt.NDArray[np.float64], p: npt.NDArray[np.float64]) -> float | None:
+    """ROC AUC, None when ``y`` holds one class only."""
+    if len(y) == 0 or y.min() == y.max():
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
+def _score_version(spec: TaskSpec, params: Tensors, prep: Prepared) -> tuple[float, float | None]:
+    """(pooled test AUC, validation AUC) of one version."""
+    test = _auc(prep.y_test.numpy(), _proba(spec, params, prep.x_test))
+    return (0.5 if test is None else test), _auc(
+        prep.y_val.numpy(), _proba(spec, params, prep.x_val)
+    )
+
+
+def _risk(
+    y: npt.NDArray[np.float64], p: npt.NDArray[np.float64], alert_rate: float
+) -> dict[str, Any]:
+    from common.evaluation import risk_metrics
+
+    return dict(risk_metrics(y, p, alert_rate=alert_rate))
+
+
+@dataclass(slots=True)
+class _Scores:
+    """The end-of-run scores: pooled test set and each bank's own held-out customers."""
+
+    final_metrics: dict[str, float]
+    centralized_metrics: dict[str, float]
+    final_risk: dict[str, Any]
+    centralized_risk: dict[str, Any]
+    local_pooled: dict[str, float]
+    own: dict[str, dict[str, Any]]
+    skipped: list[str]
+
+
+def _score_all(
+    spec: TaskSpec, prep: Prepared, final: Tensors, base: Baselines, alert_rate: float
+) -> _Scores:
     from common.evaluation import evaluate
 
-    spec = prep.spec
-    central = evaluate(
-        spec,
-        _baseline(spec, prep.x_train, prep.y_train, config.baseline_epochs, config.seed),
-        prep.x_test,
-        prep.y_test,
+    y = prep.y_test.numpy().astype(np.float64)
+    p_final = _proba(spec, final, prep.x_test)
+    p_central = _proba(spec, base.central, prep.x_test)
+    local_p = {n: _proba(spec, params, prep.x_test) for n, params in base.local.items()}
+    own: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    for name, rows in prep.bank_test.items():
+        yb = y[rows]
+        positives = int(yb.sum())
+        entry: dict[str, Any] = {"n": len(yb), "positives": positives}
+        if 0 < positives < len(yb):
+            entry["global_auc"] = _auc(yb, p_final[rows])
+            entry["local_only_auc"] = _auc(yb, local_p[name][rows])
+            entry["centralized_auc"] = _auc(yb, p_central[rows])
+            entry["skipped"] = None
+        else:
+            cls = "positive" if positives == 0 else "negative"
+            entry["skipped"] = f"no {cls} customer among its {len(yb)} held-out customers"
+            skipped.append(f"{name}: own-customer AUC skipped: {entry['skipped']}")
+        own[name] = entry
+    return _Scores(
+        final_metrics=evaluate(spec, final, prep.x_test, prep.y_test),
+        centralized_metrics=evaluate(spec, base.central, prep.x_test, prep.y_test),
+        final_risk=_risk(y, p_final, alert_rate),
+        centralized_risk=_risk(y, p_central, alert_rate),
+        local_pooled={n: _auc(y, p) or 0.5 for n, p in local_p.items()},
+        own=own,
+        skipped=skipped,
     )
-    local: dict[str, float] = {}
-    for name, shard in prep.shards.items():
-        x, y = encode(shard, spec)
-        params = _baseline(spec, x, y, config.baseline_epochs, config.seed)
-        local[name] = evaluate(spec, params, prep.x_test, prep.y_test).get("auc", 0.5)
-    return central, local
 
 
 async def _transports(
@@ -520,28 +836,94 @@ async def _transports(
     return agg, banks
 
 
+@dataclass(slots=True)
+class _Watch:
+    """What the run records at each version, and when it should stop."""
+
+    config: SimulationConfig
+    started: float
+    curve: list[tuple[float, int, float]] = field(default_factory=list)
+    val_curve: list[float | None] = field(default_factory=list)
+    contributors: list[list[str]] = field(default_factory=list)
+    lineages: list[Any] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    refused_before: dict[str, int] = field(default_factory=dict)
+    best_val: float | None = None
+    since_best: int = 0
+    stopped_by: str | None = None
+    final: Tensors | None = None
+
+    def start(self, params: Tensors, test_auc: float, val_auc: float | None) -> None:
+        self.final = params
+        self.curve.append((0.0, 0, test_auc))
+        self.val_curve.append(val_auc)
+        self.best_val = val_auc
+
+    def record(
+        self,
+        record: VersionRecord,
+        params: Tensors,
+        scores: tuple[float, float | None],
+        stats: ServiceStats,
+    ) -> None:
+        seconds = time.perf_counter() - self.started
+        test_auc, val_auc = scores
+        self.final = params
+        self.curve.append((seconds, record.version, test_auc))
+        self.val_curve.append(val_auc)
+        self.contributors.append([e.participant for e in record.lineage])
+        self.lineages.append(record.lineage)
+        refused = {n: sum(b.refused.values()) for n, b in stats.banks.items()}
+        since = {n: k - self.refused_before.get(n, 0) for n, k in refused.items()}
+        self.refused_before = refused
+        self.events.append(
+            {
+                "seconds": seconds,
+                "version": record.version,
+                "refused": {n: k for n, k in since.items() if k > 0},
+            }
+        )
+        self._plateau(val_auc)
+        if record.version >= self.config.max_versions:
+            self.stopped_by = "versions"
+        elif 0 < self.config.patience_versions <= self.since_best:
+            self.stopped_by = "plateau"
+
+    def _plateau(self, val_auc: float | None) -> None:
+        """Count versions since the smoothed validation AUC last rose by > min_delta."""
+        if val_auc is None:
+            return
+        recent = [v for v in self.val_curve[-self.config.plateau_window :] if v is not None]
+        smooth = float(np.mean(recent)) if recent else val_auc
+        if self.best_val is None or smooth > self.best_val + self.config.min_delta:
+            self.best_val, self.since_best = smooth, 0
+        else:
+            self.since_best += 1
+
+
 async def run_simulation(
-    config: SimulationConfig, on_progress: Any = None, prepared: Prepared | None = None
+    config: SimulationConfig,
+    on_progress: Any = None,
+    prepared: Prepared | None = None,
+    baselines: Baselines | None = None,
 ) -> SimulationResult:
     """Run the whole simulation; ``on_progress(Progress)`` is called after each version.
 
-    ``prepared`` is what :func:`prepare` returned for this data (prepared here if None).
+    ``prepared`` is what :func:`prepare` returned for this data and ``baselines`` what
+    :func:`fit_baselines` returned for it (each made here if None).
     """
     from aggregator.metrics import AggregatorMetrics
     from aggregator.service import AggregatorService, ServiceConfig
-    from aggregator.store import RedisModelStore, StoreConfig, VersionRecord, connect_redis
-    from common.evaluation import evaluate
+    from aggregator.store import RedisModelStore, StoreConfig, connect_redis
     from common.models import build_task_model, model_tensors
-    from participant.worker import ParticipantWorker, WorkerConfig
 
     if prepared is None:
         prep = await asyncio.to_thread(prepare, config)
     else:
         prep = _for_mode(prepared, config)
+    if baselines is None:
+        baselines = await asyncio.to_thread(fit_baselines, prep, config)
     spec = prep.spec
-    central, local_auc = await asyncio.to_thread(baselines, prep, config)
-    central_auc = central.get("auc", 0.5)
-    final: dict[str, float] = {}
     names = spec.participants
     agg_transport, bank_transports = await _transports(config, names)
     store = RedisModelStore(
@@ -549,27 +931,21 @@ async def run_simulation(
         StoreConfig(prefix="fedq"),
         stages=config.stages,
     )
-    metrics = AggregatorMetrics()
     progress = Progress()
-    curve: list[tuple[float, int, float]] = []
-    contributors: list[list[str]] = []
-    started = time.perf_counter()
+    watch = _Watch(config, time.perf_counter())
     agg_stop, bank_stop = asyncio.Event(), asyncio.Event()
 
     async def on_version(record: VersionRecord, params: Tensors) -> None:
-        result = await asyncio.to_thread(evaluate, spec, params, prep.x_test, prep.y_test)
-        final.clear()
-        final.update(result)
-        auc = result.get("auc", 0.5)
-        curve.append((time.perf_counter() - started, record.version, auc))
-        contributors.append([e.participant for e in record.lineage])
-        progress.version, progress.auc = record.version, auc
+        scores = await asyncio.to_thread(_score_version, spec, params, prep)
+        watch.record(record, params, scores, service.stats)
+        progress.version, (progress.auc, progress.val_auc) = record.version, scores
+        progress.since_best = watch.since_best
         progress.staleness = float(np.mean([e.staleness for e in record.lineage] or [0]))
         progress.accepted = service.stats.accepted
         progress.refused = service.stats.refused_total
         if on_progress is not None:
             on_progress(progress)
-        if record.version >= config.max_versions:
+        if watch.stopped_by is not None:
             bank_stop.set()
             agg_stop.set()  # stop at the version asked for; queued updates stay queued
 
@@ -578,23 +954,47 @@ async def run_simulation(
         store,
         agg_transport,
         ServiceConfig(require_sender_match=config.amqp_url is None, depth_poll_s=1.0),
-        metrics,
+        AggregatorMetrics(),
         on_version,
         stages=config.stages,
     )
     genesis = model_tensors(build_task_model(spec))
-    g = evaluate(spec, genesis, prep.x_test, prep.y_test).get("auc", 0.5)
-    curve.append((0.0, 0, g))
+    watch.start(genesis, *_score_version(spec, genesis, prep))
+    watch.started = time.perf_counter()
     agg_task = asyncio.create_task(service.run(agg_stop), name="aggregator")
-    ready = asyncio.create_task(service.ready.wait())
-    await asyncio.wait([ready, agg_task], return_when=asyncio.FIRST_COMPLETED)
-    ready.cancel()
-    if agg_task.done():
-        agg_task.result()  # raise what stopped it
-    speeds = list(config.speeds) + [1.0] * (len(names) - len(config.speeds))
-    workers = [
+    workers = _workers(config, prep, bank_transports)
+    try:
+        await _until_ready(service, agg_task)
+        worker_tasks = [
+            asyncio.create_task(w.run(bank_stop), name=w.config.participant) for w in workers
+        ]
+        try:
+            await _until_stopped(config, bank_stop, agg_task, worker_tasks)
+        finally:
+            bank_stop.set()
+            await asyncio.gather(*worker_tasks, return_exceptions=True)
+    finally:
+        agg_stop.set()
+        await asyncio.gather(agg_task, return_exceptions=True)
+        for transport in (agg_transport, *bank_transports.values()):
+            await transport.close()
+        await store.close()
+    wall = time.perf_counter() - watch.started
+    head = service.head_version
+    if watch.stopped_by is None:
+        watch.stopped_by = _stopped_by(head, config, wall)
+    return _result(config, prep, baselines, watch, service.stats, workers, head, wall)
+
+
+def _workers(
+    config: SimulationConfig, prep: Prepared, transports: Mapping[str, Transport]
+) -> list[ParticipantWorker]:
+    from participant.worker import ParticipantWorker, WorkerConfig
+
+    speeds = _speeds(config)
+    return [
         ParticipantWorker(
-            spec,
+            prep.spec,
             WorkerConfig(
                 participant=name,
                 seed=config.seed + i,
@@ -602,75 +1002,153 @@ async def run_simulation(
                 delay_s=config.base_delay_s * speeds[i],
                 wait_for_model_s=2.0,
             ),
-            bank_transports[name],
+            transports[name],
             prep.shards[name],
             stages=config.stages,
         )
-        for i, name in enumerate(names)
+        for i, name in enumerate(prep.spec.participants)
     ]
-    worker_tasks = [
-        asyncio.create_task(w.run(bank_stop), name=w.config.participant) for w in workers
-    ]
-    try:
-        timeout = config.seconds
-        waiter = asyncio.create_task(bank_stop.wait())
-        done, _ = await asyncio.wait(
-            [waiter, agg_task, *worker_tasks], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+
+
+def _speeds(config: SimulationConfig) -> list[float]:
+    return list(config.speeds) + [1.0] * (config.participants - len(config.speeds))
+
+
+async def _until_ready(service: AggregatorService, agg_task: asyncio.Task[None]) -> None:
+    ready = asyncio.create_task(service.ready.wait())
+    await asyncio.wait([ready, agg_task], return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if agg_task.done():
+        agg_task.result()  # raise what stopped it
+
+
+async def _until_stopped(
+    config: SimulationConfig,
+    bank_stop: asyncio.Event,
+    agg_task: asyncio.Task[None],
+    worker_tasks: list[asyncio.Task[Any]],
+) -> None:
+    """Wait for a stop, the time budget, or a task that failed (its error raised)."""
+    waiter = asyncio.create_task(bank_stop.wait())
+    done, _ = await asyncio.wait(
+        [waiter, agg_task, *worker_tasks],
+        timeout=config.seconds,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    waiter.cancel()
+    for t in done:
+        if t is not waiter and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+def _target(
+    config: SimulationConfig, initial: float, central: float
+) -> tuple[float | None, str | None]:
+    """The lift-based target AUC, or why there is none."""
+    if central <= initial:
+        return None, (
+            f"the centralized model (test AUC {central:.4f}) does not beat the initial "
+            f"model ({initial:.4f}): no time to target"
         )
-        waiter.cancel()
-        for t in done:
-            if t is not waiter and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-    finally:
-        bank_stop.set()
-        await asyncio.gather(*worker_tasks, return_exceptions=True)
-        agg_stop.set()
-        await asyncio.gather(agg_task, return_exceptions=True)
-        for transport in (agg_transport, *bank_transports.values()):
-            await transport.close()
-        head = service.head_version
-        await store.close()
-    wall = time.perf_counter() - started
-    final_auc = curve[-1][2]
-    local_mean = float(np.mean(list(local_auc.values())))
-    target = config.target_fraction * central_auc
-    reached = next((t for t, _, a in curve if a >= target), None)
+    return initial + config.target_fraction * (central - initial), None
+
+
+def _result(
+    config: SimulationConfig,
+    prep: Prepared,
+    base: Baselines,
+    watch: _Watch,
+    stats: ServiceStats,
+    workers: list[ParticipantWorker],
+    head: int,
+    wall: float,
+) -> SimulationResult:
+    spec = prep.spec
+    assert watch.final is not None
+    scores = _score_all(spec, prep, watch.final, base, config.alert_rate)
+    central_auc = scores.centralized_metrics.get("auc", 0.5)
+    initial = watch.curve[0][2]
+    target, note = _target(config, initial, central_auc)
+    reached = None if target is None else next((t for t, _, a in watch.curve if a >= target), None)
+    warnings = [*prep.warnings, *_still_rising(watch.curve), *scores.skipped]
+    if note is not None:
+        warnings.append(note)
+    if watch.val_curve and watch.val_curve[0] is None and config.patience:
+        warnings.append("the validation rows hold one class only: no stop on a plateau")
     return SimulationResult(
         task=spec.task_id,
         mode=config.mode,
-        final_auc=final_auc,
+        seed=config.seed,
+        final_auc=watch.curve[-1][2],
         centralized_auc=central_auc,
-        final_metrics=dict(final),
-        centralized_metrics=central,
-        local_only_auc=local_auc,
-        local_only_auc_mean=local_mean,
+        initial_auc=initial,
+        final_metrics=scores.final_metrics,
+        centralized_metrics=scores.centralized_metrics,
+        final_risk=scores.final_risk,
+        centralized_risk=scores.centralized_risk,
+        local_only_auc=scores.local_pooled,
+        local_only_auc_mean=float(np.mean(list(scores.local_pooled.values()))),
         versions=head,
-        updates_accepted=service.stats.accepted,
-        updates_refused=service.stats.refused_total,
-        refused_by_reason=dict(service.stats.refused),
+        updates_accepted=stats.accepted,
+        updates_refused=stats.refused_total,
+        refused_by_reason=dict(stats.refused),
         wall_seconds=wall,
         target_auc=target,
+        target_note=note,
         time_to_target_s=reached,
-        curve=curve,
-        contributors=contributors,
-        stopped_by=_stopped_by(head, config, wall),
-        participants={
-            w.config.participant: {
-                "rows": len(prep.shards[w.config.participant]),
-                "speed": speeds[i],
-                "updates_published": w.stats.published,
-                "last_version_seen": w.stats.last_version,
-                **_bank_decisions(service.stats, w.config.participant),
-            }
-            for i, w in enumerate(workers)
-        },
+        curve=watch.curve,
+        val_curve=watch.val_curve,
+        events=watch.events,
+        contributors=watch.contributors,
+        stopped_by=watch.stopped_by or "other",
+        participants=_participants(config, prep, workers, stats, watch, scores),
         settings=_settings(config, spec),
-        warnings=[*prep.warnings, *_still_rising(curve)],
+        warnings=warnings,
+        centralized_how=base.how.get("centralized"),
+        baseline_seconds=base.seconds,
     )
 
 
+def _participants(
+    config: SimulationConfig,
+    prep: Prepared,
+    workers: list[ParticipantWorker],
+    stats: ServiceStats,
+    watch: _Watch,
+    scores: _Scores,
+) -> dict[str, dict[str, Any]]:
+    """Per bank: its data, its pace, what was decided about its updates, its weight."""
+    from aggregator.audit.influence import weight_shares
+
+    shares = weight_shares(watch.lineages)
+    total = sum(len(s) for s in prep.shards.values())
+    speeds = _speeds(config)
+    y = prep.y_train.numpy().astype(np.float64)
+    out: dict[str, dict[str, Any]] = {}
+    for i, w in enumerate(workers):
+        name = w.config.participant
+        rows = len(prep.shards[name])
+        out[name] = {
+            "rows": rows,
+            "held_out": scores.own[name]["n"],
+            "positive_rate": float(y[prep.bank_train[name]].mean()),
+            "speed": speeds[i],
+            "updates_published": w.stats.published,
+            "last_version_seen": w.stats.last_version,
+            **_bank_decisions(stats, name),
+            "weight_share": shares.get(name, 0.0),
+            "data_share": rows / total,
+            "own_customers": scores.own[name],
+            "local_only_pooled_auc": scores.local_pooled[name],
+        }
+    return out
+
+
 def _stopped_by(head: int, config: SimulationConfig, wall: float) -> str:
-    """Which budget ended the run: ``versions``, ``seconds``, or ``other`` (an error)."""
+    """Which budget ended the run: ``versions``, ``seconds``, or ``other`` (an error).
+
+    A plateau is known when it happens (the run records it then).
+    """
     if head >= config.max_versions:
         return "versions"
     if config.seconds is not None and wall >= config.seconds:
@@ -704,13 +1182,19 @@ def _still_rising(curve: list[tuple[float, int, float]]) -> list[str]:
 
 
 def _bank_decisions(stats: ServiceStats, name: str) -> dict[str, Any]:
-    """What the aggregator decided about one bank's updates, and whether it is flagged."""
+    """What the aggregator decided about one bank's updates, whether it is flagged and why."""
     bank = stats.banks.get(name)
     decided = bank.as_dict() if bank is not None else {"accepted": 0, "refused": {}}
+    flagged = name in stats.flagged
+    why = None
+    if flagged and bank is not None:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(bank.refused.items()))
+        why = f"its last {bank.refused_in_a_row} updates were refused ({reasons})"
     return {
         "updates_accepted": decided["accepted"],
         "updates_refused": decided["refused"],
-        "flagged": name in stats.flagged,
+        "flagged": flagged,
+        "flagged_why": why,
     }
 
 
@@ -724,13 +1208,15 @@ def _settings(config: SimulationConfig, spec: TaskSpec) -> dict[str, Any]:
     out["amqp_url"] = "set" if config.amqp_url else None
     out["redis_url"] = "set" if config.redis_url else None
     out["input_dim"] = spec.input_dim
+    out["max_versions"] = config.max_versions
+    out["patience_versions"] = config.patience_versions
     out["spec"] = json.loads(spec.to_json())
     return out
 
 
 @dataclass(slots=True)
 class Comparison:
-    """``--mode both``: the two modes on the same split and speed profiles."""
+    """``--mode both``: the two modes on the same split, speed profiles and baselines."""
 
     runs: dict[str, SimulationResult]
 
@@ -747,7 +1233,9 @@ class Comparison:
         first = next(iter(self.runs.values()))
         return {
             "mode": "both",
+            "seed": first.seed,
             "warnings": first.warnings,
+            "initial_auc": {m: r.initial_auc for m, r in self.runs.items()},
             "target_auc": first.target_auc,
             "centralized_auc": first.centralized_auc,
             "time_to_target_s": {m: r.time_to_target_s for m, r in self.runs.items()},
@@ -757,44 +1245,119 @@ class Comparison:
 
 
 async def run_comparison(config: SimulationConfig, on_progress: Any = None) -> Comparison:
-    """Run async, then sync, with the same data split, seeds and speed profiles."""
+    """Run async, then sync, with the same data split, baselines, seeds and speeds."""
     prep = await asyncio.to_thread(prepare, config)
+    base = await asyncio.to_thread(fit_baselines, prep, config)
     runs: dict[str, SimulationResult] = {}
     for mode in ("async", "sync"):
-        runs[mode] = await run_simulation(replace(config, mode=mode), on_progress, prep)
+        runs[mode] = await run_simulation(replace(config, mode=mode), on_progress, prep, base)
     return Comparison(runs)
 
 
-def write_plot(results: list[SimulationResult], path: Path) -> None:
-    """Global test AUC over wall-clock time per mode, beside the baselines and the target."""
-    import matplotlib
+Run = SimulationResult | Comparison
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    first = results[0]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    colors = {"async": "tab:blue", "sync": "tab:orange"}
-    for r in results:
-        xs = [s for s, _, _ in r.curve]
-        ys = [a for _, _, a in r.curve]
-        label = f"fedq {r.mode} ({r.versions} versions)"
-        if r.time_to_target_s is not None:
-            label += f", target at {r.time_to_target_s:.1f} s"
-        ax.plot(xs, ys, color=colors.get(r.mode, "tab:blue"), lw=1.8, label=label)
-    ax.axhline(first.centralized_auc, color="tab:green", ls="--", label="centralized (pooled)")
-    ax.axhline(first.local_only_auc_mean, color="tab:red", ls="--", label="local-only (mean)")
-    ax.axhline(first.target_auc, color="gray", ls=":", lw=1, label="target")
-    for auc in first.local_only_auc.values():
-        ax.axhline(auc, color="tab:red", ls=":", lw=0.6, alpha=0.5)
-    ax.set_xlabel("wall-clock seconds")
-    ax.set_ylabel("test AUC")
-    ax.set_title(
-        f"fedq: {len(first.local_only_auc)} banks, " + " vs ".join(r.mode for r in results)
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+def _modes(run: Run) -> dict[str, SimulationResult]:
+    return run.runs if isinstance(run, Comparison) else {run.mode: run}
+
+
+def spread(values: list[float]) -> dict[str, float | int | None]:
+    """mean, std (sample, ddof=1; 0 for one value), min, max and n of ``values``."""
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {
+        "mean": float(arr.mean()),
+        "std": std,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n": len(arr),
+    }
+
+
+def _run_numbers(r: SimulationResult) -> dict[str, float | None]:
+    decided = r.updates_accepted + r.updates_refused
+    return {
+        "final_auc": r.final_auc,
+        "final_pr_auc": r.final_metrics.get("pr_auc"),
+        "centralized_auc": r.centralized_auc,
+        "gap": r.centralized_auc - r.final_auc,
+        "initial_auc": r.initial_auc,
+        "refused_fraction": r.updates_refused / decided if decided else 0.0,
+        "time_to_target_s": r.time_to_target_s,
+        "versions": float(r.versions),
+    }
+
+
+def _bank_numbers(p: Mapping[str, Any]) -> dict[str, float | None]:
+    own = p["own_customers"]
+    return {
+        "own_global_auc": own.get("global_auc"),
+        "own_local_only_auc": own.get("local_only_auc"),
+        "local_only_pooled_auc": p["local_only_pooled_auc"],
+        "weight_share": p["weight_share"],
+        "data_share": p["data_share"],
+    }
+
+
+def _spread_of(rows: list[dict[str, float | None]]) -> dict[str, Any]:
+    """The spread of each number over ``rows`` (None values left out)."""
+    return {k: spread([v for r in rows if (v := r[k]) is not None]) for k in rows[0]}
+
+
+@dataclass(slots=True)
+class SeedRuns:
+    """``--seeds K``: the whole run repeated over K split seeds."""
+
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [next(iter(_modes(r).values())).seed for r in self.runs]
+
+    def spread(self) -> dict[str, Any]:
+        """Per mode: the mean, std, min and max over the seeds of each number, and of
+        each bank's numbers (None values, e.g. a skipped own-customer AUC, left out)."""
+        out: dict[str, Any] = {}
+        for mode in _modes(self.runs[0]):
+            results = [_modes(r)[mode] for r in self.runs]
+            entry = _spread_of([_run_numbers(r) for r in results])
+            entry["participants"] = {
+                bank: _spread_of([_bank_numbers(r.participants[bank]) for r in results])
+                for bank in results[0].participants
+            }
+            out[mode] = entry
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """One run: its own report; several: every run's report and the spread."""
+        if len(self.runs) == 1:
+            return self.runs[0].to_json()
+        first = next(iter(_modes(self.runs[0]).values()))
+        return {
+            "seeds": self.seeds,
+            "spread": self.spread(),
+            "warnings": first.warnings,
+            "runs": [r.to_json() for r in self.runs],
+        }
+
+
+async def run_seeds(
+    config: SimulationConfig, *, both: bool = False, on_progress: Any = None
+) -> SeedRuns:
+    """Every split seed ``config.seed .. config.seed + seeds - 1``; per seed the data is
+    split, the baselines trained once, then each mode run (``both``: async and sync)."""
+    data = await asyncio.to_thread(load_data, config)
+    runs: list[Run] = []
+    for k in range(config.seeds):
+        seeded = replace(config, seed=config.seed + k)
+        prep = await asyncio.to_thread(prepare, seeded, data)
+        base = await asyncio.to_thread(fit_baselines, prep, seeded)
+        modes = ("async", "sync") if both else (config.mode,)
+        results = {
+            m: await run_simulation(replace(seeded, mode=m), on_progress, prep, base)  # type: ignore[arg-type]
+            for m in modes
+        }
+        runs.append(Comparison(results) if both else results[config.mode])
+    return SeedRuns(runs)

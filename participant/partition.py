@@ -1,4 +1,4 @@
-"""Split one table among simulated banks: IID, Dirichlet label skew, or by a column.
+"""Split one table among simulated banks: IID, Dirichlet label skew, given shares, or by a column.
 
 Every function returns one int64 array of row positions per part (use them with
 ``df.iloc[part]``); every row is in exactly one part, no part is empty, and the
@@ -17,7 +17,7 @@ import pandas as pd
 
 from common.errors import ConfigError
 
-__all__ = ["by_column", "by_column_labeled", "dirichlet_label_skew", "iid"]
+__all__ = ["by_column", "by_column_labeled", "by_shares", "dirichlet_label_skew", "iid"]
 
 Parts = list[npt.NDArray[np.int64]]
 
@@ -43,6 +43,67 @@ def iid(n_rows: int, parts: int, seed: int) -> Parts:
     _check_parts(parts, n_rows)
     perm = np.random.default_rng(seed).permutation(n_rows)
     return [np.sort(p).astype(np.int64) for p in np.array_split(perm, parts)]
+
+
+def _cut(n: int, shares: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """``n`` items cut in proportion to ``shares`` (largest remainder): sizes summing to n."""
+    exact = shares * n
+    sizes = np.floor(exact).astype(np.int64)
+    rest = n - int(sizes.sum())
+    if rest > 0:  # ties go to the earlier part
+        order = np.argsort(-(exact - sizes), kind="stable")
+        sizes[order[:rest]] += 1
+    return sizes
+
+
+def by_shares(
+    y: npt.NDArray[np.generic], shares: Sequence[float], seed: int, *, stratify: bool = True
+) -> Parts:
+    """Parts whose sizes follow ``shares`` (any positive numbers; they are normalised),
+    e.g. ``[60, 10, 10, 10, 10]``: one part with 60% of the rows, four with 10%.
+
+    Stratified (``stratify=True``, the default): the rows of each class of ``y`` are
+    shuffled and cut in the same proportions, so every part has close to the overall
+    class mix and the part sizes follow ``shares`` to within one row per class. Not
+    stratified: all rows are shuffled and cut once (sizes within one row of
+    ``shares * len(y)``, the class mix left to chance).
+
+    Raises:
+        ConfigError: ``y`` is not 1-D or has missing labels, no share is given, a
+            share is not a positive finite number, or a part would get no row.
+    """
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise ConfigError(f"labels must be one-dimensional, not of shape {labels.shape}")
+    weights = np.asarray([float(s) for s in shares], dtype=np.float64)
+    _check_parts(len(weights), labels.shape[0])
+    bad = [s for s in weights if not (np.isfinite(s) and s > 0)]
+    if bad:
+        raise ConfigError(f"share {bad[0]:g} is not a positive finite number")
+    weights = weights / weights.sum()
+    rng = np.random.default_rng(seed)
+    if stratify:
+        codes, _ = pd.factorize(labels, use_na_sentinel=True)
+        n_missing = int((codes < 0).sum())
+        if n_missing:
+            raise ConfigError(f"labels are missing in {n_missing} of {len(codes)} rows")
+        groups = [np.flatnonzero(codes == k) for k in range(int(codes.max()) + 1)]
+    else:
+        groups = [np.arange(labels.shape[0])]
+    chunks: list[list[npt.NDArray[np.int64]]] = [[] for _ in weights]
+    for rows in groups:
+        shuffled = rng.permutation(rows).astype(np.int64)
+        cuts = np.cumsum(_cut(len(shuffled), weights))[:-1]
+        for i, piece in enumerate(np.split(shuffled, cuts)):
+            chunks[i].append(piece)
+    parts = [np.sort(np.concatenate(c)).astype(np.int64) for c in chunks]
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(
+            f"share {float(weights[empty[0]]):.4g} of {labels.shape[0]} rows gives part "
+            f"{empty[0] + 1} no row; give it a larger share"
+        )
+    return parts
 
 
 def dirichlet_label_skew(

@@ -37,6 +37,7 @@ from aggregator.strategies import (
     Strategy,
     strategy_for,
 )
+from aggregator.weighting import Remembering
 from common.hashing import LineageEntry
 from common.spec import (
     AsyncSettings,
@@ -124,6 +125,8 @@ def drive(cls: type[Strategy], spec: TaskSpec, seed: int = 7) -> Run:
         if step is not None:
             run.steps.append((len(run.versions) - 1, step))
             run.versions.append(step.params)
+            if isinstance(strategy, Remembering):  # the service does this after a commit
+                strategy.committed(step.lineage)
 
     for i in range(OFFERS):
         t = len(run.versions) - 1
@@ -207,8 +210,11 @@ def check_replay_equality(cls: type[Strategy]) -> None:
 def _counterfactual(
     cls: type[Strategy], spec: TaskSpec, run: Run, parent: int, kept: list[AcceptedUpdate]
 ) -> Step | None:
-    """What a fresh strategy offered only ``kept`` (in order, on ``parent``) emits."""
+    """What a fresh strategy offered only ``kept`` (in order, on ``parent``) emits, with
+    what it remembers restored to the versions before ``parent + 1``."""
     fresh = cls.from_spec(spec)
+    if isinstance(fresh, Remembering):
+        fresh.restore([s.lineage for p, s in run.steps if p < parent])
     head = run.versions[parent]
     steps = [
         fresh.offer(head, run.versions[u.base_version] if cls.uses_base else head, u) for u in kept

@@ -21,7 +21,7 @@ from aggregator.audit.replay import index_updates, replay
 from aggregator.service import AggregatorService
 from aggregator.store import RedisModelStore
 from common.errors import FedqError
-from common.spec import AsyncSettings, SyncSettings, TaskSpec
+from common.spec import AsyncSettings, ServerOptimizerSpec, SyncSettings, TaskSpec
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
 from common.wire import ModelEnvelope, UpdateEnvelope, decode_update, encode_model, encode_update
@@ -35,11 +35,14 @@ DATA = Path(__file__).resolve().parent.parent / "fedq" / "data" / "german_credit
 
 
 async def _federation(
-    spec: TaskSpec, shards: Mapping[str, pd.DataFrame], versions: int
+    spec: TaskSpec,
+    shards: Mapping[str, pd.DataFrame],
+    versions: int,
+    store: RedisModelStore | None = None,
 ) -> tuple[RedisModelStore, MemoryTransport]:
     """Run an embedded federation of ``spec`` to ``versions``; return its store and broker."""
     broker = MemoryBroker()
-    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    store = store or RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
     agg = MemoryTransport(broker, "fedq-aggregator")
     service = AggregatorService(spec, store, agg)
     stop, bank_stop = asyncio.Event(), asyncio.Event()
@@ -93,6 +96,71 @@ async def test_embedded_replay_matches_every_strategy(settings: dict[str, object
     part = await replay(store, updates, spec.task_id, from_version=5, to_version=9)
     assert part.ok, part.reason
     assert part.checked == 4
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam", "yogi"])
+async def test_replay_verifies_a_sync_run_with_a_server_optimizer(kind: str) -> None:
+    prep = prepare(SimulationConfig(participants=3))
+    server = ServerOptimizerSpec.model_validate({"kind": kind, "lr": 0.1, "tau": 0.01})
+    spec = prep.spec.model_copy(update={"mode": "sync", "sync": SyncSettings(), "server": server})
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    store, transport = await _federation(spec, prep.shards, 6, RedisModelStore(client))
+    task = spec.task_id
+    updates = index_updates(await _audit(transport, task))
+    head = await store.head(task)
+    assert head is not None
+    records = [await store.get_version(task, v) for v in range(1, head + 1)]
+    assert all(r.optimizer == server and r.state_hash is not None for r in records)
+    report = await replay(store, updates, task)
+    assert report.ok, report.reason
+    assert report.checked == head
+    assert report.state is not None and report.state.digest() == records[-1].state_hash
+    # A window starts from the stored state of its first version.
+    part = await replay(store, updates, task, from_version=3, to_version=5)
+    assert part.ok and part.checked == 2, part.reason
+    assert (await store.verify_chain(task)).ok
+
+    # A stored state, consistently re-encoded with one value changed, is named.
+    key = store.keys.state(task, 4)
+    original = await client.get(key)
+    stored = await store.get_state(task, 4)
+    assert stored is not None
+    tensors = {k: v.clone() for k, v in stored.tensors().items()}
+    tensors[next(iter(tensors))].view(-1)[0] += 1e-9
+    forged, _ = encode_model(
+        ModelEnvelope(task=task, version=4, tensors=tensors, version_hash=records[3].version_hash)
+    )
+    await client.set(key, forged)
+    bad = await replay(store, updates, task)
+    assert bad.first_bad_version == 4
+    assert "stored optimizer state differs" in bad.reason
+    start = await replay(store, updates, task, from_version=4)
+    assert start.first_bad_version == 4 and "optimizer state" in start.reason
+    await client.set(key, original or b"")
+    # A recorded state hash changed (in the metadata) is named.
+    meta_key = store.keys.meta(task, 2)
+    original_meta = await client.get(meta_key)
+    meta = json.loads(original_meta or b"{}")
+    meta["state_hash"] = "ab" * 32
+    await client.set(meta_key, json.dumps(meta))
+    bad = await replay(store, updates, task)
+    assert bad.first_bad_version == 2
+    assert "replayed optimizer state differs from the recorded state hash" in bad.reason
+    # The optimizer's settings are bound too: another learning rate is another version.
+    meta["state_hash"] = records[1].state_hash.hex() if records[1].state_hash else ""
+    meta["optimizer"]["lr"] = 0.2
+    await client.set(meta_key, json.dumps(meta))
+    bad = await replay(store, updates, task)
+    assert bad.first_bad_version == 2
+    await client.set(meta_key, original_meta or b"")
+    assert (await replay(store, updates, task)).ok
+
+    # The counterfactual carries its own optimizer state.
+    without = await replay(store, updates, task, exclude=spec.participants[0])
+    assert without.ok and without.left_out > 0
+    assert without.state is not None and without.state.digest() != report.state.digest()
+    assert without.param_hash != report.param_hash
+    await store.close()
 
 
 @pytest.mark.real

@@ -27,7 +27,13 @@ from participant.data import (
     train_rows,
     train_val_split,
 )
-from participant.partition import by_column, by_column_labeled, dirichlet_label_skew, iid
+from participant.partition import (
+    by_column,
+    by_column_labeled,
+    by_shares,
+    dirichlet_label_skew,
+    iid,
+)
 
 #: The copy shipped in the package (fedq/data/README.md), so a fresh clone has it.
 GERMAN = bundled_data()
@@ -767,3 +773,33 @@ def test_by_column_labels_sorting_and_errors() -> None:
         by_column([])
     with pytest.raises(ConfigError, match="missing in 1 of 3 rows"):
         by_column(["a", None, "b"])
+
+
+def test_by_shares_follows_the_shares_and_keeps_the_class_mix() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=2000) < 0.1).astype(np.int64)
+    parts = by_shares(y, [60, 10, 10, 10, 10], seed=1)
+    _assert_exact_cover(parts, 2000)
+    sizes = [len(p) for p in parts]
+    assert abs(sizes[0] - 1200) <= 2 and all(abs(n - 200) <= 2 for n in sizes[1:]), sizes
+    for part in parts:  # stratified: every bank close to the overall 10% positives
+        assert abs(y[part].mean() - y.mean()) < 0.01
+    again = by_shares(y, [0.6, 0.1, 0.1, 0.1, 0.1], seed=1)  # normalised: same split
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = by_shares(y, [60, 10, 10, 10, 10], seed=2)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+    loose = by_shares(y, [3, 1], seed=0, stratify=False)
+    _assert_exact_cover(loose, 2000)
+    assert [len(p) for p in loose] == [1500, 500]
+
+
+def test_by_shares_errors() -> None:
+    y = np.array([0, 1] * 10)
+    with pytest.raises(ConfigError, match="share -1 is not a positive finite number"):
+        by_shares(y, [1, -1], seed=0)
+    with pytest.raises(ConfigError, match="parts must be at least 1"):
+        by_shares(y, [], seed=0)
+    with pytest.raises(ConfigError, match="gives part 2 no row"):
+        by_shares(y, [1000, 1], seed=0)
+    with pytest.raises(ConfigError, match="labels are missing in 1 of 3 rows"):
+        by_shares(np.array([0.0, np.nan, 1.0]), [1, 1], seed=0)

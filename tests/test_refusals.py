@@ -119,7 +119,8 @@ async def _reason(admission: Admission, body: bytes, state: State, sender: str =
 
 
 async def test_each_rule_refuses_with_its_reason() -> None:
-    spec = _spec(max_samples=100, async_={"max_staleness": 2})
+    # Staleness in versions here, so that head 3 and base 0 is 3 > 2.
+    spec = _spec(max_samples=100, async_={"max_staleness": 2, "staleness_unit": "versions"})
     adm, state = _admission(spec), State()
     assert await _reason(adm, b"\xc1", state) == Refusal.MALFORMED
     assert await _reason(adm, _body(spec, task="other"), state) == Refusal.UNKNOWN_TASK

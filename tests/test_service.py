@@ -15,6 +15,7 @@ import torch
 
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig, VersionRecord
+from aggregator.strategies import FedAsync
 from common.errors import TransportError
 from common.refusals import Refusal
 from common.spec import TaskSpec
@@ -145,21 +146,23 @@ async def test_too_stale_and_announcements(rig: Rig) -> None:
     first = await asyncio.wait_for(models.get(), 5)
     assert first.version == 0
     await first.ack()
-    for v in range(4):
+    for v in range(5):
         uid, body = encoded_update(spec, base=v)
         await rig.bank.publish_update(task, "bank-a", body, message_id=uid)
         await wait_for(lambda: service.head_version == v + 1)  # noqa: B023
-    uid, stale = encoded_update(spec, base=1)  # head 4, staleness 3 > max 2
+    # Staleness in rounds of the 2 banks: head 5, base 0: 5 versions = 2.5 rounds > max 2.
+    uid, stale = encoded_update(spec, base=0)
     await rig.bank.publish_update(task, "bank-a", stale, message_id=uid)
     dead = await _dead(rig, 1)
     assert [d.reason for d in dead] == [Refusal.TOO_STALE]
+    assert "2.5 rounds" in dead[0].detail
     latest = await asyncio.wait_for(models.get(), 5)
-    while latest.version < 4:
+    while latest.version < 5:
         await latest.ack()
         latest = await asyncio.wait_for(models.get(), 5)
     env = decode_model(latest.body)
-    record = await rig.store.get_version(task, 4)
-    assert env.version == 4
+    record = await rig.store.get_version(task, 5)
+    assert env.version == 5
     assert env.version_hash == record.version_hash
     await latest.ack()
     await models.close()
@@ -367,3 +370,60 @@ async def test_every_line_about_an_update_carries_its_context() -> None:
     await service.handle(FakeDelivery(body))
     assert seen == [{**before, "update_id": uid, "participant": "bank-a", "version": 1}]
     assert structlog.contextvars.get_contextvars() == before
+
+
+async def _feed(service: AggregatorService, spec: TaskSpec, senders: str) -> None:
+    """One update per letter (a: bank-a, b: bank-b), each trained on the current head."""
+    for who in senders:
+        bank = f"bank-{who}"
+        _, body = encoded_update(spec, base=service.head_version, participant=bank)
+        await service.handle(FakeDelivery(body, bank))
+
+
+async def test_a_restarted_service_weighs_as_one_that_never_stopped() -> None:
+    spec = service_spec(strategy="fedasync", weighting="balanced", balance_window=8)
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    service = AggregatorService(spec, store, MemoryTransport(MemoryBroker(), "agg"))
+    await service.prepare()
+    await _feed(service, spec, "aaaaabaaaaab")
+    assert service.head_version == 12
+    before = service.strategy
+    assert isinstance(before, FedAsync)
+    restarted = AggregatorService(spec, store, MemoryTransport(MemoryBroker(), "agg"))
+    await restarted.prepare()
+    after = restarted.strategy
+    assert isinstance(after, FedAsync)
+    assert after.weighter.recent() == before.weighter.recent()
+    assert len(after.weighter.recent()) == 8
+    # bank-b sends a fifth as often: its next update is boosted, by the same factor.
+    factor = before.weighter.factor("bank-b", 10)
+    assert factor > 1.5
+    await _feed(restarted, spec, "b")
+    (entry,) = (await store.get_version(spec.task_id, 13)).lineage
+    assert entry.weight == before.mixing_weight(0, factor)
+    # The stats' recent weights were restored as well.
+    assert restarted.stats.banks["bank-a"].weight_share > 0.0
+
+
+async def test_a_bank_whose_weight_is_negligible_is_flagged_in_health_and_metrics() -> None:
+    # bank-b holds 90% of the rows but sends rarely; weighting by staleness alone
+    # gives it about a tenth of the weight: below a tenth of its data share -> flagged.
+    base = service_spec(strategy="fedasync", weighting="staleness")
+    spec = TaskSpec.model_validate(
+        {**base.model_dump(by_alias=True), "declared_samples": {"bank-a": 100, "bank-b": 900}}
+    )
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    service = AggregatorService(
+        spec, store, MemoryTransport(MemoryBroker(), "agg"), ServiceConfig(flag_after=2)
+    )
+    await service.prepare()
+    await _feed(service, spec, "b" + "a" * 12 + "b" + "a" * 12)
+    health = await service.health()
+    assert health["flagged"] == ["bank-b"]
+    assert health["flag_reasons"] == {"bank-b": ["low_weight"]}
+    assert service.stats.banks["bank-b"].as_dict()["low_weight"] is True
+    metrics = service.metrics.render().decode()
+    label = f'participant="bank-b",task="{spec.task_id}"'
+    assert f"fedq_participant_low_weight{{{label}}} 1.0" in metrics
+    assert f"fedq_participant_flagged{{{label}}} 1.0" in metrics
+    assert f"fedq_participant_weight_share{{{label}}}" in metrics

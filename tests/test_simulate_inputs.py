@@ -154,6 +154,20 @@ def test_option_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     _assert_clear_error(
         _simulate(csv, "--mode", "sync", "--quorum", "9"), "--quorum 9 is more than --participants"
     )
+    _assert_clear_error(
+        _simulate(csv, "--partition", "sizes", "--shares", "50,50"),
+        "--partition sizes needs one share per bank: --shares gives 2 for --participants 5",
+    )
+    _assert_clear_error(
+        _simulate(csv, "--shares", "1,1,1,1,1"), "--shares is used only with --partition sizes"
+    )
+    _assert_clear_error(
+        _simulate(csv, "--partition", "sizes", "--shares", "96,1,1,1,1"),
+        "--shares: bank-02's share 1 gives it 5 of 400 rows",
+        "give it a larger share",
+    )
+    shares = CliRunner().invoke(main, ["simulate", "--partition", "sizes", "--shares", "6,x"])
+    assert shares.exit_code == 2 and "Invalid value for '--shares'" in shares.output
     hidden = CliRunner().invoke(main, ["simulate", "--model", "mlp", "--hidden", "8,x"])
     assert hidden.exit_code == 2
     assert "Invalid value for '--hidden'" in hidden.output
@@ -169,7 +183,7 @@ def test_dropped_and_constant_columns_are_warned_and_reported(tmp_path: Path) ->
     result = _simulate(csv, "--participants", "2", "--versions", "2", "--report", str(report))
     assert result.exit_code == 0, result.output
     text = _text(result)
-    left_out = "column 'customer' left out: 225 distinct values, more than max_categories=64"
+    left_out = "column 'customer' left out: 224 distinct values, more than max_categories=64"
     constant = "column 'branch' has one value ('main')"
     assert f"warning: {left_out}" in text
     assert constant in text

@@ -36,6 +36,13 @@ HINGE_B0 = StalenessSpec(kind="hinge", a=2.0, b=0)
 HINGE_A0 = StalenessSpec(kind="hinge", a=0.0, b=2)
 
 
+def _versions(**settings: object) -> AsyncSettings:
+    """Settings whose weights are the pre-weighting ones: raw ``t - v``, factor 1."""
+    return AsyncSettings.model_validate(
+        {"staleness_unit": "versions", "weighting": "staleness", **settings}
+    )
+
+
 def _t(*values: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype)
 
@@ -133,7 +140,7 @@ def test_negative_staleness_is_refused(spec: StalenessSpec) -> None:
 
 
 def test_fedasync_mixes_with_polynomial_staleness() -> None:
-    settings = AsyncSettings(strategy="fedasync", mixing=0.5, staleness=POLY_HALF)
+    settings = _versions(strategy="fedasync", mixing=0.5, staleness=POLY_HALF)
     strategy = FedAsync(settings)
     head = {"w": _t(1.0, 2.0)}
     base = {"w": _t(0.0, 0.0)}
@@ -157,7 +164,7 @@ def test_fedasync_mixes_with_polynomial_staleness() -> None:
 
 
 def test_fedasync_fresh_update_constant_keeps_tensor_order() -> None:
-    settings = AsyncSettings(strategy="fedasync", mixing=0.6, staleness=CONSTANT)
+    settings = _versions(strategy="fedasync", mixing=0.6, staleness=CONSTANT)
     head = {"w": _t(1.0, 2.0), "b": _t(0.5)}
     delta = {"b": _t(0.25), "w": _t(0.5, -1.0)}  # order of the delta does not matter
     step = FedAsync(settings).offer(head, head, _update("u1", 0, delta))
@@ -171,7 +178,7 @@ def test_fedasync_fresh_update_constant_keeps_tensor_order() -> None:
 
 
 def test_fedasync_hinge_boundary() -> None:
-    settings = AsyncSettings(
+    settings = _versions(
         strategy="fedasync", mixing=0.8, staleness=StalenessSpec(kind="hinge", a=1.0, b=2)
     )
     strategy = FedAsync(settings)
@@ -189,7 +196,7 @@ def test_fedasync_hinge_boundary() -> None:
 
 
 def test_fedasync_preserves_each_dtype() -> None:
-    settings = AsyncSettings(strategy="fedasync", mixing=0.6, staleness=CONSTANT)
+    settings = _versions(strategy="fedasync", mixing=0.6, staleness=CONSTANT)
     head = {
         "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64),
         "b": _t(1.0),
@@ -213,7 +220,7 @@ def test_fedasync_preserves_each_dtype() -> None:
 
 # --------------------------------------------------------------------------- FedBuff
 
-FEDBUFF = AsyncSettings(strategy="fedbuff", buffer_size=3, server_lr=1.5, staleness=POLY_ONE)
+FEDBUFF = _versions(strategy="fedbuff", buffer_size=3, server_lr=1.5, staleness=POLY_ONE)
 HEAD = {"w": _t(1.0, 1.0), "b": _t(0.0)}
 U1 = _update("u1", 0, {"w": _t(2.0, 4.0), "b": _t(8.0)}, base_version=5, participant="bank-a")
 U2 = _update("u2", 1, {"w": _t(4.0, -8.0), "b": _t(-4.0)}, base_version=4, participant="bank-b")
@@ -248,7 +255,7 @@ def test_fedbuff_buffers_until_k_then_steps() -> None:
 
 
 def test_fedbuff_with_k_one_steps_every_update() -> None:
-    settings = AsyncSettings(
+    settings = _versions(
         strategy="fedbuff",
         buffer_size=1,
         server_lr=0.5,
@@ -296,7 +303,7 @@ def test_fedbuff_flush_divides_by_buffered_count() -> None:
 
 
 def test_fedbuff_preserves_float64() -> None:
-    settings = AsyncSettings(strategy="fedbuff", buffer_size=2, server_lr=1.0, staleness=CONSTANT)
+    settings = _versions(strategy="fedbuff", buffer_size=2, server_lr=1.0, staleness=CONSTANT)
     head = {"w": torch.tensor([0.1, 0.2], dtype=torch.float64)}
     strategy = FedBuff(settings)
     d1 = {"w": torch.tensor([0.3, 0.0], dtype=torch.float64)}
@@ -413,3 +420,43 @@ def test_step_is_frozen() -> None:
     step = Step(params={}, lineage=())
     with pytest.raises(AttributeError):
         step.lineage = ()  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize(
+    ("spec", "rounds", "expected"),
+    [
+        (POLY_HALF, 0.5, 1.5**-0.5),  # (0.5 + 1)^-0.5
+        (POLY_ONE, 1.25, 1 / 2.25),  # (1.25 + 1)^-1
+        (HINGE, 4.0, 1.0),  # still flat at b
+        (HINGE, 4.5, 0.8),  # 1/(0.5*(4.5-4)+1) = 1/1.25
+    ],
+)
+def test_staleness_in_rounds_is_a_float(
+    spec: StalenessSpec, rounds: float, expected: float
+) -> None:
+    assert staleness_weight(spec, rounds) == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+def test_fedbuff_measures_staleness_in_rounds_of_its_participants() -> None:
+    # 6 banks, K = 3: a delta 4 versions old is 4 * 3 / 6 = 2 rounds old.
+    spec = TaskSpec(
+        task_id="t",
+        features=(NumericFeature(name="x"),),
+        target=TargetSpec(name="y"),
+        participants=tuple(f"bank-{c}" for c in "abcdef"),
+        **{"async": AsyncSettings(strategy="fedbuff", buffer_size=3, weighting="staleness")},
+    )
+    strategy = FedBuff.from_spec(spec)
+    ups = [_update(f"u{i}", x, dict(HEAD)) for i, x in enumerate((0, 4, 2))]
+    assert strategy.offer(HEAD, HEAD, ups[0]) is None
+    assert strategy.offer(HEAD, HEAD, ups[1]) is None
+    step = strategy.offer(HEAD, HEAD, ups[2])
+    assert step is not None
+    # s = (0+1)^-0.5 = 1, (2+1)^-0.5, (1+1)^-0.5; weights s / 3; raw t - v kept.
+    assert [e.weight for e in step.lineage] == pytest.approx(
+        [1 / 3, 3**-0.5 / 3, 2**-0.5 / 3], rel=1e-15
+    )
+    assert [e.staleness for e in step.lineage] == [0, 4, 2]

@@ -25,6 +25,8 @@ async def test_german_credit_sync_reaches_the_centralized_auc(backend: str) -> N
         SimulationConfig(
             mode="sync",
             participants=5,
+            versions=40,
+            patience=0,
             seconds=90,
             amqp_url=AMQP_URL if real else None,
             redis_url=REDIS_URL if real else None,
@@ -32,7 +34,7 @@ async def test_german_credit_sync_reaches_the_centralized_auc(backend: str) -> N
     )
     if real:  # the run leaves its task on the servers, as a user's would: clean up ours
         await forget_task(result.task, tuple(result.participants))
-    assert result.versions == 40  # 200 updates in rounds of 5
+    assert result.versions == 40  # 200 updates in rounds of 5, no plateau stop
     assert result.updates_accepted == 200
     assert all(len(c) == 5 for c in result.contributors)
     assert result.final_auc >= result.centralized_auc - 0.02, result
@@ -52,7 +54,10 @@ async def test_sync_waits_for_a_straggler_and_both_modes_report_time_to_target()
     doc = comparison.to_json()
     assert set(doc["time_to_target_s"]) == {"async", "sync"}
     assert all(t is not None for t in doc["time_to_target_s"].values()), doc["time_to_target_s"]
-    assert doc["target_auc"] == pytest.approx(0.95 * sync.centralized_auc)
+    # The target is on the lift over the initial model, not a fraction of the raw AUC.
+    lift = sync.centralized_auc - sync.initial_auc
+    assert lift > 0
+    assert doc["target_auc"] == pytest.approx(sync.initial_auc + 0.95 * lift)
     assert doc["modes"]["sync"]["mode"] == "sync"
 
 

@@ -17,8 +17,9 @@ mark on the final model also fades as later updates are mixed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from aggregator.store import VersionRecord
 from common.hashing import LineageEntry
 
 
@@ -39,3 +40,14 @@ def weight_shares(lineages: Iterable[Sequence[LineageEntry]]) -> dict[str, float
     if grand <= 0.0:
         return dict.fromkeys(totals, 0.0)
     return {name: total / grand for name, total in totals.items()}
+
+
+def record_shares(records: Iterable[VersionRecord]) -> dict[str, float]:
+    """:func:`weight_shares` over the lineages of these version records."""
+    return weight_shares(r.lineage for r in records)
+
+
+def share_ratios(shares: Mapping[str, float], data: Mapping[str, float]) -> dict[str, float]:
+    """Per bank of ``data``, its share of weight over its data share (1: it counted by
+    its data; 0: not at all); banks with no recorded weight get 0."""
+    return {name: shares.get(name, 0.0) / d for name, d in data.items() if d > 0.0}

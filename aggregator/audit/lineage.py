@@ -40,6 +40,8 @@ async def version_lineage(store: RedisModelStore, task: str, version: int) -> di
         "version_hash": rec.version_hash.hex(),
         "strategy": rec.info.get("strategy"),
         "settings": rec.info.get("settings"),
+        "optimizer": None if rec.optimizer is None else rec.optimizer.model_dump(mode="json"),
+        "state_hash": None if rec.state_hash is None else rec.state_hash.hex(),
         "updates": [
             {
                 "participant": e.participant,

@@ -12,6 +12,13 @@ store. The first divergence is named with its reason.
 With ``exclude``, the chain is rebuilt without one participant's updates, with
 the weights that strategy's ``without`` gives the others: the counterfactual
 model, "what would the model be without this bank".
+
+A version recorded with a server optimizer (momentum, FedAdam, FedYogi: its record
+names the optimizer and its state hash) is recomputed by
+:func:`aggregator.server_opt.apply` from the recorded weights and its parent's
+replayed optimizer state (from the stored state of the start version), and its
+recomputed state is checked against the recorded state hash, the version hash that
+binds it and the stored state. A counterfactual carries its own state.
 """
 
 from __future__ import annotations
@@ -20,15 +27,19 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aggregator import server_opt
+from aggregator.server_opt import ServerState
 from aggregator.store import RedisModelStore, VersionRecord
+from aggregator.store.redis_store import STATE_LIMITS
 from aggregator.strategies import Strategy, strategy_class
-from common.errors import BlobPrunedError, DecodeError, FedqError, SpecError
+from common.errors import BlobPrunedError, DecodeError, FedqError, SpecError, StoreError
 from common.hashing import LineageEntry, lineage_bytes, version_hash
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.wire import (
     DEFAULT_LIMITS,
     Tensors,
     TensorSpec,
+    decode_model,
     decode_update,
     peek_header,
     tensors_hash,
@@ -54,6 +65,8 @@ class ReplayReport:
     left_out: int = 0
     params: Tensors = field(default_factory=dict)
     param_hash: bytes = b""
+    #: The server optimizer state after the last version replayed (None if it has none).
+    state: ServerState | None = None
 
     @property
     def ok(self) -> bool:
@@ -111,8 +124,12 @@ async def replay(
     start = await store.get_version(task, from_version)
     try:
         env = await store.get_params(task, from_version)
+        state = await store.get_state(task, from_version)
     except BlobPrunedError as err:
         raise ReplayError(f"{err}; start from a version whose parameters are kept") from err
+    except StoreError as err:
+        report.first_bad_version, report.reason = from_version, str(err)
+        return report
     if env.content_hash != start.param_hash:
         report.first_bad_version, report.reason = (
             from_version,
@@ -131,11 +148,11 @@ async def replay(
         problem = _decode_all(updates, entries, expected, deltas)
         if problem is None:
             of = {x.base_version: await bases.get(x.base_version) for x in entries}
-            params = await asyncio.to_thread(
-                strategy.recompute, parent, of.__getitem__, entries, deltas
+            params, state = await asyncio.to_thread(
+                _recompute_version, strategy, rec, parent, state, of, entries, deltas
             )
             if exclude is None:
-                problem, parent_hash = await _verify_version(store, rec, params, parent_hash)
+                problem, parent_hash = await _verify_version(store, rec, params, state, parent_hash)
                 report.params = params
         if problem is not None:
             report.first_bad_version, report.reason = rec.version, problem
@@ -145,9 +162,31 @@ async def replay(
         report.checked += 1
         if on_version is not None:
             on_version(rec.version)
-    report.params = parent
+    report.params, report.state = parent, state
     report.param_hash = tensors_hash(parent)
     return report
+
+
+def _recompute_version(
+    strategy: type[Strategy],
+    rec: VersionRecord,
+    parent: Tensors,
+    state: ServerState | None,
+    bases: Mapping[int, Tensors],
+    entries: tuple[LineageEntry, ...],
+    deltas: Mapping[str, Tensors],
+) -> tuple[Tensors, ServerState | None]:
+    """A version's parameters and optimizer state: through its recorded server
+    optimizer when it has one, else through its strategy (no state)."""
+    if rec.optimizer is not None:
+        return server_opt.apply(
+            rec.optimizer,
+            parent,
+            state,
+            [deltas[e.update_id] for e in entries],
+            [e.weight for e in entries],
+        )
+    return strategy.recompute(parent, bases.__getitem__, entries, deltas), None
 
 
 async def _last_version(
@@ -210,11 +249,17 @@ def _decode_all(
 
 
 async def _verify_version(
-    store: RedisModelStore, rec: VersionRecord, params: Tensors, parent_hash: bytes
+    store: RedisModelStore,
+    rec: VersionRecord,
+    params: Tensors,
+    state: ServerState | None,
+    parent_hash: bytes,
 ) -> tuple[str | None, bytes]:
-    problem, version_hash = await asyncio.to_thread(_verify, rec, params, parent_hash)
+    problem, version_hash = await asyncio.to_thread(_verify, rec, params, state, parent_hash)
     if problem is None:
         problem = await _check_stored_blob(store, rec)
+    if problem is None:
+        problem = await _check_stored_state(store, rec)
     return problem, version_hash
 
 
@@ -252,18 +297,44 @@ async def _check_stored_blob(store: RedisModelStore, rec: VersionRecord) -> str 
     return None
 
 
-def _verify(rec: VersionRecord, params: Tensors, parent_hash: bytes) -> tuple[str | None, bytes]:
+async def _check_stored_state(store: RedisModelStore, rec: VersionRecord) -> str | None:
+    """The stored optimizer state (when the version has one and it is kept) must be
+    the replayed one (whose hash :func:`_verify` compared with the record)."""
+    if rec.state_hash is None:
+        return None
+    try:
+        blob = await store.get_state_blob(rec.task, rec.version)
+    except BlobPrunedError:
+        return None
+    except FedqError as e:
+        return f"stored optimizer state is unreadable ({e})"
+    try:
+        env = await asyncio.to_thread(decode_model, blob or b"", STATE_LIMITS)
+    except DecodeError as e:
+        return f"stored optimizer state does not decode ({e.reason}: {e.detail})"
+    if env.content_hash != rec.state_hash or env.version_hash != rec.version_hash:
+        return "stored optimizer state differs from the replayed one"
+    return None
+
+
+def _verify(
+    rec: VersionRecord, params: Tensors, state: ServerState | None, parent_hash: bytes
+) -> tuple[str | None, bytes]:
     """Compare a recomputed version with its record; returns (problem, recomputed hash)."""
     param_hash = tensors_hash(params)
+    state_hash = None if state is None else state.digest()
     vh = version_hash(
         task=rec.task,
         version=rec.version,
         parent_hash=parent_hash,
         param_hash=param_hash,
         lineage=lineage_bytes(rec.lineage),
+        optimizer=rec.optimizer_bytes(state_hash),
     )
     if param_hash != rec.param_hash:
         return "replayed parameters differ from the recorded parameter hash", vh
+    if state_hash != rec.state_hash:
+        return "replayed optimizer state differs from the recorded state hash", vh
     if vh != rec.version_hash:
         return "version hash differs from the recorded one (lineage or chain altered)", vh
     return None, vh

@@ -58,3 +58,8 @@ class Keys:
     def blob(self, task: str, version: int) -> str:
         """A version's parameters (a model envelope, docs/wire-format.md)."""
         return f"{self.prefix}:{{{task}}}:v:{version}:blob"
+
+    def state(self, task: str, version: int) -> str:
+        """A version's server optimizer state, when it has one (a model envelope of
+        float64 tensors, docs/wire-format.md section 12)."""
+        return f"{self.prefix}:{{{task}}}:v:{version}:state"

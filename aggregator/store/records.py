@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import StoreError
-from common.hashing import LineageEntry
+from common.hashing import LineageEntry, optimizer_bytes
+from common.spec import ServerOptimizerSpec
 
 #: Free-form, JSON-serialisable facts about how a version was made (strategy, settings).
 Info = Mapping[str, Any]
@@ -27,22 +28,46 @@ class VersionRecord:
     created_at: float
     lineage: tuple[LineageEntry, ...] = ()
     info: Info = field(default_factory=dict)
+    #: The server optimizer that made the version, when it keeps state (not sgd).
+    optimizer: ServerOptimizerSpec | None = None
+    #: The hash of the optimizer state after this version (with ``optimizer``).
+    state_hash: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.optimizer is None) != (self.state_hash is None):
+            raise StoreError("a version has both an optimizer and a state hash, or neither")
+
+    def optimizer_bytes(self, state_hash: bytes | None = None) -> bytes | None:
+        """What the version hash binds of the optimizer (None without one), with
+        ``state_hash`` in place of the recorded one when given (verification)."""
+        if self.optimizer is None or self.state_hash is None:
+            return None
+        o = self.optimizer
+        return optimizer_bytes(
+            kind=o.kind,
+            lr=o.lr,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            tau=o.tau,
+            state_hash=self.state_hash if state_hash is None else state_hash,
+        )
 
     def meta_json(self) -> bytes:
         """The metadata document stored in Redis."""
-        return json.dumps(
-            {
-                "task": self.task,
-                "version": self.version,
-                "parent": self.parent,
-                "param_hash": self.param_hash.hex(),
-                "version_hash": self.version_hash.hex(),
-                "created_at": self.created_at,
-                "updates": len(self.lineage),
-                "info": dict(self.info),
-            },
-            sort_keys=True,
-        ).encode()
+        doc: dict[str, Any] = {
+            "task": self.task,
+            "version": self.version,
+            "parent": self.parent,
+            "param_hash": self.param_hash.hex(),
+            "version_hash": self.version_hash.hex(),
+            "created_at": self.created_at,
+            "updates": len(self.lineage),
+            "info": dict(self.info),
+        }
+        if self.optimizer is not None and self.state_hash is not None:
+            doc["optimizer"] = self.optimizer.model_dump(mode="json")
+            doc["state_hash"] = self.state_hash.hex()
+        return json.dumps(doc, sort_keys=True).encode()
 
     @staticmethod
     def lineage_json(lineage: tuple[LineageEntry, ...]) -> bytes:
@@ -86,9 +111,15 @@ class VersionRecord:
                 created_at=float(m["created_at"]),
                 lineage=entries,
                 info=dict(m.get("info", {})),
+                optimizer=_optimizer(m.get("optimizer")),
+                state_hash=None if m.get("state_hash") is None else bytes.fromhex(m["state_hash"]),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"stored version record is unreadable: {e}") from e
+
+
+def _optimizer(doc: object) -> ServerOptimizerSpec | None:
+    return None if doc is None else ServerOptimizerSpec.model_validate(doc)
 
 
 class CommitOutcome(enum.Enum):

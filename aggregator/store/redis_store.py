@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from aggregator.server_opt import ServerState
 from aggregator.stats import Stages, untimed
 from aggregator.store.keys import Keys
 from aggregator.store.records import (
@@ -43,7 +44,13 @@ from common.errors import (
     StoreUnavailableError,
     TaskConflictError,
 )
-from common.hashing import GENESIS_PARENT, LineageEntry, lineage_bytes, version_hash
+from common.hashing import (
+    GENESIS_PARENT,
+    LineageEntry,
+    lineage_bytes,
+    optimizer_bytes,
+    version_hash,
+)
 from common.spec import TaskSpec
 from common.urls import redact_url
 from common.wire import (
@@ -60,6 +67,8 @@ _COMMIT_ATTEMPTS = 16
 
 #: Blobs are our own, written by us: allow large models, keep every other check.
 _BLOB_LIMITS = DecodeLimits(max_message_bytes=4 * 1024**3, max_tensor_bytes=16 * 1024**3)
+#: Optimizer states: float64 moments, one (momentum) or two (adam, yogi) per parameter.
+STATE_LIMITS = DecodeLimits(max_message_bytes=16 * 1024**3, max_tensor_bytes=64 * 1024**3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +76,9 @@ class StoreConfig:
     """How the store names its keys and which parameter blobs it keeps."""
 
     prefix: str = "fedq"
-    #: Keep the parameters of the newest N versions (and always version 0, where
-    #: replay starts); None keeps all. Metadata and lineage are never dropped.
+    #: Keep the parameters (and server optimizer states) of the newest N versions
+    #: (and always version 0, where replay starts); None keeps all. Metadata and
+    #: lineage are never dropped.
     keep_blobs: int | None = None
     #: Codec of stored parameter blobs (also what participants receive). raw: float32
     #: parameters compress by only a few percent, so zstd would cost CPU for little.
@@ -118,6 +128,9 @@ class _Prepared:
     blob: bytes
     param_hash: bytes
     version_hash: bytes
+    #: The server optimizer state as stored (a model envelope) and its hash, if any.
+    state_blob: bytes | None = None
+    state_hash: bytes | None = None
 
 
 class RedisModelStore:
@@ -252,6 +265,38 @@ class RedisModelStore:
             raise NotFoundError(f"task {task!r} has no version {version}")
         return _as_bytes(blob)
 
+    async def get_state_blob(self, task: str, version: int) -> bytes | None:
+        """A version's server optimizer state as stored (a model envelope of float64
+        tensors); None when the version has none (made without a stateful optimizer)."""
+        record = await self.get_version(task, version)
+        if record.state_hash is None:
+            return None
+        async with _redis_errors("reading an optimizer state"):
+            blob = await self._r.get(self.keys.state(task, version))
+        if blob is None:
+            raise BlobPrunedError(
+                f"optimizer state of {task!r} version {version} was dropped by retention"
+            )
+        return _as_bytes(blob)
+
+    async def get_state(self, task: str, version: int) -> ServerState | None:
+        """A version's server optimizer state, checked against its recorded hash; None
+        when it has none. StoreError when the stored state is corrupt, BlobPrunedError
+        when retention dropped it."""
+        record = await self.get_version(task, version)
+        blob = await self.get_state_blob(task, version)
+        if blob is None or record.optimizer is None:
+            return None
+        try:
+            env = await asyncio.to_thread(decode_model, blob, STATE_LIMITS)
+            if env.content_hash != record.state_hash:
+                raise ValueError("its hash differs from the recorded state hash")
+            return ServerState.from_tensors(record.optimizer, env.tensors)
+        except (DecodeError, ValueError) as e:
+            raise StoreError(
+                f"stored optimizer state of {task!r} v{version} is corrupt: {e}"
+            ) from e
+
     async def get_params(self, task: str, version: int) -> ModelEnvelope:
         """A version's parameters, decoded and checked against their content hash."""
         blob = await self.get_blob(task, version)
@@ -310,8 +355,11 @@ class RedisModelStore:
         info: Info | None = None,
         lease: Lease | None = None,
         parent_hash: bytes | None = None,
+        state: ServerState | None = None,
     ) -> CommitResult:
-        """Commit version ``parent + 1`` atomically, with its lineage and applied ids.
+        """Commit version ``parent + 1`` atomically, with its lineage and applied ids,
+        and ``state`` (the server optimizer's state after it), whose hash the version
+        hash binds.
 
         Returns LOST_RACE when ``parent`` is not the head (another writer won),
         DUPLICATE when an update id was applied before, and FENCED when ``lease`` is
@@ -326,7 +374,7 @@ class RedisModelStore:
             parent_hash = (await self.get_version(task, parent)).version_hash
         with self.stages("store: encode and hash (thread)"):
             prepared = await asyncio.to_thread(
-                self._prepare, task, parent + 1, parent_hash, params, entries
+                self._prepare, task, parent + 1, parent_hash, params, entries, state
             )
         record = VersionRecord(
             task=task,
@@ -337,15 +385,15 @@ class RedisModelStore:
             created_at=time.time(),
             lineage=entries,
             info=dict(info or {}),
+            optimizer=None if state is None else state.spec,
+            state_hash=prepared.state_hash,
         )
         # A watched key touched by anyone aborts the transaction: check again and
         # retry. The checks decide: a moved head is a lost race, a changed lease is
         # fencing, an applied id a duplicate; a lease merely renewed is none of these.
         for _ in range(_COMMIT_ATTEMPTS):
             with self.stages("store: transaction (Redis)"):
-                outcome = await self._try_commit(
-                    task, parent, record, prepared.blob, entries, lease
-                )
+                outcome = await self._try_commit(task, parent, record, prepared, entries, lease)
             if outcome is not None:
                 return outcome
         return CommitResult(CommitOutcome.LOST_RACE, head=await self.head(task))
@@ -355,7 +403,7 @@ class RedisModelStore:
         task: str,
         parent: int,
         record: VersionRecord,
-        blob: bytes,
+        prepared: _Prepared,
         entries: tuple[LineageEntry, ...],
         lease: Lease | None,
     ) -> CommitResult | None:
@@ -380,7 +428,7 @@ class RedisModelStore:
                     if dups:
                         return CommitResult(CommitOutcome.DUPLICATE, head=head, duplicates=dups)
                 pipe.multi()  # type: ignore[no-untyped-call]
-                self._queue_version(pipe, record, blob)
+                self._queue_version(pipe, record, prepared.blob, prepared.state_blob)
                 if ids:
                     pipe.hset(applied_key, mapping=dict.fromkeys(ids, record.version))
                 for e in entries:
@@ -403,7 +451,9 @@ class RedisModelStore:
                 await pipe.execute()
             except WatchError:
                 return None
-        return CommitResult(CommitOutcome.COMMITTED, record=record, head=record.version, blob=blob)
+        return CommitResult(
+            CommitOutcome.COMMITTED, record=record, head=record.version, blob=prepared.blob
+        )
 
     # ------------------------------------------------------------------ writer lease
 
@@ -462,23 +512,46 @@ class RedisModelStore:
         parent_hash: bytes,
         params: Tensors,
         lineage: tuple[LineageEntry, ...],
+        state: ServerState | None = None,
     ) -> _Prepared:
         """Encode and hash once, off the event loop (CPU work)."""
         encoded = encode_tensors(params, self.config.blob_codec)
         param_hash = encoded.digest
+        opt: bytes | None = None
+        state_encoded = None
+        if state is not None:
+            # float64 as computed, raw: a restart or a replay continues bit for bit.
+            state_encoded = encode_tensors(state.tensors(), "raw")
+            o = state.spec
+            opt = optimizer_bytes(
+                kind=o.kind,
+                lr=o.lr,
+                beta1=o.beta1,
+                beta2=o.beta2,
+                tau=o.tau,
+                state_hash=state_encoded.digest,
+            )
         vh = version_hash(
             task=task,
             version=version,
             parent_hash=parent_hash,
             param_hash=param_hash,
             lineage=lineage_bytes(lineage),
+            optimizer=opt,
         )
         blob = pack_model(task, version, vh, encoded)
-        return _Prepared(version, blob, param_hash, vh)
+        if state_encoded is None:
+            return _Prepared(version, blob, param_hash, vh)
+        state_blob = pack_model(task, version, vh, state_encoded)
+        return _Prepared(version, blob, param_hash, vh, state_blob, state_encoded.digest)
 
-    def _queue_version(self, pipe: Any, record: VersionRecord, blob: bytes) -> None:
+    def _queue_version(
+        self, pipe: Any, record: VersionRecord, blob: bytes, state_blob: bytes | None = None
+    ) -> None:
         k, task, v = self.keys, record.task, record.version
         pipe.set(k.blob(task, v), blob)
+        if state_blob is not None:
+            pipe.set(k.state(task, v), state_blob)
         pipe.set(k.meta(task, v), record.meta_json())
         pipe.set(k.lineage(task, v), VersionRecord.lineage_json(record.lineage))
         pipe.set(k.head(task), v)
@@ -530,7 +603,7 @@ class RedisModelStore:
     def _queue_prune(self, pipe: Any, task: str, version: int) -> None:
         keep = self.config.keep_blobs
         if keep is not None and (old := version - keep) > 0:
-            pipe.delete(self.keys.blob(task, old))
+            pipe.delete(self.keys.blob(task, old), self.keys.state(task, old))
 
     # ------------------------------------------------------------------ audit
 
@@ -554,12 +627,15 @@ class RedisModelStore:
             param_hash, problem = await self._recompute_param_hash(task, record)
             if problem is None and param_hash is None:
                 unverified.append(v)
+            state_hash, state_problem = await self._recompute_state_hash(task, record)
+            problem = problem or state_problem
             recomputed = version_hash(
                 task=task,
                 version=v,
                 parent_hash=parent_hash,
                 param_hash=param_hash if param_hash is not None else record.param_hash,
                 lineage=lineage_bytes(record.lineage),
+                optimizer=record.optimizer_bytes(state_hash),
             )
             if problem is None and recomputed != record.version_hash:
                 problem = "version hash differs from the recorded one (lineage or chain altered)"
@@ -567,6 +643,31 @@ class RedisModelStore:
                 first_bad, reason = v, problem
             parent_hash = recomputed
         return VerifyReport(task, head + 1, parent_hash, first_bad, reason, tuple(unverified))
+
+    async def _recompute_state_hash(
+        self, task: str, record: VersionRecord
+    ) -> tuple[bytes | None, str | None]:
+        """(recomputed optimizer state hash, or None if it has none or it was pruned;
+        the problem found or None)."""
+        if record.state_hash is None:
+            return None, None
+        try:
+            blob = await self.get_state_blob(task, record.version)
+        except BlobPrunedError:
+            return None, None
+        if blob is None:  # the record changed meanwhile
+            return None, "the optimizer state is gone"
+        try:
+            env = await asyncio.to_thread(decode_model, blob, STATE_LIMITS)
+        except DecodeError as e:
+            return compute_blob_digest(blob), (
+                f"optimizer state does not decode ({e.reason}: {e.detail})"
+            )
+        if env.content_hash != record.state_hash:
+            return env.content_hash, "optimizer state hash differs from the recorded one"
+        if env.version_hash != record.version_hash or env.version != record.version:
+            return env.content_hash, "optimizer state blob names another version or version hash"
+        return env.content_hash, None
 
     async def _recompute_param_hash(
         self, task: str, record: VersionRecord

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol, Self
 
 from aggregator import aggregate
+from aggregator.server_opt import ServerOptimizer, ServerState
 from common.hashing import LineageEntry
 from common.spec import TaskSpec
 from common.wire import Tensors
@@ -52,10 +53,13 @@ class AcceptedUpdate:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """What a strategy emits: the next version's parameters and its ordered lineage."""
+    """What a strategy emits: the next version's parameters and its ordered lineage,
+    and the server optimizer's state after it (None without a stateful optimizer:
+    sgd, FedAsync, or a strategy with none; see :func:`optimizer_step`)."""
 
     params: Tensors
     lineage: tuple[LineageEntry, ...]
+    state: ServerState | None = None
 
 
 class Strategy(Protocol):
@@ -109,7 +113,9 @@ class Strategy(Protocol):
         """A version's parameters from recorded inputs only: its parent's parameters,
         the base versions' (``base_of``), its lineage (ordered, with the weights used)
         and the retained deltas by update id. Must equal, bit for bit, the ``params``
-        of the step whose lineage this is; an empty lineage gives ``parent``."""
+        of the step whose lineage this is; an empty lineage gives ``parent``. (A step
+        that carries a server optimizer state, see :func:`optimizer_step`, is
+        recomputed by replay from its record instead.)"""
         ...
 
     @classmethod
@@ -230,3 +236,32 @@ def weighted_step(
     params = aggregate.weighted_sum(head, [u.delta for u in updates], weights)
     lineage = tuple(entry(u, w) for u, w in zip(updates, weights, strict=True))
     return Step(params=params, lineage=lineage)
+
+
+def optimizer_step(
+    server: ServerOptimizer,
+    head: Tensors,
+    updates: Sequence[AcceptedUpdate],
+    weights: Sequence[float],
+) -> Step:
+    """A step over several updates through the strategy's server optimizer.
+
+    The pseudo-gradient is ``sum_i weight_i * delta_i`` with exactly these weights
+    (recorded in the lineage); ``server`` moves the head from its committed state
+    (:mod:`aggregator.server_opt`). With ``sgd`` this is :func:`weighted_step`, bit
+    for bit, and the step has no state. A strategy using it keeps its optimizer in
+    an attribute ``server`` (see :func:`server_optimizer`), so that the service
+    restores and advances the optimizer's state; replay recomputes such versions from
+    their record (:func:`aggregator.server_opt.apply`), not through ``recompute``.
+    """
+    if server.spec.kind == "sgd":
+        return weighted_step(head, updates, weights)
+    params, state = server.step(head, [u.delta for u in updates], weights)
+    lineage = tuple(entry(u, w) for u, w in zip(updates, weights, strict=True))
+    return Step(params=params, lineage=lineage, state=state)
+
+
+def server_optimizer(strategy: object) -> ServerOptimizer | None:
+    """The strategy's server optimizer (its attribute ``server``), or None if it has none."""
+    server = getattr(strategy, "server", None)
+    return server if isinstance(server, ServerOptimizer) else None

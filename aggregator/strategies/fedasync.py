@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Self
 
 from aggregator import aggregate
-from aggregator.staleness import staleness_weight
 from aggregator.strategies.base import (
     AcceptedUpdate,
     BaseLookup,
@@ -14,47 +13,73 @@ from aggregator.strategies.base import (
     StrategyBase,
     mix_step,
 )
+from aggregator.weighting import Weighter
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, TaskSpec
 from common.wire import Tensors
 
 
 class FedAsync(StrategyBase):
-    """FedAsync: mix every update into the head, weighted by its staleness.
+    """FedAsync: mix every update into the head, weighted by its staleness and its data.
 
-    ``w_new = base + delta``, ``a_t = mixing * s(t - v)`` and
+    ``w_new = base + delta``, ``a_t = min(1, mixing * (s * f))`` and
     ``params = (1 - a_t) * head + a_t * w_new``, in float64, cast back to each
-    tensor's dtype. Nothing is ever held. Lineage: the update with weight ``a_t``.
-    Without its participant a version is its parent unchanged.
+    tensor's dtype; ``s`` is ``s(.)`` of the staleness in ``staleness_unit`` (in
+    rounds: ``(t - v) / N``) and ``f`` the factor of ``weighting``
+    (:mod:`aggregator.weighting`; 1 for ``staleness``, which gives
+    ``a_t = mixing * s(t - v)`` bit for bit). ``a_t <= 1`` always. Nothing is ever
+    held. Lineage: the update with weight ``a_t``. Without its participant a
+    version is its parent unchanged.
     """
 
-    __slots__ = ("_settings",)
+    __slots__ = ("_settings", "_weighter")
 
     name = "fedasync"
     mode = "async"
     uses_base = True
 
-    def __init__(self, settings: AsyncSettings) -> None:
+    def __init__(self, settings: AsyncSettings, spec: TaskSpec | None = None) -> None:
+        """``spec`` gives the participants and their declared samples (none: ``N = 1``)."""
         self._settings = settings
+        self._weighter = Weighter(settings, 1, spec)
 
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> Self:
-        """From ``spec.async_``."""
-        return cls(spec.async_)
+        """From ``spec.async_``, its participants and their declared samples."""
+        return cls(spec.async_, spec)
 
     @property
     def capacity(self) -> int:
         """1: every update steps at once."""
         return 1
 
-    def mixing_weight(self, staleness: int) -> float:
-        """``a_t = mixing * s(staleness)``."""
-        s = staleness_weight(self._settings.staleness, staleness)
-        return aggregate.mixing_weight(self._settings.mixing, s)
+    @property
+    def weighter(self) -> Weighter:
+        """The staleness unit, the factors and the recent window (read-only use)."""
+        return self._weighter
+
+    @property
+    def history(self) -> int:
+        """The lineage entries :meth:`restore` needs (``W``)."""
+        return self._weighter.history
+
+    def committed(self, lineage: Sequence[LineageEntry]) -> None:
+        """A version with this lineage was committed (``balanced`` counts it)."""
+        self._weighter.committed(lineage)
+
+    def restore(self, lineages: Iterable[Sequence[LineageEntry]]) -> None:
+        """The state after these committed lineages, oldest first (after a restart)."""
+        self._weighter.restore(lineages)
+
+    def mixing_weight(self, staleness: int, factor: float = 1.0) -> float:
+        """``a_t = min(1, mixing * (s * factor))`` with ``s`` of ``staleness`` in the unit."""
+        s = self._weighter.s(staleness)
+        return min(1.0, aggregate.mixing_weight(self._settings.mixing, s * factor))
 
     def offer(self, head: Tensors, base: Tensors, update: AcceptedUpdate) -> Step:
         """Mix the update in; always emits a step."""
-        return mix_step(head, base, update, self.mixing_weight(update.staleness))
+        f = self._weighter.factor(update.participant, update.num_samples)
+        return mix_step(head, base, update, self.mixing_weight(update.staleness, f))
 
     def settings(self) -> dict[str, object]:
         """All of :class:`AsyncSettings` as JSON data, for ``AsyncSettings.model_validate``."""

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Self
 
 from aggregator import aggregate
+from aggregator.server_opt import ServerOptimizer
 from aggregator.staleness import staleness_weight
 from aggregator.strategies.base import (
     AcceptedUpdate,
     Step,
     StrategyBase,
     left_out,
+    optimizer_step,
     reweighted,
-    weighted_step,
 )
 from common.hashing import LineageEntry
-from common.spec import SyncSettings, TaskSpec
+from common.spec import ServerOptimizerSpec, SyncSettings, TaskSpec
 from common.wire import Tensors
 
 
@@ -33,24 +34,32 @@ class FedAvg(StrategyBase):
     reason ``stale_round``, unless ``sync.late = "stale"``: then they join the round
     with their raw weight multiplied by the staleness weight ``s(t - v)`` of
     ``sync.staleness`` (fresh updates have ``s(0) = 1``).
+
+    The round's step goes through the task's server optimizer (``spec.server``,
+    :mod:`aggregator.server_opt`): ``sgd`` is the step above; momentum, FedAdam and
+    FedYogi take ``sum_i w_i * delta_i`` as their pseudo-gradient.
     """
 
-    __slots__ = ("_buffer", "_sync", "quorum")
+    __slots__ = ("_buffer", "_sync", "quorum", "server")
 
     name = "fedavg"
     mode = "sync"
     uses_base = False
 
-    def __init__(self, sync: SyncSettings, participants: int) -> None:
+    def __init__(
+        self, sync: SyncSettings, participants: int, server: ServerOptimizerSpec | None = None
+    ) -> None:
         self._sync = sync
+        #: The server optimizer and the committed head's state (the service advances it).
+        self.server = ServerOptimizer(server)
         #: Updates per round: ``sync.quorum``, or every participant when it is 0.
         self.quorum = sync.quorum or max(participants, 1)
         self._buffer: list[AcceptedUpdate] = []
 
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> Self:
-        """From ``spec.sync`` and the number of participants."""
-        return cls(spec.sync, len(spec.participants))
+        """From ``spec.sync``, the number of participants and ``spec.server``."""
+        return cls(spec.sync, len(spec.participants), spec.server)
 
     @property
     def capacity(self) -> int:
@@ -99,6 +108,6 @@ class FedAvg(StrategyBase):
             * staleness_weight(self._sync.staleness, u.staleness)
             for u in updates
         ]
-        step = weighted_step(head, updates, aggregate.round_weights(raw))
+        step = optimizer_step(self.server, head, updates, aggregate.round_weights(raw))
         self._buffer.clear()
         return step

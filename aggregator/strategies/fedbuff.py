@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Self
 
 from aggregator import aggregate
-from aggregator.staleness import staleness_weight
+from aggregator.server_opt import ServerOptimizer
 from aggregator.strategies.base import (
     AcceptedUpdate,
     Step,
     StrategyBase,
     left_out,
+    optimizer_step,
     reweighted,
-    weighted_step,
 )
+from aggregator.weighting import Weighter
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, TaskSpec
 from common.wire import Tensors
@@ -24,11 +25,15 @@ class FedBuff(StrategyBase):
     """FedBuff: buffer K deltas, then take one server step from the head.
 
     At ``K = buffer_size`` the server steps
-    ``head + server_lr * (1/K) * sum_i s(t - v_i) * delta_i``. Lineage: the K
-    updates in arrival order with ``weight_i = server_lr * s(t - v_i) / K``, and the
+    ``head + server_lr * (1/K) * sum_i s_i * f_i * delta_i``. Lineage: the K
+    updates in arrival order with ``weight_i = server_lr * (s_i * f_i) / K``, and the
     step is computed from those very weights as ``head + sum_i weight_i * delta_i``,
-    so the lineage is a complete recipe for the version. Sample counts are not
-    used: the FedBuff server step is an unweighted mean over the buffer.
+    so the lineage is a complete recipe for the version. ``s_i`` is ``s(.)`` of the
+    staleness in ``staleness_unit`` (in rounds: ``(t - v_i) * K / N``), ``f_i`` the
+    factor of ``weighting`` (:mod:`aggregator.weighting`: sample count and, for
+    ``balanced``, the bank's recent update rate), every factor of one step computed
+    from the same state. With ``weighting = "staleness"`` every ``f_i = 1`` and the
+    weights are ``server_lr * s_i / K`` bit for bit.
 
     ``base`` is not used: FedBuff applies the buffered deltas to the current head,
     not to the versions they were trained from, as in the FedBuff paper; staleness
@@ -37,20 +42,45 @@ class FedBuff(StrategyBase):
     move while the buffer fills, so that is also its staleness at the step.
     """
 
-    __slots__ = ("_buffer", "_settings")
+    __slots__ = ("_buffer", "_settings", "_weighter", "server")
 
     name = "fedbuff"
     mode = "async"
     uses_base = False
 
-    def __init__(self, settings: AsyncSettings) -> None:
+    def __init__(self, settings: AsyncSettings, spec: TaskSpec | None = None) -> None:
+        """``spec`` gives the participants, their declared samples (none: ``N = 1``) and
+        the server optimizer (none: ``sgd``, the FedBuff step above)."""
         self._settings = settings
+        #: The server optimizer the step goes through (:mod:`aggregator.server_opt`):
+        #: with ``sgd`` the step is the one above; otherwise the weighted sum above is
+        #: its pseudo-gradient.
+        self.server = ServerOptimizer(spec.server if spec is not None else None)
         self._buffer: list[AcceptedUpdate] = []
+        self._weighter = Weighter(settings, settings.buffer_size, spec)
 
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> Self:
-        """From ``spec.async_``."""
-        return cls(spec.async_)
+        """From ``spec.async_``, its participants and their declared samples."""
+        return cls(spec.async_, spec)
+
+    @property
+    def weighter(self) -> Weighter:
+        """The staleness unit, the factors and the recent window (read-only use)."""
+        return self._weighter
+
+    @property
+    def history(self) -> int:
+        """The lineage entries :meth:`restore` needs (``W``)."""
+        return self._weighter.history
+
+    def committed(self, lineage: Sequence[LineageEntry]) -> None:
+        """A version with this lineage was committed (``balanced`` counts it)."""
+        self._weighter.committed(lineage)
+
+    def restore(self, lineages: Iterable[Sequence[LineageEntry]]) -> None:
+        """The state after these committed lineages, oldest first (after a restart)."""
+        self._weighter.restore(lineages)
 
     @property
     def buffer_size(self) -> int:
@@ -105,6 +135,11 @@ class FedBuff(StrategyBase):
         scale = len(lineage) / len(kept)
         return reweighted(kept, aggregate.rescaled([e.weight for e in kept], scale))
 
+    def scaled(self, updates: Sequence[AcceptedUpdate]) -> list[float]:
+        """``s_i * f_i`` of each update, in order (``s_i`` alone for ``staleness``)."""
+        w = self._weighter
+        return [w.s(u.staleness) * w.factor(u.participant, u.num_samples) for u in updates]
+
     def _step(self, head: Tensors, updates: Sequence[AcceptedUpdate]) -> Step:
-        s = [staleness_weight(self._settings.staleness, u.staleness) for u in updates]
-        return weighted_step(head, updates, aggregate.buffer_weights(self._settings.server_lr, s))
+        weights = aggregate.buffer_weights(self._settings.server_lr, self.scaled(updates))
+        return optimizer_step(self.server, head, updates, weights)
