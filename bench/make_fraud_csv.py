@@ -7,6 +7,10 @@ table looks like what a bank would feed ``fedq simulate``: numeric and
 categorical features and a target ``fraud`` with values ``yes`` / ``no``.
 
     python bench/make_fraud_csv.py OUT.csv [--rows 50000] [--positive-rate 0.015] [--seed 0]
+                                           [--class-sep 0.8] [--flip-y 0.002]
+
+A small ``--class-sep`` with a large ``--flip-y`` gives weak data, on which even an
+untrained model scores close to a trained one (docs/quality.md uses it).
 
 Nothing it writes is committed: docs/quality.md gives the command with its options.
 """
@@ -21,7 +25,9 @@ import pandas as pd
 from sklearn.datasets import make_classification
 
 
-def make(rows: int, positive_rate: float, seed: int) -> pd.DataFrame:
+def make(
+    rows: int, positive_rate: float, seed: int, class_sep: float = 0.8, flip_y: float = 0.002
+) -> pd.DataFrame:
     """The table: ``f00..f15`` numeric, ``product`` and ``region`` categorical, ``fraud``."""
     x, y = make_classification(
         n_samples=rows,
@@ -30,8 +36,8 @@ def make(rows: int, positive_rate: float, seed: int) -> pd.DataFrame:
         n_redundant=4,
         n_clusters_per_class=2,
         weights=[1.0 - positive_rate],
-        flip_y=0.002,
-        class_sep=0.8,
+        flip_y=flip_y,
+        class_sep=class_sep,
         random_state=seed,
     )
     rng = np.random.default_rng(seed)
@@ -53,10 +59,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--positive-rate", type=float, default=0.015)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--class-sep", type=float, default=0.8)
+    parser.add_argument("--flip-y", type=float, default=0.002)
     args = parser.parse_args()
     if not 0.0 < args.positive_rate < 0.5 or args.rows < 100:
         parser.error("--positive-rate must be in (0, 0.5) and --rows at least 100")
-    df = make(args.rows, args.positive_rate, args.seed)
+    if not args.class_sep > 0 or not 0.0 <= args.flip_y < 1.0:
+        parser.error("--class-sep must be positive and --flip-y in [0, 1)")
+    df = make(args.rows, args.positive_rate, args.seed, args.class_sep, args.flip_y)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     share = (df["fraud"] == "yes").mean()

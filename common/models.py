@@ -42,6 +42,20 @@ def build_model(spec: ModelSpec, input_dim: int, seed: int) -> nn.Sequential:
     return model
 
 
+def forward(spec: ModelSpec, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """The logits of :func:`build_model`'s network with ``params``, in evaluation mode
+    (dropout off), computed straight from the tensors: the same operations as the
+    module's ``forward`` (``F.linear`` and the activation, layer by layer), without
+    building and initialising a module for every evaluation."""
+    index = 0
+    out = x
+    for _ in spec.hidden:
+        out = nn.functional.linear(out, params[f"{index}.weight"], params[f"{index}.bias"])
+        out = torch.relu(out) if spec.activation == "relu" else torch.tanh(out)
+        index += 3 if spec.dropout else 2
+    return nn.functional.linear(out, params[f"{index}.weight"], params[f"{index}.bias"])
+
+
 def build_task_model(task: TaskSpec) -> nn.Sequential:
     """The task's model with the task's seed."""
     return build_model(task.model, task.input_dim, task.seed)

@@ -254,13 +254,13 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 )
 @click.option(
     "--patience",
-    default=50,
+    default=10,
     show_default=True,
     type=click.IntRange(min=0),
     help="Stop when the global model's validation AUC (on the banks' validation rows, not "
-    "the test set; async: averaged over the last round) has not improved by more than "
-    "--min-delta for this many versions (sync: this many updates, in rounds, at least "
-    "3); 0: never.",
+    "the test set; averaged over the last round) has not improved by more than "
+    "--min-delta for this many rounds of the federation (a round: one update from each "
+    "bank); 0: never.",
 )
 @click.option(
     "--min-delta",

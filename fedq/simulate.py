@@ -140,11 +140,11 @@ class SimulationConfig:
     #: Stop after this many versions (None: DEFAULT_VERSIONS async, DEFAULT_VERSIONS /
     #: participants rounds sync).
     versions: int | None = None
-    #: Stop when the global model's validation AUC (async: averaged over the last
-    #: ``participants`` versions, one round) has not improved by more than
-    #: ``min_delta`` for this many versions (sync: this many updates, in rounds, at
-    #: least 3 rounds); 0: never stop on a plateau.
-    patience: int = 50
+    #: Stop when the global model's validation AUC (averaged over the last round of
+    #: the federation) has not improved by more than ``min_delta`` for this many
+    #: rounds (one round: one update from each bank; :meth:`per_round` versions);
+    #: 0: never stop on a plateau.
+    patience: int = 10
     min_delta: float = 1e-3
     #: Time to target: ``initial + target_fraction * (centralized - initial)`` AUC.
     target_fraction: float = 0.95
@@ -177,19 +177,21 @@ class SimulationConfig:
             return DEFAULT_VERSIONS
         return max(10, DEFAULT_VERSIONS // self.participants)
 
-    @property
-    def plateau_window(self) -> int:
-        """The plateau watches the validation AUC averaged over this many versions: one
-        round of the federation in async (``participants`` versions), 1 in sync."""
-        return self.participants if self.mode == "async" else 1
+    @staticmethod
+    def per_round(spec: TaskSpec) -> int:
+        """Versions in one round of the federation (one update from each bank): 1 in
+        sync; in async ``ceil(participants / updates per version)`` (FedAsync: one
+        version per update; FedBuff: ``buffer_size`` updates per version)."""
+        if spec.mode == "sync":
+            return 1
+        from aggregator.strategies import strategy_for
 
-    @property
-    def patience_versions(self) -> int:
-        """Versions without validation gain that end the run (0: never); sync counts
-        the same number of updates, in rounds of ``participants`` (at least 3)."""
-        if self.patience == 0 or self.mode == "async":
-            return self.patience
-        return max(3, math.ceil(self.patience / self.participants))
+        capacity = max(1, strategy_for(spec).capacity)
+        return max(1, math.ceil(len(spec.participants) / capacity))
+
+    def patience_versions(self, spec: TaskSpec) -> int:
+        """Versions without validation gain that end the run: ``patience`` rounds (0: never)."""
+        return self.patience * self.per_round(spec)
 
 
 @dataclass(slots=True)
@@ -842,6 +844,9 @@ class _Watch:
 
     config: SimulationConfig
     started: float
+    #: Versions per round of the federation (SimulationConfig.per_round): the plateau
+    #: averages the validation AUC over one round and counts patience in rounds.
+    per_round: int = 1
     curve: list[tuple[float, int, float]] = field(default_factory=list)
     val_curve: list[float | None] = field(default_factory=list)
     contributors: list[list[str]] = field(default_factory=list)
@@ -886,14 +891,14 @@ class _Watch:
         self._plateau(val_auc)
         if record.version >= self.config.max_versions:
             self.stopped_by = "versions"
-        elif 0 < self.config.patience_versions <= self.since_best:
+        elif 0 < self.config.patience * self.per_round <= self.since_best:
             self.stopped_by = "plateau"
 
     def _plateau(self, val_auc: float | None) -> None:
         """Count versions since the smoothed validation AUC last rose by > min_delta."""
         if val_auc is None:
             return
-        recent = [v for v in self.val_curve[-self.config.plateau_window :] if v is not None]
+        recent = [v for v in self.val_curve[-self.per_round :] if v is not None]
         smooth = float(np.mean(recent)) if recent else val_auc
         if self.best_val is None or smooth > self.best_val + self.config.min_delta:
             self.best_val, self.since_best = smooth, 0
@@ -932,7 +937,7 @@ async def run_simulation(
         stages=config.stages,
     )
     progress = Progress()
-    watch = _Watch(config, time.perf_counter())
+    watch = _Watch(config, time.perf_counter(), per_round=config.per_round(spec))
     agg_stop, bank_stop = asyncio.Event(), asyncio.Event()
 
     async def on_version(record: VersionRecord, params: Tensors) -> None:
@@ -1209,7 +1214,7 @@ def _settings(config: SimulationConfig, spec: TaskSpec) -> dict[str, Any]:
     out["redis_url"] = "set" if config.redis_url else None
     out["input_dim"] = spec.input_dim
     out["max_versions"] = config.max_versions
-    out["patience_versions"] = config.patience_versions
+    out["patience_versions"] = config.patience_versions(spec)
     out["spec"] = json.loads(spec.to_json())
     return out
 

@@ -141,7 +141,7 @@ def _run_one(
     config: SimulationConfig, console: Console, prep: Prepared, base: Baselines
 ) -> SimulationResult:
     strategy = "fedavg" if config.mode == "sync" else prep.spec.async_.strategy
-    patience = config.patience_versions
+    patience = config.patience_versions(prep.spec.model_copy(update={"mode": config.mode}))
     with Progress(
         TextColumn(f"[bold]{config.mode}/{strategy}"),
         BarColumn(),

@@ -301,10 +301,16 @@ def test_a_run_says_which_budget_stopped_it_and_whether_auc_was_still_rising() -
     assert "still improving" in warning and "+0.040 over the last 20 versions" in warning
     assert _still_rising(rising[:5]) == []  # too short to tell
     config = SimulationConfig(versions=50, seconds=10.0)
-    assert config.patience_versions == 50
-    assert replace(config, mode="sync", participants=5).patience_versions == 10  # rounds
-    assert replace(config, mode="sync", participants=50).patience_versions == 3
-    assert replace(config, patience=0).patience_versions == 0
+    spec = prepare(replace(config, participants=20)).spec
+    # Patience counts rounds of the federation: 20 versions per round for FedAsync with
+    # 20 banks, ceil(20 / 3) for FedBuff with buffers of 3, one per sync round.
+    assert config.patience_versions(spec) == 10 * 20
+    fedbuff = spec.model_copy(
+        update={"async_": spec.async_.model_copy(update={"strategy": "fedbuff"})}
+    )
+    assert config.patience_versions(fedbuff) == 10 * 7
+    assert config.patience_versions(spec.model_copy(update={"mode": "sync"})) == 10
+    assert replace(config, patience=0).patience_versions(spec) == 0
     assert _stopped_by(50, config, 3.0) == "versions"
     assert _stopped_by(20, config, 10.5) == "seconds"
     assert _stopped_by(20, config, 3.0) == "other"
@@ -319,12 +325,13 @@ async def test_the_report_names_the_budget_that_ended_the_run() -> None:
 
 
 async def test_a_plateau_of_the_validation_auc_stops_the_run_and_is_reported() -> None:
-    # No gain can exceed min_delta 1.0: the run stops after exactly `patience` versions.
+    # No gain can exceed min_delta 1.0: the run stops after exactly `patience` rounds,
+    # 3 versions each (FedAsync, 3 banks).
     result = await run_simulation(
         SimulationConfig(participants=3, versions=500, patience=4, min_delta=1.0, seconds=60)
     )
     assert result.stopped_by == "plateau"
-    assert result.versions == 4
+    assert result.versions == 4 * 3
     doc = result.to_json()
     assert doc["stopped_by"] == "plateau"
     # Measured on the validation rows, not the test set: both are in the curve.
@@ -336,14 +343,14 @@ def test_the_plateau_counts_versions_without_a_validation_gain() -> None:
     from fedq.simulate import _Watch
 
     config = SimulationConfig(participants=1, patience=3, min_delta=0.01, versions=100)
-    watch = _Watch(config, 0.0)
+    watch = _Watch(config, 0.0, per_round=1)
     watch.best_val = 0.5
     for val, since in ((0.505, 1), (0.52, 0), (0.525, 1), (0.529, 2), (0.531, 0), (None, 0)):
         watch.val_curve.append(val)
         watch._plateau(val)
         assert watch.since_best == since, (val, watch.since_best)
     # Async with 2 banks: the mean of the last 2 versions, so one lucky version is no gain.
-    watch = _Watch(replace(config, participants=2, min_delta=0.02), 0.0)
+    watch = _Watch(replace(config, participants=2, min_delta=0.02), 0.0, per_round=2)
     watch.start({}, 0.7, 0.5)
     for val, since in ((0.535, 1), (0.49, 2), (0.56, 0), (0.57, 0)):
         watch.val_curve.append(val)

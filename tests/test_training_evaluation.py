@@ -20,7 +20,7 @@ from sklearn.metrics import (
 
 from common.evaluation import evaluate, evaluate_risk, predict_proba, risk_metrics
 from common.models import build_task_model, model_tensors
-from common.spec import NumericFeature, TargetSpec, TaskSpec, TrainingSettings
+from common.spec import ModelSpec, NumericFeature, TargetSpec, TaskSpec, TrainingSettings
 from participant.training import train_local
 
 
@@ -214,3 +214,41 @@ def test_evaluate_risk_scores_the_model_then_reports_its_risk_metrics() -> None:
     assert out["alert_rate"] == 0.1 and out["alerts"] == 40
     empty = evaluate_risk(spec, params, x[:0], y[:0])
     assert empty["n"] == 0 and empty["auc"] is None
+
+
+def test_the_fast_auc_and_average_precision_equal_scikit_learns() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from common.evaluation import average_precision, roc_auc
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(300):
+        n = int(rng.integers(2, 400))
+        y = rng.integers(0, 2, n).astype(np.float64)
+        if y.sum() in (0, n):
+            continue
+        # Rounded scores: many ties, which both must count the same way.
+        p = np.round(rng.random(n), int(rng.integers(1, 4)))
+        assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert average_precision(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+        checked += 1
+    assert checked > 250
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelSpec(),
+        ModelSpec(kind="mlp", hidden=(8, 4), dropout=0.2),
+        ModelSpec(kind="mlp", hidden=(5,), activation="tanh"),
+    ],
+)
+def test_the_functional_forward_equals_the_modules(model: ModelSpec) -> None:
+    from common.models import build_model, forward
+
+    net = build_model(model, 7, seed=3).eval()
+    params = {k: v.detach() for k, v in net.state_dict().items()}
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(forward(model, params, x), net(x))
