@@ -244,6 +244,12 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 @model_options(simulation=True)
 @_sim_spec("training.epochs", "--epochs", type=click.IntRange(min=1))
 @_sim_spec("training.lr", "--lr", type=click.FloatRange(min=0.0, min_open=True))
+@_sim_spec(
+    "training.batch_size",
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Rows per local SGD step.",
+)
 @limit_option(
     "--versions",
     help="Stop after this many versions at the latest (default: 1000 async; the same "

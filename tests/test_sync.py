@@ -42,8 +42,16 @@ async def test_german_credit_sync_reaches_the_centralized_auc(backend: str) -> N
 
 
 async def test_sync_waits_for_a_straggler_and_both_modes_report_time_to_target() -> None:
+    # FedBuff: at this pace the embedded aggregator falls behind FedAsync's one commit
+    # per update (docs/quality.md, limits); FedBuff commits a third as often.
     comparison = await run_comparison(
-        SimulationConfig(participants=5, speeds=(1, 1, 1, 1, 10), base_delay_s=0.02, seconds=90)
+        SimulationConfig(
+            participants=5,
+            speeds=(1, 1, 1, 1, 10),
+            base_delay_s=0.02,
+            seconds=90,
+            spec_overrides={"async": {"strategy": "fedbuff"}},
+        )
     )
     sync, async_ = comparison.runs["sync"], comparison.runs["async"]
     # Sync waited: the straggler is in every round.

@@ -305,3 +305,33 @@ def test_a_bank_whose_updates_carry_negligible_weight_is_flagged() -> None:
         changed = stats.count_weights((_entry(i, "abc"[i % 3], 0.5),))
     assert stats.flagged == []
     assert stats.banks["c"].low_weight is False
+
+
+def test_a_boosted_fedbuff_update_never_weighs_more_than_server_lr() -> None:
+    spec = TaskSpec.parse(
+        {
+            "task_id": "t",
+            "features": [{"name": "a", "kind": "numeric"}],
+            "target": {"name": "y"},
+            "participants": ["big", "s1", "s2"],
+            "declared_samples": {"big": 9000, "s1": 500, "s2": 500},
+            "async": {"strategy": "fedbuff", "buffer_size": 3, "server_lr": 0.5},
+        }
+    )
+    buff = FedBuff.from_spec(spec)
+    # The big bank holds 90% of the data and sent nothing recently: its factor is
+    # boosted to max_boost (10), beyond K = 3, but its s * f is capped at K ...
+    for i in range(60):
+        buff.committed([_entry(i, "s1" if i % 2 else "s2", 0.1)])
+    assert buff.weighter.factor("big", 9000) > 3.0
+    (capped,) = buff.scaled([_update(0, "big", 60, 60, n=9000)])
+    assert capped == 3.0
+    # ... so in a full buffer its weight is at most server_lr: its delta applied once.
+    step = buff.offer({}, {}, _update(1, "s1", 60, 60, n=500))
+    assert step is None
+    buff.offer({}, {}, _update(2, "s2", 60, 60, n=500))
+    step = buff.offer({"w": torch.zeros(2)}, {}, _update(3, "big", 60, 60, n=9000))
+    assert step is not None
+    big = next(e for e in step.lineage if e.participant == "big")
+    assert big.weight == pytest.approx(0.5)
+    assert all(e.weight < 0.5 for e in step.lineage if e.participant != "big")

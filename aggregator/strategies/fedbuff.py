@@ -33,7 +33,8 @@ class FedBuff(StrategyBase):
     factor of ``weighting`` (:mod:`aggregator.weighting`: sample count and, for
     ``balanced``, the bank's recent update rate), every factor of one step computed
     from the same state. With ``weighting = "staleness"`` every ``f_i = 1`` and the
-    weights are ``server_lr * s_i / K`` bit for bit.
+    weights are ``server_lr * s_i / K`` bit for bit. ``s_i * f_i`` is capped at K,
+    so that no single update weighs more than ``server_lr`` (see :meth:`scaled`).
 
     ``base`` is not used: FedBuff applies the buffered deltas to the current head,
     not to the versions they were trained from, as in the FedBuff paper; staleness
@@ -136,9 +137,17 @@ class FedBuff(StrategyBase):
         return reweighted(kept, aggregate.rescaled([e.weight for e in kept], scale))
 
     def scaled(self, updates: Sequence[AcceptedUpdate]) -> list[float]:
-        """``s_i * f_i`` of each update, in order (``s_i`` alone for ``staleness``)."""
+        """``min(s_i * f_i, K)`` of each update, in order (``s_i`` alone for ``staleness``).
+
+        The cap at ``K = buffer_size`` keeps any one update's weight at most
+        ``server_lr`` in a full buffer: a boost (``f_i > 1``, a slow bank's update) may
+        apply its delta once in full, never beyond it, where a stale delta applied to
+        the head would overshoot. It depends on nothing but the update and K, so the
+        counterfactual of :meth:`without` stays exact.
+        """
         w = self._weighter
-        return [w.s(u.staleness) * w.factor(u.participant, u.num_samples) for u in updates]
+        k = float(self._settings.buffer_size)
+        return [min(w.s(u.staleness) * w.factor(u.participant, u.num_samples), k) for u in updates]
 
     def _step(self, head: Tensors, updates: Sequence[AcceptedUpdate]) -> Step:
         weights = aggregate.buffer_weights(self._settings.server_lr, self.scaled(updates))
