@@ -42,8 +42,9 @@ async def test_german_credit_sync_reaches_the_centralized_auc(backend: str) -> N
 
 
 async def test_sync_waits_for_a_straggler_and_both_modes_report_time_to_target() -> None:
-    # FedBuff: at this pace the embedded aggregator falls behind FedAsync's one commit
-    # per update (docs/quality.md, limits); FedBuff commits a third as often.
+    # FedBuff reaches the target in about a second at this pace; FedAsync, one commit
+    # per update on an aggregator sharing two cores with the banks, takes about ten
+    # (docs/quality.md, limits).
     comparison = await run_comparison(
         SimulationConfig(
             participants=5,
