@@ -58,8 +58,11 @@ async def test_sync_waits_for_a_straggler_and_both_modes_report_time_to_target()
     # Sync waited: the straggler is in every round.
     assert all("bank-05" in c for c in sync.contributors)
     assert sync.updates_refused == 0
-    # Async did not wait: most versions came from the fast banks alone.
-    assert sum("bank-05" in c for c in async_.contributors) < len(async_.contributors) / 4
+    # Async did not wait: the straggler sent far fewer of the updates it used than each
+    # fast bank (a fast bank trains again on each new version, the straggler pauses 10x).
+    accepted = {n: p["updates_accepted"] for n, p in async_.participants.items()}
+    slow = accepted.pop("bank-05")
+    assert slow < min(accepted.values()) / 2, (slow, accepted)
     doc = comparison.to_json()
     assert set(doc["time_to_target_s"]) == {"async", "sync"}
     assert all(t is not None for t in doc["time_to_target_s"].values()), doc["time_to_target_s"]
