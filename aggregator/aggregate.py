@@ -32,6 +32,7 @@ __all__ = [
     "normalised",
     "rescaled",
     "round_weights",
+    "weighted_delta",
     "weighted_sum",
 ]
 
@@ -65,20 +66,26 @@ def weighted_sum(head: Tensors, deltas: Sequence[Tensors], weights: Sequence[flo
         return head
     params: Tensors = {}
     for name, h in head.items():
-        # sum_i w_i * delta_i in order, then head + sum: in place, each operation
-        # rounded alone (no fused multiply-add), bit-identical to the out-of-place
-        # formula and without a temporary per update.
-        acc = deltas[0][name].to(torch.float64, copy=True)
-        acc.mul_(weights[0])
-        tmp = torch.empty_like(acc)
-        for d, w in zip(deltas[1:], weights[1:], strict=True):
-            tmp.copy_(d[name])
-            tmp.mul_(w)
-            acc.add_(tmp)
         out = h.to(torch.float64, copy=True)
-        out.add_(acc)
+        out.add_(weighted_delta(name, deltas, weights))
         params[name] = out.to(h.dtype)
     return params
+
+
+def weighted_delta(name: str, deltas: Sequence[Tensors], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i weight_i * delta_i[name]`` in float64, in order (at least one delta).
+
+    In place, each operation rounded alone (no fused multiply-add): bit-identical to
+    the out-of-place formula, without a temporary per update.
+    """
+    acc = deltas[0][name].to(torch.float64, copy=True)
+    acc.mul_(weights[0])
+    tmp = torch.empty_like(acc)
+    for d, w in zip(deltas[1:], weights[1:], strict=True):
+        tmp.copy_(d[name])
+        tmp.mul_(w)
+        acc.add_(tmp)
+    return acc
 
 
 def mixing_weight(mixing: float, s: float) -> float:

@@ -112,18 +112,8 @@ def pseudo_gradient(head: Tensors, deltas: Sequence[Tensors], weights: Sequence[
     """``D = sum_i w_i * delta_i`` per head tensor, float64, in order (not cast back)."""
     if len(deltas) != len(weights) or not deltas:
         raise ValueError(f"{len(deltas)} deltas and {len(weights)} weights: need as many, >= 1")
-    out: Tensors = {}
-    for name in head:
-        # As in aggregate.weighted_sum: each product and sum rounded alone, in order.
-        acc = deltas[0][name].to(_F64, copy=True)
-        acc.mul_(weights[0])
-        tmp = torch.empty_like(acc)
-        for d, w in zip(deltas[1:], weights[1:], strict=True):
-            tmp.copy_(d[name])
-            tmp.mul_(w)
-            acc.add_(tmp)
-        out[name] = acc
-    return out
+    # The same sum as aggregate.weighted_sum's: each product and sum rounded alone.
+    return {name: aggregate.weighted_delta(name, deltas, weights) for name in head}
 
 
 def apply(

@@ -61,6 +61,7 @@ __all__ = [
     "WINDOW_ROUNDS",
     "Remembering",
     "Weighter",
+    "Windowed",
     "balanced_factor",
     "clip",
     "data_shares",
@@ -253,3 +254,29 @@ class Weighter:
         self._window.clear()
         for lineage in lineages:
             self.committed(lineage)
+
+
+class Windowed:
+    """What an async strategy with a :class:`Weighter` (in ``_weighter``) shows the
+    service (the :class:`Remembering` protocol) and its readers."""
+
+    __slots__ = ()
+    _weighter: Weighter
+
+    @property
+    def weighter(self) -> Weighter:
+        """The staleness unit, the factors and the recent window (read-only use)."""
+        return self._weighter
+
+    @property
+    def history(self) -> int:
+        """The lineage entries :meth:`restore` needs (``W``)."""
+        return self._weighter.history
+
+    def committed(self, lineage: Sequence[LineageEntry]) -> None:
+        """A version with this lineage was committed (``balanced`` counts it)."""
+        self._weighter.committed(lineage)
+
+    def restore(self, lineages: Iterable[Sequence[LineageEntry]]) -> None:
+        """The state after these committed lineages, oldest first (after a restart)."""
+        self._weighter.restore(lineages)

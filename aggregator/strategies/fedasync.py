@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Self
 
 from aggregator import aggregate
@@ -13,13 +13,13 @@ from aggregator.strategies.base import (
     StrategyBase,
     mix_step,
 )
-from aggregator.weighting import Weighter
+from aggregator.weighting import Weighter, Windowed
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, TaskSpec
 from common.wire import Tensors
 
 
-class FedAsync(StrategyBase):
+class FedAsync(Windowed, StrategyBase):
     """FedAsync: mix every update into the head, weighted by its staleness and its data.
 
     ``w_new = base + delta``, ``a_t = min(1, mixing * (s * f))`` and
@@ -52,24 +52,6 @@ class FedAsync(StrategyBase):
     def capacity(self) -> int:
         """1: every update steps at once."""
         return 1
-
-    @property
-    def weighter(self) -> Weighter:
-        """The staleness unit, the factors and the recent window (read-only use)."""
-        return self._weighter
-
-    @property
-    def history(self) -> int:
-        """The lineage entries :meth:`restore` needs (``W``)."""
-        return self._weighter.history
-
-    def committed(self, lineage: Sequence[LineageEntry]) -> None:
-        """A version with this lineage was committed (``balanced`` counts it)."""
-        self._weighter.committed(lineage)
-
-    def restore(self, lineages: Iterable[Sequence[LineageEntry]]) -> None:
-        """The state after these committed lineages, oldest first (after a restart)."""
-        self._weighter.restore(lineages)
 
     def mixing_weight(self, staleness: int, factor: float = 1.0) -> float:
         """``a_t = min(1, mixing * (s * factor))`` with ``s`` of ``staleness`` in the unit."""

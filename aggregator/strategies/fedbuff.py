@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Self
 
 from aggregator import aggregate
@@ -15,13 +15,13 @@ from aggregator.strategies.base import (
     optimizer_step,
     reweighted,
 )
-from aggregator.weighting import Weighter
+from aggregator.weighting import Weighter, Windowed
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, TaskSpec
 from common.wire import Tensors
 
 
-class FedBuff(StrategyBase):
+class FedBuff(Windowed, StrategyBase):
     """FedBuff: buffer K deltas, then take one server step from the head.
 
     At ``K = buffer_size`` the server steps
@@ -64,24 +64,6 @@ class FedBuff(StrategyBase):
     def from_spec(cls, spec: TaskSpec) -> Self:
         """From ``spec.async_``, its participants and their declared samples."""
         return cls(spec.async_, spec)
-
-    @property
-    def weighter(self) -> Weighter:
-        """The staleness unit, the factors and the recent window (read-only use)."""
-        return self._weighter
-
-    @property
-    def history(self) -> int:
-        """The lineage entries :meth:`restore` needs (``W``)."""
-        return self._weighter.history
-
-    def committed(self, lineage: Sequence[LineageEntry]) -> None:
-        """A version with this lineage was committed (``balanced`` counts it)."""
-        self._weighter.committed(lineage)
-
-    def restore(self, lineages: Iterable[Sequence[LineageEntry]]) -> None:
-        """The state after these committed lineages, oldest first (after a restart)."""
-        self._weighter.restore(lineages)
 
     @property
     def buffer_size(self) -> int:
