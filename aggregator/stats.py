@@ -86,9 +86,14 @@ class ServiceStats:
     #: Flag a bank whose recent weight share is below this fraction of its data share.
     low_weight_fraction: float = LOW_WEIGHT_FRACTION
     _recent: deque[tuple[str, float]] = field(init=False, repr=False, compare=False)
+    #: Per bank, the sum of the window's weights and its number of entries, kept as
+    #: entries come and go (metrics only: no replay depends on them).
+    _totals: dict[str, float] = field(init=False, repr=False, compare=False)
+    _counts: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._recent = deque(maxlen=max(1, self.weight_window))
+        self._recent = deque()
+        self._totals, self._counts = {}, {}
 
     @classmethod
     def for_task(cls, spec: TaskSpec, flag_after: int = 5) -> ServiceStats:
@@ -147,12 +152,18 @@ class ServiceStats:
     def count_weights(self, lineage: Sequence[LineageEntry]) -> list[tuple[str, bool]]:
         """Add a committed version's entries to the window; update every bank's recent
         weight share; return the banks whose ``low_weight`` flag changed (and its value)."""
-        self._recent.extend((e.participant, float(e.weight)) for e in lineage)
-        totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for name, weight in self._recent:
-            totals[name] = totals.get(name, 0.0) + weight
-            counts[name] = counts.get(name, 0) + 1
+        totals, counts = self._totals, self._counts
+        for e in lineage:  # O(entries) per commit, not O(W): the window is kept summed
+            self._recent.append((e.participant, float(e.weight)))
+            totals[e.participant] = totals.get(e.participant, 0.0) + float(e.weight)
+            counts[e.participant] = counts.get(e.participant, 0) + 1
+        while len(self._recent) > max(1, self.weight_window):
+            name, weight = self._recent.popleft()
+            counts[name] -= 1
+            if counts[name] == 0:
+                del counts[name], totals[name]  # exactly 0, no rounding left over
+            else:
+                totals[name] -= weight
         grand = sum(totals.values())
         changed: list[tuple[str, bool]] = []
         for name in sorted(set(self.banks) | set(totals)):

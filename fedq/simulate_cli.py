@@ -93,17 +93,22 @@ def _write(config: SimulationConfig, everything: SeedRuns, console: Console) -> 
         console.print(f"plot: {config.plot}{note}")
 
 
-def _fit_with_progress(config: SimulationConfig, console: Console, prep: Prepared) -> Baselines:
-    """The split's baselines, trained once (for every mode), with a progress bar."""
-    with Progress(
-        TextColumn(f"[bold]baselines (seed {config.seed})"),
+def _bar(title: str, console: Console) -> Progress:
+    """A progress bar: title, bar, done / total, a status field, elapsed time."""
+    return Progress(
+        TextColumn(f"[bold]{title}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
-    ) as bar:
+    )
+
+
+def _fit_with_progress(config: SimulationConfig, console: Console, prep: Prepared) -> Baselines:
+    """The split's baselines, trained once (for every mode), with a progress bar."""
+    with _bar(f"baselines (seed {config.seed})", console) as bar:
         job = bar.add_task("baselines", total=len(prep.shards) + 1, status="centralized, local")
 
         def on_done(name: str) -> None:
@@ -142,15 +147,7 @@ def _run_one(
 ) -> SimulationResult:
     strategy = "fedavg" if config.mode == "sync" else prep.spec.async_.strategy
     patience = config.patience_versions(prep.spec.model_copy(update={"mode": config.mode}))
-    with Progress(
-        TextColumn(f"[bold]{config.mode}/{strategy}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
+    with _bar(f"{config.mode}/{strategy}", console) as bar:
         job = bar.add_task("versions", total=config.max_versions, status="starting")
 
         def on_progress(p: SimProgress) -> None:
