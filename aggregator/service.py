@@ -74,6 +74,9 @@ VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 #: the store on demand.
 BASE_CACHE = 32
 
+#: Versions read per round trip when the weighting state is rebuilt at start.
+RESTORE_BATCH = 256
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
@@ -670,10 +673,14 @@ class AggregatorService:
         lineages: list[tuple[LineageEntry, ...]] = []
         entries, version = 0, head
         while entries < wanted and version > 0:
-            lineage = (await self.store.get_version(self.task, version)).lineage
-            lineages.append(lineage)
-            entries += len(lineage)
-            version -= 1
+            # Newest first, RESTORE_BATCH versions per round trip.
+            batch = range(version, max(0, version - RESTORE_BATCH), -1)
+            for record in await self.store.get_versions(self.task, batch):
+                if entries >= wanted:
+                    break
+                lineages.append(record.lineage)
+                entries += len(record.lineage)
+            version = batch[-1] - 1
         lineages.reverse()
         if isinstance(self.strategy, Remembering):
             self.strategy.restore(lineages)

@@ -380,7 +380,12 @@ async def _feed(service: AggregatorService, spec: TaskSpec, senders: str) -> Non
         await service.handle(FakeDelivery(body, bank))
 
 
-async def test_a_restarted_service_weighs_as_one_that_never_stopped() -> None:
+@pytest.mark.parametrize("batch", [256, 3])
+async def test_a_restarted_service_weighs_as_one_that_never_stopped(
+    batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The state is read back RESTORE_BATCH versions per round trip: 3 crosses batches.
+    monkeypatch.setattr("aggregator.service.RESTORE_BATCH", batch)
     spec = service_spec(strategy="fedasync", weighting="balanced", balance_window=8)
     store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
     service = AggregatorService(spec, store, MemoryTransport(MemoryBroker(), "agg"))

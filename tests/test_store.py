@@ -212,6 +212,19 @@ class TestModelStore:
             await store.commit(CREDIT_TASK, parent=5, params=model_params(task_spec), lineage=[])
         assert await store.head("unknown") is None
 
+    async def test_several_versions_are_read_in_one_call_in_the_order_asked(
+        self, store: RedisModelStore, task_spec: TaskSpec
+    ) -> None:
+        await init_task(store, task_spec)
+        await _chain(store, task_spec, 4)
+        records = await store.get_versions(CREDIT_TASK, [4, 2, 3, 0])
+        assert [r.version for r in records] == [4, 2, 3, 0]
+        for r in records:
+            assert r == await store.get_version(CREDIT_TASK, r.version)
+        assert await store.get_versions(CREDIT_TASK, []) == []
+        with pytest.raises(NotFoundError, match="no version 7"):
+            await store.get_versions(CREDIT_TASK, [3, 7])
+
     async def test_retention_drops_old_blobs_but_keeps_metadata_and_genesis(
         self, redis_client: aioredis.Redis, prefix: str, task_spec: TaskSpec
     ) -> None:

@@ -244,6 +244,20 @@ class RedisModelStore:
             raise NotFoundError(f"task {task!r} has no version {version}")
         return VersionRecord.from_json(_as_bytes(meta), _as_bytes(lineage))
 
+    async def get_versions(self, task: str, versions: Sequence[int]) -> list[VersionRecord]:
+        """Several versions' metadata and lineage, in the order asked, in one round trip."""
+        if not versions:
+            return []
+        keys = [k for v in versions for k in (self.keys.meta(task, v), self.keys.lineage(task, v))]
+        async with _redis_errors("reading versions"):
+            found = await self._r.mget(keys)
+        records = []
+        for v, meta, lineage in zip(versions, found[::2], found[1::2], strict=True):
+            if meta is None or lineage is None:
+                raise NotFoundError(f"task {task!r} has no version {v}")
+            records.append(VersionRecord.from_json(_as_bytes(meta), _as_bytes(lineage)))
+        return records
+
     async def get_head(self, task: str) -> VersionRecord:
         """The head version's record."""
         head = await self.head(task)
