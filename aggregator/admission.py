@@ -2,8 +2,9 @@
 
 One place, one order (docs/wire-format.md, sections 10 and 11): decode with hard
 limits and the task's shapes; a copy of an update already held; the task, the
-participant, the sender, the claimed sample count; the base version (from the
-future, an older round, a second update in the round, too stale); already applied;
+participant, the sender, the signature, the spec hash, the claimed sample count;
+the base version (from the future, an older round, a second update in the round, too
+stale); already applied;
 the base's parameters still kept. Each rule yields a typed :class:`Refused` with a
 :class:`~common.refusals.Refusal`; strategies trust what is admitted.
 
@@ -22,10 +23,18 @@ import structlog
 
 from aggregator.staleness import exceeds, in_unit, versions_within
 from aggregator.strategies import AcceptedUpdate
-from common.errors import DecodeError
+from common.errors import DecodeError, EncodeError
 from common.refusals import Refusal
+from common.signing import SIGNATURE_BYTES, PublicKey
 from common.spec import StalenessUnit, TaskSpec
-from common.wire import DecodeLimits, Tensors, TensorSpec, UpdateEnvelope, decode_update
+from common.wire import (
+    DecodeLimits,
+    Tensors,
+    TensorSpec,
+    UpdateEnvelope,
+    decode_update,
+    update_signing_message,
+)
 
 log = structlog.get_logger("fedq.aggregator")
 
@@ -110,6 +119,8 @@ class Admission:
         self.max_staleness = spec.sync.max_staleness if self.sync else spec.async_.max_staleness
         #: The unit ``max_staleness`` is in: a sync version is a round already.
         self.unit: StalenessUnit = "versions" if self.sync else spec.async_.staleness_unit
+        self.spec_hash = spec.spec_hash()
+        self.keys = {p: PublicKey.parse(text) for p, text in spec.identity.participant_keys.items()}
         self.updates_per_version = max(1, updates_per_version)
         self.participants = max(1, len(spec.participants))
         #: The largest ``t - v`` admitted, in versions (how many old bases may be read).
@@ -184,6 +195,16 @@ class Admission:
                 Refusal.SENDER_MISMATCH,
                 f"sent by broker user {sender!r}, names participant {env.participant!r}",
             )
+        refused = self._check_signature(env)
+        if refused is not None:
+            return refused
+        if env.spec_hash != self.spec_hash:
+            named = env.spec_hash.hex()[:16] if env.spec_hash else "no spec hash"
+            return self._refused(
+                env,
+                Refusal.SPEC_MISMATCH,
+                f"prepared under spec {named}, the task runs under {self.spec_hash.hex()[:16]}",
+            )
         bound = spec.sample_bound(env.participant)
         if env.num_samples > bound:
             return self._refused(
@@ -219,6 +240,41 @@ class Admission:
             self.participants,
         ):
             return self._refused(env, Refusal.TOO_STALE, self._too_stale(staleness))
+        return None
+
+    def _check_signature(self, env: UpdateEnvelope) -> Refused | None:
+        """``unsigned`` / ``bad_signature`` when the task requires signatures; a signature
+        is checked whenever the participant has a key, so a forged one never passes."""
+        key = self.keys.get(env.participant)
+        required = self.spec.identity.require_signatures
+        if env.signature is None:
+            if required:
+                return self._refused(
+                    env, Refusal.UNSIGNED, "the task requires signed updates; this one has no sg"
+                )
+            return None
+        if key is None:
+            if required:
+                return self._refused(
+                    env,
+                    Refusal.BAD_SIGNATURE,
+                    f"the task spec has no public key for {env.participant!r} (revoked?)",
+                )
+            return None
+        try:
+            message = update_signing_message(env)
+        except EncodeError:  # no spec hash: nothing a valid signature could cover
+            message = b""
+        if (
+            not message
+            or len(env.signature) != SIGNATURE_BYTES
+            or not key.verify(env.signature, message)
+        ):
+            return self._refused(
+                env,
+                Refusal.BAD_SIGNATURE,
+                f"signature does not verify under {env.participant!r}'s key {key.fingerprint}",
+            )
         return None
 
     def _too_stale(self, staleness: int) -> str:

@@ -19,10 +19,14 @@ from common.transport import Transport
 log = structlog.get_logger("fedq.aggregator")
 
 
+#: An announcement's body, or how to make it (signed when sent, for the newest only).
+Body = bytes | Callable[[], bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class _Slot:
     version: int
-    blob: bytes
+    blob: Body
     version_hash: bytes
 
 
@@ -51,14 +55,15 @@ class Announcer:
         self._runner: asyncio.Task[None] | None = None
         self.log = log.bind(task=task)
 
-    async def send_now(self, version: int, blob: bytes, version_hash: bytes) -> None:
+    async def send_now(self, version: int, blob: Body, version_hash: bytes) -> None:
         """Announce at once and wait for the broker's confirm (the head at start)."""
         with self.stages("announce"):
+            body = blob() if callable(blob) else blob
             await self.transport.announce_model(
-                self.task, version, blob, fence=self._fence(), version_hash=version_hash
+                self.task, version, body, fence=self._fence(), version_hash=version_hash
             )
 
-    def announce(self, version: int, blob: bytes, version_hash: bytes) -> None:
+    def announce(self, version: int, blob: Body, version_hash: bytes) -> None:
         """Queue a version, replacing one not yet sent."""
         self._slot = _Slot(version, blob, version_hash)
         self._wake.set()

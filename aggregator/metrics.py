@@ -48,6 +48,12 @@ class AggregatorMetrics:
             ["task", "participant"],
             registry=r,
         )
+        self.receipts_sent = Counter(
+            "fedq_receipts_sent",
+            "Receipts the broker confirmed, by outcome (accepted, refused)",
+            ["task", "outcome"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "fedq_queue_depth", "Updates waiting in the work queue", ["task"], registry=r
         )

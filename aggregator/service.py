@@ -13,11 +13,12 @@ makes this the task's only writer; a store that went backwards stops it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,8 +33,10 @@ from aggregator.admission import (
 )
 from aggregator.announcer import Announcer
 from aggregator.guard import overflowing
+from aggregator.identity import check_signing_key
 from aggregator.lease import FencedOutError, LeaseConfig, WriterLease, check_fence
 from aggregator.metrics import AggregatorMetrics
+from aggregator.receipts import ReceiptSender
 from aggregator.retry import store_retry
 from aggregator.stats import ServiceStats, Stages, untimed
 from aggregator.store import CommitOutcome, CommitResult, RedisModelStore, VersionRecord
@@ -52,9 +55,10 @@ from common.errors import (
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.refusals import Refusal
+from common.signing import MAX_ANCESTORS, SigningKey
 from common.spec import TaskSpec
 from common.transport import Announcement, TaskTopology, Transport, UpdateDelivery, next_or_none
-from common.wire import DEFAULT_LIMITS, DecodeLimits, Tensors
+from common.wire import DEFAULT_LIMITS, DecodeLimits, Tensors, sign_model
 
 __all__ = [
     "AggregatorService",
@@ -103,6 +107,9 @@ class ServiceConfig:
     stall_s: float = 60.0
     #: A bank is flagged after this many of its updates in a row were refused.
     flag_after: int = 5
+    #: The aggregator's Ed25519 key: signs every model announcement (and receipt). It
+    #: must be the task spec's ``identity.aggregator_key`` when the spec names one.
+    signing_key: SigningKey | None = None
 
 
 class AggregatorService:
@@ -144,10 +151,23 @@ class AggregatorService:
             store, self.task, LeaseConfig(self.config.owner, self.config.lease_ttl_s)
         )
         self.announcer = Announcer(transport, self.task, lambda: self.lease.token, stages=stages)
+        #: The fate of each update, to its sender (aggregator.receipts).
+        self.receipts = ReceiptSender(
+            transport,
+            self.task,
+            spec.participants,
+            sender_match=self.config.require_sender_match,
+            signing_key=self.config.signing_key,
+            metrics=self.metrics,
+        )
         self.stats = ServiceStats.for_task(spec, flag_after=self.config.flag_after)
         self.head_version = -1
         self.head_params: Tensors = {}
         self.head_hash = b""
+        self.spec_hash = spec.spec_hash()
+        #: The newest version hashes, oldest first: the ancestors an announcement names.
+        self._chain: deque[bytes] = deque(maxlen=MAX_ANCESTORS + 1)
+        check_signing_key(spec, self.config.signing_key)
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
         #: Offered updates not yet in a version: their live delivery and the update.
         self._pending: dict[str, tuple[UpdateDelivery, AcceptedUpdate]] = {}
@@ -212,10 +232,36 @@ class AggregatorService:
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
         await self._restore_weighting(record.version)
+        first = max(0, record.version - MAX_ANCESTORS)
+        chain = await self.store.get_versions(self.task, range(first, record.version + 1))
+        self._chain.extend(r.version_hash for r in chain)
         blob = await self.store.get_blob(self.task, record.version)
-        await self.announcer.send_now(record.version, blob, record.version_hash)
+        await self.announcer.send_now(
+            record.version, self._announcement(record, blob), record.version_hash
+        )
         self.ready.set()
         self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
+
+    def _announcement(self, record: VersionRecord, blob: bytes) -> Callable[[], bytes]:
+        """How to make ``record``'s announcement: the stored blob with the spec hash, the
+        ancestors' version hashes (newest first) and the signature appended (section 15).
+        Called when the announcement is sent, so only the newest version is signed."""
+        ancestors = tuple(reversed(self._chain))[: record.version]
+        if self._chain and self._chain[-1] == record.version_hash:
+            ancestors = ancestors[1:]  # the head itself (at start) is not its own ancestor
+        ancestors = ancestors[:MAX_ANCESTORS]
+        key = self.config.signing_key
+        return functools.partial(
+            sign_model,
+            blob,
+            task=self.task,
+            version=record.version,
+            version_hash=record.version_hash,
+            content_hash=record.param_hash,
+            spec_hash=self.spec_hash,
+            ancestors=ancestors,
+            signing_key=key,
+        )
 
     def _check_announced(self, announced: Announcement | None, head: int, digest: bytes) -> None:
         """The store's head must not be behind the last announcement (see prepare)."""
@@ -284,6 +330,7 @@ class AggregatorService:
             self._consuming = True
             poller = asyncio.create_task(self._poll_depth(halt))
             self.announcer.start()
+            self.receipts.start()
             try:
                 while not (stop.is_set() or halt.is_set()):
                     delivery = await next_or_none(sub, halt, self._until_deadline())
@@ -298,6 +345,7 @@ class AggregatorService:
                 self._consuming = False
                 poller.cancel()
                 await self.announcer.close()
+                await self.receipts.close()
         finally:
             # Buffered updates were never acked: closing returns them to the queue.
             if sub is not None:
@@ -396,6 +444,17 @@ class AggregatorService:
         entry = self._pending.get(update_id)
         return None if entry is None else entry[0].live
 
+    def _held_by(self, update_id: str) -> str | None:
+        """The participant of the update held under ``update_id`` (None if none is)."""
+        entry = self._pending.get(update_id)
+        return None if entry is None else entry[1].participant
+
+    async def _lineage_of(self, version: int) -> Sequence[LineageEntry]:
+        record = await store_retry(
+            "reading a lineage", lambda: self.store.get_version(self.task, version), self.log
+        )
+        return record.lineage
+
     def pending(self) -> Sequence[AcceptedUpdate]:
         """The strategy's buffered updates (a sync round's so far)."""
         return self.strategy.pending()
@@ -435,6 +494,17 @@ class AggregatorService:
         reason = refused.reason
         await delivery.dead_letter(reason.value, refused.detail)
         self.metrics.refused.labels(self.task, reason.value).inc()
+        await self.receipts.refused(
+            reason=reason.value,
+            detail=refused.detail,
+            participant=refused.participant,
+            update_id=refused.update_id,
+            user_id=delivery.user_id,
+            message_id=delivery.message_id,
+            held_by=self._held_by,
+            applied_in=self.applied_in,
+            lineage_of=self._lineage_of,
+        )
         if self.stats.count_refusal(reason, refused.participant):
             self.log.warning(
                 "participant flagged: its updates keep being refused",
@@ -547,6 +617,8 @@ class AggregatorService:
         if self.server is not None:
             self.server.advance(step.state)
         self.head_hash = record.version_hash
+        announcement = self._announcement(record, result.blob)
+        self._chain.append(record.version_hash)
         # Only now is the effect saved: ack what went into it. An ack that fails (the
         # channel was lost) is harmless: the redelivery is refused as a duplicate.
         for entry in step.lineage:
@@ -555,6 +627,7 @@ class AggregatorService:
                 await delivery.ack()
             except FedqError as e:
                 self.log.warning("ack after commit failed", update_id=entry.update_id, error=str(e))
+        self.receipts.accepted(step.lineage, record.version)
         elapsed = time.perf_counter() - started
         if isinstance(self.strategy, Remembering):
             self.strategy.committed(step.lineage)
@@ -565,7 +638,7 @@ class AggregatorService:
         self._count_weights(step.lineage)
         self.metrics.accepted.labels(self.task).inc(len(step.lineage))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
-        self.announcer.announce(record.version, result.blob, record.version_hash)
+        self.announcer.announce(record.version, announcement, record.version_hash)
         self.log.info(
             "version committed",
             updates=len(step.lineage),

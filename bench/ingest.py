@@ -142,6 +142,7 @@ def make_bodies(
                 base_version=0,
                 num_samples=100,
                 tensors=delta,
+                spec_hash=spec.spec_hash(),
                 metrics={"train_loss": 0.5},
                 codec=codec,
                 created_at=time.time(),

@@ -93,3 +93,30 @@ class ConfigError(FedqError):
 
 class TransportError(FedqError):
     """The message broker failed, refused an operation, or lacks a queue."""
+
+
+class PublishRefusedError(TransportError):
+    """The broker refused a publish for good (access refused, no such exchange, a
+    message over its size limit): retrying cannot help. ``code`` is the AMQP reply
+    code (403, 404, 406), or None where the broker gave none."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class ParticipantStoppedError(FedqError):
+    """A participant stopped publishing because the aggregator refused one of its updates
+    for a reason that can never heal (:data:`common.refusals.PERMANENT`)."""
+
+    def __init__(self, participant: str, reason: str, detail: str, update_id: str) -> None:
+        self.participant, self.reason, self.detail, self.update_id = (
+            participant,
+            reason,
+            detail,
+            update_id,
+        )
+        super().__init__(
+            f"participant {participant!r} stopped: update {update_id} was refused "
+            f"({reason}: {detail}); this cannot succeed on a retry, fix the cause and restart"
+        )

@@ -38,6 +38,9 @@ class Refusal(StrEnum):
     UNKNOWN_TASK = "unknown_task"
     UNKNOWN_PARTICIPANT = "unknown_participant"
     SENDER_MISMATCH = "sender_mismatch"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
+    SPEC_MISMATCH = "spec_mismatch"
     TOO_MANY_SAMPLES = "too_many_samples"
     FUTURE_BASE = "future_base"
     STALE_ROUND = "stale_round"
@@ -50,3 +53,44 @@ class Refusal(StrEnum):
     NON_FINITE_RESULT = "non_finite_result"
     # --- set by the broker, never by fedq
     DELIVERY_LIMIT = "delivery_limit"
+    # --- a participant refusing a model announcement (besides unsigned, bad_signature,
+    # spec_mismatch and the decoding reasons)
+    NOT_DESCENDANT = "not_descendant"
+
+
+#: Refusals that can never heal for the participant that got one: sending again (a new
+#: update from the same worker, code, data and spec) is refused again. A participant
+#: that receives one in a receipt stops publishing (docs/wire-format.md, "Receipts").
+#: The others (too_stale, future_base, stale_round, duplicate, duplicate_in_round,
+#: base_unavailable, invalid_update, non_finite_result, delivery_limit) depend on
+#: timing, the head or this one update's values: the next update may pass.
+PERMANENT: frozenset[Refusal] = frozenset(
+    {
+        # Decoding: the worker's encoder produced bytes this aggregator cannot read;
+        # every update it encodes will be the same (a version or codec mismatch, a bug).
+        Refusal.TOO_LARGE,  # the model's delta is as large every time
+        Refusal.MALFORMED,  # the encoder writes no valid msgpack envelope
+        Refusal.UNSUPPORTED_VERSION,  # the worker speaks another format version
+        Refusal.WRONG_KIND,  # the worker writes another envelope kind
+        Refusal.UNKNOWN_FIELD,  # the worker writes fields this aggregator does not know
+        Refusal.MISSING_FIELD,  # the worker leaves out a required field
+        Refusal.INVALID_FIELD,  # the worker writes a field this aggregator rejects
+        Refusal.UNKNOWN_CODEC,  # the configured codec is unknown to the aggregator
+        Refusal.TOO_MANY_TENSORS,  # the worker's model has more tensors than allowed
+        Refusal.TENSOR_MISMATCH,  # the worker's model differs from the task's
+        Refusal.INVALID_TENSOR,  # the encoder writes bad tensor entries
+        Refusal.BAD_DTYPE,  # the encoder writes a dtype the aggregator does not know
+        Refusal.BAD_SHAPE,  # the encoder writes shapes the aggregator refuses
+        Refusal.SIZE_MISMATCH,  # the encoder's payloads do not match their shapes
+        Refusal.CODEC_ERROR,  # the encoder's codec output cannot be decoded
+        Refusal.HASH_MISMATCH,  # the encoder's content hash is computed differently
+        # Identity and spec: configuration, fixed for the life of the worker.
+        Refusal.UNKNOWN_TASK,  # the worker's spec names a task this aggregator does not run
+        Refusal.UNKNOWN_PARTICIPANT,  # the participant is not in the task's spec
+        Refusal.SENDER_MISMATCH,  # the broker user is not the participant it claims
+        Refusal.UNSIGNED,  # the task requires signatures and the worker has no key
+        Refusal.BAD_SIGNATURE,  # the worker's key is not the one the task registered
+        Refusal.SPEC_MISMATCH,  # the worker runs another version of the task spec
+        Refusal.TOO_MANY_SAMPLES,  # the worker's data is larger than the bank declared
+    }
+)

@@ -7,14 +7,18 @@ built, so a bad spec fails with a reason at the edge, never deep in a run.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import SpecError
 from common.ids import NAME_RE
+from common.signing import KEY_PATTERN
 
 Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$")]
+#: An Ed25519 public key: ``ed25519:`` + 64 lowercase hex digits (common.signing).
+KeyText = Annotated[str, Field(pattern=KEY_PATTERN)]
 
 
 class _Spec(BaseModel):
@@ -171,6 +175,30 @@ class TrainingSettings(_Spec):
     positive_weight: float = Field(default=1.0, gt=0, le=1e6)
 
 
+class IdentitySpec(_Spec):
+    """Who signs what (common/signing.py, docs/wire-format.md section 15).
+
+    ``participant_keys`` names each participant's Ed25519 public key and
+    ``aggregator_key`` the aggregator's, which signs every model it announces and every
+    receipt. With ``require_signatures`` the aggregator refuses an update without a
+    signature (``unsigned``) or whose signature does not verify under its
+    participant's key (``bad_signature``), and participants refuse an unsigned or
+    forged model. A key is rotated or revoked by registering a spec with the new key
+    (or without it): the spec history records the version it applies from, and replay
+    checks each update against the key in force when it was admitted.
+    """
+
+    require_signatures: bool = False
+    aggregator_key: KeyText | None = None
+    participant_keys: dict[Name, KeyText] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys_needed(self) -> Self:
+        if self.require_signatures and self.aggregator_key is None:
+            raise ValueError("require_signatures needs the aggregator_key")
+        return self
+
+
 #: ``--class-weight auto`` weighs positives only below this positive rate.
 AUTO_WEIGHT_BELOW = 0.1
 
@@ -215,6 +243,8 @@ class TaskSpec(_Spec):
     #: The server optimizer of FedBuff and sync rounds (FedAsync accepts only ``sgd``).
     server: ServerOptimizerSpec = ServerOptimizerSpec()
     participants: tuple[Name, ...] = ()
+    #: Public keys and whether signatures are required.
+    identity: IdentitySpec = IdentitySpec()
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
     max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
@@ -245,7 +275,19 @@ class TaskSpec(_Spec):
         unknown = sorted(set(self.declared_samples) - set(self.participants))
         if self.participants and unknown:
             raise ValueError(f"declared_samples names non-participants: {', '.join(unknown)}")
+        keys = self.identity.participant_keys
+        strangers = sorted(set(keys) - set(self.participants))
+        if strangers:
+            raise ValueError(f"identity.participant_keys names non-participants: {strangers}")
+        if self.identity.require_signatures and not self.participants:
+            raise ValueError("require_signatures needs the list of participants and their keys")
         return self
+
+    def spec_hash(self) -> bytes:
+        """SHA-256 of the spec's canonical JSON (:meth:`to_json`, UTF-8): what every
+        update and every model announcement names (``sh``), so that an update prepared
+        under another spec is refused ``spec_mismatch``."""
+        return hashlib.sha256(self.to_json().encode()).digest()
 
     def sample_bound(self, participant: str) -> int:
         """The largest sample count an update of ``participant`` may claim."""

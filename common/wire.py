@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -23,6 +23,14 @@ from common.errors import DecodeError, EncodeError, NonFiniteError
 from common.hashing import HASH_SIZE, TensorHasher
 from common.ids import is_name, is_update_id
 from common.refusals import Refusal
+from common.signing import (
+    MAX_ANCESTORS,
+    PublicKey,
+    SigningKey,
+    model_message,
+    receipt_message,
+    update_message,
+)
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("fedq's wire format is implemented for little-endian hosts only")
@@ -76,6 +84,8 @@ class UpdateEnvelope:
     signature: bytes | None = None
     #: SHA-256 over the raw tensors; set by encode and decode, ignored on input.
     content_hash: bytes = b""
+    #: The hash of the task spec it was prepared under (``TaskSpec.spec_hash``); empty if absent.
+    spec_hash: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +99,24 @@ class ModelEnvelope:
     codec: str = "zstd"
     #: SHA-256 over the raw tensors (the version's parameter hash); set by encode/decode.
     content_hash: bytes = b""
+    #: Announcements only (section 15): the spec hash the version was made under, the
+    #: version hashes of its ancestors (newest first) and the aggregator's signature.
+    spec_hash: bytes = b""
+    ancestors: tuple[bytes, ...] = ()
+    signature: bytes | None = None
 
 
 # --------------------------------------------------------------------------- encode
 
 
-def encode_update(env: UpdateEnvelope) -> tuple[bytes, bytes]:
-    """Encode an update; returns ``(message bytes, content hash)``."""
+def encode_update(
+    env: UpdateEnvelope, signing_key: SigningKey | None = None
+) -> tuple[bytes, bytes]:
+    """Encode an update; returns ``(message bytes, content hash)``.
+
+    With ``signing_key`` the update is signed (``sg``, section 15) after its tensors are
+    encoded and hashed; ``env.signature`` is then ignored.
+    """
     _check_name("task", env.task)
     _check_name("participant", env.participant)
     if not is_update_id(env.update_id):
@@ -107,6 +128,10 @@ def encode_update(env: UpdateEnvelope) -> tuple[bytes, bytes]:
         raise EncodeError("created_at must be a finite number")
     if env.signature is not None and len(env.signature) > DEFAULT_LIMITS.max_signature_bytes:
         raise EncodeError(f"signature longer than {DEFAULT_LIMITS.max_signature_bytes} bytes")
+    if env.spec_hash and len(env.spec_hash) != HASH_SIZE:
+        raise EncodeError("spec_hash must be empty or a 32-byte SHA-256 digest")
+    if signing_key is not None and not env.spec_hash:
+        raise EncodeError("a signed update must name its spec hash")
     tensors, digest = _encode_tensors(env.tensors, env.codec)
     doc: dict[str, Any] = {
         "fv": FORMAT_VERSION,
@@ -123,9 +148,110 @@ def encode_update(env: UpdateEnvelope) -> tuple[bytes, bytes]:
     }
     if env.created_at is not None:
         doc["at"] = float(env.created_at)
-    if env.signature is not None:
-        doc["sg"] = bytes(env.signature)
+    if env.spec_hash:
+        doc["sh"] = bytes(env.spec_hash)
+    signature = env.signature
+    if signing_key is not None:
+        signature = signing_key.sign(_update_message(env, digest, metrics))
+    if signature is not None:
+        doc["sg"] = bytes(signature)
     return _pack(doc), digest
+
+
+def update_signing_message(env: UpdateEnvelope) -> bytes:
+    """The bytes an update's signature covers (section 15), from a decoded envelope."""
+    return _update_message(env, env.content_hash, env.metrics)
+
+
+def _update_message(env: UpdateEnvelope, digest: bytes, metrics: Mapping[str, float]) -> bytes:
+    try:
+        return update_message(
+            task=env.task,
+            participant=env.participant,
+            update_id=env.update_id,
+            base_version=env.base_version,
+            num_samples=env.num_samples,
+            content_hash=digest,
+            spec_hash=env.spec_hash,
+            metrics=metrics,
+        )
+    except ValueError as e:
+        raise EncodeError(f"cannot build the signing message: {e}") from e
+
+
+def model_signing_message(env: ModelEnvelope) -> bytes:
+    """The bytes a model announcement's signature covers (section 15)."""
+    try:
+        return model_message(
+            task=env.task,
+            version=env.version,
+            version_hash=env.version_hash,
+            content_hash=env.content_hash,
+            spec_hash=env.spec_hash,
+            ancestors=env.ancestors,
+        )
+    except ValueError as e:
+        raise EncodeError(f"cannot build the signing message: {e}") from e
+
+
+def sign_model(
+    blob: bytes,
+    *,
+    task: str,
+    version: int,
+    version_hash: bytes,
+    content_hash: bytes,
+    spec_hash: bytes,
+    ancestors: Sequence[bytes],
+    signing_key: SigningKey | None,
+) -> bytes:
+    """A stored model envelope turned into an announcement: ``sh``, ``anc`` and (with a
+    key) ``sg`` appended to its map, the tensors' bytes untouched (section 15)."""
+    if len(ancestors) > MAX_ANCESTORS:
+        raise EncodeError(f"at most {MAX_ANCESTORS} ancestors")
+    extra: dict[str, Any] = {"sh": bytes(spec_hash), "anc": [bytes(a) for a in ancestors]}
+    if signing_key is not None:
+        env = ModelEnvelope(
+            task=task,
+            version=version,
+            tensors={},
+            version_hash=version_hash,
+            content_hash=content_hash,
+            spec_hash=spec_hash,
+            ancestors=tuple(ancestors),
+        )
+        extra["sg"] = signing_key.sign(model_signing_message(env))
+    return _append_entries(blob, extra)
+
+
+def _append_entries(packed: bytes, extra: Mapping[str, Any]) -> bytes:
+    """A packed msgpack map with ``extra`` entries added at its end (keys must be new)."""
+    first = packed[0]
+    if 0x80 <= first <= 0x8F:
+        count, body = first & 0x0F, packed[1:]
+    elif first == 0xDE:
+        count, body = int.from_bytes(packed[1:3], "big"), packed[3:]
+    elif first == 0xDF:
+        count, body = int.from_bytes(packed[1:5], "big"), packed[5:]
+    else:
+        raise EncodeError("not a packed msgpack map")
+    total = count + len(extra)
+    if total <= 15:
+        header = bytes([0x80 | total])
+    elif total <= 0xFFFF:
+        header = b"\xde" + total.to_bytes(2, "big")
+    else:  # pragma: no cover - envelopes have a dozen fields
+        header = b"\xdf" + total.to_bytes(4, "big")
+    tail = b"".join(_pack_value(k) + _pack_value(v) for k, v in extra.items())
+    return header + body + tail
+
+
+def _pack_value(value: Any) -> bytes:
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EncodeError(f"cannot encode envelope: {e}") from e
+    return packed
 
 
 def encode_model(env: ModelEnvelope) -> tuple[bytes, bytes]:
@@ -259,10 +385,10 @@ def _check_count(what: str, value: object, *, minimum: int) -> None:
 # --------------------------------------------------------------------------- decode
 
 _UPDATE_KEYS: Final = frozenset(
-    {"fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg"}
+    {"fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg", "sh"}
 )
 _UPDATE_REQUIRED: Final = frozenset({"fv", "k", "t", "p", "id", "bv", "n", "c", "ts", "h"})
-_MODEL_KEYS: Final = frozenset({"fv", "k", "t", "v", "vh", "c", "ts", "h"})
+_MODEL_KEYS: Final = frozenset({"fv", "k", "t", "v", "vh", "c", "ts", "h", "sh", "anc", "sg"})
 _MODEL_REQUIRED: Final = frozenset({"fv", "k", "t", "v", "c", "ts", "h"})
 _TENSOR_KEYS: Final = frozenset({"n", "d", "s", "b"})
 
@@ -297,6 +423,7 @@ def decode_update(
         not isinstance(signature, bytes) or len(signature) > limits.max_signature_bytes
     ):
         raise DecodeError(Refusal.INVALID_FIELD, "sg: not a byte string of bounded size")
+    spec_hash = _get_digest(doc, "sh")
     codec = _get_str(doc, "c")
     tensors, digest = _decode_tensors(doc, codec, limits, expected)
     return UpdateEnvelope(
@@ -311,7 +438,16 @@ def decode_update(
         created_at=created_at,
         signature=signature,
         content_hash=digest,
+        spec_hash=spec_hash,
     )
+
+
+def _get_digest(doc: Mapping[str, Any], key: str) -> bytes:
+    """An optional 32-byte digest field; empty when absent."""
+    value = doc.get(key, b"")
+    if not isinstance(value, bytes) or (key in doc and len(value) != HASH_SIZE):
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not a 32-byte digest")
+    return value
 
 
 def decode_model(
@@ -326,6 +462,21 @@ def decode_model(
     version_hash = doc.get("vh", b"")
     if not isinstance(version_hash, bytes) or len(version_hash) not in (0, HASH_SIZE):
         raise DecodeError(Refusal.INVALID_FIELD, "vh: not empty or a 32-byte digest")
+    spec_hash = _get_digest(doc, "sh")
+    ancestors = doc.get("anc", [])
+    if (
+        not isinstance(ancestors, list)
+        or len(ancestors) > MAX_ANCESTORS
+        or not all(isinstance(a, bytes) and len(a) == HASH_SIZE for a in ancestors)
+    ):
+        raise DecodeError(
+            Refusal.INVALID_FIELD, f"anc: not an array of at most {MAX_ANCESTORS} digests"
+        )
+    signature = doc.get("sg")
+    if "sg" in doc and (
+        not isinstance(signature, bytes) or len(signature) > limits.max_signature_bytes
+    ):
+        raise DecodeError(Refusal.INVALID_FIELD, "sg: not a byte string of bounded size")
     codec = _get_str(doc, "c")
     tensors, digest = _decode_tensors(doc, codec, limits, expected)
     return ModelEnvelope(
@@ -335,6 +486,9 @@ def decode_model(
         version_hash=version_hash,
         codec=codec,
         content_hash=digest,
+        spec_hash=spec_hash,
+        ancestors=tuple(ancestors),
+        signature=signature,
     )
 
 
@@ -578,3 +732,186 @@ def _tensor_header(
     if not isinstance(payload, bytes):
         raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r}: payload is not a byte string")
     return name, dtype, tuple(shape), payload
+
+
+# --------------------------------------------------------------------------- receipts
+
+KIND_RECEIPT: Final = "r"
+RECEIPT_ACCEPTED: Final = "accepted"
+RECEIPT_REFUSED: Final = "refused"
+#: A refused receipt's ``d`` holds at most this many characters.
+MAX_RECEIPT_DETAIL: Final = 1024
+#: A receipt is small: anything larger is refused before it is unpacked.
+RECEIPT_LIMITS: Final = DecodeLimits(max_message_bytes=64 * 1024)
+_RECEIPT_KEYS: Final = frozenset({"fv", "k", "t", "p", "id", "o", "v", "w", "r", "d", "at", "sg"})
+_RECEIPT_REQUIRED: Final = frozenset({"fv", "k", "t", "p", "id", "o", "at"})
+_RECEIPT_SIGNATURE_BYTES: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The fate of one update, sent by the aggregator to the participant that sent it.
+
+    Accepted: ``version`` it went into and the ``weight`` its lineage entry records.
+    Refused: ``reason`` (a :class:`~common.refusals.Refusal` value) and ``detail``.
+    """
+
+    task: str
+    participant: str
+    update_id: str
+    outcome: str
+    version: int = 0
+    weight: float = 0.0
+    reason: str = ""
+    detail: str = ""
+    created_at: float = 0.0
+    signature: bytes | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == RECEIPT_ACCEPTED
+
+    def signing_message(self) -> bytes:
+        """What the aggregator's signature covers (docs/wire-format.md section 15)."""
+        accepted = self.accepted
+        return receipt_message(
+            task=self.task,
+            participant=self.participant,
+            update_id=self.update_id,
+            outcome=self.outcome,
+            version=self.version if accepted else 0,
+            weight=self.weight if accepted else 0.0,
+            reason="" if accepted else self.reason,
+        )
+
+
+def accepted_receipt(
+    task: str, participant: str, update_id: str, version: int, weight: float, at: float
+) -> Receipt:
+    """An "accepted" receipt."""
+    return Receipt(
+        task, participant, update_id, RECEIPT_ACCEPTED, version, float(weight), "", "", at
+    )
+
+
+def refused_receipt(
+    task: str, participant: str, update_id: str, reason: str, detail: str, at: float
+) -> Receipt:
+    """A "refused" receipt (the detail is cut to :data:`MAX_RECEIPT_DETAIL` characters)."""
+    return Receipt(
+        task,
+        participant,
+        update_id,
+        RECEIPT_REFUSED,
+        0,
+        0.0,
+        reason,
+        detail[:MAX_RECEIPT_DETAIL],
+        at,
+    )
+
+
+def encode_receipt(receipt: Receipt, signing_key: SigningKey | None = None) -> bytes:
+    """Encode a receipt, signed with ``signing_key`` when given (``sg``)."""
+    _check_name("task", receipt.task)
+    _check_name("participant", receipt.participant)
+    if not is_update_id(receipt.update_id):
+        raise EncodeError(f"invalid update id {receipt.update_id!r}")
+    if not math.isfinite(receipt.created_at):
+        raise EncodeError("a receipt's time must be finite")
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_RECEIPT,
+        "t": receipt.task,
+        "p": receipt.participant,
+        "id": receipt.update_id,
+        "o": receipt.outcome,
+    }
+    if receipt.outcome == RECEIPT_ACCEPTED:
+        _check_count("version", receipt.version, minimum=0)
+        if not math.isfinite(receipt.weight):
+            raise EncodeError("a receipt's weight must be finite")
+        doc["v"] = receipt.version
+        doc["w"] = float(receipt.weight)
+    elif receipt.outcome == RECEIPT_REFUSED:
+        if receipt.reason not in _REASONS:
+            raise EncodeError(f"unknown refusal reason {receipt.reason!r}")
+        doc["r"] = receipt.reason
+        doc["d"] = receipt.detail[:MAX_RECEIPT_DETAIL]
+    else:
+        raise EncodeError(f"a receipt's outcome is accepted or refused, not {receipt.outcome!r}")
+    doc["at"] = float(receipt.created_at)
+    if signing_key is not None:
+        doc["sg"] = signing_key.sign(receipt.signing_message())
+    return _pack(doc)
+
+
+_REASONS: Final = frozenset(r.value for r in Refusal)
+
+
+def decode_receipt(data: bytes, limits: DecodeLimits = RECEIPT_LIMITS) -> Receipt:
+    """Decode and validate a receipt; raises only :class:`DecodeError`.
+
+    The signature, if any, is returned, not checked: see :func:`verify_receipt`.
+    """
+    doc = _unpack(data, limits, KIND_RECEIPT, _RECEIPT_KEYS, _RECEIPT_REQUIRED)
+    task = _get_name(doc, "t", "task")
+    participant = _get_name(doc, "p", "participant")
+    update_id = doc["id"]
+    if not is_update_id(update_id):
+        raise DecodeError(Refusal.INVALID_FIELD, "id: not a valid update id")
+    outcome = doc["o"]
+    at = doc["at"]
+    if not _is_real(at) or not math.isfinite(at):
+        raise DecodeError(Refusal.INVALID_FIELD, "at: not a finite number")
+    signature = doc.get("sg")
+    if "sg" in doc and (
+        not isinstance(signature, bytes) or len(signature) != _RECEIPT_SIGNATURE_BYTES
+    ):
+        raise DecodeError(Refusal.INVALID_FIELD, "sg: not a 64-byte signature")
+    if outcome == RECEIPT_ACCEPTED:
+        version, weight = _receipt_accepted_fields(doc)
+        return Receipt(
+            task, participant, update_id, outcome, version, weight, "", "", float(at), signature
+        )
+    if outcome == RECEIPT_REFUSED:
+        reason, detail = _receipt_refused_fields(doc)
+        return Receipt(
+            task, participant, update_id, outcome, 0, 0.0, reason, detail, float(at), signature
+        )
+    raise DecodeError(Refusal.INVALID_FIELD, "o: not 'accepted' nor 'refused'")
+
+
+def _receipt_accepted_fields(doc: Mapping[str, Any]) -> tuple[int, float]:
+    if "r" in doc or "d" in doc:
+        raise DecodeError(Refusal.UNKNOWN_FIELD, "an accepted receipt has no 'r' nor 'd'")
+    if "v" not in doc or "w" not in doc:
+        raise DecodeError(Refusal.MISSING_FIELD, "an accepted receipt needs 'v' and 'w'")
+    version = _get_count(doc, "v", minimum=0)
+    weight = doc["w"]
+    if not isinstance(weight, float) or not math.isfinite(weight):
+        raise DecodeError(Refusal.INVALID_FIELD, "w: not a finite float64")
+    return version, weight
+
+
+def _receipt_refused_fields(doc: Mapping[str, Any]) -> tuple[str, str]:
+    if "v" in doc or "w" in doc:
+        raise DecodeError(Refusal.UNKNOWN_FIELD, "a refused receipt has no 'v' nor 'w'")
+    if "r" not in doc or "d" not in doc:
+        raise DecodeError(Refusal.MISSING_FIELD, "a refused receipt needs 'r' and 'd'")
+    reason = doc["r"]
+    if not isinstance(reason, str) or reason not in _REASONS:
+        raise DecodeError(Refusal.INVALID_FIELD, "r: not a known refusal reason")
+    detail = doc["d"]
+    if not isinstance(detail, str) or len(detail) > MAX_RECEIPT_DETAIL:
+        raise DecodeError(
+            Refusal.INVALID_FIELD, f"d: not a string of at most {MAX_RECEIPT_DETAIL} characters"
+        )
+    return reason, detail
+
+
+def verify_receipt(receipt: Receipt, key: PublicKey) -> bool:
+    """Whether ``receipt`` carries a valid signature of ``key`` (False when unsigned)."""
+    if receipt.signature is None:
+        return False
+    return key.verify(receipt.signature, receipt.signing_message())

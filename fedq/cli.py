@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from fedq.cli_common import (
     seconds_option,
     seed_option,
     server_options,
+    signing_key_option,
     spec_file_option,
     spec_option,
     spec_overrides,
@@ -300,6 +300,11 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 )
 @seed_option
 @amqp_option("Run against this RabbitMQ instead of the in-process broker.", default=None)
+@file_option(
+    "--bank-urls",
+    help="With --amqp-url: JSON or TOML mapping each bank's name to its own AMQP URL "
+    "(its broker user); the banks take these names and --participants follows.",
+)
 @redis_option("Keep versions in this Redis instead of an in-process one.", default=None)
 @file_option("--report", help="Write the JSON report here.")
 @file_option("--plot", help="Write the AUC-over-time plot (PNG) here.")
@@ -315,8 +320,18 @@ def simulate(**opts: Any) -> None:
         # The services run in this process: their per-version lines would drown the
         # progress bar. Warnings still show; --log-level info brings the rest back.
         configure_logging("warning", (ctx.obj or {}).get("log_format", "auto"))
-    from fedq.simulate import SimulationConfig, bundled_data, load_data, prepare
+    from fedq.simulate import SimulationConfig, bundled_data, load_bank_urls, load_data, prepare
 
+    bank_urls = None if opts["bank_urls"] is None else load_bank_urls(opts["bank_urls"])
+    if bank_urls is not None:
+        if ctx.get_parameter_source("participants") not in (
+            ParameterSource.DEFAULT,
+            ParameterSource.DEFAULT_MAP,
+        ) and opts["participants"] != len(bank_urls):
+            raise click.BadParameter(
+                f"--bank-urls names {len(bank_urls)} banks", param_hint="'--participants'"
+            )
+        opts["participants"] = len(bank_urls)
     bundled = opts["data"] is None
     config = SimulationConfig(
         data=bundled_data() if bundled else opts["data"],
@@ -342,6 +357,7 @@ def simulate(**opts: Any) -> None:
         alert_rate=opts["alert_rate"],
         seed=opts["seed"],
         amqp_url=opts["amqp_url"],
+        bank_urls=bank_urls,
         redis_url=opts["redis_url"],
         report=opts["report"],
         plot=opts["plot"],
@@ -425,6 +441,7 @@ def aggregator() -> None:
     type=click.IntRange(0, 65535),
     help="/healthz and /metrics.",
 )
+@signing_key_option
 def aggregator_run(
     spec_path: Path,
     amqp_url: str,
@@ -475,14 +492,27 @@ def participant() -> None:
 @seconds_option(
     "--delay", "delay_s", default=0.0, minimum=0.0, help="Pause after each local round (seconds)."
 )
-def participant_run(spec_path: Path, amqp_url: str, data: Path, **worker: Any) -> None:
+@signing_key_option
+@click.option(
+    "--metrics-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    envvar="FEDQ_METRICS_PORT",
+    help="Serve Prometheus /metrics on this port (0: off).",
+)
+def participant_run(
+    spec_path: Path, amqp_url: str, data: Path, metrics_port: int, **worker: Any
+) -> None:
     """Train on local data and publish updates at this bank's pace."""
     import asyncio
 
     from fedq.services import ParticipantRunConfig, load_spec, run_participant
     from participant.worker import WorkerConfig
 
-    config = ParticipantRunConfig(load_spec(spec_path), amqp_url, data, WorkerConfig(**worker))
+    config = ParticipantRunConfig(
+        load_spec(spec_path), amqp_url, data, WorkerConfig(**worker), metrics_port
+    )
     asyncio.run(run_participant(config))
 
 
@@ -518,6 +548,19 @@ def task() -> None:
     default="",
     help="What each bank holds, e.g. bank-a=12000,bank-b=800: its updates may claim no more.",
 )
+@click.option(
+    "--participant-key",
+    "participant_keys",
+    multiple=True,
+    metavar="NAME=KEY",
+    help="A participant's public key (ed25519:..., from `fedq keys generate`); repeat.",
+)
+@click.option("--aggregator-key", default=None, help="The aggregator's public key (ed25519:...).")
+@click.option(
+    "--require-signatures/--no-require-signatures",
+    default=None,
+    help="Refuse unsigned updates and models [default: on when --aggregator-key is given].",
+)
 @file_option("--out", help="Write here (default: standard output).")
 def task_init(**opts: Any) -> None:
     """Derive a task spec (shared feature schema) from a reference sample."""
@@ -542,16 +585,47 @@ def task_init(**opts: Any) -> None:
             "participants": [p.strip() for p in opts["participants"].split(",") if p.strip()],
             "max_samples": opts["max_samples"],
             "declared_samples": _declared(opts["declared_samples"]),
+            "identity": _identity(opts),
         }
     )
     warn = Console(stderr=True, soft_wrap=True, highlight=False)
     for line in schema.warnings:  # columns left out or constant: never silent
         warn.print(f"warning: {line}", markup=False)
-    text = json.dumps(json.loads(spec.to_json()), indent=2)
+    # The canonical JSON, as hashed into every update's and model's spec hash (``sh``):
+    # a participant in another language hashes these bytes (docs/protocol.md).
+    text = spec.to_json()
     if opts["out"] is None:
         click.echo(text)
     else:
         opts["out"].write_text(text + "\n")
+    warn.print(f"spec hash: {spec.spec_hash().hex()}", markup=False)
+
+
+@task.command("hash")
+@spec_file_option
+def task_hash(spec_path: Path) -> None:
+    """Print the spec hash every update and model of this spec names."""
+    from fedq.services import load_spec
+
+    click.echo(load_spec(spec_path).spec_hash().hex())
+
+
+def _identity(opts: dict[str, Any]) -> dict[str, Any]:
+    """The spec's identity section from task init's key options."""
+    keys: dict[str, str] = {}
+    for item in opts["participant_keys"]:
+        name, sep, key = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=KEY", param_hint="'--participant-key'")
+        keys[name.strip()] = key.strip()
+    require = opts["require_signatures"]
+    if require is None:
+        require = opts["aggregator_key"] is not None
+    return {
+        "require_signatures": require,
+        "aggregator_key": opts["aggregator_key"],
+        "participant_keys": keys,
+    }
 
 
 def _declared(text: str) -> dict[str, int]:
@@ -571,7 +645,9 @@ def _declared(text: str) -> dict[str, int]:
 
 def _register_audit_commands() -> None:
     from fedq.cli_audit import audit, export, replay
+    from fedq.cli_keys import keys
 
+    main.add_command(keys)
     main.add_command(replay)
     main.add_command(audit)
     main.add_command(export)

@@ -146,6 +146,7 @@ async def _replay(
             "from_version": report.from_version,
             "to_version": report.to_version,
             "checked": report.checked,
+            "signatures": report.signatures,
             "ok": report.ok,
             "first_bad_version": report.first_bad_version,
             "reason": report.reason,
@@ -158,7 +159,7 @@ async def _replay(
         what = "rebuilt" if exclude else "verified"
         console.print(
             f"[green]{what} versions {report.from_version + 1}..{report.to_version}[/] "
-            f"({report.checked} versions)"
+            f"({report.checked} versions, {report.signatures} update signatures verified)"
         )
     else:
         console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")

@@ -54,9 +54,20 @@ def one_line(e: Exception) -> str:
     return f"invalid {e.title}: " + "; ".join(parts)
 
 
+def _check_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a placeholder password or TLS settings fedq must not use (common/tls.py)."""
+    if value is not None:
+        from common.tls import check_url
+
+        check_url(value, param.opts[0] if param.opts else "URL")
+    return value
+
+
 def _url_option(flag: str, envvar: str, help: str, default: str | None) -> Callable[[F], F]:
     shown = default is not None
-    return click.option(flag, default=default, show_default=shown, envvar=envvar, help=help)
+    return click.option(
+        flag, default=default, show_default=shown, envvar=envvar, help=help, callback=_check_url
+    )
 
 
 def amqp_option(help: str, default: str | None = AMQP_DEFAULT) -> Callable[[F], F]:
@@ -108,6 +119,23 @@ def limit_option(*decls: str, help: str) -> Callable[[F], F]:
     return click.option(*decls, default=None, type=click.IntRange(min=1), help=help)
 
 
+def _load_key(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Any:
+    from common.signing import SigningKey
+
+    return None if value is None else SigningKey.load(value)
+
+
+#: ``--signing-key`` (``FEDQ_SIGNING_KEY``): the party's Ed25519 private key file.
+signing_key_option = click.option(
+    "--signing-key",
+    "signing_key",
+    default=None,
+    envvar="FEDQ_SIGNING_KEY",
+    type=FILE,
+    callback=_load_key,
+    help="This party's Ed25519 private key (PEM, from `fedq keys generate`); "
+    "the task spec names its public key.",
+)
 seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 task_option = click.option("--task", required=True, help="The task id.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -96,6 +96,8 @@ class ParticipantRunConfig:
     amqp_url: str
     data: Path
     worker: WorkerConfig
+    #: Serve /metrics on this port (0: off).
+    metrics_port: int = 0
 
 
 async def run_participant(config: ParticipantRunConfig) -> int:
@@ -111,6 +113,11 @@ async def run_participant(config: ParticipantRunConfig) -> int:
     )
     try:
         worker = ParticipantWorker(config.spec, config.worker, transport, df)
+        if config.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(config.metrics_port, registry=worker.metrics.registry)
+            log.info("metrics listening", port=config.metrics_port)
         stats = await worker.run(stop)
     finally:
         await transport.close()

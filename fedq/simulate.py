@@ -40,8 +40,9 @@ import asyncio
 import json
 import math
 import time
+import tomllib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
@@ -54,7 +55,9 @@ import structlog
 
 from common.errors import ConfigError
 from common.hooks import Stages, untimed
-from common.spec import NumericFeature, TargetSpec, TaskSpec, positive_weight_for
+from common.ids import is_name
+from common.signing import SigningKey
+from common.spec import IdentitySpec, NumericFeature, TargetSpec, TaskSpec, positive_weight_for
 from participant import partition
 from participant.data import (
     binary_labels,
@@ -157,6 +160,9 @@ class SimulationConfig:
     #: The share of customers flagged in the risk report's precision / recall at alert.
     alert_rate: float = 0.05
     amqp_url: str | None = None
+    #: On a real broker: each bank's own AMQP URL (its broker user), by bank name; the
+    #: banks are named after its keys and the aggregator checks every sender.
+    bank_urls: Mapping[str, str] | None = None
     redis_url: str | None = None
     report: Path | None = None
     plot: Path | None = None
@@ -310,6 +316,10 @@ class Prepared:
     seed: int = 0
     #: What the user should know about the data and the split, one sentence each.
     warnings: tuple[str, ...] = ()
+    #: Each bank's signing key and the aggregator's (fresh per preparation): the spec
+    #: names their public keys and requires signatures.
+    keys: Mapping[str, SigningKey] = field(default_factory=dict)
+    aggregator_key: SigningKey | None = None
 
 
 def check_options(config: SimulationConfig) -> None:
@@ -324,6 +334,7 @@ def check_options(config: SimulationConfig) -> None:
             raise ConfigError(f"--speeds: {s:g} is not a positive finite factor")
     if not 0.0 < config.test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), not {config.test_fraction}")
+    _check_bank_urls(config)
     _check_run_options(config)
     _check_shares(config)
     if config.partition == "column" and not config.partition_column:
@@ -340,6 +351,23 @@ def check_options(config: SimulationConfig) -> None:
             raise ConfigError(
                 f"{option} {value} is more than --participants {n}: no sync round could close"
             )
+
+
+def _check_bank_urls(config: SimulationConfig) -> None:
+    urls = config.bank_urls
+    if config.amqp_url is not None and urls is None:
+        raise ConfigError(
+            "on a real broker each bank runs as its own broker user: give --bank-urls, a "
+            "JSON or TOML file mapping each bank's name to its AMQP URL"
+        )
+    if urls is None:
+        return
+    if config.amqp_url is None:
+        raise ConfigError("--bank-urls needs --amqp-url (the aggregator's broker URL)")
+    if len(urls) != config.participants:
+        raise ConfigError(
+            f"--bank-urls names {len(urls)} banks, --participants is {config.participants}"
+        )
 
 
 def _check_run_options(config: SimulationConfig) -> None:
@@ -487,7 +515,42 @@ def _task_spec(
 
 
 def _names(config: SimulationConfig) -> tuple[str, ...]:
+    if config.bank_urls is not None:
+        return tuple(config.bank_urls)
     return tuple(f"bank-{i + 1:02d}" for i in range(config.participants))
+
+
+def _identity(names: Sequence[str]) -> tuple[IdentitySpec, dict[str, SigningKey], SigningKey]:
+    """Fresh keys for the banks and the aggregator, and the identity that requires them."""
+    keys = {n: SigningKey.generate() for n in names}
+    aggregator = SigningKey.generate()
+    identity = IdentitySpec(
+        require_signatures=True,
+        aggregator_key=aggregator.public.text,
+        participant_keys={n: k.public.text for n, k in keys.items()},
+    )
+    return identity, keys, aggregator
+
+
+def load_bank_urls(path: Path) -> dict[str, str]:
+    """``--bank-urls``: a JSON or TOML table of bank name -> AMQP URL; ConfigError if not."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read --bank-urls {path}: {e.strerror or e}") from None
+    try:
+        doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--bank-urls {path} is not valid JSON or TOML: {e}") from None
+    if not isinstance(doc, dict) or not doc:
+        raise ConfigError(f"--bank-urls {path} must map bank names to AMQP URLs")
+    for name, url in doc.items():
+        if not is_name(name) or not isinstance(url, str) or not url:
+            raise ConfigError(
+                f"--bank-urls {path}: {name!r} must be a bank name (letters, digits, '_', '-') "
+                "with an AMQP URL string"
+            )
+    return dict(doc)
 
 
 def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
@@ -519,6 +582,7 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
     schema = infer_features(df.iloc[train_idx].reset_index(drop=True), target, exclude=exclude)
     warnings = list(schema.warnings)
     spec = _task_spec(config, schema.features, positive, names)
+    identity, keys, aggregator_key = _identity(names)
     weight = positive_weight_for(float(labels[train_idx].mean()), config.class_weight)
     shards = {
         name: df.iloc[rows].reset_index(drop=True)
@@ -530,6 +594,7 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
         update={
             "training": spec.training.model_copy(update={"positive_weight": weight}),
             "declared_samples": {n: len(s) for n, s in shards.items()},
+            "identity": identity,
         }
     )
     warnings.extend(_one_class_banks(config, names, train_parts, labels, positive))
@@ -552,6 +617,8 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
         bank_train=_slices(names, train_parts),
         seed=config.seed,
         warnings=tuple(warnings),
+        keys=keys,
+        aggregator_key=aggregator_key,
     )
 
 
@@ -685,7 +752,11 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
         return prep
     spec = _task_spec(config, prep.spec.features, prep.spec.target.positive, prep.spec.participants)
     spec = spec.model_copy(
-        update={"declared_samples": prep.spec.declared_samples, "training": prep.spec.training}
+        update={
+            "declared_samples": prep.spec.declared_samples,
+            "training": prep.spec.training,
+            "identity": prep.spec.identity,
+        }
     )
     return replace(prep, spec=spec)
 
@@ -831,10 +902,17 @@ async def _transports(
         return MemoryTransport(broker, "fedq-aggregator"), {
             n: MemoryTransport(broker, n) for n in names
         }
+    if config.bank_urls is None:
+        raise ConfigError("a simulation on a real broker needs each bank's own URL (--bank-urls)")
     agg = await AmqpTransport.connect(config.amqp_url, name="fedq-simulate-aggregator")
     banks: dict[str, Transport] = {}
-    for n in names:
-        banks[n] = await AmqpTransport.connect(config.amqp_url, name=f"fedq-simulate-{n}")
+    try:
+        for n in names:
+            banks[n] = await AmqpTransport.connect(config.bank_urls[n], name=f"fedq-simulate-{n}")
+    except BaseException:
+        for t in (agg, *banks.values()):
+            await t.close()
+        raise
     return agg, banks
 
 
@@ -958,7 +1036,9 @@ async def run_simulation(
         spec,
         store,
         agg_transport,
-        ServiceConfig(require_sender_match=config.amqp_url is None, depth_poll_s=1.0),
+        # Every bank is its own broker user (or its own in-process sender): the sender
+        # check is on, and the spec requires signatures (prepare made the keys).
+        ServiceConfig(depth_poll_s=1.0, signing_key=prep.aggregator_key),
         AggregatorMetrics(),
         on_version,
         stages=config.stages,
@@ -1006,6 +1086,7 @@ def _workers(
                 val_fraction=VAL_FRACTION,
                 delay_s=config.base_delay_s * speeds[i],
                 wait_for_model_s=2.0,
+                signing_key=prep.keys.get(name),
             ),
             transports[name],
             prep.shards[name],

@@ -13,20 +13,25 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import pandas as pd
 import structlog
 
-from common.errors import DecodeError, TransportError
+from common.errors import ConfigError, DecodeError, TransportError
 from common.evaluation import evaluate
 from common.hooks import Stages, untimed
 from common.models import build_task_model, model_tensors, tensor_specs
+from common.refusals import Refusal
+from common.signing import SigningKey
 from common.spec import TaskSpec
 from common.transport import ModelDelivery, Subscription, Transport, next_or_none
 from common.wire import ModelEnvelope, UpdateEnvelope, decode_model, encode_update
 from participant.data import encode, train_val_split
+from participant.identity import ModelChecker, check_participant_key
+from participant.metrics import ParticipantMetrics
+from participant.receipts import ReceiptTracker, aggregator_key
 from participant.training import train_local
 
 log = structlog.get_logger("fedq.participant")
@@ -47,6 +52,8 @@ class WorkerConfig:
     #: one it has (a version usually follows soon: waiting keeps staleness low).
     wait_for_model_s: float = 5.0
     codec: str = "zstd"
+    #: This bank's Ed25519 key: signs every update (the task spec holds its public key).
+    signing_key: SigningKey | None = None
 
 
 @dataclass(slots=True)
@@ -59,6 +66,15 @@ class WorkerStats:
     models_seen: int = 0
     first_version: int = -1
     last_version: int = -1
+    #: Models refused, by reason (unsigned, bad_signature, spec_mismatch, not_descendant...).
+    models_refused: Counter[str] = field(default_factory=Counter)
+    #: Newer models whose descent from the last one seen could not be checked (too far).
+    descent_unchecked: int = 0
+    #: Receipts (participant.receipts): updates accepted; refused, by reason; receipts
+    #: ignored for a bad or missing signature.
+    accepted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    receipts_bad_signature: int = 0
 
 
 class ParticipantWorker:
@@ -71,6 +87,7 @@ class ParticipantWorker:
         transport: Transport,
         data: pd.DataFrame,
         stages: Stages = untimed,
+        metrics: ParticipantMetrics | None = None,
     ) -> None:
         self.spec = spec
         #: A named hook around each stage of the loop (benchmarks time them).
@@ -84,20 +101,50 @@ class ParticipantWorker:
         self.expected = tensor_specs(model_tensors(build_task_model(spec)))
         self.stats = WorkerStats()
         self.log = log.bind(task=spec.task_id, participant=config.participant)
+        self.spec_hash = spec.spec_hash()
+        self.checker = ModelChecker(spec)
+        self.metrics = metrics or ParticipantMetrics()
+        self.receipts = ReceiptTracker(
+            transport,
+            spec.task_id,
+            config.participant,
+            self.stats,
+            key=aggregator_key(spec),
+            metrics=self.metrics,
+        )
+        check_participant_key(spec, config.participant, config.signing_key)
+        #: The model delivery held unacked, the model trained on, its validation metrics.
+        self._held: ModelDelivery | None = None
+        self._current: ModelEnvelope | None = None
+        self._val_metrics: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
+        """Work until ``stop`` is set or ``max_updates`` are published, counting receipts.
+
+        Raises ParticipantStoppedError when a receipt says an update was refused for a
+        reason that can never heal (common.refusals.PERMANENT).
+        """
+        linked = self.receipts.linked(stop)
+        try:
+            stats = await self._work(linked)
+        finally:
+            # Ended by itself (max_updates): wait a little for the last receipts.
+            await self.receipts.close(drain=not linked.is_set())
+        self.receipts.raise_if_stopped()
+        return stats
+
+    async def _work(self, stop: asyncio.Event) -> WorkerStats:
         """Work until ``stop`` is set or ``max_updates`` are published."""
         cfg = self.config
         sub = await self._subscribe(stop)
         if sub is None:
             return self.stats
-        held: ModelDelivery | None = None
-        current: ModelEnvelope | None = None
+        self._forget()
         trained_on = -1
         sync = self.spec.mode == "sync"
-        val_metrics: dict[str, float] = {}
         try:
             while not stop.is_set():
+                current = self._current
                 # Sync: train once per round, then wait for the next one. Async: if no
                 # newer version comes within wait_for_model_s, train again on this one.
                 if current is None or (sync and trained_on == current.version):
@@ -109,31 +156,53 @@ class ParticipantWorker:
                 with self.stages("worker: wait for the newest model"):
                     newest = await self._newest_model(sub, wait, stop)
                 if newest is not None:
-                    with self.stages("worker: decode the model"):
-                        model = await self._decode(newest)
-                    if model is None or (current is not None and model.version <= current.version):
-                        await self._ack(newest)
-                    else:
-                        if held is not None:
-                            await self._ack(held)
-                        held, current = newest, model
-                        self.stats.models_seen += 1
-                        if self.stats.first_version < 0:
-                            self.stats.first_version = model.version
-                        self.stats.last_version = model.version
-                        val_metrics = await asyncio.to_thread(
-                            evaluate, self.spec, model.tensors, self.x_val, self.y_val
-                        )
+                    await self._take(newest)
+                current = self._current
                 if current is None or stop.is_set() or (sync and trained_on == current.version):
                     continue
                 with self.stages("worker: train, encode, publish"):
-                    await self._train_and_publish(current, val_metrics)
+                    await self._train_and_publish(current, self._val_metrics)
                 trained_on = current.version
                 if cfg.max_updates is not None and self.stats.published >= cfg.max_updates:
                     break
         finally:
             await sub.close()  # a held model goes back to the queue for the next start
         return self.stats
+
+    def _forget(self) -> None:
+        """A fresh start: no model held (a held delivery went back to its queue)."""
+        self._held, self._current = None, None
+
+    async def _take(self, newest: ModelDelivery) -> None:
+        """Make ``newest`` the model trained on if it is newer and passes the checks;
+        hold its delivery unacked (so a restart finds the head queued), ack the rest."""
+        with self.stages("worker: decode the model"):
+            model = await self._decode(newest)
+        current = self._current
+        if (
+            model is not None
+            and current is not None
+            and (model.version, model.version_hash) == (current.version, current.version_hash)
+        ):
+            # The model we hold, redelivered (our channel was lost, or the broker's
+            # consumer timeout passed): hold this copy, so the queue keeps the head.
+            if self._held is not None:
+                await self._ack(self._held)
+            self._held = newest
+            return
+        if model is None or (current is not None and model.version <= current.version):
+            await self._ack(newest)
+            return
+        if self._held is not None:
+            await self._ack(self._held)
+        self._held, self._current = newest, model
+        self.stats.models_seen += 1
+        if self.stats.first_version < 0:
+            self.stats.first_version = model.version
+        self.stats.last_version = model.version
+        self._val_metrics = await asyncio.to_thread(
+            evaluate, self.spec, model.tensors, self.x_val, self.y_val
+        )
 
     async def _subscribe(self, stop: asyncio.Event) -> Subscription[ModelDelivery] | None:
         """Subscribe to the model queue; until the aggregator has declared it, wait and retry."""
@@ -184,12 +253,35 @@ class ParticipantWorker:
         try:
             model = await asyncio.to_thread(decode_model, delivery.body, expected=self.expected)
         except DecodeError as e:
-            self.log.warning("model refused", reason=e.reason, detail=e.detail)
+            self._refuse_model(e.reason, e.detail, delivery.version)
             return None
         if model.task != self.spec.task_id:
-            self.log.warning("model for another task refused", model_task=model.task)
+            self._refuse_model(Refusal.UNKNOWN_TASK, f"names task {model.task!r}", model.version)
             return None
+        refused = self.checker.check(model)
+        if refused is not None:
+            reason, detail = refused
+            if reason == Refusal.SPEC_MISMATCH:
+                # Every update trained on it would be refused: stop and say why.
+                raise ConfigError(
+                    f"{self.config.participant}: the federation runs task {self.spec.task_id!r} "
+                    f"under another spec ({detail}); get the current spec file and restart"
+                )
+            self._refuse_model(reason, detail, model.version)
+            return None
+        if self.checker.unchecked:
+            self.stats.descent_unchecked += 1
+            self.log.warning(
+                "model's descent not checked: too many versions since the last one seen",
+                version=model.version,
+                last_seen=self.checker.previous,
+            )
         return model
+
+    def _refuse_model(self, reason: str, detail: str, version: int) -> None:
+        self.stats.models_refused[reason] += 1
+        self.metrics.models_refused.labels(str(reason)).inc()
+        self.log.warning("model refused", reason=reason, detail=detail, version=version)
 
     async def _train_and_publish(self, model: ModelEnvelope, val_metrics: dict[str, float]) -> None:
         cfg = self.config
@@ -215,12 +307,15 @@ class ParticipantWorker:
                 metrics=metrics,
                 codec=cfg.codec,
                 created_at=time.time(),
+                spec_hash=self.spec_hash,
             ),
+            cfg.signing_key,
         )
         await self.transport.publish_update(
             self.spec.task_id, cfg.participant, body, message_id=update_id
         )
         self.stats.published += 1
+        self.metrics.published.inc()
         self.stats.published_ids.append(update_id)
         self.log.info(
             "update published",

@@ -16,6 +16,7 @@ tests/servers.py; the strategy contract's cases are in tests/strategy_contract.p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -27,12 +28,14 @@ import torch
 from aggregator.store import RedisModelStore
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors
-from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
+from common.signing import SigningKey
+from common.spec import AsyncSettings, IdentitySpec, NumericFeature, TargetSpec, TaskSpec
 from common.transport.names import (
     audit_stream,
     dead_queue,
     head_queue,
     model_queue,
+    receipt_queue,
     work_queue,
 )
 from common.wire import Tensors, UpdateEnvelope, encode_update
@@ -59,12 +62,30 @@ REDIS_URL = os.environ.get("FEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+def party_key(name: str) -> SigningKey:
+    """A fixed Ed25519 key per party name (tests only: the seed is public)."""
+    return SigningKey.from_seed(hashlib.sha256(f"fedq-test-key:{name}".encode()).digest())
+
+
+def signed_identity(
+    participants: tuple[str, ...], aggregator: str = "fedq-aggregator"
+) -> IdentitySpec:
+    """A spec identity that requires signatures, with :func:`party_key` keys."""
+    return IdentitySpec(
+        require_signatures=True,
+        aggregator_key=party_key(aggregator).public.text,
+        participant_keys={p: party_key(p).public.text for p in participants},
+    )
+
+
 async def delete_queues(task: str, participants: tuple[str, ...]) -> None:
-    """Delete a task's queues on the shared RabbitMQ: work, audit, dead, head, models."""
+    """Delete a task's queues on the shared RabbitMQ: work, audit, dead, head, models,
+    receipts."""
     conn = await aio_pika.connect(AMQP_URL)
     try:
         names = [work_queue(task), audit_stream(task), dead_queue(task), head_queue(task)]
         names += [model_queue(task, p) for p in participants]
+        names += [receipt_queue(task, p) for p in participants]
         for name in names:
             ch = await conn.channel()
             try:
@@ -131,6 +152,7 @@ def encoded_update(
             base_version=base,
             num_samples=10,
             tensors=delta,
+            spec_hash=spec.spec_hash(),
         )
     )
     return uid, body

@@ -6,9 +6,15 @@ run, with its own port, data directory, log and (for RabbitMQ) node name, Erlang
 cookie, distribution port and plugin list. Both run the project's shipped configuration
 (broker_config/redis.conf, broker_config/rabbitmq.conf with definitions.json) copied
 with ONLY the port and the directories changed (:func:`shipped_redis_conf`,
-:func:`shipped_rabbitmq_conf`), so what the tests exercise is what users deploy:
-the ACL users of redis.conf, the vhost, users, permissions and policies of
-definitions.json (no guest, no ``/`` vhost). Only processes this module
+:func:`shipped_rabbitmq_conf`; the paths of the TLS files and of Redis's ACL file
+count as directories), so what the tests exercise is what users deploy: TLS only
+(no plaintext port), the ACL users of redis-users.acl, the vhost, users, permissions
+and policies of definitions.json (no guest, no ``/`` vhost). The certificates are
+made once per test run by :func:`test_certificates` (``scripts/make-certs``'s
+function); every URL a server gives is a TLS URL that verifies the server against
+that CA. Each server's passwords are its own, set by the documented operator step
+(``rabbitmqctl change_password``; Redis's ACL file written by ``scripts/redis-acl``'s
+function). Only processes this module
 started are ever signalled, tracked by PID *and* start time, so a recycled PID can
 never be hit.
 
@@ -53,6 +59,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -73,11 +80,13 @@ from redis.retry import Retry
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore
 from common.spec import TaskSpec
+from common.tls import Certificates, make_certificates, write_redis_acl
 from common.transport import Transport
 from common.transport.amqp import AmqpTransport
 from fedq.cli_audit import replay
 from fedq.simulate import SimulationConfig, prepare
 from participant.worker import ParticipantWorker, WorkerConfig
+from tests.helpers import party_key, signed_identity
 
 __all__ = [
     "AGGREGATOR",
@@ -90,21 +99,23 @@ __all__ = [
     "ServerError",
     "ServerExitedError",
     "bank_task",
+    "client_ssl_context",
     "free_port",
     "private_rabbit",
     "private_rabbit_fixture",
     "private_redis",
     "private_redis_fixture",
-    "redis_conf_passwords",
     "replay_as_auditor",
     "shipped_rabbitmq_conf",
     "shipped_redis_conf",
+    "test_certificates",
     "wait_until",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_CONFIG = ROOT / "broker_config"
 SHIPPED_REDIS_CONF = BROKER_CONFIG / "redis.conf"
+SHIPPED_REDIS_USERS = BROKER_CONFIG / "redis-users.acl"
 SHIPPED_RABBITMQ_CONF = BROKER_CONFIG / "rabbitmq.conf"
 SHIPPED_DEFINITIONS = BROKER_CONFIG / "definitions.json"
 
@@ -315,37 +326,87 @@ def _replace_lines(text: str, replacements: Mapping[str, str], sep: str) -> str:
     return "".join(out)
 
 
-def shipped_redis_conf(port: int, data_dir: Path) -> str:
-    """broker_config/redis.conf with only ``port`` and ``dir`` changed."""
+_certificates: list[Certificates] = []
+_certificates_lock = threading.Lock()
+
+
+def test_certificates() -> Certificates:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and client certificates.
+
+    Made once per test process (``scripts/make-certs``'s function) in a temporary
+    directory removed at exit; clients: the aggregator, the auditor and the banks.
+    """
+    with _certificates_lock:
+        if not _certificates:
+            out = Path(tempfile.mkdtemp(prefix="fedqtest-tls-"))
+            atexit.register(shutil.rmtree, out, ignore_errors=True)
+            _certificates.append(
+                make_certificates(
+                    out, hosts=("127.0.0.1", "localhost"), clients=(AGGREGATOR, AUDITOR, *BANKS)
+                )
+            )
+        return _certificates[0]
+
+
+# Tell pytest this is not a test, though its name says so.
+test_certificates.__test__ = False  # type: ignore[attr-defined]
+
+
+def shipped_redis_conf(
+    port: int, data_dir: Path, acl_file: Path, certs: Certificates | None = None
+) -> str:
+    """broker_config/redis.conf with only the TLS port and the directories changed.
+
+    The directories: ``dir``, the ACL file and the TLS files (``certs``, by default
+    :func:`test_certificates`).
+    """
+    certs = certs or test_certificates()
     return _replace_lines(
         SHIPPED_REDIS_CONF.read_text(encoding="utf-8"),
-        {"port": f"port {port}", "dir": f'dir "{data_dir}"'},
+        {
+            "tls-port": f"tls-port {port}",
+            "dir": f'dir "{data_dir}"',
+            "aclfile": f'aclfile "{acl_file}"',
+            "tls-cert-file": f'tls-cert-file "{certs.server_cert}"',
+            "tls-key-file": f'tls-key-file "{certs.server_key}"',
+            "tls-ca-cert-file": f'tls-ca-cert-file "{certs.ca_cert}"',
+        },
         " ",
     )
 
 
-def shipped_rabbitmq_conf(port: int, definitions: Path = SHIPPED_DEFINITIONS) -> str:
-    """broker_config/rabbitmq.conf with only the AMQP port and the definitions path changed."""
+def shipped_rabbitmq_conf(
+    port: int, definitions: Path = SHIPPED_DEFINITIONS, certs: Certificates | None = None
+) -> str:
+    """broker_config/rabbitmq.conf with only the AMQPS port and the paths changed.
+
+    The paths: definitions.json and the TLS files (``certs``, by default
+    :func:`test_certificates`).
+    """
+    certs = certs or test_certificates()
     return _replace_lines(
         SHIPPED_RABBITMQ_CONF.read_text(encoding="utf-8"),
         {
-            "listeners.tcp.default": f"listeners.tcp.default = {port}",
+            "listeners.ssl.default": f"listeners.ssl.default = {port}",
             "definitions.local.path": f"definitions.local.path = {definitions}",
+            "ssl_options.cacertfile": f"ssl_options.cacertfile = {certs.ca_cert}",
+            "ssl_options.certfile": f"ssl_options.certfile   = {certs.server_cert}",
+            "ssl_options.keyfile": f"ssl_options.keyfile    = {certs.server_key}",
         },
         "=",
     )
 
 
-def redis_conf_passwords(text: str) -> dict[str, str]:
-    """The clear-text password (``>password``) of each ACL ``user`` line of a redis.conf."""
-    out: dict[str, str] = {}
-    for raw in text.splitlines():
-        words = raw.split()
-        if len(words) >= 2 and words[0] == "user":
-            for word in words[2:]:
-                if word.startswith(">"):
-                    out[words[1]] = word[1:]
-    return out
+def client_ssl_context(
+    certs: Certificates | None = None, client: str | None = None
+) -> ssl.SSLContext:
+    """A client context that verifies the private servers (and presents ``client``'s cert)."""
+    certs = certs or test_certificates()
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    if client is not None:
+        cert, key = certs.clients[client]
+        context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 _live_servers: set[_ServerProcess] = set()
@@ -611,12 +672,15 @@ def _kill_leftovers() -> None:
 class PrivateRedis(_ServerProcess):
     """A ``redis-server`` of our own, running the shipped broker_config/redis.conf.
 
-    The config file is a copy of the shipped one with only ``port`` and ``dir``
-    changed (everything else, the ACL users and ``appendfsync always`` included, is
-    what users deploy; ``logfile ""`` sends the log to our captured stdout). Clients
-    therefore authenticate: :attr:`url` is the aggregator's (``fedq-aggregator``, the
-    placeholder password of the shipped file), :meth:`url_for` any other user's.
-    Restarts reuse the same port and data directory.
+    The config file is a copy of the shipped one with only the TLS port (``tls-port``;
+    ``port 0``: no plaintext port) and the directories (``dir``, ``aclfile``, the TLS
+    files) changed; everything else, ``appendfsync always`` included, is what users
+    deploy (``logfile ""`` sends the log to our captured stdout). The ACL file is
+    written as the operator does (broker_config/README.md): the users of the shipped
+    redis-users.acl, each with a password of this server's own. Clients therefore
+    authenticate over TLS: :attr:`url` is the aggregator's (``fedq-aggregator``),
+    :meth:`url_for` any other user's, :meth:`tls_kwargs` the TLS settings of a client.
+    Restarts reuse the same port, data directory and passwords.
     """
 
     name = "redis"
@@ -635,7 +699,12 @@ class PrivateRedis(_ServerProcess):
         self.data_dir.mkdir(exist_ok=True)
         self.logfile = self._out  # the shipped file logs to stdout
         self.config_file = self.dir / "redis.conf"
-        self.passwords = redis_conf_passwords(SHIPPED_REDIS_CONF.read_text(encoding="utf-8"))
+        self.certs = test_certificates()
+        #: The users that log in with a password, each with this server's own.
+        self.passwords = {user: f"{user}-{secrets.token_hex(8)}" for user in (AGGREGATOR, AUDITOR)}
+        # The operator step: the ACL file, from the shipped template (scripts/redis-acl).
+        self.acl_file = self.dir / "acl" / "users.acl"
+        write_redis_acl(SHIPPED_REDIS_USERS, self.acl_file, self.passwords)
         self._write_config()
 
     def _repick_ports(self) -> bool:
@@ -646,16 +715,25 @@ class PrivateRedis(_ServerProcess):
         return True
 
     def _write_config(self) -> None:
-        self.config_file.write_text(shipped_redis_conf(self.port, self.data_dir))
+        self.config_file.write_text(
+            shipped_redis_conf(self.port, self.data_dir, self.acl_file, self.certs)
+        )
 
     def url_for(self, user: str) -> str:
-        """``redis://USER:PASSWORD@127.0.0.1:PORT/0`` with the shipped file's password."""
-        return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+        """``rediss://USER:PASSWORD@127.0.0.1:PORT/0?ssl_ca_certs=CA``: TLS, server verified."""
+        return (
+            f"rediss://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+            f"?ssl_ca_certs={self.certs.ca_cert}"
+        )
 
     @property
     def url(self) -> str:
-        """The aggregator's URL: redis://fedq-aggregator:PASSWORD@127.0.0.1:PORT/0"""
+        """The aggregator's URL: rediss://fedq-aggregator:PASSWORD@127.0.0.1:PORT/0?..."""
         return self.url_for(self.user)
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for TLS to this server, verifying it against the CA."""
+        return {"ssl": True, "ssl_ca_certs": str(self.certs.ca_cert)}
 
     def client(self, user: str | None = None) -> redis.Redis:
         """A sync client as ``user`` (default the aggregator); close it, or use ``with``."""
@@ -666,6 +744,7 @@ class PrivateRedis(_ServerProcess):
             username=name,
             password=self.passwords[name],
             socket_timeout=5.0,
+            **self.tls_kwargs(),
         )
 
     def _argv(self) -> list[str]:
@@ -687,6 +766,7 @@ class PrivateRedis(_ServerProcess):
                 socket_connect_timeout=1.0,
                 socket_timeout=1.0,
                 retry=Retry(NoBackoff(), 0),
+                **self.tls_kwargs(),
             ) as c:
                 c.get("fedq:readiness-probe")
         except redis.RedisError:
@@ -718,10 +798,13 @@ def _rabbit_sbin() -> Path:
     raise ServerError("RabbitMQ server scripts not found (apt-get install rabbitmq-server)")
 
 
-def _amqp_handshake(port: int) -> bool:
-    """True when an AMQP 0-9-1 listener on the port answers the protocol header."""
+def _amqp_handshake(port: int, certs: Certificates | None = None) -> bool:
+    """True when an AMQP 0-9-1 listener over TLS on the port answers the protocol header."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=1.0) as raw,
+            client_ssl_context(certs).wrap_socket(raw, server_hostname="127.0.0.1") as s,
+        ):
             s.sendall(b"AMQP\x00\x00\x09\x01")
             frame = s.recv(7)
     except OSError:
@@ -732,14 +815,16 @@ def _amqp_handshake(port: int) -> bool:
 class PrivateRabbit(_ServerProcess):
     """A second RabbitMQ node of our own, isolated from the shared ``rabbit@localhost``.
 
-    Runs the shipped broker_config/rabbitmq.conf, copied with only the AMQP port
-    (``listeners.tcp.default``) and the definitions path (the repository's
-    definitions.json) changed: vhost ``fedq``, the shipped users, permissions,
+    Runs the shipped broker_config/rabbitmq.conf, copied with only the AMQPS port
+    (``listeners.ssl.default``; ``listeners.tcp = none``: no plaintext port) and the
+    paths of definitions.json (the repository's) and of the TLS files
+    (:func:`test_certificates`) changed: vhost ``fedq``, the shipped users, permissions,
     exchanges and policies, no guest. Once the node first boots, every user of
     definitions.json gets a password of this node's own with ``rabbitmqctl
     change_password`` (the operator step of broker_config/README.md);
     ``definitions.skip_if_unchanged`` keeps them across restarts. :meth:`url_for`
-    gives a user's URL on vhost ``fedq``; :attr:`url` is ``fedq-admin``'s.
+    gives a user's ``amqps://`` URL on vhost ``fedq`` (the server verified against the
+    CA); :attr:`url` is ``fedq-admin``'s.
 
     Own node name (``fedqtest-<hex>@localhost``), AMQP port, distribution port,
     Mnesia/quorum/log directories, pid file, config file, empty plugin list (no
@@ -770,6 +855,7 @@ class PrivateRabbit(_ServerProcess):
         self.port = port if port is not None else free_port()
         self.dist_port = dist_port if dist_port is not None else free_port()
         self._extra_config = dict(extra_config or {})
+        self.certs = test_certificates()
         definitions = json.loads(SHIPPED_DEFINITIONS.read_text(encoding="utf-8"))
         #: Every user of definitions.json, with the password this node gives it.
         self.passwords = {
@@ -802,14 +888,17 @@ class PrivateRabbit(_ServerProcess):
         return True
 
     def _write_config(self) -> None:
-        text = shipped_rabbitmq_conf(self.port)
+        text = shipped_rabbitmq_conf(self.port, certs=self.certs)
         if self._extra_config:  # not the shipped configuration any more: tests that say so
             text += "".join(f"{k} = {v}\n" for k, v in self._extra_config.items())
         self.config_file.write_text(text)
 
     def url_for(self, user: str) -> str:
-        """``amqp://USER:PASSWORD@127.0.0.1:PORT/fedq`` for a user of definitions.json."""
-        return f"amqp://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/{self.vhost}"
+        """``amqps://USER:PASSWORD@127.0.0.1:PORT/fedq?cafile=CA``, a user of definitions.json."""
+        return (
+            f"amqps://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/{self.vhost}"
+            f"?cafile={self.certs.ca_cert}"
+        )
 
     @property
     def url(self) -> str:
@@ -838,8 +927,8 @@ class PrivateRabbit(_ServerProcess):
                 "HOME": str(self.home),  # the cookie: $HOME/.erlang.cookie
                 "LANG": env.get("LANG") or "C.UTF-8",
                 "RABBITMQ_NODENAME": self.nodename,
-                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-                "RABBITMQ_NODE_PORT": str(self.port),
+                # No RABBITMQ_NODE_PORT / _IP_ADDRESS: they would open a plaintext
+                # listener that the shipped file turns off (listeners.tcp = none).
                 "RABBITMQ_DIST_PORT": str(self.dist_port),
                 "RABBITMQ_CONF_ENV_FILE": str(self.env_file),
                 "RABBITMQ_CONFIG_FILE": str(self.config_file),
@@ -877,7 +966,11 @@ class PrivateRabbit(_ServerProcess):
 
     def _probe(self) -> bool:
         beam = self._find_beam()
-        return beam is not None and _listens(beam, self.port) and _amqp_handshake(self.port)
+        return (
+            beam is not None
+            and _listens(beam, self.port)
+            and _amqp_handshake(self.port, self.certs)
+        )
 
     def _after_ready(self, timeout: float) -> None:
         # The AMQP listener opens late in the boot; await_startup confirms the rest.
@@ -1020,6 +1113,8 @@ def bank_task(banks: tuple[str, ...] = BANKS) -> tuple[TaskSpec, dict[str, pd.Da
             "participants": banks,
             "declared_samples": {bank: len(shard) for bank, shard in shards.items()},
             "async": {**prep.spec.async_.model_dump(), "max_staleness": 1000},
+            # Signed as in production: tests.helpers.party_key gives each party its key.
+            "identity": signed_identity(banks, AGGREGATOR).model_dump(),
         }
     )
     return spec, shards
@@ -1041,7 +1136,12 @@ class Federation:
             self.rabbit.url_for(AGGREGATOR), name="restart-aggregator"
         )
         # require_sender_match stays True: the banks publish with their own user_id.
-        self.service = AggregatorService(self.spec, self.store, agg, ServiceConfig(lease_ttl_s=5))
+        self.service = AggregatorService(
+            self.spec,
+            self.store,
+            agg,
+            ServiceConfig(lease_ttl_s=5, signing_key=party_key(AGGREGATOR)),
+        )
         self.tasks.append(asyncio.create_task(_run(self.service, self.stop)))
         async with asyncio.timeout(30):
             await self.service.ready.wait()
@@ -1049,7 +1149,13 @@ class Federation:
             t = await AmqpTransport.connect(self.rabbit.url_for(name), name=f"restart-{name}")
             w = ParticipantWorker(
                 self.spec,
-                WorkerConfig(participant=name, seed=i, delay_s=0.05, wait_for_model_s=0.5),
+                WorkerConfig(
+                    participant=name,
+                    seed=i,
+                    delay_s=0.05,
+                    wait_for_model_s=0.5,
+                    signing_key=party_key(name),
+                ),
                 t,
                 shards[name],
             )

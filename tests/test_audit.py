@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import fakeredis
+import msgpack
 import pandas as pd
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +22,7 @@ from aggregator.audit.replay import index_updates, replay
 from aggregator.service import AggregatorService
 from aggregator.store import RedisModelStore
 from common.errors import FedqError
+from common.signing import SigningKey
 from common.spec import AsyncSettings, ServerOptimizerSpec, SyncSettings, TaskSpec
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
@@ -28,6 +30,7 @@ from common.wire import ModelEnvelope, UpdateEnvelope, decode_update, encode_mod
 from fedq.cli import main
 from fedq.simulate import SimulationConfig, prepare, run_simulation
 from participant.worker import ParticipantWorker, WorkerConfig
+from tests.bank_users import shared_bank_urls
 from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = pytest.mark.slow
@@ -174,6 +177,7 @@ async def test_replay_after_simulate_on_the_real_servers(
             participants=4,
             versions=30 if mode == "async" else 8,
             amqp_url=AMQP_URL,
+            bank_urls=shared_bank_urls(4),
             redis_url=REDIS_URL,
             seconds=60,
         )
@@ -220,16 +224,32 @@ async def test_replay_after_simulate_on_the_real_servers(
                 base_version=env.base_version,
                 num_samples=env.num_samples,
                 tensors=forged,
+                spec_hash=env.spec_hash,
             )
         )
         bad = await replay(store, {**updates, victim.update_id: forged_body}, task)
         assert bad.first_bad_version == victim_version
         assert "differs from the one recorded" in bad.reason
-        flipped = bytearray(updates[victim.update_id])
-        flipped[-40] ^= 1
+        original = updates[victim.update_id]
+        payload = msgpack.unpackb(original)["ts"][0]["b"]
+        flipped = bytearray(original)
+        flipped[original.find(payload) + len(payload) // 2] ^= 1
         bad = await replay(store, {**updates, victim.update_id: bytes(flipped)}, task)
         assert bad.first_bad_version == victim_version
         assert "does not decode" in bad.reason
+        # The stored update's signature altered (content intact): named, with the bank.
+        assert env.signature is not None
+        resigned = bytearray(original)
+        resigned[original.find(env.signature)] ^= 1
+        bad = await replay(store, {**updates, victim.update_id: bytes(resigned)}, task)
+        assert bad.first_bad_version == victim_version
+        assert victim.update_id in bad.reason
+        assert f"signature does not verify under {victim.participant}'s key" in bad.reason
+        # Signed again, by a key that is not the bank's: the same.
+        other, _ = encode_update(env, SigningKey.generate())
+        bad = await replay(store, {**updates, victim.update_id: other}, task)
+        assert bad.first_bad_version == victim_version
+        assert "signature does not verify" in bad.reason
 
         # Tampering with a stored blob (consistently re-encoded) and with a lineage entry.
         client = aioredis.Redis.from_url(REDIS_URL)
@@ -342,6 +362,7 @@ async def test_audit_show_lists_updates_and_the_refusals_of_the_window(tmp_path:
             base_version=head,
             num_samples=5,
             tensors=zeros,
+            spec_hash=spec.spec_hash(),
         )
     )
     await service.handle(Delivery(body))

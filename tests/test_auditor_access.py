@@ -76,18 +76,28 @@ def _redis_refuses_the_auditor(server: PrivateRedis, task: str) -> None:
         assert c.get(spec_key) != b"forged"
     # Nobody gets in without credentials, nor as the default user (it is off).
     with (
-        redis.Redis(host="127.0.0.1", port=server.port) as anonymous,
+        redis.Redis(host="127.0.0.1", port=server.port, **server.tls_kwargs()) as anonymous,
         pytest.raises(redis.exceptions.AuthenticationError),
     ):
         anonymous.ping()
     with (
         pytest.raises(redis.exceptions.AuthenticationError),
-        redis.Redis(host="127.0.0.1", port=server.port, username="default", password="x") as d,
+        redis.Redis(
+            host="127.0.0.1",
+            port=server.port,
+            username="default",
+            password="x",
+            **server.tls_kwargs(),
+        ) as d,
     ):
         d.ping()
     # The healthcheck user may PING, with any password, and nothing else.
     with redis.Redis(
-        host="127.0.0.1", port=server.port, username="fedq-health", password="any"
+        host="127.0.0.1",
+        port=server.port,
+        username="fedq-health",
+        password="any",
+        **server.tls_kwargs(),
     ) as health:
         assert health.ping()
         with pytest.raises(redis.exceptions.NoPermissionError):

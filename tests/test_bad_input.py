@@ -97,6 +97,7 @@ def _valid(
             base_version=base,
             num_samples=10,
             tensors=delta,
+            spec_hash=spec.spec_hash(),
         )
     )
     return body

@@ -22,6 +22,7 @@ BROKER_CONFIG = ROOT / "broker_config"
 DEFINITIONS = BROKER_CONFIG / "definitions.json"
 RABBITMQ_CONF = BROKER_CONFIG / "rabbitmq.conf"
 REDIS_CONF = BROKER_CONFIG / "redis.conf"
+REDIS_USERS = BROKER_CONFIG / "redis-users.acl"
 COMPOSE = ROOT / "compose.yaml"
 
 VHOST = "fedq"
@@ -29,7 +30,7 @@ AGGREGATOR = "fedq-aggregator"
 ADMIN = "fedq-admin"
 AUDITOR = "fedq-auditor"
 BANKS = ("bank-a", "bank-b")
-EXCHANGES = ("fedq.updates", "fedq.models", "fedq.dlx")
+EXCHANGES = ("fedq.updates", "fedq.models", "fedq.dlx", "fedq.receipts")
 TASKS = ("credit", "fraud-v2")
 
 # Policy keys that RabbitMQ 3.10 knows (4.x knows them all too); an unknown key makes
@@ -175,6 +176,10 @@ def model_queue(task: str, bank: str) -> str:
     return f"fedq.model.{task}.{bank}"
 
 
+def receipt_queue(task: str, bank: str) -> str:
+    return f"fedq.receipt.{task}.{bank}"
+
+
 def other_bank(bank: str) -> str:
     return next(b for b in BANKS if b != bank)
 
@@ -291,8 +296,10 @@ def test_participant_writes_only_to_updates_exchange(bank: str) -> None:
             "fedq.work.credit",
             "fedq.audit.credit",
             "fedq.dead.credit",
+            "fedq.receipts",
             model_queue("credit", bank),
             model_queue("credit", other_bank(bank)),
+            receipt_queue("credit", bank),
         ],
     )
 
@@ -317,8 +324,41 @@ def test_participant_reads_only_its_own_model_queue(bank: str) -> None:
             "fedq.updates",
             "fedq.models",
             "fedq.dlx",
+            "fedq.receipts",
         ],
     )
+
+
+@pytest.mark.parametrize("bank", BANKS)
+def test_participant_reads_only_its_own_receipt_queue(bank: str) -> None:
+    read = permissions(bank)["read"]
+    assert_allows(read, [receipt_queue(task, bank) for task in TASKS])
+    other = other_bank(bank)
+    assert_denies(
+        read,
+        [
+            *(receipt_queue(task, other) for task in TASKS),
+            f"fedq.receipt.credit.{bank}x",
+            f"fedq.receipt.credit.x{bank}",
+            f"fedq.receipt.credit.{bank}.extra",
+            f"fedq.receipt.a.b.{bank}",
+            f"fedq.receipt..{bank}",
+            f"fedq.receipts.credit.{bank}",
+            f"fedq.modelreceipt.credit.{bank}",
+            "fedq.receipts",
+        ],
+    )
+
+
+@pytest.mark.parametrize("bank", BANKS)
+def test_receipt_queues_are_readable_only_by_their_bank_and_the_aggregator(bank: str) -> None:
+    queues = [receipt_queue(task, bank) for task in TASKS]
+    assert_allows(permissions(AGGREGATOR)["read"], queues)
+    assert_denies(permissions(AUDITOR)["read"], queues)
+    assert_denies(permissions(other_bank(bank))["read"], queues)
+    for user in (bank, other_bank(bank), AUDITOR):
+        assert_denies(permissions(user)["write"], [*queues, "fedq.receipts"])
+        assert_denies(permissions(user)["configure"], [*queues, "fedq.receipts"])
 
 
 @pytest.mark.parametrize("bank", BANKS)
@@ -352,6 +392,7 @@ def test_aggregator_can_declare_what_it_needs() -> None:
             *(f"fedq.audit.{task}" for task in TASKS),
             *(f"fedq.dead.{task}" for task in TASKS),
             *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *(receipt_queue(task, bank) for task in TASKS for bank in BANKS),
         ],
     )
 
@@ -359,7 +400,7 @@ def test_aggregator_can_declare_what_it_needs() -> None:
 def test_aggregator_can_bind_and_publish() -> None:
     write = permissions(AGGREGATOR)["write"]
     # Publishing to the model and dead-letter exchanges.
-    assert_allows(write, ["fedq.models", "fedq.dlx"])
+    assert_allows(write, ["fedq.models", "fedq.dlx", "fedq.receipts"])
     # queue.bind needs write on the queue.
     assert_allows(
         write,
@@ -368,6 +409,7 @@ def test_aggregator_can_bind_and_publish() -> None:
             *(f"fedq.audit.{task}" for task in TASKS),
             *(f"fedq.dead.{task}" for task in TASKS),
             *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *(receipt_queue(task, bank) for task in TASKS for bank in BANKS),
         ],
     )
     assert_denies(write, ["amq.default", "amq.topic"])
@@ -414,6 +456,7 @@ def test_auditor_reads_only_audit_streams_and_dead_letters() -> None:
         [
             *(f"fedq.work.{task}" for task in TASKS),
             *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *(receipt_queue(task, bank) for task in TASKS for bank in BANKS),
             *EXCHANGES,
             "fedq.audit.credit.x",
             "fedq.audit.",
@@ -526,11 +569,26 @@ def test_rabbitmq_conf_limits() -> None:
     assert any(key.startswith("disk_free_limit.") for key in values)
 
 
-def test_rabbitmq_conf_documents_tls() -> None:
-    text = RABBITMQ_CONF.read_text(encoding="utf-8")
-    assert re.search(r"^#\s*listeners\.ssl\.default\s*=\s*5671$", text, re.MULTILINE)
-    for key in ("cacertfile", "certfile", "keyfile"):
-        assert re.search(rf"^#\s*ssl_options\.{key}\s*=", text, re.MULTILINE), key
+def test_rabbitmq_conf_speaks_tls_only() -> None:
+    values = conf_values(RABBITMQ_CONF)
+    assert values["listeners.tcp"] == "none"
+    assert not [k for k in values if k.startswith("listeners.tcp.")]
+    assert values["listeners.ssl.default"] == "5671"
+    tls = bind_mounts("rabbitmq")
+    assert "/etc/rabbitmq/tls" in tls
+    for key, name in (
+        ("cacertfile", "ca.crt"),
+        ("certfile", "server.crt"),
+        ("keyfile", "server.key"),
+    ):
+        assert values[f"ssl_options.{key}"] == f"/etc/rabbitmq/tls/{name}", key
+    # Client certificates verified when presented, not required: passwords over TLS work.
+    assert values["ssl_options.verify"] == "verify_peer"
+    assert values["ssl_options.fail_if_no_peer_cert"] == "false"
+    assert {v for k, v in values.items() if k.startswith("ssl_options.versions.")} <= {
+        "tlsv1.3",
+        "tlsv1.2",
+    }
 
 
 # --------------------------------------------------------------------------- redis.conf
@@ -544,13 +602,39 @@ def test_redis_persistence() -> None:
     assert redis_single("dir") == "/data"
 
 
+def test_redis_conf_speaks_tls_only() -> None:
+    assert redis_single("port") == "0"
+    assert redis_single("tls-port") == "6379"
+    assert redis_single("tls-cert-file") == "/usr/local/etc/redis/tls/server.crt"
+    assert redis_single("tls-key-file") == "/usr/local/etc/redis/tls/server.key"
+    assert redis_single("tls-ca-cert-file") == "/usr/local/etc/redis/tls/ca.crt"
+    assert redis_single("tls-auth-clients") == "optional"
+    assert "/usr/local/etc/redis/tls" in bind_mounts("redis")
+
+
+def test_no_usable_password_is_shipped() -> None:
+    # Redis: users come from an ACL file the operator writes (scripts/redis-acl); the
+    # template holds no password and, having comments, is refused by Redis as it is.
+    assert redis_single("aclfile") == "/usr/local/etc/redis/acl/users.acl"
+    assert not [d for d in redis_directives(REDIS_CONF) if d[0] == "user"]
+    text = REDIS_USERS.read_text(encoding="utf-8")
+    assert text.startswith("#")
+    for words in redis_users().values():
+        assert not [w for w in words if w.startswith((">", "<", "#"))], words
+    # RabbitMQ: nobody can log in until an operator sets the password.
+    assert all(u["password_hash"] == "" for u in section("users"))
+    for path in (REDIS_CONF, REDIS_USERS, RABBITMQ_CONF, COMPOSE, DEFINITIONS):
+        assert "change-me" not in path.read_text(encoding="utf-8").lower(), path
+
+
 def test_redis_never_evicts() -> None:
     assert redis_single("maxmemory-policy") == "noeviction"
 
 
 def redis_users() -> dict[str, list[str]]:
-    users = {d[1]: d[2:] for d in redis_directives(REDIS_CONF) if d[0] == "user"}
-    assert len(users) == len([d for d in redis_directives(REDIS_CONF) if d[0] == "user"])
+    """The users of the ACL template (redis.conf loads the ACL file written from it)."""
+    users = {d[1]: d[2:] for d in redis_directives(REDIS_USERS) if d[0] == "user"}
+    assert len(users) == len(redis_directives(REDIS_USERS))
     return users
 
 
@@ -601,12 +685,6 @@ def test_redis_health_user_may_only_ping() -> None:
     assert [r for r in health if r.startswith("+")] == ["+ping"]
 
 
-def test_redis_conf_documents_tls() -> None:
-    text = REDIS_CONF.read_text(encoding="utf-8")
-    for key in ("tls-port", "tls-cert-file", "tls-key-file", "tls-ca-cert-file"):
-        assert re.search(rf"^#\s*{key}\s", text, re.MULTILINE), key
-
-
 # --------------------------------------------------------------------------- compose.yaml
 
 
@@ -617,11 +695,19 @@ def test_compose_services() -> None:
     assert services["redis"]["image"] == "redis:7"
 
 
+#: What the operator creates before the first start (broker_config/README.md): the
+#: certificates (scripts/make-certs) and Redis's ACL file (scripts/redis-acl).
+OPERATOR_FILES = {ROOT / "tls", ROOT / "secrets" / "redis-users.acl"}
+
+
 def test_compose_bind_mounts_exist_in_broker_config() -> None:
     for service in ("rabbitmq", "redis"):
         for target, source in bind_mounts(service).items():
+            if source in OPERATOR_FILES:
+                continue
             assert source.is_file(), f"{service}: {source} (mounted at {target}) is missing"
             assert source.parent == BROKER_CONFIG, source
+    assert bind_mounts("redis")["/usr/local/etc/redis/acl/users.acl"] in OPERATOR_FILES
 
 
 def test_compose_rabbitmq() -> None:
@@ -631,7 +717,8 @@ def test_compose_rabbitmq() -> None:
     assert binds["/etc/rabbitmq/definitions.json"] == DEFINITIONS
     assert any(target == "/var/lib/rabbitmq" for _, target in mounts("rabbitmq"))
     published = {str(p).rsplit(":", 1)[-1] for p in service["ports"]}
-    assert {"5672", "15672"} <= published
+    assert {"5671", "15672"} <= published
+    assert "5672" not in published  # no plaintext AMQP
     test = service["healthcheck"]["test"]
     assert "rabbitmq-diagnostics" in test
     assert "ping" in test
@@ -649,6 +736,7 @@ def test_compose_redis() -> None:
     check = " ".join(service["healthcheck"]["test"])
     assert "redis-cli" in check
     assert "--user fedq-health" in check
+    assert "--tls --cacert /usr/local/etc/redis/tls/ca.crt" in check
     assert check.split("|")[0].split()[-1] == "ping"
 
 
@@ -664,7 +752,8 @@ def test_compose_named_volumes_are_declared() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [BROKER_CONFIG / "README.md", RABBITMQ_CONF, REDIS_CONF, DEFINITIONS, COMPOSE]
+    "path",
+    [BROKER_CONFIG / "README.md", RABBITMQ_CONF, REDIS_CONF, REDIS_USERS, DEFINITIONS, COMPOSE],
 )
 def test_config_documents_describe_the_project_as_it_is(path: Path) -> None:
     text = path.read_text(encoding="utf-8")

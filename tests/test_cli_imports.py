@@ -17,7 +17,8 @@ import pytest
 from common.spec import NumericFeature, TargetSpec, TaskSpec
 
 #: What the aggregator, the auditor's commands or the simulation need, never a bank.
-SERVER_SIDE = frozenset({"redis", "fakeredis", "prometheus_client", "aiohttp", "matplotlib"})
+#: (prometheus_client is a core dependency: a participant serves its own /metrics.)
+SERVER_SIDE = frozenset({"redis", "fakeredis", "aiohttp", "matplotlib"})
 #: Not for --help either; running the worker imports it (common/evaluation.py, ROC AUC).
 HELP_ALSO = frozenset({"sklearn"})
 

@@ -151,6 +151,7 @@ def _body(spec: TaskSpec, participant: str, base: int, gen: torch.Generator) -> 
             base_version=base,
             num_samples=10,
             tensors=delta,
+            spec_hash=spec.spec_hash(),
         )
     )
     return body

@@ -97,6 +97,7 @@ class Rig:
                 base_version=base,
                 num_samples=n,
                 tensors=delta,
+                spec_hash=self.spec.spec_hash(),
             )
         )
         await self.bank.publish_update(self.task, participant, body, message_id=uid)

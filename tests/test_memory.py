@@ -73,6 +73,7 @@ async def _run_with_backlog(backlog: int, tmp_path: Path) -> tuple[float, int]:
                     base_version=0,
                     num_samples=10,
                     tensors=delta,
+                    spec_hash=spec.spec_hash(),
                 )
             )
             size = len(body)

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("fedq", "common", "aggregator", "participant")
 BUILD_FILES = ("pyproject.toml", "README.md")
 # Never installed, never imported by the participant: the aggregator's and the plot's.
-NOT_FOR_BANKS = ("redis", "fakeredis", "prometheus_client", "aiohttp", "safetensors", "matplotlib")
+# prometheus_client is a core dependency: the participant serves /metrics too.
+NOT_FOR_BANKS = ("redis", "fakeredis", "aiohttp", "safetensors", "matplotlib")
 DATA = ROOT / "fedq" / "data" / "german_credit.csv"
 
 

@@ -107,6 +107,7 @@ def _body(
             base_version=base,
             num_samples=n,
             tensors=delta,
+            spec_hash=spec.spec_hash(),
         )
     )
     return body

@@ -105,6 +105,7 @@ async def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(
                     base_version=0,
                     num_samples=10,
                     tensors=delta,
+                    spec_hash=spec.spec_hash(),
                 )
             )
             await publisher.publish_update(task, p, body, message_id=uid)

@@ -111,13 +111,40 @@ def _changed_lines(shipped: Path, used: Path) -> tuple[list[str], list[str]]:
 
 def test_private_redis_runs_the_shipped_config_but_port_and_dir(tmp_path: Path) -> None:
     server = PrivateRedis(base_dir=tmp_path)  # not started: the config is written already
+    certs = server.certs
     removed, added = _changed_lines(BROKER_CONFIG / "redis.conf", server.config_file)
-    assert removed == ["port 6379", "dir /data"]
-    assert added == [f"port {server.port}", f'dir "{server.data_dir}"']
-    assert server.config_file.read_text() == shipped_redis_conf(server.port, server.data_dir)
-    assert server.url == (
-        f"redis://fedq-aggregator:change-me-fedq-aggregator@127.0.0.1:{server.port}/0"
+    # Only the TLS port and directories: data, the ACL file, the TLS files.
+    assert removed == [
+        "tls-port 6379",
+        "dir /data",
+        "aclfile /usr/local/etc/redis/acl/users.acl",
+        "tls-cert-file /usr/local/etc/redis/tls/server.crt",
+        "tls-key-file /usr/local/etc/redis/tls/server.key",
+        "tls-ca-cert-file /usr/local/etc/redis/tls/ca.crt",
+    ]
+    assert added == [
+        f"tls-port {server.port}",
+        f'dir "{server.data_dir}"',
+        f'aclfile "{server.acl_file}"',
+        f'tls-cert-file "{certs.server_cert}"',
+        f'tls-key-file "{certs.server_key}"',
+        f'tls-ca-cert-file "{certs.ca_cert}"',
+    ]
+    assert server.config_file.read_text() == shipped_redis_conf(
+        server.port, server.data_dir, server.acl_file
     )
+    password = server.passwords["fedq-aggregator"]
+    assert "change" not in password.lower()
+    assert server.url == (
+        f"rediss://fedq-aggregator:{password}@127.0.0.1:{server.port}/0"
+        f"?ssl_ca_certs={certs.ca_cert}"
+    )
+    # The operator step: the shipped users with this server's passwords, as hashes only.
+    acl = server.acl_file.read_text()
+    assert password not in acl
+    assert [line.split()[:2] for line in acl.splitlines()] == [
+        ["user", name] for name in ("default", "fedq-aggregator", "fedq-auditor", "fedq-health")
+    ]
     server.close()
 
 
@@ -125,17 +152,26 @@ def test_private_rabbit_runs_the_shipped_config_but_port_and_definitions(
     tmp_path: Path,
 ) -> None:
     node = PrivateRabbit(base_dir=tmp_path)  # not started
+    certs = node.certs
     removed, added = _changed_lines(BROKER_CONFIG / "rabbitmq.conf", node.config_file)
+    # Only the AMQPS port and paths: definitions.json and the TLS files.
     assert removed == [
         "definitions.local.path = /etc/rabbitmq/definitions.json",
-        "listeners.tcp.default = 5672",
+        "listeners.ssl.default = 5671",
+        "ssl_options.cacertfile = /etc/rabbitmq/tls/ca.crt",
+        "ssl_options.certfile   = /etc/rabbitmq/tls/server.crt",
+        "ssl_options.keyfile    = /etc/rabbitmq/tls/server.key",
     ]
     assert added == [
         f"definitions.local.path = {BROKER_CONFIG / 'definitions.json'}",
-        f"listeners.tcp.default = {node.port}",
+        f"listeners.ssl.default = {node.port}",
+        f"ssl_options.cacertfile = {certs.ca_cert}",
+        f"ssl_options.certfile   = {certs.server_cert}",
+        f"ssl_options.keyfile    = {certs.server_key}",
     ]
     assert node.config_file.read_text() == shipped_rabbitmq_conf(node.port)
-    assert node.url_for("bank-a").endswith(f"@127.0.0.1:{node.port}/fedq")
+    assert node.url_for("bank-a").startswith("amqps://")
+    assert node.url_for("bank-a").endswith(f"@127.0.0.1:{node.port}/fedq?cafile={certs.ca_cert}")
     node.close()
 
 
@@ -150,7 +186,7 @@ async def test_redis_data_survives_kill_and_restart(private_redis: PrivateRedis)
         await shared.set(shared_key, token, ex=600)
         assert private_redis.port != 6379
         port, url, data_dir = private_redis.port, private_redis.url, private_redis.data_dir
-        assert url.endswith(f"@127.0.0.1:{port}/0")
+        assert f"@127.0.0.1:{port}/0?ssl_ca_certs=" in url
 
         client = aioredis.Redis.from_url(private_redis.url)
         try:
@@ -220,8 +256,9 @@ async def test_rabbit_quorum_messages_survive_kill(private_rabbit: PrivateRabbit
     assert node.nodename != "rabbit@localhost"
     assert node.port != 5672
     assert node.dist_port != 25672
-    assert (
-        node.url == f"amqp://fedq-admin:{node.passwords['fedq-admin']}@127.0.0.1:{node.port}/fedq"
+    assert node.url == (
+        f"amqps://fedq-admin:{node.passwords['fedq-admin']}@127.0.0.1:{node.port}/fedq"
+        f"?cafile={node.certs.ca_cert}"
     )
     port, url = node.port, node.url
 

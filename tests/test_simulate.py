@@ -26,6 +26,7 @@ from fedq.simulate import Prepared, SimulationConfig, prepare, run_simulation
 from participant import partition
 from participant.data import encode
 from participant.worker import ParticipantWorker, WorkerConfig
+from tests.bank_users import shared_bank_urls
 from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,7 @@ async def test_german_credit_async_reaches_the_centralized_auc(backend: str) -> 
             versions=600,
             seconds=90,
             amqp_url=AMQP_URL if real else None,
+            bank_urls=shared_bank_urls(5) if real else None,
             redis_url=REDIS_URL if real else None,
         )
     )

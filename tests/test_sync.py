@@ -13,6 +13,7 @@ from common.spec import TaskSpec
 from common.transport.memory import MemoryBroker, MemoryTransport
 from fedq.simulate import SimulationConfig, prepare, run_comparison, run_simulation
 from participant.worker import ParticipantWorker, WorkerConfig
+from tests.bank_users import shared_bank_urls
 from tests.helpers import AMQP_URL, REDIS_URL, forget_task
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,7 @@ async def test_german_credit_sync_reaches_the_centralized_auc(backend: str) -> N
             patience=0,
             seconds=90,
             amqp_url=AMQP_URL if real else None,
+            bank_urls=shared_bank_urls(5) if real else None,
             redis_url=REDIS_URL if real else None,
         )
     )

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import pytest
 
-from common.errors import TransportError
+from common.errors import PublishRefusedError, TransportError
 from common.transport import DeadLetter, TaskTopology, Transport
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
@@ -243,3 +243,69 @@ async def test_audit_stream_keeps_every_update_and_reading_does_not_consume(pair
     again = [b async for b in pair.agg.read_audit(pair.task, idle_s=0.5)]
     assert first == [b"u0", b"u1", b"u2"]
     assert again == first
+
+
+class TestReceipts:
+    async def test_a_receipt_reaches_only_its_participant(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        await pair.agg.publish_receipt(pair.task, "bank-a", b"receipt-a", message_id="u1-accepted")
+        await pair.agg.publish_receipt(pair.task, "bank-b", b"receipt-b", message_id="u2-refused")
+        sub_a = await pair.bank.consume_receipts(pair.task, "bank-a")
+        d = await _within(sub_a.get())
+        assert (d.body, d.message_id) == (b"receipt-a", "u1-accepted")
+        await d.ack()
+        with pytest.raises(TimeoutError):
+            await _within(sub_a.get(), 0.3)  # bank-b's receipt is not in bank-a's queue
+        await sub_a.close()
+        sub_b = await pair.bank.consume_receipts(pair.task, "bank-b")
+        d = await _within(sub_b.get())
+        assert d.body == b"receipt-b"
+        await d.ack()
+        await sub_b.close()
+
+    async def test_an_unacked_receipt_comes_again(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for i in range(3):
+            await pair.agg.publish_receipt(
+                pair.task, "bank-a", f"r{i}".encode(), message_id=f"r{i}"
+            )
+        sub = await pair.bank.consume_receipts(pair.task, "bank-a")
+        first = [await _within(sub.get()) for _ in range(3)]
+        assert [d.body for d in first] == [b"r0", b"r1", b"r2"]  # in order
+        await first[0].ack()
+        await sub.close()
+        sub = await pair.bank.consume_receipts(pair.task, "bank-a")
+        again = [await _within(sub.get()) for _ in range(2)]
+        assert sorted(d.body for d in again) == [b"r1", b"r2"]
+        for d in again:
+            await d.ack()
+        await sub.close()
+
+    async def test_receipt_queue_of_an_unknown_participant_is_an_error(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        with pytest.raises(TransportError):
+            await pair.bank.consume_receipts(pair.task, "nobody")
+
+
+@pytest.mark.real
+async def test_a_publish_the_broker_refuses_for_good_is_not_retried() -> None:
+    """PRECONDITION_FAILED (a user_id that is not the login) fails at once, with the code."""
+    task = f"t{uuid.uuid4().hex[:10]}"
+    agg = await AmqpTransport.connect(AMQP_URL, name="test-aggregator")
+    liar = await AmqpTransport.connect(
+        AMQP_URL, name="test-liar", user_id="not-guest", publish_timeout=60.0
+    )
+    try:
+        await agg.declare_task(TaskTopology(task, ("bank-a",)))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PublishRefusedError) as caught:
+            await liar.publish_update(task, "bank-a", b"x", message_id="u1")
+        assert caught.value.code == 406
+        assert asyncio.get_running_loop().time() - started < 10  # not retried for 60 s
+        # The connection is still usable: the next publish with the right identity works.
+        liar.user_id = "guest"
+        await liar.publish_update(task, "bank-a", b"y", message_id="u2")
+    finally:
+        await liar.close()
+        await agg.close()
+        await delete_queues(task, ("bank-a",))

@@ -19,11 +19,18 @@ names the optimizer and its state hash) is recomputed by
 replayed optimizer state (from the stored state of the start version), and its
 recomputed state is checked against the recorded state hash, the version hash that
 binds it and the stored state. A counterfactual carries its own state.
+
+Every retained update that went into a version is also checked against the spec
+the task ran under when the version was made (the spec history): its spec hash,
+and its Ed25519 signature under the key that spec names for its participant
+(required where the spec required signatures), so a third party holding the
+retained stream and the store can tell which bank sent which update.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,17 +39,28 @@ from aggregator.server_opt import ServerState
 from aggregator.store import RedisModelStore, VersionRecord
 from aggregator.store.redis_store import STATE_LIMITS
 from aggregator.strategies import Strategy, strategy_class
-from common.errors import BlobPrunedError, DecodeError, FedqError, SpecError, StoreError
+from common.errors import (
+    BlobPrunedError,
+    DecodeError,
+    EncodeError,
+    FedqError,
+    SpecError,
+    StoreError,
+)
 from common.hashing import LineageEntry, lineage_bytes, version_hash
 from common.models import build_task_model, model_tensors, tensor_specs
+from common.signing import PublicKey
+from common.spec import TaskSpec
 from common.wire import (
     DEFAULT_LIMITS,
     Tensors,
     TensorSpec,
+    UpdateEnvelope,
     decode_model,
     decode_update,
     peek_header,
     tensors_hash,
+    update_signing_message,
 )
 
 
@@ -67,6 +85,8 @@ class ReplayReport:
     param_hash: bytes = b""
     #: The server optimizer state after the last version replayed (None if it has none).
     state: ServerState | None = None
+    #: Updates whose signature was verified under their participant's key.
+    signatures: int = 0
 
     @property
     def ok(self) -> bool:
@@ -137,6 +157,7 @@ async def replay(
         )
         return report
     expected = tensor_specs(model_tensors(build_task_model(spec)))
+    identities = Identities(await store.spec_history(task), spec)
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
     bases = _Bases(store, task, records, from_version, env.tensors, exclude)
     parent, parent_hash = env.tensors, start.version_hash
@@ -145,8 +166,9 @@ async def replay(
         entries = rec.lineage if exclude is None else strategy.without(rec.lineage, exclude)
         report.left_out += len(rec.lineage) - len(entries)
         deltas: dict[str, Tensors] = {}
-        problem = _decode_all(updates, entries, expected, deltas)
+        problem = _decode_all(updates, entries, expected, deltas, identities.at(rec.version))
         if problem is None:
+            report.signatures += sum(1 for e in entries if e.update_id in identities.signed)
             of = {x.base_version: await bases.get(x.base_version) for x in entries}
             params, state = await asyncio.to_thread(
                 _recompute_version, strategy, rec, parent, state, of, entries, deltas
@@ -235,14 +257,51 @@ class _Bases:
             del self.history[old]
 
 
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    """What one spec of the history says about updates: keys, signatures, spec hash."""
+
+    keys: Mapping[str, PublicKey]
+    required: bool
+    spec_hash: bytes
+    signed: set[str]
+
+
+class Identities:
+    """The spec in force for each version, from the spec history: a spec registered
+    at head ``h`` governs the versions after ``h`` (a key rotated or revoked there
+    applies from version ``h + 1``)."""
+
+    def __init__(self, history: Sequence[tuple[int, TaskSpec]], current: TaskSpec) -> None:
+        #: Ids of the updates whose signature verified.
+        self.signed: set[str] = set()
+        entries = list(history) or [(0, current)]
+        self._from = [v for v, _ in entries]
+        self._ids = [
+            _Identity(
+                {p: PublicKey.parse(k) for p, k in s.identity.participant_keys.items()},
+                s.identity.require_signatures,
+                s.spec_hash(),
+                self.signed,
+            )
+            for _, s in entries
+        ]
+
+    def at(self, version: int) -> _Identity:
+        """The identity rules version ``version`` was made under."""
+        i = max(0, bisect.bisect_left(self._from, version) - 1)
+        return self._ids[i]
+
+
 def _decode_all(
     updates: Mapping[str, bytes],
     entries: Sequence[LineageEntry],
     expected: Mapping[str, TensorSpec],
     deltas: dict[str, Tensors],
+    identity: _Identity,
 ) -> str | None:
     for entry in entries:
-        problem = _check_retained(updates.get(entry.update_id), entry, expected, deltas)
+        problem = _check_retained(updates.get(entry.update_id), entry, expected, deltas, identity)
         if problem is not None:
             return problem
     return None
@@ -268,6 +327,7 @@ def _check_retained(
     e: LineageEntry,
     expected: Mapping[str, TensorSpec],
     deltas: dict[str, Tensors],
+    identity: _Identity,
 ) -> str | None:
     """Decode one retained update into ``deltas``; or say why it cannot be used."""
     if body is None:
@@ -280,7 +340,34 @@ def _check_retained(
         return f"retained update {e.update_id} differs from the one recorded (content hash)"
     if (env.participant, env.base_version) != (e.participant, e.base_version):
         return f"retained update {e.update_id} names another participant or base version"
+    problem = _check_identity(env, identity)
+    if problem is not None:
+        return f"retained update {e.update_id} ({e.participant}): {problem}"
     deltas[e.update_id] = env.tensors
+    return None
+
+
+def _check_identity(env: UpdateEnvelope, identity: _Identity) -> str | None:
+    """The update's spec hash and signature, as the spec of its version required them."""
+    if env.spec_hash and env.spec_hash != identity.spec_hash:
+        return (
+            f"prepared under spec {env.spec_hash.hex()[:16]}, the version was made under "
+            f"{identity.spec_hash.hex()[:16]}"
+        )
+    key = identity.keys.get(env.participant)
+    if env.signature is None:
+        return "unsigned, though the task required signatures" if identity.required else None
+    if key is None:
+        return (
+            "signed, but the spec names no key for its participant" if identity.required else None
+        )
+    try:
+        message = update_signing_message(env)
+    except EncodeError:
+        message = b""
+    if not message or not key.verify(env.signature, message):
+        return f"signature does not verify under {env.participant}'s key {key.fingerprint}"
+    identity.signed.add(env.update_id)
     return None
 
 

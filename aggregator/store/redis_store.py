@@ -52,6 +52,7 @@ from common.hashing import (
     version_hash,
 )
 from common.spec import TaskSpec
+from common.tls import url_problem
 from common.urls import redact_url
 from common.wire import (
     DecodeLimits,
@@ -92,9 +93,16 @@ class StoreConfig:
 
 
 def connect_redis(url: str) -> aioredis.Redis:
-    """A client for ``url``; ``memory://`` gives a private in-process Redis (fakeredis)."""
+    """A client for ``url``; ``memory://`` gives a private in-process Redis (fakeredis).
+
+    ``rediss://`` URLs carry the TLS files (``?ssl_ca_certs=&ssl_certfile=&ssl_keyfile=``);
+    the server's certificate is always verified (common/tls.py).
+    """
     if url.startswith("memory://"):
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    problem = url_problem(url)
+    if problem is not None:
+        raise StoreError(problem)
     try:
         # A pooled connection may be stale after a Redis restart: retry a command a
         # few times on a fresh connection before reporting the store unavailable.

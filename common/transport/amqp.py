@@ -26,7 +26,8 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from common.errors import TransportError
+from common.errors import PublishRefusedError, TransportError
+from common.tls import url_problem
 from common.transport.base import Announcement, DeadLetter, TaskTopology
 from common.transport.names import (
     CONTENT_TYPE,
@@ -35,6 +36,7 @@ from common.transport.names import (
     FENCE_HEADER,
     MODELS_EXCHANGE,
     REASON_HEADER,
+    RECEIPTS_EXCHANGE,
     UPDATES_EXCHANGE,
     VERSION_HASH_HEADER,
     VERSION_HEADER,
@@ -44,6 +46,8 @@ from common.transport.names import (
     head_queue,
     model_key,
     model_queue,
+    receipt_key,
+    receipt_queue,
     update_binding,
     update_key,
     work_queue,
@@ -69,6 +73,17 @@ _RETRYABLE_PUBLISH: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.DeliveryError,
     aio_pika.exceptions.PublishError,
 )
+
+#: Broker refusals of a publish that no retry can cure: ACCESS_REFUSED (403: no write
+#: permission), NOT_FOUND (404: no such exchange), PRECONDITION_FAILED (406: a message
+#: over the broker's size limit, a user_id that is not the login). RabbitMQ closes the
+#: channel with one of these; it is checked before the retryable errors (it is an
+#: AMQPError too).
+_NEVER_HEALS: dict[type[BaseException], int] = {
+    aiormq.exceptions.ChannelAccessRefused: 403,
+    aiormq.exceptions.ChannelNotFoundEntity: 404,
+    aiormq.exceptions.ChannelPreconditionFailed: 406,
+}
 
 T = TypeVar("T")
 
@@ -97,7 +112,14 @@ class AmqpTransport:
     async def connect(
         cls, url: str, *, name: str = "fedq", connect_timeout: float = 30.0, **kw: Any
     ) -> AmqpTransport:
-        """Connect (robustly: the connection re-establishes itself after failures)."""
+        """Connect (robustly: the connection re-establishes itself after failures).
+
+        ``amqps://`` URLs carry the TLS files (``?cafile=&certfile=&keyfile=``); the
+        server's certificate is always verified (common/tls.py).
+        """
+        problem = url_problem(url)
+        if problem is not None:
+            raise TransportError(problem)
         try:
             conn = await aio_pika.connect_robust(
                 url, timeout=connect_timeout, client_properties={"connection_name": name}
@@ -143,6 +165,14 @@ class AmqpTransport:
                 ex = await self._exchange(exchange)
                 await ex.publish(message, routing_key, mandatory=True, timeout=self.confirm_timeout)
                 return
+            except tuple(_NEVER_HEALS) as e:
+                self._exchanges.clear()
+                code = next(c for t, c in _NEVER_HEALS.items() if isinstance(e, t))
+                raise PublishRefusedError(
+                    f"the broker refused the publish to {exchange}/{routing_key} "
+                    f"({code}, not retried): {e}",
+                    code,
+                ) from e
             except _RETRYABLE_PUBLISH as e:
                 self._exchanges.clear()
                 if time.monotonic() + delay > deadline:
@@ -219,6 +249,9 @@ class AmqpTransport:
                     arguments={"x-max-length": 1, "x-overflow": "drop-head"},
                 )
                 await head.bind(models, model_key(task))
+                receipts = await ch.declare_exchange(
+                    RECEIPTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+                )
                 for p in topology.participants:
                     q = await ch.declare_queue(
                         model_queue(task, p),
@@ -227,6 +260,15 @@ class AmqpTransport:
                     )
                     await q.bind(models, model_key(task))
                     await q.bind(models, model_key(task, p))
+                    r = await ch.declare_queue(
+                        receipt_queue(task, p),
+                        durable=True,
+                        arguments={
+                            "x-max-length": topology.receipts_max_length,
+                            "x-overflow": "drop-head",
+                        },
+                    )
+                    await r.bind(receipts, receipt_key(task, p))
             finally:
                 with contextlib.suppress(*_RETRYABLE):
                     await ch.close()
@@ -354,6 +396,27 @@ class AmqpTransport:
             timestamp=time.time(),
         )
         await self._publish_confirmed(UPDATES_EXCHANGE, update_key(task, participant), message)
+
+    async def publish_receipt(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            user_id=self.user_id,
+            timestamp=time.time(),
+        )
+        await self._publish_confirmed(RECEIPTS_EXCHANGE, receipt_key(task, participant), message)
+
+    async def consume_receipts(
+        self, task: str, participant: str
+    ) -> _AmqpSubscription[_ReceiptDelivery]:
+        async def wrap(msg: AbstractIncomingMessage) -> _ReceiptDelivery:
+            return _ReceiptDelivery(msg)
+
+        return await self._subscribe(receipt_queue(task, participant), 64, wrap)
 
     async def consume_models(
         self, task: str, participant: str
@@ -520,3 +583,22 @@ class _ModelDelivery:
             await self._msg.ack()
         except _RETRYABLE as e:
             raise TransportError(f"acking a model: {e!r}") from e
+
+
+class _ReceiptDelivery:
+    def __init__(self, msg: AbstractIncomingMessage) -> None:
+        self._msg = msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def message_id(self) -> str | None:
+        return self._msg.message_id
+
+    async def ack(self) -> None:
+        try:
+            await self._msg.ack()
+        except _RETRYABLE as e:
+            raise TransportError(f"acking a receipt: {e!r}") from e

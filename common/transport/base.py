@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from common.transport.names import RECEIPT_QUEUE_MAX_LENGTH
+
 T_co = TypeVar("T_co", covariant=True)
 T = TypeVar("T")
 
@@ -29,6 +31,8 @@ class TaskTopology:
     #: Audit stream retention: age (RabbitMQ duration, e.g. "90D") and size in bytes.
     audit_max_age: str = "90D"
     audit_max_bytes: int = 20 * 1024**3
+    #: Receipts each participant's receipt queue keeps at most (oldest dropped first).
+    receipts_max_length: int = RECEIPT_QUEUE_MAX_LENGTH
 
 
 class UpdateDelivery(Protocol):
@@ -74,6 +78,18 @@ class ModelDelivery(Protocol):
         ...
 
     async def ack(self) -> None: ...
+
+
+class ReceiptDelivery(Protocol):
+    """A receipt (the fate of one of its updates) delivered to a participant."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def message_id(self) -> str | None: ...
+    async def ack(self) -> None:
+        """Done with it: counted. An unacked receipt comes again after a reconnect."""
+        ...
 
 
 class Subscription(Protocol[T_co]):
@@ -151,6 +167,15 @@ class Transport(Protocol):
         """Take up to ``limit`` dead letters off the task's dead-letter queue."""
         ...
 
+    async def publish_receipt(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        """Send a receipt to the participant's receipt queue; returns once confirmed.
+
+        Persistent. Raises TransportError when it is not confirmed in time.
+        """
+        ...
+
     def read_audit(self, task: str, *, idle_s: float = 1.0) -> AsyncIterator[bytes]:
         """Every retained update of the task, oldest first, from the audit stream.
 
@@ -170,6 +195,10 @@ class Transport(Protocol):
         """Consume the participant's model queue (latest model only)."""
         ...
 
+    async def consume_receipts(self, task: str, participant: str) -> Subscription[ReceiptDelivery]:
+        """Consume the participant's receipt queue (declared by the aggregator)."""
+        ...
+
 
 async def next_or_none(
     sub: Subscription[T], stop: asyncio.Event, wait: float | None = None
@@ -179,6 +208,9 @@ async def next_or_none(
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        getter.cancel()
+        raise
     finally:
         stopper.cancel()
     if getter.done():

@@ -152,6 +152,22 @@ class _UpdateDelivery:
             dead.append(DeadLetter(self._msg.body, reason, detail, headers))
 
 
+class _ReceiptDelivery:
+    def __init__(self, sub: _Subscription[_ReceiptDelivery], msg: _Message) -> None:
+        self._sub, self._msg = sub, msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def message_id(self) -> str | None:
+        return self._msg.message_id
+
+    async def ack(self) -> None:
+        await self._sub.settle(self._msg)
+
+
 class _ModelDelivery:
     def __init__(self, sub: _Subscription[_ModelDelivery], msg: _Message) -> None:
         self._sub, self._msg = sub, msg
@@ -175,6 +191,7 @@ class _TaskQueues:
     dead: list[DeadLetter]
     audit: list[bytes]
     models: dict[str, _Queue]
+    receipts: dict[str, _Queue] = field(default_factory=dict)
     head: Announcement | None = None
 
 
@@ -217,6 +234,7 @@ class MemoryTransport:
             self.broker.tasks[topology.task] = tq
         for p in topology.participants:
             tq.models.setdefault(p, _Queue(max_length=1))
+            tq.receipts.setdefault(p, _Queue(max_length=topology.receipts_max_length))
 
     async def consume_updates(self, task: str, *, prefetch: int) -> _Subscription[_UpdateDelivery]:
         sub = _Subscription(self.broker.task(task).work, prefetch, _UpdateDelivery)
@@ -266,5 +284,23 @@ class MemoryTransport:
         if q is None:
             raise TransportError(f"no model queue for participant {participant!r} of {task!r}")
         sub = _Subscription(q, 2, _ModelDelivery)
+        self._subs.append(sub)  # type: ignore[arg-type]
+        return sub
+
+    async def publish_receipt(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        q = self.broker.task(task).receipts.get(participant)
+        if q is None:  # unroutable
+            raise TransportError(f"receipt for {participant!r} of {task!r} was not routed")
+        await q.put(_Message(body, {}, self.user, message_id))
+
+    async def consume_receipts(
+        self, task: str, participant: str
+    ) -> _Subscription[_ReceiptDelivery]:
+        q = self.broker.task(task).receipts.get(participant)
+        if q is None:
+            raise TransportError(f"no receipt queue for participant {participant!r} of {task!r}")
+        sub = _Subscription(q, 64, _ReceiptDelivery)
         self._subs.append(sub)  # type: ignore[arg-type]
         return sub

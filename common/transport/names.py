@@ -10,6 +10,7 @@ from typing import Final
 UPDATES_EXCHANGE: Final = "fedq.updates"
 MODELS_EXCHANGE: Final = "fedq.models"
 DEAD_LETTER_EXCHANGE: Final = "fedq.dlx"
+RECEIPTS_EXCHANGE: Final = "fedq.receipts"
 CONTENT_TYPE: Final = "application/x-fedq+msgpack"
 
 #: Headers the aggregator sets on a refused update it dead-letters.
@@ -19,6 +20,11 @@ VERSION_HEADER: Final = "x-fedq-version"
 #: Headers of a model announcement: the writer's fencing token and the version's hash.
 FENCE_HEADER: Final = "x-fedq-fence"
 VERSION_HASH_HEADER: Final = "x-fedq-version-hash"
+
+#: A participant's receipt queue holds at most this many receipts; when full, the
+#: oldest is dropped (``x-overflow=drop-head``): a bank that does not read its
+#: receipts loses the oldest ones, never the aggregator's progress.
+RECEIPT_QUEUE_MAX_LENGTH: Final = 100_000
 
 
 def update_key(task: str, participant: str) -> str:
@@ -68,3 +74,13 @@ def head_queue(task: str) -> str:
     backwards (data lost on a restart) is caught by something the store does not hold.
     """
     return f"fedq.head.{task}"
+
+
+def receipt_key(task: str, participant: str) -> str:
+    """Routing key of a receipt for one participant's update."""
+    return f"receipt.{task}.{participant}"
+
+
+def receipt_queue(task: str, participant: str) -> str:
+    """A participant's receipt queue: the fate of each of its updates (only it may read)."""
+    return f"fedq.receipt.{task}.{participant}"
