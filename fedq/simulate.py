@@ -316,8 +316,9 @@ class Prepared:
     seed: int = 0
     #: What the user should know about the data and the split, one sentence each.
     warnings: tuple[str, ...] = ()
-    #: Each bank's signing key and the aggregator's (fresh per preparation): the spec
-    #: names their public keys and requires signatures.
+    #: Each bank's signing key and the aggregator's (fresh per run, set by
+    #: :func:`run_simulation`, which puts their public keys in the spec and requires
+    #: signatures; empty for a spec without an identity).
     keys: Mapping[str, SigningKey] = field(default_factory=dict)
     aggregator_key: SigningKey | None = None
 
@@ -582,7 +583,6 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
     schema = infer_features(df.iloc[train_idx].reset_index(drop=True), target, exclude=exclude)
     warnings = list(schema.warnings)
     spec = _task_spec(config, schema.features, positive, names)
-    identity, keys, aggregator_key = _identity(names)
     weight = positive_weight_for(float(labels[train_idx].mean()), config.class_weight)
     shards = {
         name: df.iloc[rows].reset_index(drop=True)
@@ -594,7 +594,6 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
         update={
             "training": spec.training.model_copy(update={"positive_weight": weight}),
             "declared_samples": {n: len(s) for n, s in shards.items()},
-            "identity": identity,
         }
     )
     warnings.extend(_one_class_banks(config, names, train_parts, labels, positive))
@@ -617,8 +616,6 @@ def prepare(config: SimulationConfig, data: Dataset | None = None) -> Prepared:
         bank_train=_slices(names, train_parts),
         seed=config.seed,
         warnings=tuple(warnings),
-        keys=keys,
-        aggregator_key=aggregator_key,
     )
 
 
@@ -752,13 +749,16 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
         return prep
     spec = _task_spec(config, prep.spec.features, prep.spec.target.positive, prep.spec.participants)
     spec = spec.model_copy(
-        update={
-            "declared_samples": prep.spec.declared_samples,
-            "training": prep.spec.training,
-            "identity": prep.spec.identity,
-        }
+        update={"declared_samples": prep.spec.declared_samples, "training": prep.spec.training}
     )
     return replace(prep, spec=spec)
+
+
+def _signed(prep: Prepared) -> Prepared:
+    """The run's task with fresh keys for every bank and the aggregator, required."""
+    identity, keys, aggregator_key = _identity(prep.spec.participants)
+    spec = prep.spec.model_copy(update={"identity": identity})
+    return replace(prep, spec=spec, keys=keys, aggregator_key=aggregator_key)
 
 
 @dataclass(slots=True)
@@ -1004,6 +1004,7 @@ async def run_simulation(
         prep = await asyncio.to_thread(prepare, config)
     else:
         prep = _for_mode(prepared, config)
+    prep = _signed(prep)
     if baselines is None:
         baselines = await asyncio.to_thread(fit_baselines, prep, config)
     spec = prep.spec

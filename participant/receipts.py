@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Protocol
 
 import structlog
 
 from common.errors import DecodeError, ParticipantStoppedError, SpecError, TransportError
-from common.refusals import PERMANENT, Refusal
+from common.refusals import PERMANENT
 from common.signing import PublicKey
 from common.spec import TaskSpec
 from common.transport import ReceiptDelivery, Subscription, Transport, next_or_none
 from common.wire import Receipt, decode_receipt, verify_receipt
 from participant.metrics import ParticipantMetrics
+
+#: The permanent reasons as strings (a receipt may name a reason this build does not know).
+PERMANENT_REASONS = frozenset(str(r) for r in PERMANENT)
 
 log = structlog.get_logger("fedq.participant")
 
@@ -44,6 +47,8 @@ class ReceiptStats(Protocol):
     """Where the tracker counts (the worker's stats)."""
 
     published: int
+    #: The update ids this run published (the newest ones, bounded).
+    published_ids: deque[str]
     accepted: int
     refused: dict[str, int]
     receipts_bad_signature: int
@@ -224,7 +229,10 @@ class ReceiptTracker:
         self.stats.refused[r.reason] = self.stats.refused.get(r.reason, 0) + 1
         self.metrics.receipts.labels("refused", r.reason).inc()
         self.log.warning("update refused", update_id=r.update_id, reason=r.reason, detail=r.detail)
-        if Refusal(r.reason) in PERMANENT and self.stopped is None:
+        # Only a refusal of an update this run published stops it: a receipt left from
+        # an earlier run (another spec, another key) says nothing about this one.
+        mine = r.update_id in self.stats.published_ids
+        if mine and r.reason in PERMANENT_REASONS and self.stopped is None:
             self.stopped = ParticipantStoppedError(
                 self.participant, r.reason, r.detail, r.update_id
             )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import structlog
 
-from common.errors import ConfigError, DecodeError, TransportError
+from common.errors import DecodeError, TransportError
 from common.evaluation import evaluate
 from common.hooks import Stages, untimed
 from common.models import build_task_model, model_tensors, tensor_specs
@@ -262,10 +262,14 @@ class ParticipantWorker:
         if refused is not None:
             reason, detail = refused
             if reason == Refusal.SPEC_MISMATCH:
-                # Every update trained on it would be refused: stop and say why.
-                raise ConfigError(
-                    f"{self.config.participant}: the federation runs task {self.spec.task_id!r} "
-                    f"under another spec ({detail}); get the current spec file and restart"
+                # An announcement from before a spec change still queued (skipped: the
+                # head is announced again under the new spec), or this worker's spec is
+                # out of date: then its updates are refused spec_mismatch and the
+                # receipt stops it.
+                self.log.error(
+                    "model made under another spec: if this persists, this worker's spec "
+                    "file is out of date",
+                    detail=detail,
                 )
             self._refuse_model(reason, detail, model.version)
             return None

@@ -12,7 +12,9 @@ signatures required, and the auditor's replay verifies every signature.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -114,6 +116,10 @@ async def _until(cond: Callable[[], bool], seconds: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
+def _seen(worker: ParticipantWorker, reason: str) -> bool:
+    return worker.stats.models_refused[reason] > 0
+
+
 def _delta(spec: TaskSpec, value: float) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, value) for k, v in model_tensors(build_task_model(spec)).items()}
 
@@ -177,6 +183,7 @@ async def test_forged_updates_and_models_are_refused_and_counted_on_both_sides(
         for uid, body in sent.items():
             await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
             stats.published += 1
+            stats.published_ids.append(uid)
         async with asyncio.timeout(30):
             while tracker.counted < len(sent):
                 await asyncio.sleep(0.05)
@@ -236,7 +243,7 @@ async def test_forged_updates_and_models_are_refused_and_counted_on_both_sides(
                 version_hash=b"\x09" * 32,
             )
         )
-        for key in (party_key("bank-a"), None):
+        for key, why in ((party_key("bank-a"), "bad_signature"), (None, "unsigned")):
             body = sign_model(
                 blob,
                 task=spec.task_id,
@@ -247,12 +254,16 @@ async def test_forged_updates_and_models_are_refused_and_counted_on_both_sides(
                 ancestors=(rig.service.head_hash,),
                 signing_key=key,
             )
-            await rig.agg.announce_model(spec.task_id, forged_version, body)
-            forged_version += 1
-        await _until(lambda: sum(worker.stats.models_refused.values()) >= 2, 30)
-        assert worker.stats.models_refused == {"bad_signature": 1, "unsigned": 1}
-        assert metrics.models_refused.labels("bad_signature")._value.get() == 1
-        assert metrics.models_refused.labels("unsigned")._value.get() == 1
+            # The model queue keeps the latest only: a real announcement right after the
+            # forged one drops it. Send it again until the worker has seen it.
+            async with asyncio.timeout(30):
+                while worker.stats.models_refused[why] == 0:
+                    await rig.agg.announce_model(spec.task_id, forged_version, body)
+                    with contextlib.suppress(TimeoutError):
+                        await _until(functools.partial(_seen, worker, why), 2)
+        assert set(worker.stats.models_refused) == {"bad_signature", "unsigned"}
+        for name, count in worker.stats.models_refused.items():
+            assert metrics.models_refused.labels(name)._value.get() == count
         assert worker.stats.last_version < head + 1000  # never trained on a forged model
         await _until(lambda: worker.stats.published >= 2, 30)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,7 @@ class Sender:
 @dataclass
 class _Stats:
     published: int = 0
+    published_ids: deque[str] = field(default_factory=deque)
     accepted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     receipts_bad_signature: int = 0
