@@ -11,6 +11,9 @@ machine's load falls on both alike:
   and ancestors appended) without a key vs with one, and the participant's
   ``ModelChecker.check`` (which verifies it) vs a checker without a key.
 
+The whole paths are what one update and one announcement cost in CPU, end to end;
+the single steps show where the difference goes.
+
 Sizes: the German credit logistic regression and the MLP 74-32-1 of the benchmarks,
 and a 1M-parameter logistic regression. Ratios are signed / unsigned medians.
 """
@@ -135,13 +138,14 @@ def _case(name: str, inputs: int, hidden: tuple[int, ...], repeats: int) -> dict
     ancestors = tuple(bytes([i]) * 32 for i in range(64))
 
     def announce(k: SigningKey | None, spec: TaskSpec) -> Callable[[], bytes]:
+        spec_hash = spec.spec_hash()  # the service computes it once
         return lambda: sign_model(
             blob,
             task="bench",
             version=5,
             version_hash=b"\x05" * 32,
             content_hash=digest,
-            spec_hash=spec.spec_hash(),
+            spec_hash=spec_hash,
             ancestors=ancestors,
             signing_key=k,
         )
@@ -151,15 +155,38 @@ def _case(name: str, inputs: int, hidden: tuple[int, ...], repeats: int) -> dict
     signed_model = decode_model(announce(agg_key, signed_spec)(), expected=expected)
 
     def check(spec: TaskSpec, model: ModelEnvelope) -> Callable[[], object]:
+        checker = ModelChecker(spec)  # the worker makes it once
+
         def run() -> object:
-            refused = ModelChecker(spec).check(model)
+            refused = checker.check(model)
             assert refused is None, refused
             return None
 
         return run
 
     chk = _median_pair(check(plain_spec, plain_model), check(signed_spec, signed_model), repeats)
+
+    def update_path(spec: TaskSpec, k: SigningKey | None) -> Callable[[], object]:
+        """One update end to end in CPU: encode (and sign), decode, admission (verify)."""
+        admission = Admission(spec, AdmissionConfig(DEFAULT_LIMITS), expected, uses_base=False)
+        e = signed_env if k is not None else plain_env
+
+        def run() -> object:
+            body, _ = encode_update(e, k)
+            return admission.check(decode_update(body, DEFAULT_LIMITS, expected), "bank-a", 0, ())
+
+        return run
+
+    def model_path(spec: TaskSpec, k: SigningKey | None) -> Callable[[], object]:
+        """One announcement end to end: made (and signed), decoded, checked (verified)."""
+        make, checker = announce(k, spec), ModelChecker(spec)
+        return lambda: checker.check(decode_model(make(), expected=expected))
+
+    upd = _median_pair(update_path(plain_spec, None), update_path(signed_spec, key), repeats)
+    mod = _median_pair(model_path(plain_spec, None), model_path(signed_spec, agg_key), repeats)
     rows = {
+        "update, whole path": upd,
+        "announcement, whole path": mod,
         "participant: encode": enc,
         "aggregator: decode + admission": agg,
         "aggregator: announcement": ann,
@@ -180,22 +207,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "signing.json")
+    p.add_argument("--repeats", type=int, default=None, help="runs per side (small models)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    small = 30 if args.quick else 300
+    small = args.repeats or (30 if args.quick else 300)
     cases = [
         _case("logreg, 74 inputs (German credit)", 74, (), small),
         _case("MLP 74-32-1", 74, (32,), small),
         _case("logreg, 1M inputs", 1_000_000, (), 5 if args.quick else 30),
     ]
     rows = [
-        [c["model"], step, s["unsigned_us"], s["signed_us"], s["ratio"]]
+        [
+            c["model"],
+            step,
+            s["unsigned_us"],
+            s["signed_us"],
+            s["signed_us"] - s["unsigned_us"],
+            s["ratio"],
+        ]
         for c in cases
         for step, s in c["steps"].items()
     ]
     print(
         table(
-            ["model", "step", "unsigned us", "signed us", "signed / unsigned"],
+            ["model", "step", "unsigned us", "signed us", "added us", "signed / unsigned"],
             rows,
             title="Ed25519 signatures per update (medians, alternating runs, 1 torch thread)",
         )
