@@ -7,18 +7,23 @@ the forgeries through a real RabbitMQ loaded with broker_config/definitions.json
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
 import stat
 from pathlib import Path
 
+import fakeredis
 import pytest
 import torch
 from click.testing import CliRunner
 
 from aggregator.admission import Admission, AdmissionConfig
+from aggregator.audit.replay import index_updates, replay
 from aggregator.identity import check_signing_key
+from aggregator.service import AggregatorService, ServiceConfig
+from aggregator.store import RedisModelStore
 from common.errors import ConfigError, SpecError
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.refusals import Refusal
@@ -31,6 +36,7 @@ from common.signing import (
     update_message,
 )
 from common.spec import IdentitySpec, NumericFeature, TargetSpec, TaskSpec
+from common.transport.memory import MemoryBroker, MemoryTransport
 from common.wire import (
     DEFAULT_LIMITS,
     ModelEnvelope,
@@ -424,3 +430,75 @@ def test_task_init_writes_the_keys_and_the_canonical_spec(tmp_path: Path) -> Non
     assert text == spec.to_json() + "\n"
     hashed = CliRunner().invoke(main, ["task", "hash", "--spec", str(out)])
     assert hashed.output.strip() == spec.spec_hash().hex()
+
+
+# ------------------------------------------------------------------ rotation, revocation
+
+
+async def test_a_rotated_key_applies_from_its_version_and_replay_checks_each_under_its_own() -> (
+    None
+):
+    """bank-a's key is rotated after version 2: its old key is refused from then on, the
+    new one accepted; replay verifies every version against the key in force for it."""
+    old, new = party_key("bank-a"), SigningKey.from_seed(b"\x42" * 32)
+    first = _spec()
+    rotated = first.model_copy(
+        update={
+            "identity": first.identity.model_copy(
+                update={
+                    "participant_keys": {
+                        **first.identity.participant_keys,
+                        "bank-a": new.public.text,
+                    }
+                }
+            )
+        }
+    )
+    broker = MemoryBroker()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    bank = MemoryTransport(broker, "bank-a")
+
+    async def run(spec: TaskSpec, sends: list[tuple[str, SigningKey]], head: int) -> None:
+        agg = MemoryTransport(broker, "fedq-aggregator")
+        service = AggregatorService(
+            spec, store, agg, ServiceConfig(signing_key=party_key("fedq-aggregator"))
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(service.run(stop))
+        async with asyncio.timeout(10):
+            await service.ready.wait()
+        for i, (uid, key) in enumerate(sends):
+            env = decode_update(_update(spec, None, value=0.01 * (i + 1), update_id=uid))
+            body, _ = encode_update(
+                dataclasses.replace(env, base_version=service.head_version), key
+            )
+            await bank.publish_update(spec.task_id, "bank-a", body, message_id=uid)
+        async with asyncio.timeout(10):
+            while service.stats.accepted + service.stats.refused_total < len(sends):
+                await asyncio.sleep(0.01)
+        stop.set()
+        await running
+        assert service.head_version == head
+
+    await run(first, [("a1", old), ("a2", old), ("a3", new)], head=2)
+    await run(rotated, [("b1", old), ("b2", new), ("b3", new)], head=4)
+    decisions = {d["update_id"]: d for d in await store.decisions("credit") if "update_id" in d}
+    assert decisions["a3"]["reason"] == Refusal.BAD_SIGNATURE  # the new key, too early
+    assert decisions["b1"]["reason"] == Refusal.BAD_SIGNATURE  # the old key, too late
+    history = await store.spec_history("credit")
+    assert [v for v, _ in history] == [0, 2]
+    # Replay checks versions 1-2 under the old key and 3-4 under the new one.
+    updates = index_updates([b async for b in bank.read_audit("credit")])
+    report = await replay(store, updates, "credit")
+    assert report.ok, report.reason
+    assert (report.checked, report.signatures) == (4, 4)
+    # Revoked: a spec without bank-a's key refuses every update of bank-a.
+    revoked = rotated.model_copy(
+        update={
+            "identity": rotated.identity.model_copy(
+                update={"participant_keys": {"bank-b": party_key("bank-b").public.text}}
+            )
+        }
+    )
+    assert _admit(revoked, _update(revoked, new)) == Refusal.BAD_SIGNATURE
+    await store.close()
