@@ -41,6 +41,7 @@ class Announcer:
         *,
         retry_s: float = 1.0,
         flush_timeout_s: float = 30.0,
+        repeat_s: float | None = None,
         stages: Stages = untimed,
     ) -> None:
         self.transport = transport
@@ -48,8 +49,13 @@ class Announcer:
         self._fence = fence
         self.retry_s = retry_s
         self.flush_timeout_s = flush_timeout_s
+        #: Announce the last version again after this long without a new one (None:
+        #: never), so that a participant whose queue lost it (it refused or acked the
+        #: head, or its queue was just declared) gets the head without a new commit.
+        self.repeat_s = repeat_s
         self.stages = stages
         self._slot: _Slot | None = None
+        self._last: _Slot | None = None
         self._wake = asyncio.Event()
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
@@ -57,6 +63,7 @@ class Announcer:
 
     async def send_now(self, version: int, blob: Body, version_hash: bytes) -> None:
         """Announce at once and wait for the broker's confirm (the head at start)."""
+        self._last = _Slot(version, blob, version_hash)
         with self.stages("announce"):
             body = blob() if callable(blob) else blob
             await self.transport.announce_model(
@@ -86,7 +93,12 @@ class Announcer:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(self.repeat_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                if self._slot is None and self._last is not None:
+                    self._slot = self._last  # quiet for repeat_s: announce the head again
             self._wake.clear()
             slot, self._slot = self._slot, None
             if slot is not None:

@@ -60,11 +60,14 @@ def recipient(
     sender_match: bool,
 ) -> str | None:
     """Whose receipt queue gets the answer to one delivery: the broker-validated sender
-    when it is a participant; else (sender not checked, or unknown) the participant
-    the envelope names; None when neither has a receipt queue."""
+    when it is a participant. With the sender check on, nobody else: a publish without
+    ``user_id`` is not validated by the broker, and the participant its envelope names
+    must not receive refusals another bank provoked. With the check off (a test
+    broker with one shared user), the participant the envelope names. None when no
+    receipt queue fits."""
     if user_id is not None and user_id in participants:
         return user_id
-    if user_id is not None and sender_match:
+    if sender_match:
         return None
     if named is not None and named in participants:
         return named

@@ -107,6 +107,11 @@ class ServiceConfig:
     stall_s: float = 60.0
     #: A bank is flagged after this many of its updates in a row were refused.
     flag_after: int = 5
+    #: Announce the head again after this many seconds without a new version (None:
+    #: never): a participant that lost it (a refused or a restarted worker, a queue
+    #: declared late) gets it without waiting for a commit, which in sync mode may
+    #: never come without that participant.
+    reannounce_s: float | None = 30.0
     #: The aggregator's Ed25519 key: signs every model announcement (and receipt). It
     #: must be the task spec's ``identity.aggregator_key`` when the spec names one.
     signing_key: SigningKey | None = None
@@ -150,7 +155,13 @@ class AggregatorService:
         self.lease = WriterLease(
             store, self.task, LeaseConfig(self.config.owner, self.config.lease_ttl_s)
         )
-        self.announcer = Announcer(transport, self.task, lambda: self.lease.token, stages=stages)
+        self.announcer = Announcer(
+            transport,
+            self.task,
+            lambda: self.lease.token,
+            repeat_s=self.config.reannounce_s,
+            stages=stages,
+        )
         #: The fate of each update, to its sender (aggregator.receipts).
         self.receipts = ReceiptSender(
             transport,
@@ -246,10 +257,10 @@ class AggregatorService:
         """How to make ``record``'s announcement: the stored blob with the spec hash, the
         ancestors' version hashes (newest first) and the signature appended (section 15).
         Called when the announcement is sent, so only the newest version is signed."""
-        ancestors = tuple(reversed(self._chain))[: record.version]
-        if self._chain and self._chain[-1] == record.version_hash:
-            ancestors = ancestors[1:]  # the head itself (at start) is not its own ancestor
-        ancestors = ancestors[:MAX_ANCESTORS]
+        newest_first = list(reversed(self._chain))
+        if newest_first and newest_first[0] == record.version_hash:
+            newest_first = newest_first[1:]  # at start the head is in the chain: not its own
+        ancestors = tuple(newest_first[: min(record.version, MAX_ANCESTORS)])
         key = self.config.signing_key
         return functools.partial(
             sign_model,

@@ -37,6 +37,22 @@ SIGNATURE_BYTES: Final = 64
 #: A public key as it appears in a task spec.
 KEY_PATTERN: Final = r"^ed25519:[0-9a-f]{64}$"
 
+#: 2^255 - 19: an encoded y at or above it is not canonical.
+_P: Final = 2**255 - 19
+#: The points of small order (1, 2, 4, 8), as encoded y with the sign bit cleared (as
+#: libsodium's ``ge25519_has_small_order`` lists them). Under such a key anyone can make
+#: signatures that verify, so a spec may not name one.
+_SMALL_ORDER: Final = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+)
+
 DOMAIN_UPDATE: Final = b"fedq-update-sig-v1\x00"
 DOMAIN_MODEL: Final = b"fedq-model-sig-v1\x00"
 DOMAIN_RECEIPT: Final = b"fedq-receipt-sig-v1\x00"
@@ -53,6 +69,11 @@ class PublicKey:
     def __post_init__(self) -> None:
         if len(self.raw) != KEY_BYTES:
             raise SpecError(f"an Ed25519 public key has {KEY_BYTES} bytes, got {len(self.raw)}")
+        y = self.raw[:31] + bytes([self.raw[31] & 0x7F])
+        if int.from_bytes(y, "little") >= _P:
+            raise SpecError("not a canonical Ed25519 public key (y >= 2^255 - 19)")
+        if y in _SMALL_ORDER:
+            raise SpecError("a weak Ed25519 public key (a point of small order): anyone could sign")
 
     @classmethod
     def parse(cls, text: str) -> PublicKey:

@@ -10,11 +10,18 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import SpecError
 from common.ids import NAME_RE
-from common.signing import KEY_PATTERN
+from common.signing import KEY_PATTERN, PublicKey
 
 Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$")]
 #: An Ed25519 public key: ``ed25519:`` + 64 lowercase hex digits (common.signing).
@@ -192,10 +199,23 @@ class IdentitySpec(_Spec):
     aggregator_key: KeyText | None = None
     participant_keys: dict[Name, KeyText] = Field(default_factory=dict)
 
+    @field_validator("participant_keys")
+    @classmethod
+    def _sorted(cls, keys: dict[str, str]) -> dict[str, str]:
+        return dict(sorted(keys.items()))  # canonical: the spec hash must not depend on order
+
     @model_validator(mode="after")
     def _keys_needed(self) -> Self:
         if self.require_signatures and self.aggregator_key is None:
             raise ValueError("require_signatures needs the aggregator_key")
+        named = [*self.participant_keys.values(), *filter(None, [self.aggregator_key])]
+        for text in set(named):
+            try:
+                PublicKey.parse(text)  # weak or non-canonical keys are refused here
+            except SpecError as e:
+                raise ValueError(str(e)) from None
+        if len(set(named)) != len(named):
+            raise ValueError("two parties share a public key: each needs its own")
         return self
 
 
@@ -254,6 +274,11 @@ class TaskSpec(_Spec):
         default_factory=dict
     )
 
+    @field_validator("declared_samples")
+    @classmethod
+    def _sorted(cls, declared: dict[str, int]) -> dict[str, int]:
+        return dict(sorted(declared.items()))  # canonical: see to_json
+
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
@@ -300,8 +325,12 @@ class TaskSpec(_Spec):
         return sum(1 if f.kind == "numeric" else len(f.vocabulary) + 1 for f in self.features)
 
     def to_json(self) -> str:
-        """Canonical JSON (field aliases, sorted by definition order)."""
-        return self.model_dump_json(by_alias=True)
+        """Canonical JSON: field aliases, fields in definition order, the maps
+        (``declared_samples``, ``identity.participant_keys``) sorted by key, defaults
+        filled in, no whitespace. Validated again first, so a spec built with
+        ``model_copy`` serialises like one parsed from its JSON."""
+        data = self.model_dump(mode="json", by_alias=True)
+        return type(self).model_validate(data).model_dump_json(by_alias=True)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> TaskSpec:

@@ -53,8 +53,16 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "rabbitmq", "redis")
 
 def _query(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    return parts.scheme.lower(), query
+    values = parse_qs(parts.query, keep_blank_values=True)
+    repeated = sorted(k for k, v in values.items() if len(v) > 1)
+    if repeated:
+        # Client libraries disagree on which of several values wins: never guess.
+        raise _RepeatedError(repeated[0])
+    return parts.scheme.lower(), {k: v[0] for k, v in values.items()}
+
+
+class _RepeatedError(ValueError):
+    """A query key given more than once."""
 
 
 def _verification_off(scheme: str, query: Mapping[str, str]) -> str | None:
@@ -90,6 +98,8 @@ def url_problem(url: str) -> str | None:
     """
     try:
         scheme, query = _query(url)
+    except _RepeatedError as e:
+        return f"{redact_url(url)} gives the option {e} more than once"
     except ValueError:
         return None  # the client library says what is wrong with the URL itself
     family = _TLS_SCHEMES.get(scheme, scheme)

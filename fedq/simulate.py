@@ -58,6 +58,7 @@ from common.hooks import Stages, untimed
 from common.ids import is_name
 from common.signing import SigningKey
 from common.spec import IdentitySpec, NumericFeature, TargetSpec, TaskSpec, positive_weight_for
+from common.tls import check_url
 from participant import partition
 from participant.data import (
     binary_labels,
@@ -551,6 +552,7 @@ def load_bank_urls(path: Path) -> dict[str, str]:
                 f"--bank-urls {path}: {name!r} must be a bank name (letters, digits, '_', '-') "
                 "with an AMQP URL string"
             )
+        check_url(url, f"--bank-urls {path}: {name}")  # placeholders, TLS settings
     return dict(doc)
 
 

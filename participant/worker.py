@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import structlog
 
-from common.errors import DecodeError, TransportError
+from common.errors import ConfigError, DecodeError, TransportError
 from common.evaluation import evaluate
 from common.hooks import Stages, untimed
 from common.models import build_task_model, model_tensors, tensor_specs
@@ -35,6 +35,10 @@ from participant.receipts import ReceiptTracker, aggregator_key
 from participant.training import train_local
 
 log = structlog.get_logger("fedq.participant")
+
+
+#: A worker stops after this many model announcements in a row made under another spec.
+SPEC_MISMATCHES_TO_STOP = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,8 @@ class ParticipantWorker:
         self._held: ModelDelivery | None = None
         self._current: ModelEnvelope | None = None
         self._val_metrics: dict[str, float] = {}
+        #: Models refused spec_mismatch in a row (see SPEC_MISMATCHES_TO_STOP).
+        self._spec_mismatches = 0
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Work until ``stop`` is set or ``max_updates`` are published, counting receipts.
@@ -261,18 +267,20 @@ class ParticipantWorker:
         refused = self.checker.check(model)
         if refused is not None:
             reason, detail = refused
-            if reason == Refusal.SPEC_MISMATCH:
-                # An announcement from before a spec change still queued (skipped: the
-                # head is announced again under the new spec), or this worker's spec is
-                # out of date: then its updates are refused spec_mismatch and the
-                # receipt stops it.
-                self.log.error(
-                    "model made under another spec: if this persists, this worker's spec "
-                    "file is out of date",
-                    detail=detail,
-                )
             self._refuse_model(reason, detail, model.version)
+            if reason == Refusal.SPEC_MISMATCH:
+                # One announcement from before a spec change may still be queued (the
+                # aggregator announces its head again under the new spec). Several in a
+                # row, with none accepted in between: this worker's spec is out of date.
+                self._spec_mismatches += 1
+                if self._spec_mismatches >= SPEC_MISMATCHES_TO_STOP:
+                    raise ConfigError(
+                        f"{self.config.participant}: {self._spec_mismatches} models in a row "
+                        f"were made under another spec than this worker's ({detail}): its "
+                        "spec file is out of date; get the current one and restart"
+                    )
             return None
+        self._spec_mismatches = 0
         if self.checker.unchecked:
             self.stats.descent_unchecked += 1
             self.log.warning(

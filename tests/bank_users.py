@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -84,8 +85,10 @@ def shared_bank_urls(count: int) -> dict[str, str]:
                 json.dump(_definitions(missing), f)
             os.chmod(f.name, 0o644)  # the broker (its own OS user) reads the file
             try:
+                # The shared broker's CLI needs its Erlang cookie: root's, as .ci/run starts it.
+                sudo = ["sudo", "-n"] if os.geteuid() != 0 and shutil.which("sudo") else []
                 done = subprocess.run(
-                    ["rabbitmqctl", "import_definitions", f.name],
+                    [*sudo, "rabbitmqctl", "import_definitions", f.name],
                     capture_output=True,
                     text=True,
                     timeout=120,

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 import fakeredis
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -36,6 +37,7 @@ from common.signing import (
     update_message,
 )
 from common.spec import IdentitySpec, NumericFeature, TargetSpec, TaskSpec
+from common.transport import ModelDelivery, Subscription
 from common.transport.memory import MemoryBroker, MemoryTransport
 from common.wire import (
     DEFAULT_LIMITS,
@@ -49,6 +51,7 @@ from common.wire import (
 )
 from fedq.cli import main
 from participant.identity import ModelChecker, check_participant_key
+from participant.worker import ParticipantWorker, WorkerConfig
 from tests.helpers import party_key, signed_identity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +202,7 @@ def test_the_spec_hash_covers_the_whole_spec_including_its_keys() -> None:
     spec = _spec()
     assert spec.spec_hash() == TaskSpec.from_json(spec.to_json()).spec_hash()
     rotated = _spec(
-        participant_keys={**spec.identity.participant_keys, "bank-a": "ed25519:" + "0" * 64}
+        participant_keys={**spec.identity.participant_keys, "bank-a": party_key("x").public.text}
     )
     assert rotated.spec_hash() != spec.spec_hash()
 
@@ -501,4 +504,107 @@ async def test_a_rotated_key_applies_from_its_version_and_replay_checks_each_und
         }
     )
     assert _admit(revoked, _update(revoked, new)) == Refusal.BAD_SIGNATURE
+    await store.close()
+
+
+def test_weak_and_shared_keys_are_refused_in_a_spec() -> None:
+    small_order = "ed25519:" + "00" * 32  # anyone can sign under it
+    with pytest.raises(SpecError, match="weak"):
+        PublicKey.parse(small_order)
+    with pytest.raises(SpecError, match="canonical"):
+        PublicKey.parse("ed25519:ed" + "ff" * 30 + "7f")
+    with pytest.raises(ValueError, match="weak"):
+        IdentitySpec(participant_keys={"bank-a": small_order})
+    with pytest.raises(ValueError, match="share a public key"):
+        IdentitySpec(
+            aggregator_key=party_key("bank-a").public.text,
+            participant_keys={"bank-a": party_key("bank-a").public.text},
+        )
+
+
+def test_the_spec_hash_does_not_depend_on_the_order_of_its_maps() -> None:
+    spec = _spec()
+    keys = spec.identity.participant_keys
+    shuffled = spec.model_copy(
+        update={
+            "identity": spec.identity.model_copy(
+                update={"participant_keys": dict(reversed(list(keys.items())))}
+            ),
+            "declared_samples": {"bank-b": 5, "bank-a": 7},
+        }
+    )
+    ordered = spec.model_copy(update={"declared_samples": {"bank-a": 7, "bank-b": 5}})
+    assert shuffled == ordered
+    assert shuffled.spec_hash() == ordered.spec_hash()
+    assert TaskSpec.from_json(shuffled.to_json()).spec_hash() == shuffled.spec_hash()
+
+
+async def _models(sub: Subscription[ModelDelivery], n: int) -> list[ModelEnvelope]:
+    out = []
+    async with asyncio.timeout(10):
+        for _ in range(n):
+            delivery = await sub.get()
+            out.append(decode_model(delivery.body))
+            await delivery.ack()
+    return out
+
+
+async def test_announcements_name_every_ancestor_at_start_and_repeat_the_head() -> None:
+    spec = _spec()
+    broker = MemoryBroker()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    bank = MemoryTransport(broker, "bank-a")
+    config = ServiceConfig(signing_key=party_key("fedq-aggregator"), reannounce_s=0.2)
+
+    async def serve(sends: int) -> tuple[AggregatorService, asyncio.Event, asyncio.Task[None]]:
+        service = AggregatorService(spec, store, MemoryTransport(broker, "agg"), config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        async with asyncio.timeout(10):
+            await service.ready.wait()
+        for i in range(sends):
+            env = decode_update(_update(spec, None, update_id=f"u{i}"))
+            body, _ = encode_update(
+                dataclasses.replace(env, base_version=service.head_version), party_key("bank-a")
+            )
+            await bank.publish_update(spec.task_id, "bank-a", body, message_id=f"u{i}")
+            async with asyncio.timeout(10):
+                while service.head_version < i + 1:
+                    await asyncio.sleep(0.01)
+        return service, stop, task
+
+    _, stop, task = await serve(3)
+    hashes = [(await store.get_version("credit", v)).version_hash for v in range(4)]
+    stop.set()
+    await task
+    sub = await bank.consume_models("credit", "bank-a")
+    await _models(sub, 1)  # whatever the first run left
+    # A restarted aggregator announces its head 3 with every ancestor: 2, 1 and 0.
+    _, stop, task = await serve(0)
+    (start,) = await _models(sub, 1)
+    assert (start.version, start.ancestors) == (3, (hashes[2], hashes[1], hashes[0]))
+    assert ModelChecker(spec).check(start) is None
+    # Nothing committed for reannounce_s: the head comes again, the same bytes.
+    (again,) = await _models(sub, 1)
+    assert (again.version, again.version_hash, again.signature) == (
+        3,
+        start.version_hash,
+        start.signature,
+    )
+    # A worker whose spec is out of date stops after three models of the current spec.
+    outdated = spec.model_copy(update={"training": spec.training.model_copy(update={"lr": 0.5})})
+    await sub.close()
+    worker = ParticipantWorker(
+        outdated,
+        WorkerConfig(participant="bank-a", signing_key=party_key("bank-a")),
+        bank,
+        pd.DataFrame({"x0": [0.0, 1.0] * 10, "x1": [1.0] * 20, "x2": [2.0] * 20, "y": [0, 1] * 10}),
+    )
+    with pytest.raises(ConfigError, match="spec file is out of date"):
+        async with asyncio.timeout(10):
+            await worker.run(asyncio.Event())
+    assert worker.stats.models_refused == {"spec_mismatch": 3}
+    assert worker.stats.published == 0
+    stop.set()
+    await task
     await store.close()

@@ -358,3 +358,16 @@ async def test_every_update_has_one_fate_through_rabbitmq(
     assert b.stats.accepted + sum(b.stats.refused.values()) == len(b.sent) == 5
     assert {uid: b.tracker.fates[uid].reason for uid in expect} == expect
     assert all(b.tracker.fates[uid].accepted for uid in accepted)
+
+
+def test_a_refusal_goes_only_to_the_broker_validated_sender_while_senders_are_checked() -> None:
+    from aggregator.receipts import recipient
+
+    banks = ("bank-a", "bank-b")
+    assert recipient("bank-b", "bank-a", banks, sender_match=True) == "bank-b"
+    # No user_id: the broker validated nobody; the envelope's name is not trusted.
+    assert recipient(None, "bank-a", banks, sender_match=True) is None
+    assert recipient("guest", "bank-a", banks, sender_match=True) is None
+    # Sender check off (one shared broker user): the envelope's participant.
+    assert recipient("guest", "bank-a", banks, sender_match=False) == "bank-a"
+    assert recipient(None, "bank-z", banks, sender_match=False) is None

@@ -50,7 +50,7 @@ from common.errors import (
 from common.hashing import LineageEntry, lineage_bytes, version_hash
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.signing import PublicKey
-from common.spec import TaskSpec
+from common.spec import IdentitySpec, TaskSpec
 from common.wire import (
     DEFAULT_LIMITS,
     Tensors,
@@ -265,6 +265,9 @@ class _Identity:
     required: bool
     spec_hash: bytes
     signed: set[str]
+    #: Whether the spec has an identity section: then every update must name its spec
+    #: hash, as admission requires (chains from before spec hashes have none).
+    strict: bool
 
 
 class Identities:
@@ -283,6 +286,7 @@ class Identities:
                 s.identity.require_signatures,
                 s.spec_hash(),
                 self.signed,
+                s.identity != IdentitySpec(),
             )
             for _, s in entries
         ]
@@ -349,6 +353,8 @@ def _check_retained(
 
 def _check_identity(env: UpdateEnvelope, identity: _Identity) -> str | None:
     """The update's spec hash and signature, as the spec of its version required them."""
+    if not env.spec_hash and identity.strict:
+        return "names no spec hash, though the spec of its version has an identity"
     if env.spec_hash and env.spec_hash != identity.spec_hash:
         return (
             f"prepared under spec {env.spec_hash.hex()[:16]}, the version was made under "

@@ -106,8 +106,13 @@ def connect_redis(url: str) -> aioredis.Redis:
     try:
         # A pooled connection may be stale after a Redis restart: retry a command a
         # few times on a fresh connection before reporting the store unavailable.
+        tls: dict[str, Any] = {}
+        if url.lower().startswith("rediss://"):
+            # The host name too, whatever the installed redis-py's default is.
+            tls = {"ssl_check_hostname": True, "ssl_cert_reqs": "required"}
         return aioredis.Redis.from_url(
             url,
+            **tls,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=30,
