@@ -219,6 +219,67 @@ class IdentitySpec(_Spec):
         return self
 
 
+class RecordPrivacy(_Spec):
+    """Record-level DP at each bank: DP-SGD (Abadi et al. 2016) in local training.
+
+    Each local step samples every training row independently with probability
+    ``q = batch_size / rows`` (Poisson sampling, what the accountant assumes), clips
+    each row's gradient to L2 norm ``clip``, adds Gaussian noise of standard deviation
+    ``noise_multiplier * clip`` to their sum and divides by ``q * rows``. The bank's
+    accountant (common/privacy.py) composes every step it took; an update whose steps
+    would take the bank past ``epsilon_budget`` is not trained: the worker stops.
+    """
+
+    clip: float = Field(default=1.0, gt=0)
+    noise_multiplier: float = Field(gt=0, le=1000)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    epsilon_budget: float | None = Field(default=None, gt=0)
+
+
+class LaplacePrivacy(_Spec):
+    """The Laplace mechanism on each whole update, at the bank (pure epsilon-DP).
+
+    The delta is clipped to L1 norm ``clip_l1``, so two updates differ by at most
+    ``2 * clip_l1`` in L1; Laplace noise of scale ``2 * clip_l1 / epsilon`` makes each
+    update ``epsilon``-DP with respect to the bank's whole data (local DP: also against
+    the aggregator). Releases compose by addition up to ``epsilon_budget``.
+    """
+
+    clip_l1: float = Field(gt=0)
+    epsilon: float = Field(gt=0)
+    epsilon_budget: float | None = Field(default=None, gt=0)
+
+
+class BankPrivacy(_Spec):
+    """Bank-level DP at the aggregator (DP-FedAvg, McMahan et al. 2018; adaptive
+    clipping, Andrew et al. 2021): each update's delta clipped to L2 norm ``clip``
+    (adapted towards the ``target_quantile`` of update norms when ``adaptive``), and
+    Gaussian noise of standard deviation ``noise_multiplier`` times the aggregate's
+    sensitivity added to each version, from a seed recorded with it."""
+
+    clip: float = Field(default=1.0, gt=0)
+    noise_multiplier: float = Field(gt=0, le=1000)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    adaptive: bool = False
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_lr: float = Field(default=0.2, gt=0, le=10)
+
+
+class PrivacySpec(_Spec):
+    """Differential privacy: at the banks (``record`` DP-SGD or ``laplace``) and/or at
+    the aggregator (``bank``). docs/privacy.md has the threat model."""
+
+    record: RecordPrivacy | None = None
+    laplace: LaplacePrivacy | None = None
+    bank: BankPrivacy | None = None
+
+    @model_validator(mode="after")
+    def _one_local_mechanism(self) -> Self:
+        if self.record is not None and self.laplace is not None:
+            raise ValueError("privacy.record and privacy.laplace are alternatives: choose one")
+        return self
+
+
 #: ``--class-weight auto`` weighs positives only below this positive rate.
 AUTO_WEIGHT_BELOW = 0.1
 
@@ -265,6 +326,8 @@ class TaskSpec(_Spec):
     participants: tuple[Name, ...] = ()
     #: Public keys and whether signatures are required.
     identity: IdentitySpec = IdentitySpec()
+    #: Differential privacy at the banks and at the aggregator.
+    privacy: PrivacySpec = PrivacySpec()
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
     max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
@@ -300,6 +363,10 @@ class TaskSpec(_Spec):
         unknown = sorted(set(self.declared_samples) - set(self.participants))
         if self.participants and unknown:
             raise ValueError(f"declared_samples names non-participants: {', '.join(unknown)}")
+        if self.privacy.bank is not None and self.server.kind != "sgd":
+            raise ValueError(
+                "privacy.bank adds noise to the new parameters: it needs server.kind 'sgd'"
+            )
         keys = self.identity.participant_keys
         strangers = sorted(set(keys) - set(self.participants))
         if strangers:

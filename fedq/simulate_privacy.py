@@ -1,0 +1,120 @@
+"""Differential privacy in ``fedq simulate``: from target epsilons to the task's settings.
+
+A user asks for an epsilon; the mechanisms take noise multipliers. Record-level
+DP-SGD is calibrated so that the bank with the largest sampling rate (the fewest
+rows) reaches the target after ``planned_updates`` updates, which is also every
+bank's budget (a bank with more rows spends less per update); bank-level DP is
+calibrated so that the model reaches the target after the run's version cap. The
+accountant is common/privacy.py's (dp-accounting, RDP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+from common.privacy import calibrate_dpsgd, calibrate_gaussian
+from common.spec import (
+    BankPrivacy,
+    LaplacePrivacy,
+    PrivacySpec,
+    RecordPrivacy,
+    TaskSpec,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyOptions:
+    """What ``fedq simulate`` takes about privacy (all off by default)."""
+
+    #: Record-level DP-SGD at each bank: the target (and budget) epsilon per bank.
+    record_epsilon: float | None = None
+    record_clip: float = 1.0
+    #: Updates per bank the record-level budget is planned for.
+    planned_updates: int = 30
+    #: The Laplace mechanism at each bank: epsilon per update, and the L1 clip.
+    laplace_epsilon: float | None = None
+    laplace_clip: float = 1.0
+    #: A budget for the Laplace releases of each bank (None: no limit).
+    laplace_budget: float | None = None
+    #: Bank-level DP at the aggregator: the target epsilon of the model.
+    bank_epsilon: float | None = None
+    bank_clip: float = 1.0
+    bank_adaptive: bool = False
+    delta: float = 1e-5
+
+    @property
+    def any(self) -> bool:
+        return (
+            self.record_epsilon is not None
+            or self.laplace_epsilon is not None
+            or self.bank_epsilon is not None
+        )
+
+    def check(self) -> None:
+        """ConfigError naming the option at fault."""
+        if self.record_epsilon is not None and self.laplace_epsilon is not None:
+            raise ConfigError("--record-epsilon and --laplace-epsilon are alternatives")
+        for name, value in (
+            ("--record-epsilon", self.record_epsilon),
+            ("--laplace-epsilon", self.laplace_epsilon),
+            ("--bank-epsilon", self.bank_epsilon),
+            ("--record-clip", self.record_clip),
+            ("--laplace-clip", self.laplace_clip),
+            ("--bank-clip", self.bank_clip),
+        ):
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be a positive number, not {value}")
+        if self.planned_updates < 1:
+            raise ConfigError(f"--dp-updates must be at least 1, not {self.planned_updates}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"--dp-delta must be in (0, 1), not {self.delta}")
+
+
+def sample_rate(spec: TaskSpec, rows: int) -> float:
+    """DP-SGD's Poisson sampling rate for a bank with ``rows`` training rows."""
+    return min(1.0, spec.training.batch_size / max(1, rows))
+
+
+def steps_per_update(spec: TaskSpec, rows: int) -> int:
+    """DP-SGD steps in one local update: ``epochs * round(1 / q)``."""
+    return spec.training.epochs * max(1, round(1.0 / sample_rate(spec, rows)))
+
+
+def privacy_spec(
+    options: PrivacyOptions, spec: TaskSpec, train_rows: Mapping[str, int], versions: int
+) -> PrivacySpec:
+    """The task's privacy section for these options, calibrated to their targets.
+
+    ``train_rows`` is each bank's training rows (what its worker trains on, its
+    validation rows excluded); ``versions`` the run's version cap.
+    """
+    options.check()
+    record = laplace = bank = None
+    if options.record_epsilon is not None:
+        smallest = min(train_rows.values())
+        q = sample_rate(spec, smallest)
+        steps = options.planned_updates * steps_per_update(spec, smallest)
+        sigma = calibrate_dpsgd(options.record_epsilon, q, steps, options.delta)
+        record = RecordPrivacy(
+            clip=options.record_clip,
+            noise_multiplier=sigma,
+            delta=options.delta,
+            epsilon_budget=options.record_epsilon,
+        )
+    if options.laplace_epsilon is not None:
+        laplace = LaplacePrivacy(
+            clip_l1=options.laplace_clip,
+            epsilon=options.laplace_epsilon,
+            epsilon_budget=options.laplace_budget,
+        )
+    if options.bank_epsilon is not None:
+        z = calibrate_gaussian(options.bank_epsilon, max(1, versions), options.delta)
+        bank = BankPrivacy(
+            clip=options.bank_clip,
+            noise_multiplier=z,
+            delta=options.delta,
+            adaptive=options.bank_adaptive,
+        )
+    return PrivacySpec(record=record, laplace=laplace, bank=bank)
