@@ -13,6 +13,7 @@ makes this the task's only writer; a store that went backwards stops it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import socket
@@ -36,6 +37,7 @@ from aggregator.guard import overflowing
 from aggregator.identity import check_signing_key
 from aggregator.lease import FencedOutError, LeaseConfig, WriterLease, check_fence
 from aggregator.metrics import AggregatorMetrics
+from aggregator.privacy import BankAggregation, VersionPrivacy
 from aggregator.receipts import ReceiptSender
 from aggregator.retry import store_retry
 from aggregator.stats import ServiceStats, Stages, untimed
@@ -142,6 +144,9 @@ class AggregatorService:
         #: The strategy's server optimizer, if it has one: restored from the head's
         #: stored state at start, advanced after each commit.
         self.server = server_optimizer(self.strategy)
+        #: Bank-level DP (``spec.privacy.bank``): clipping, noise, the bound and the
+        #: accountant, restored from the head's record at start (aggregator.privacy).
+        self.privacy = BankAggregation(spec.privacy.bank) if spec.privacy.bank is not None else None
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
         self.prefetch = max(self.config.prefetch, self.strategy.capacity + 1)
@@ -240,6 +245,8 @@ class AggregatorService:
         if self.server is not None:
             # Continue from the head's optimizer state, bit for bit (None: it has none).
             self.server.advance(await self.store.get_state(self.task, record.version))
+        if self.privacy is not None:
+            self.privacy.restore(record.info)  # the bound and the count carry on
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
         await self._restore_weighting(record.version)
@@ -604,11 +611,35 @@ class AggregatorService:
         with structlog.contextvars.bound_contextvars(version=self.head_version + 1):
             await self._commit_step(step)
 
+    async def _private(self, step: Step) -> tuple[Step, VersionPrivacy | None]:
+        """With bank-level DP: the step recomputed from the clipped deltas, with noise
+        from a fresh seed (:func:`aggregator.privacy.private_version`), and its record."""
+        if self.privacy is None:
+            return step, None
+        deltas = {e.update_id: self._pending[e.update_id][1].delta for e in step.lineage}
+        bases: dict[int, Tensors] = {}
+        if self.strategy.uses_base:
+            for e in step.lineage:
+                base = await self.base(e.base_version)
+                if base is None:
+                    raise NotFoundError(f"base version {e.base_version} is no longer stored")
+                bases[e.base_version] = base
+        params, record = await asyncio.to_thread(
+            self.privacy.apply,
+            type(self.strategy),
+            self.head_params,
+            bases.__getitem__,
+            step.lineage,
+            deltas,
+        )
+        return dataclasses.replace(step, params=params), record
+
     async def _commit_step(self, step: Step) -> None:
         started = time.perf_counter()
         parent = self.head_version
+        step, private = await self._private(step)
         with self.stages("commit"):
-            result = await self._commit_until_saved(parent, step)
+            result = await self._commit_until_saved(parent, step, private)
         if result.outcome is CommitOutcome.FENCED:
             self.lease.lost.set()
             raise FencedOutError(f"commit on version {parent} refused: the writer lease is gone")
@@ -627,6 +658,8 @@ class AggregatorService:
         self._set_head(record.version, step.params)
         if self.server is not None:
             self.server.advance(step.state)
+        if self.privacy is not None and private is not None:
+            self.privacy.advance(private)
         self.head_hash = record.version_hash
         announcement = self._announcement(record, result.blob)
         self._chain.append(record.version_hash)
@@ -661,16 +694,20 @@ class AggregatorService:
         if self.on_version is not None:
             await self.on_version(record, step.params)
 
-    async def _commit_until_saved(self, parent: int, step: Step) -> CommitResult:
+    async def _commit_until_saved(
+        self, parent: int, step: Step, private: VersionPrivacy | None = None
+    ) -> CommitResult:
         """Commit; while Redis is unreachable, wait and retry (nothing is acked meanwhile).
 
         A commit whose reply was lost may have been applied: before retrying, a head
-        that already holds exactly this lineage counts as committed.
+        that already holds exactly this lineage counts as committed. A private
+        version's record (seed, bound, noise, epsilon) goes into its info as ``privacy``.
         """
         info = {
             "strategy": self.strategy.name,
             "settings": self.strategy.settings(),
             **({"server": self.server.settings()} if self.server is not None else {}),
+            **({"privacy": private.to_json()} if private is not None else {}),
             "owner": self.config.owner,
         }
         ids = [e.update_id for e in step.lineage]

@@ -142,6 +142,82 @@ def _shares(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     return shares
 
 
+def privacy_options(f: F) -> F:
+    """``fedq simulate``'s differential-privacy options (docs/privacy.md)."""
+    positive = click.FloatRange(min=0.0, min_open=True)
+    options = [
+        click.option(
+            "--record-epsilon",
+            type=positive,
+            default=None,
+            help="Record-level DP-SGD at each bank: the epsilon each bank may spend (its "
+            "budget); the noise is calibrated to reach it after --dp-updates updates.",
+        ),
+        click.option(
+            "--record-clip",
+            type=positive,
+            default=1.0,
+            show_default=True,
+            help="DP-SGD: per-example gradient L2 bound.",
+        ),
+        click.option(
+            "--dp-updates",
+            type=click.IntRange(min=1),
+            default=30,
+            show_default=True,
+            help="Updates per bank the record-level budget is planned for.",
+        ),
+        click.option(
+            "--laplace-epsilon",
+            type=positive,
+            default=None,
+            help="The Laplace mechanism at each bank: pure epsilon per update (local DP).",
+        ),
+        click.option(
+            "--laplace-clip",
+            type=positive,
+            default=1.0,
+            show_default=True,
+            help="Laplace: the update's L1 bound.",
+        ),
+        click.option(
+            "--laplace-budget",
+            type=positive,
+            default=None,
+            help="Laplace: the total epsilon a bank may spend (default: no limit).",
+        ),
+        click.option(
+            "--bank-epsilon",
+            type=positive,
+            default=None,
+            help="Bank-level DP at the aggregator: the model's epsilon after the version "
+            "cap (--versions); each update clipped, each version noised.",
+        ),
+        click.option(
+            "--bank-clip",
+            type=positive,
+            default=1.0,
+            show_default=True,
+            help="Bank-level DP: the update's L2 bound (the initial one with --adaptive-clip).",
+        ),
+        click.option(
+            "--adaptive-clip",
+            is_flag=True,
+            help="Bank-level DP: adapt the bound to the median update norm (Andrew et al. 2021).",
+        ),
+        click.option(
+            "--dp-delta",
+            type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+            default=1e-5,
+            show_default=True,
+            help="The delta of every (epsilon, delta) reported.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     """A task-spec option of ``fedq simulate``: its default is the simulation's."""
     return spec_option(spec_field, *decls, simulation=True, **attrs)
@@ -299,6 +375,7 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     help="The share of customers flagged for the report's precision and recall at alert.",
 )
 @seed_option
+@privacy_options
 @amqp_option("Run against this RabbitMQ instead of the in-process broker.", default=None)
 @file_option(
     "--bank-urls",
@@ -321,6 +398,7 @@ def simulate(**opts: Any) -> None:
         # progress bar. Warnings still show; --log-level info brings the rest back.
         configure_logging("warning", (ctx.obj or {}).get("log_format", "auto"))
     from fedq.simulate import SimulationConfig, bundled_data, load_bank_urls, load_data, prepare
+    from fedq.simulate_privacy import PrivacyOptions
 
     bank_urls = None if opts["bank_urls"] is None else load_bank_urls(opts["bank_urls"])
     if bank_urls is not None:
@@ -358,6 +436,18 @@ def simulate(**opts: Any) -> None:
         seed=opts["seed"],
         amqp_url=opts["amqp_url"],
         bank_urls=bank_urls,
+        privacy=PrivacyOptions(
+            record_epsilon=opts["record_epsilon"],
+            record_clip=opts["record_clip"],
+            planned_updates=opts["dp_updates"],
+            laplace_epsilon=opts["laplace_epsilon"],
+            laplace_clip=opts["laplace_clip"],
+            laplace_budget=opts["laplace_budget"],
+            bank_epsilon=opts["bank_epsilon"],
+            bank_clip=opts["bank_clip"],
+            bank_adaptive=opts["adaptive_clip"],
+            delta=opts["dp_delta"],
+        ),
         redis_url=opts["redis_url"],
         report=opts["report"],
         plot=opts["plot"],
@@ -500,6 +590,12 @@ def participant() -> None:
     type=click.IntRange(0, 65535),
     envvar="FEDQ_METRICS_PORT",
     help="Serve Prometheus /metrics on this port (0: off).",
+)
+@file_option(
+    "--privacy-ledger",
+    envvar="FEDQ_PRIVACY_LEDGER",
+    help="With DP in the task spec: the file that keeps this bank's privacy spending "
+    "across restarts (created if missing; keep it with the bank's data).",
 )
 def participant_run(
     spec_path: Path, amqp_url: str, data: Path, metrics_port: int, **worker: Any

@@ -153,6 +153,8 @@ async def _replay(
         }
         if exclude is not None:
             result.update(await _counterfactual(store, task, report, evaluation, out))
+            if report.note:
+                result["note"] = report.note
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif report.ok:
@@ -161,6 +163,8 @@ async def _replay(
             f"[green]{what} versions {report.from_version + 1}..{report.to_version}[/] "
             f"({report.checked} versions, {report.signatures} update signatures verified)"
         )
+        if report.note:
+            console.print(f"[yellow]note:[/] {report.note}")
     else:
         console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")
     return report.ok or not verify
@@ -228,6 +232,8 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
             f"optimizer    {o['kind']} (lr {o['lr']}, beta1 {o['beta1']}, beta2 {o['beta2']}, "
             f"tau {o['tau']})\nstate hash   {doc['state_hash']}"
         )
+    if doc.get("privacy"):
+        console.print(_privacy_line(doc["privacy"]))
     table = Table(title="contributing updates")
     for col in ("participant", "update id", "base", "staleness", "weight", "content hash"):
         table.add_column(col)
@@ -252,6 +258,20 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
         console.print(refused)
     else:
         console.print("no refusals in this window")
+
+
+def _privacy_line(p: dict[str, Any]) -> str:
+    """``audit show``'s bank-level DP lines: the cumulative epsilon and the mechanism."""
+    clip = f"clip bound {p['clip']:.6g}"
+    if p.get("adaptive"):
+        clip += f" (adaptive, next {p['next_clip']:.6g}, target quantile {p['target_quantile']})"
+    return (
+        f"privacy      epsilon {p['epsilon']:.6g} (cumulative over {p['versions']} private "
+        f"versions), delta {p['delta']:.3g}\n"
+        f"             noise multiplier {p['noise_multiplier']:.6g}, noise std "
+        f"{p['noise_std']:.6g}, {clip}, clipped {p['clipped_fraction']:.0%} of the updates, "
+        f"seed {p['seed']}"
+    )
 
 
 @click.command("export")

@@ -59,6 +59,7 @@ from common.ids import is_name
 from common.signing import SigningKey
 from common.spec import IdentitySpec, NumericFeature, TargetSpec, TaskSpec, positive_weight_for
 from common.tls import check_url
+from fedq.simulate_privacy import PrivacyOptions, privacy_report, privacy_spec
 from participant import partition
 from participant.data import (
     binary_labels,
@@ -139,6 +140,8 @@ class SimulationConfig:
     #: The most epochs a baseline (centralized, local-only) trains for (fedq.baselines
     #: stops sooner when its validation loss stops improving).
     baseline_epochs: int = 100
+    #: Differential privacy at the banks and at the aggregator (off by default).
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
     #: Threads the baselines train in (None: as many as the cores allow).
     baseline_workers: int | None = None
     #: Stop after this many versions (None: DEFAULT_VERSIONS async, DEFAULT_VERSIONS /
@@ -244,7 +247,8 @@ class SimulationResult:
     curve: list[tuple[float, int, float]]
     #: For each version 1..n, the participants whose updates went into it.
     contributors: list[list[str]]
-    #: What ended the run: plateau, versions, seconds, or other (an error).
+    #: What ended the run: plateau, versions, seconds, budget (every bank spent its
+    #: privacy budget), or other (an error).
     stopped_by: str
     participants: dict[str, dict[str, Any]]
     settings: dict[str, Any]
@@ -262,6 +266,9 @@ class SimulationResult:
     target_note: str | None = None
     #: Validation AUC (the banks' validation rows) for each point of ``curve``.
     val_curve: list[float | None] = field(default_factory=list)
+    #: What differential privacy cost, when the run used it: the settings, each bank's
+    #: epsilon (record level, Laplace) and the model's (bank level); empty without.
+    privacy: dict[str, Any] = field(default_factory=dict)
     #: Per version: {"seconds", "version", "refused": {bank: refusals since the last version}}.
     events: list[dict[str, Any]] = field(default_factory=list)
     #: How the centralized baseline was fitted (fedq.baselines: epochs, why it stopped).
@@ -338,6 +345,7 @@ def check_options(config: SimulationConfig) -> None:
         raise ConfigError(f"test_fraction must be in (0, 1), not {config.test_fraction}")
     _check_bank_urls(config)
     _check_run_options(config)
+    config.privacy.check()
     _check_shares(config)
     if config.partition == "column" and not config.partition_column:
         raise ConfigError("--partition column needs --partition-column NAME")
@@ -756,6 +764,16 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
     return replace(prep, spec=spec)
 
 
+def _private(prep: Prepared, config: SimulationConfig) -> Prepared:
+    """The run's task with the privacy settings the options ask for, calibrated."""
+    rows = {
+        name: len(train_val_split(len(shard), VAL_FRACTION, config.seed + i)[0])
+        for i, (name, shard) in enumerate(prep.shards.items())
+    }
+    privacy = privacy_spec(config.privacy, prep.spec, rows, config.max_versions)
+    return replace(prep, spec=prep.spec.model_copy(update={"privacy": privacy}))
+
+
 def _signed(prep: Prepared) -> Prepared:
     """The run's task with fresh keys for every bank and the aggregator, required."""
     identity, keys, aggregator_key = _identity(prep.spec.participants)
@@ -1007,6 +1025,8 @@ async def run_simulation(
     else:
         prep = _for_mode(prepared, config)
     prep = _signed(prep)
+    if config.privacy.any:
+        prep = _private(prep, config)
     if baselines is None:
         baselines = await asyncio.to_thread(fit_baselines, prep, config)
     spec = prep.spec
@@ -1057,7 +1077,8 @@ async def run_simulation(
             asyncio.create_task(w.run(bank_stop), name=w.config.participant) for w in workers
         ]
         try:
-            await _until_stopped(config, bank_stop, agg_task, worker_tasks)
+            if await _until_stopped(config, bank_stop, agg_task, worker_tasks):
+                watch.stopped_by = watch.stopped_by or "budget"
         finally:
             bank_stop.set()
             await asyncio.gather(*worker_tasks, return_exceptions=True)
@@ -1116,18 +1137,29 @@ async def _until_stopped(
     bank_stop: asyncio.Event,
     agg_task: asyncio.Task[None],
     worker_tasks: list[asyncio.Task[Any]],
-) -> None:
-    """Wait for a stop, the time budget, or a task that failed (its error raised)."""
+) -> bool:
+    """Wait for a stop, the time budget, every worker ending by itself (a privacy
+    budget spent), or a task that failed (its error raised). True in the third case."""
+    loop = asyncio.get_running_loop()
+    deadline = None if config.seconds is None else loop.time() + config.seconds
     waiter = asyncio.create_task(bank_stop.wait())
-    done, _ = await asyncio.wait(
-        [waiter, agg_task, *worker_tasks],
-        timeout=config.seconds,
-        return_when=asyncio.FIRST_COMPLETED,
-    )
-    waiter.cancel()
-    for t in done:
-        if t is not waiter and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+    pending = set(worker_tasks)
+    try:
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(
+                [waiter, agg_task, *pending], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in done:
+                if t is not waiter and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if not done or waiter in done or agg_task in done:
+                return False
+            pending -= done
+            if not pending:
+                return True
+    finally:
+        waiter.cancel()
 
 
 def _target(
@@ -1195,6 +1227,11 @@ def _result(
         warnings=warnings,
         centralized_how=base.how.get("centralized"),
         baseline_seconds=base.seconds,
+        privacy=privacy_report(
+            spec,
+            {w.config.participant: (len(w.x_train), w.stats.published) for w in workers},
+            head,
+        ),
     )
 
 

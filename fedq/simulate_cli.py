@@ -168,6 +168,7 @@ _STOPS = {
     "versions": "the version budget",
     "seconds": "the time budget",
     "plateau": "a plateau of the validation AUC",
+    "budget": "the banks' privacy budgets: every bank stopped publishing",
 }
 
 
@@ -202,6 +203,8 @@ def _summary(r: SimulationResult, console: Console) -> None:
             f"({cr['precision_at_alert']:.3f}), recall {fr['recall_at_alert'] or 0:.3f} "
             f"({cr['recall_at_alert'] or 0:.3f})"
         )
+    for line in _privacy_lines(r.privacy):
+        console.print(line, highlight=False)
     for line in r.warnings:
         if line.startswith("the global model was still improving"):
             console.print(f"[yellow]warning:[/] {line}", highlight=False)
@@ -211,6 +214,36 @@ def _summary(r: SimulationResult, console: Console) -> None:
         f"{r.wall_seconds:.1f} s (baselines {r.baseline_seconds:.1f} s); {_reached(r)}",
         highlight=False,
     )
+
+
+def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
+    """One line per privacy mechanism the run used: its settings and what it spent."""
+    lines = []
+    rec = privacy.get("record")
+    if rec is not None:
+        spent = rec["epsilon_per_bank"]
+        lines.append(
+            f"record-level DP-SGD: clip {rec['clip']:g}, noise multiplier "
+            f"{rec['noise_multiplier']:.3f}, delta {rec['delta']:g}; epsilon per bank "
+            f"{min(spent.values()):.2f}-{max(spent.values()):.2f} (budget {rec['budget']})"
+        )
+    lap = privacy.get("laplace")
+    if lap is not None:
+        spent = lap["epsilon_per_bank"]
+        lines.append(
+            f"Laplace at the banks: L1 clip {lap['clip_l1']:g}, epsilon "
+            f"{lap['epsilon_per_update']:g} per update; epsilon per bank up to "
+            f"{max(spent.values()):.2f} (pure)"
+        )
+    bank = privacy.get("bank")
+    if bank is not None:
+        lines.append(
+            f"bank-level DP at the aggregator: clip {bank['clip']:g}"
+            f"{' (adaptive)' if bank['adaptive'] else ''}, noise multiplier "
+            f"{bank['noise_multiplier']:.3f}; model epsilon {bank['model_epsilon']:.2f} "
+            f"at delta {bank['delta']:g} after {bank['versions']} versions"
+        )
+    return lines
 
 
 def _reached(r: SimulationResult) -> str:

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from common.errors import ConfigError
-from common.privacy import calibrate_dpsgd, calibrate_gaussian
+from common.privacy import (
+    calibrate_dpsgd,
+    calibrate_gaussian,
+    dpsgd_epsilon,
+    gaussian_epsilon,
+    laplace_epsilon,
+)
 from common.spec import (
     BankPrivacy,
     LaplacePrivacy,
@@ -118,3 +125,58 @@ def privacy_spec(
             adaptive=options.bank_adaptive,
         )
     return PrivacySpec(record=record, laplace=laplace, bank=bank)
+
+
+def privacy_report(
+    spec: TaskSpec, banks: Mapping[str, tuple[int, int]], versions: int
+) -> dict[str, Any]:
+    """The report's privacy section: the settings, and what each mechanism spent.
+
+    ``banks`` maps each bank to (its training rows, the updates it published): a
+    bank's epsilon is the accountant's over the steps of the updates it published
+    (what its own ledger counts); the model's, over the versions committed.
+    """
+    p = spec.privacy
+    out: dict[str, Any] = {}
+    if p.record is not None:
+        r = p.record
+        out["record"] = {
+            "mechanism": "DP-SGD (Poisson sampling, per-example clipping, Gaussian noise)",
+            "clip": r.clip,
+            "noise_multiplier": r.noise_multiplier,
+            "delta": r.delta,
+            "budget": r.epsilon_budget,
+            "epsilon_per_bank": {
+                name: dpsgd_epsilon(
+                    sample_rate(spec, rows),
+                    r.noise_multiplier,
+                    published * steps_per_update(spec, rows),
+                    r.delta,
+                )
+                for name, (rows, published) in banks.items()
+            },
+        }
+    if p.laplace is not None:
+        lp = p.laplace
+        out["laplace"] = {
+            "mechanism": "Laplace on each whole update (pure epsilon, local)",
+            "clip_l1": lp.clip_l1,
+            "epsilon_per_update": lp.epsilon,
+            "budget": lp.epsilon_budget,
+            "epsilon_per_bank": {
+                name: laplace_epsilon(lp.epsilon, published)
+                for name, (_, published) in banks.items()
+            },
+        }
+    if p.bank is not None:
+        b = p.bank
+        out["bank"] = {
+            "mechanism": "clipped updates, Gaussian noise on each version (at the aggregator)",
+            "clip": b.clip,
+            "adaptive": b.adaptive,
+            "noise_multiplier": b.noise_multiplier,
+            "delta": b.delta,
+            "versions": versions,
+            "model_epsilon": gaussian_epsilon(b.noise_multiplier, versions, b.delta),
+        }
+    return out

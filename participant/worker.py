@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import secrets
 import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import structlog
@@ -27,10 +29,11 @@ from common.refusals import Refusal
 from common.signing import SigningKey
 from common.spec import TaskSpec
 from common.transport import ModelDelivery, Subscription, Transport, next_or_none
-from common.wire import ModelEnvelope, UpdateEnvelope, decode_model, encode_update
+from common.wire import ModelEnvelope, Tensors, UpdateEnvelope, decode_model, encode_update
 from participant.data import encode, train_val_split
 from participant.identity import ModelChecker, check_participant_key
 from participant.metrics import ParticipantMetrics
+from participant.privacy import PrivacyLedger, laplace_release, train_dpsgd
 from participant.receipts import ReceiptTracker, aggregator_key
 from participant.training import train_local
 
@@ -58,6 +61,14 @@ class WorkerConfig:
     codec: str = "zstd"
     #: This bank's Ed25519 key: signs every update (the task spec holds its public key).
     signing_key: SigningKey | None = None
+    #: Seed of the privacy noise (DP-SGD's sampling and noise, Laplace's noise) of update
+    #: k: ``SHA-256("<privacy_seed>:<participant>:<k>")``. None (the default, and the
+    #: only safe choice in a real federation): a fresh secret seed from the operating
+    #: system for every update, since whoever knows the seed can subtract the noise.
+    privacy_seed: int | None = None
+    #: The bank's privacy ledger file (participant.privacy.PrivacyLedger): its spending
+    #: survives restarts. None: counted in memory only, from 0 at every start.
+    privacy_ledger: Path | None = None
 
 
 @dataclass(slots=True)
@@ -79,6 +90,12 @@ class WorkerStats:
     accepted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     receipts_bad_signature: int = 0
+    #: The task's local privacy budget is spent: the worker stopped publishing.
+    budget_exhausted: bool = False
+    #: What the worker said when it stopped for its privacy budget.
+    budget_note: str = ""
+    #: The bank's cumulative epsilon under the task's local mechanism (0 without one).
+    dp_epsilon: float = 0.0
 
 
 class ParticipantWorker:
@@ -123,6 +140,8 @@ class ParticipantWorker:
         self._val_metrics: dict[str, float] = {}
         #: Models refused spec_mismatch in a row (see SPEC_MISMATCHES_TO_STOP).
         self._spec_mismatches = 0
+        #: The bank's privacy spending (participant.privacy): counts published updates.
+        self.ledger = PrivacyLedger(spec, len(self.x_train), config.privacy_ledger)
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Work until ``stop`` is set or ``max_updates`` are published, counting receipts.
@@ -150,6 +169,8 @@ class ParticipantWorker:
         sync = self.spec.mode == "sync"
         try:
             while not stop.is_set():
+                if self._budget_spent():
+                    break
                 current = self._current
                 # Sync: train once per round, then wait for the next one. Async: if no
                 # newer version comes within wait_for_model_s, train again on this one.
@@ -174,6 +195,48 @@ class ParticipantWorker:
         finally:
             await sub.close()  # a held model goes back to the queue for the next start
         return self.stats
+
+    def _budget_spent(self) -> bool:
+        """True (once said in the log) when one more update would pass the budget."""
+        if not self.ledger.exhausted:
+            return False
+        if not self.stats.budget_exhausted:
+            self.stats.budget_exhausted = True
+            self.stats.budget_note = (
+                f"privacy budget spent: epsilon {self.ledger.epsilon:.4g} of "
+                f"{self.ledger.budget:.4g}; this bank publishes no more updates"
+            )
+            self.log.warning(
+                self.stats.budget_note,
+                epsilon=self.ledger.epsilon,
+                budget=self.ledger.budget,
+                next_update_would_reach=self.ledger.next_cost(),
+            )
+        return True
+
+    def _privacy_seed(self) -> int:
+        """The seed of this update's privacy noise (see WorkerConfig.privacy_seed)."""
+        cfg = self.config
+        if cfg.privacy_seed is None:
+            return secrets.randbits(63)
+        key = f"{cfg.privacy_seed}:{cfg.participant}:{self.stats.published}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    def _train(self, model: ModelEnvelope, seed: int) -> tuple[Tensors, dict[str, float], int]:
+        """Local training under the task's local privacy mechanism, if any: the delta,
+        the training metrics and the DP-SGD steps taken (0 otherwise)."""
+        privacy = self.spec.privacy
+        if privacy.record is not None:
+            return train_dpsgd(
+                self.spec, model.tensors, self.x_train, self.y_train, seed=self._privacy_seed()
+            )
+        delta, metrics = train_local(
+            self.spec, model.tensors, self.x_train, self.y_train, seed=seed
+        )
+        if privacy.laplace is not None:
+            # The training loss is a function of the rows that no noise covers.
+            return laplace_release(self.spec, delta, seed=self._privacy_seed()), {}, 0
+        return delta, metrics, 0
 
     def _forget(self) -> None:
         """A fresh start: no model held (a held delivery went back to its queue)."""
@@ -300,12 +363,15 @@ class ParticipantWorker:
         key = f"{cfg.seed}:{cfg.participant}:{self.stats.published}".encode()
         seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
         started = time.perf_counter()
-        delta, train_metrics = await asyncio.to_thread(
-            train_local, self.spec, model.tensors, self.x_train, self.y_train, seed=seed
-        )
+        delta, train_metrics, steps = await asyncio.to_thread(self._train, model, seed)
         if cfg.delay_s > 0:
             await asyncio.sleep(cfg.delay_s)
-        metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        if self.ledger.active:
+            # Under DP nothing computed from the bank's rows leaves it un-noised: the
+            # validation metrics stay in the worker's log, out of the update.
+            metrics = {**train_metrics, **self.ledger.quote(steps)}
+        else:
+            metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
         update_id = uuid.uuid4().hex
         body, _ = await asyncio.to_thread(
             encode_update,
@@ -327,6 +393,9 @@ class ParticipantWorker:
             self.spec.task_id, cfg.participant, body, message_id=update_id
         )
         self.stats.published += 1
+        if self.ledger.active:
+            self.ledger.spend(steps)  # counted once it has left the bank
+            self.stats.dp_epsilon = self.ledger.epsilon
         self.metrics.published.inc()
         self.stats.published_ids.append(update_id)
         self.log.info(

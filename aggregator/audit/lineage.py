@@ -42,6 +42,9 @@ async def version_lineage(store: RedisModelStore, task: str, version: int) -> di
         "settings": rec.info.get("settings"),
         "optimizer": None if rec.optimizer is None else rec.optimizer.model_dump(mode="json"),
         "state_hash": None if rec.state_hash is None else rec.state_hash.hex(),
+        #: Bank-level DP (aggregator.privacy.VersionPrivacy): seed, clip bound, noise,
+        #: cumulative epsilon; None for a version made without it.
+        "privacy": rec.info.get("privacy"),
         "updates": [
             {
                 "participant": e.participant,

@@ -34,7 +34,8 @@ import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aggregator import server_opt
+from aggregator import privacy, server_opt
+from aggregator.privacy import VersionPrivacy
 from aggregator.server_opt import ServerState
 from aggregator.store import RedisModelStore, VersionRecord
 from aggregator.store.redis_store import STATE_LIMITS
@@ -87,6 +88,20 @@ class ReplayReport:
     state: ServerState | None = None
     #: Updates whose signature was verified under their participant's key.
     signatures: int = 0
+    #: Versions replayed that were made with bank-level DP (recorded seed and bound).
+    private_versions: int = 0
+
+    @property
+    def note(self) -> str:
+        """What a reader of a counterfactual of a DP run must know ("" otherwise)."""
+        if self.excluded is None or not self.private_versions:
+            return ""
+        return (
+            f"{self.private_versions} versions were made with bank-level DP: the "
+            "counterfactual reuses their recorded noise seeds, bounds and noise, so it is "
+            "another noisy model (what the same noise draws give without "
+            f"{self.excluded}), not the noiseless difference {self.excluded} made"
+        )
 
     @property
     def ok(self) -> bool:
@@ -161,6 +176,11 @@ async def replay(
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
     bases = _Bases(store, task, records, from_version, env.tensors, exclude)
     parent, parent_hash = env.tensors, start.version_hash
+    try:
+        private = _privacy_of(start)
+    except ReplayError as err:
+        report.first_bad_version, report.reason = from_version, str(err)
+        return report
     for rec in records:
         strategy = _strategy(str(rec.info.get("strategy", "")))
         entries = rec.lineage if exclude is None else strategy.without(rec.lineage, exclude)
@@ -168,12 +188,14 @@ async def replay(
         deltas: dict[str, Tensors] = {}
         problem = _decode_all(updates, entries, expected, deltas, identities.at(rec.version))
         if problem is None:
+            problem = _check_privacy_settings(rec, identities.spec(rec.version))
+        if problem is None:
             report.signatures += sum(1 for e in entries if e.update_id in identities.signed)
             of = {x.base_version: await bases.get(x.base_version) for x in entries}
-            params, state = await asyncio.to_thread(
-                _recompute_version, strategy, rec, parent, state, of, entries, deltas
+            params, state, private, problem = await asyncio.to_thread(
+                _recompute_version, strategy, rec, parent, state, of, entries, deltas, private
             )
-            if exclude is None:
+            if problem is None and exclude is None:
                 problem, parent_hash = await _verify_version(store, rec, params, state, parent_hash)
                 report.params = params
         if problem is not None:
@@ -182,6 +204,7 @@ async def replay(
         bases.keep(rec.version, params)
         parent = params
         report.checked += 1
+        report.private_versions += int(private is not None)
         if on_version is not None:
             on_version(rec.version)
     report.params, report.state = parent, state
@@ -197,18 +220,114 @@ def _recompute_version(
     bases: Mapping[int, Tensors],
     entries: tuple[LineageEntry, ...],
     deltas: Mapping[str, Tensors],
-) -> tuple[Tensors, ServerState | None]:
-    """A version's parameters and optimizer state: through its recorded server
-    optimizer when it has one, else through its strategy (no state)."""
+    parent_private: VersionPrivacy | None,
+) -> tuple[Tensors, ServerState | None, VersionPrivacy | None, str | None]:
+    """A version's parameters, optimizer state, privacy record and the problem found
+    (None if none): through its recorded server optimizer when it has one, through
+    bank-level DP when it has a privacy record (:func:`_recompute_private`), else
+    through its strategy (no state)."""
+    try:
+        private = _privacy_of(rec)
+    except ReplayError as err:
+        return parent, state, None, str(err)
+    if private is not None:
+        params, problem = _recompute_private(
+            strategy, rec, private, parent, bases, entries, deltas, parent_private
+        )
+        return params, None, private, problem
     if rec.optimizer is not None:
-        return server_opt.apply(
+        params, state = server_opt.apply(
             rec.optimizer,
             parent,
             state,
             [deltas[e.update_id] for e in entries],
             [e.weight for e in entries],
         )
-    return strategy.recompute(parent, bases.__getitem__, entries, deltas), None
+        return params, state, None, None
+    return strategy.recompute(parent, bases.__getitem__, entries, deltas), None, None, None
+
+
+def _check_privacy_settings(rec: VersionRecord, spec: TaskSpec) -> str | None:
+    """A version made under a spec with ``privacy.bank`` must carry a privacy record
+    made with that spec's settings (noise multiplier, delta, adaptive clipping)."""
+    bank = spec.privacy.bank
+    doc = rec.info.get("privacy")
+    if bank is None:
+        return None
+    if not isinstance(doc, dict):
+        return "made without bank-level DP, though the task's spec requires it"
+    wanted = {
+        "noise_multiplier": bank.noise_multiplier,
+        "delta": bank.delta,
+        "adaptive": bank.adaptive,
+        **(
+            {"target_quantile": bank.target_quantile, "clip_lr": bank.clip_lr}
+            if bank.adaptive
+            else {"clip": bank.clip}
+        ),
+    }
+    for name, value in wanted.items():
+        if doc.get(name) != value:
+            return f"privacy record's {name} {doc.get(name)!r} is not the spec's {value!r}"
+    return None
+
+
+def _privacy_of(rec: VersionRecord) -> VersionPrivacy | None:
+    """A version's bank-level DP record (None if it has none)."""
+    doc = rec.info.get("privacy")
+    if doc is None:
+        return None
+    try:
+        return VersionPrivacy.from_json(doc)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ReplayError(f"version {rec.version}'s privacy record is unreadable ({err})") from err
+
+
+def _recompute_private(
+    strategy: type[Strategy],
+    rec: VersionRecord,
+    private: VersionPrivacy,
+    parent: Tensors,
+    bases: Mapping[int, Tensors],
+    entries: tuple[LineageEntry, ...],
+    deltas: Mapping[str, Tensors],
+    parent_private: VersionPrivacy | None,
+) -> tuple[Tensors, str | None]:
+    """A bank-level DP version: the retained deltas clipped to the **recorded** bound,
+    the step recomputed in float64 and the **recorded** seed's noise added
+    (:func:`aggregator.privacy.private_version`, as the service computed it).
+
+    Verifying (``entries`` is the recorded lineage), the noise standard deviation is
+    recomputed from the lineage and must be the recorded one exactly; the next bound,
+    the private version count and the epsilon are checked too
+    (:func:`aggregator.privacy.check_version`). A counterfactual (``entries`` without a
+    participant) reuses each version's recorded seed, bound and noise standard
+    deviation: it is *another noisy model*, the one the same noise draws would have
+    given without that bank, not the noiseless difference the bank made; a version
+    made only of the excluded bank's updates keeps its parent's parameters.
+    """
+    if entries != rec.lineage:
+        if not entries:
+            return parent, None
+        clipped = {
+            e.update_id: privacy.clip_delta(deltas[e.update_id], private.clip)[0] for e in entries
+        }
+        params, _ = privacy.noisy_step(
+            strategy, parent, bases.__getitem__, entries, clipped, private.noise_std, private.seed
+        )
+        return params, None
+    params, again = privacy.private_version(
+        strategy,
+        parent,
+        bases.__getitem__,
+        entries,
+        deltas,
+        settings=privacy.settings_of(private),
+        clip=private.clip,
+        seed=private.seed,
+        parent=parent_private,
+    )
+    return params, privacy.check_version(private, again, parent_private)
 
 
 async def _last_version(
@@ -280,6 +399,7 @@ class Identities:
         self.signed: set[str] = set()
         entries = list(history) or [(0, current)]
         self._from = [v for v, _ in entries]
+        self._specs = [s for _, s in entries]
         self._ids = [
             _Identity(
                 {p: PublicKey.parse(k) for p, k in s.identity.participant_keys.items()},
@@ -293,8 +413,14 @@ class Identities:
 
     def at(self, version: int) -> _Identity:
         """The identity rules version ``version`` was made under."""
-        i = max(0, bisect.bisect_left(self._from, version) - 1)
-        return self._ids[i]
+        return self._ids[self._index(version)]
+
+    def spec(self, version: int) -> TaskSpec:
+        """The spec version ``version`` was made under."""
+        return self._specs[self._index(version)]
+
+    def _index(self, version: int) -> int:
+        return max(0, bisect.bisect_left(self._from, version) - 1)
 
 
 def _decode_all(
