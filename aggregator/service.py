@@ -48,6 +48,7 @@ from aggregator.weighting import Remembering
 from common.errors import (
     BlobPrunedError,
     CommitConflictError,
+    ConfigError,
     FedqError,
     NonFiniteError,
     NotFoundError,
@@ -146,6 +147,11 @@ class AggregatorService:
         self.server = server_optimizer(self.strategy)
         #: Bank-level DP (``spec.privacy.bank``): clipping, noise, the bound and the
         #: accountant, restored from the head's record at start (aggregator.privacy).
+        if spec.privacy.bank is not None and not getattr(self.strategy, "dp_linear", False):
+            raise ConfigError(
+                f"privacy.bank needs a strategy whose versions are linear in the deltas "
+                f"(fedasync, fedbuff, fedavg); {self.strategy.name!r} is not declared so"
+            )
         self.privacy = BankAggregation(spec.privacy.bank) if spec.privacy.bank is not None else None
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
@@ -238,6 +244,8 @@ class AggregatorService:
             await self.store.create_genesis(self.task, genesis, info={"strategy": "genesis"})
             self.log.info("version 0 created", seed=self.spec.seed)
         else:
+            if self.privacy is not None:
+                await self._check_private_chain()
             await self.store.register_task(self.spec)
         record = await self.store.get_head(self.task)
         self._check_announced(announced, record.version, record.version_hash)
@@ -280,6 +288,18 @@ class AggregatorService:
             ancestors=ancestors,
             signing_key=key,
         )
+
+    async def _check_private_chain(self) -> None:
+        """Bank-level DP only on a chain that never released a version without it: the
+        accountant composes the noisy versions, and a version made without noise after
+        version 0 released the banks' updates outright (its epsilon is unbounded)."""
+        head = await self.store.get_head(self.task)
+        if head.version > 0 and "privacy" not in head.info:
+            raise ConfigError(
+                f"task {self.task!r} has versions made without bank-level DP (head "
+                f"{head.version}): turning privacy.bank on now would understate what was "
+                "released; start a new task id with privacy.bank from version 0"
+            )
 
     def _check_announced(self, announced: Announcement | None, head: int, digest: bytes) -> None:
         """The store's head must not be behind the last announcement (see prepare)."""

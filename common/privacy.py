@@ -19,6 +19,7 @@ bank's update (bank level).
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from typing import Final
 
@@ -29,6 +30,20 @@ from common.errors import ConfigError
 
 #: Rényi orders the accountant optimises over (integers: no numerical warnings).
 ORDERS: Final = (*range(2, 64), 80, 96, 128, 192, 256, 512)
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("dp-accounting")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - installed with fedq
+        return "unknown"
+
+
+#: Which accountant computed an epsilon, recorded with it: another library version or
+#: other orders may compute another (equally valid) bound.
+ACCOUNTANT: Final = (
+    f"dp-accounting {_library_version()} RDP, orders {ORDERS[0]}-{ORDERS[-1]} ({len(ORDERS)})"
+)
 
 
 def _accountant() -> RdpAccountant:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from common.errors import ConfigError
 from common.logging import configure_logging
 from fedq import __version__
 from fedq.cli_common import (
@@ -458,6 +459,11 @@ def simulate(**opts: Any) -> None:
     # option is one line here, before the banner and the progress bar.
     data = load_data(config)
     prepared = prepare(config, data)
+    if config.privacy.any:  # a target that cannot be met: one line, before the run starts
+        from fedq.simulate_privacy import privacy_spec
+
+        declared = dict(prepared.spec.declared_samples)
+        privacy_spec(config.privacy, prepared.spec, declared, config.max_versions)
     from fedq.simulate_cli import run_with_progress
 
     ok = run_with_progress(
@@ -606,9 +612,17 @@ def participant_run(
     from fedq.services import ParticipantRunConfig, load_spec, run_participant
     from participant.worker import WorkerConfig
 
-    config = ParticipantRunConfig(
-        load_spec(spec_path), amqp_url, data, WorkerConfig(**worker), metrics_port
-    )
+    spec = load_spec(spec_path)
+    ledger = worker["privacy_ledger"]
+    if ledger is not None and not ledger.parent.is_dir():
+        raise ConfigError(f"--privacy-ledger {ledger}: its directory does not exist")
+    local_dp = spec.privacy.record is not None or spec.privacy.laplace is not None
+    if local_dp and worker["privacy_ledger"] is None:
+        raise ConfigError(
+            f"task {spec.task_id!r} uses differential privacy at the bank: give "
+            "--privacy-ledger FILE, so its privacy spending survives restarts"
+        )
+    config = ParticipantRunConfig(spec, amqp_url, data, WorkerConfig(**worker), metrics_port)
     asyncio.run(run_participant(config))
 
 

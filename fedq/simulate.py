@@ -766,10 +766,8 @@ def _for_mode(prep: Prepared, config: SimulationConfig) -> Prepared:
 
 def _private(prep: Prepared, config: SimulationConfig) -> Prepared:
     """The run's task with the privacy settings the options ask for, calibrated."""
-    rows = {
-        name: len(train_val_split(len(shard), VAL_FRACTION, config.seed + i)[0])
-        for i, (name, shard) in enumerate(prep.shards.items())
-    }
+    # The declared row counts: what DP-SGD's sampling rate and steps come from (public).
+    rows = dict(prep.spec.declared_samples)
     privacy = privacy_spec(config.privacy, prep.spec, rows, config.max_versions)
     return replace(prep, spec=prep.spec.model_copy(update={"privacy": privacy}))
 
@@ -1077,7 +1075,12 @@ async def run_simulation(
             asyncio.create_task(w.run(bank_stop), name=w.config.participant) for w in workers
         ]
         try:
-            if await _until_stopped(config, bank_stop, agg_task, worker_tasks):
+            # Sync rounds close only with a quorum of banks; async progresses with one.
+            needed = 1
+            if spec.mode == "sync":  # a deadline closes a round with min_updates banks
+                sync = spec.sync
+                needed = sync.min_updates if sync.deadline_s else sync.quorum or len(names)
+            if await _until_stopped(config, bank_stop, agg_task, worker_tasks, needed):
                 watch.stopped_by = watch.stopped_by or "budget"
         finally:
             bank_stop.set()
@@ -1137,9 +1140,11 @@ async def _until_stopped(
     bank_stop: asyncio.Event,
     agg_task: asyncio.Task[None],
     worker_tasks: list[asyncio.Task[Any]],
+    needed: int = 1,
 ) -> bool:
-    """Wait for a stop, the time budget, every worker ending by itself (a privacy
-    budget spent), or a task that failed (its error raised). True in the third case."""
+    """Wait for a stop, the time budget, fewer workers left than ``needed`` for progress
+    (the others ended by themselves: their privacy budgets spent), or a task that failed
+    (its error raised). True in the third case."""
     loop = asyncio.get_running_loop()
     deadline = None if config.seconds is None else loop.time() + config.seconds
     waiter = asyncio.create_task(bank_stop.wait())
@@ -1156,7 +1161,7 @@ async def _until_stopped(
             if not done or waiter in done or agg_task in done:
                 return False
             pending -= done
-            if not pending:
+            if len(pending) < needed:
                 return True
     finally:
         waiter.cancel()
@@ -1229,7 +1234,7 @@ def _result(
         baseline_seconds=base.seconds,
         privacy=privacy_report(
             spec,
-            {w.config.participant: (len(w.x_train), w.stats.published) for w in workers},
+            {w.config.participant: (w.public_rows, w.stats.published) for w in workers},
             head,
         ),
     )

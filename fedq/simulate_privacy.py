@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from common.errors import ConfigError
 from common.privacy import (
     calibrate_dpsgd,
@@ -28,6 +30,7 @@ from common.spec import (
     PrivacySpec,
     RecordPrivacy,
     TaskSpec,
+    validation_reasons,
 )
 
 
@@ -94,10 +97,25 @@ def privacy_spec(
 ) -> PrivacySpec:
     """The task's privacy section for these options, calibrated to their targets.
 
-    ``train_rows`` is each bank's training rows (what its worker trains on, its
-    validation rows excluded); ``versions`` the run's version cap.
+    ``train_rows`` is each bank's public row count (the spec's declared samples, from
+    which DP-SGD takes its sampling rate and steps); ``versions`` the run's version cap.
+    Raises ConfigError naming the option when the target needs more noise than the
+    spec allows.
     """
     options.check()
+    try:
+        return _privacy_spec(options, spec, train_rows, versions)
+    except ValidationError as e:
+        raise ConfigError(
+            f"the privacy targets cannot be met within the spec's bounds "
+            f"({validation_reasons(e)}): ask for a larger epsilon or plan fewer "
+            "updates (--dp-updates) or versions (--versions)"
+        ) from None
+
+
+def _privacy_spec(
+    options: PrivacyOptions, spec: TaskSpec, train_rows: Mapping[str, int], versions: int
+) -> PrivacySpec:
     record = laplace = bank = None
     if options.record_epsilon is not None:
         smallest = min(train_rows.values())

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -132,30 +133,42 @@ def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch
 
 
 def train_dpsgd(
-    spec: TaskSpec, params: Tensors, x: torch.Tensor, y: torch.Tensor, *, seed: int
+    spec: TaskSpec,
+    params: Tensors,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    public_rows: int | None = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> tuple[Tensors, dict[str, float], int]:
     """DP-SGD from ``params`` on ``(x, y)`` (see the module docstring for the steps).
 
-    Returns the delta (trained - params, float32), the metrics (``dp_steps``, the
-    steps taken, and ``dp_batch_mean``, the mean Poisson batch size: both independent
-    of the rows' values) and the number of steps, which the accountant composes.
+    ``public_rows`` is the row count the bank declared (the task spec's
+    ``declared_samples``): the sampling rate, the steps and the divisor come from it,
+    never from the private ``len(x)``, so nothing the update carries depends on how
+    many rows the bank really has (None: ``len(x)``, for tests). Returns the delta
+    (trained - params, float32), the metrics (``dp_steps``) and the number of steps,
+    which the accountant composes. ``on_batch`` is told each step's Poisson batch size
+    (it stays in the bank: the update does not carry it).
     """
     record = _record(spec)
     settings = spec.training
     n = len(x)
-    steps = dpsgd_steps(spec, n)
-    q = sample_rate(settings.batch_size, n)
+    public = n if public_rows is None else public_rows
+    steps = dpsgd_steps(spec, public)
+    q = sample_rate(settings.batch_size, public)
     gen = torch.Generator().manual_seed(seed)
     theta = {k: v.detach().to(torch.float32).clone() for k, v in params.items()}
     anchors = {k: v.clone() for k, v in theta.items()}
     x = x.to(torch.float32)
     y = y.to(torch.float32)
     std = record.noise_multiplier * record.clip
-    divisor = q * n
-    drawn = 0
+    divisor = q * public
     for _ in range(steps):
         chosen = torch.nonzero(torch.rand(n, generator=gen) < q).squeeze(1)
-        drawn += len(chosen)
+        if on_batch is not None:
+            on_batch(len(chosen))
         summed = clip_and_sum(per_example_grads(spec, theta, x[chosen], y[chosen]), record.clip)
         with torch.no_grad():
             for k, s in summed.items():
@@ -165,7 +178,7 @@ def train_dpsgd(
                     g = g + settings.prox_mu * (theta[k] - anchors[k])
                 theta[k] = theta[k] - settings.lr * g
     delta = {k: (theta[k] - params[k].to(torch.float32)).contiguous() for k in params}
-    metrics = {"dp_steps": float(steps), "dp_batch_mean": drawn / steps if steps else 0.0}
+    metrics = {"dp_steps": float(steps)}
     return delta, metrics, steps
 
 

@@ -141,7 +141,23 @@ class ParticipantWorker:
         #: Models refused spec_mismatch in a row (see SPEC_MISMATCHES_TO_STOP).
         self._spec_mismatches = 0
         #: The bank's privacy spending (participant.privacy): counts published updates.
-        self.ledger = PrivacyLedger(spec, len(self.x_train), config.privacy_ledger)
+        #: The row count the bank publishes: under record-level DP the one it declared
+        #: in the spec (public), never its real count (which the noise does not cover).
+        self.public_rows = len(self.x_train)
+        if spec.privacy.record is not None:
+            declared = spec.declared_samples.get(config.participant)
+            if declared is None:
+                raise ConfigError(
+                    f"task {spec.task_id!r} uses record-level DP: the spec's declared_samples "
+                    f"must name {config.participant!r} (its row count is then public, and "
+                    "the only one its updates carry)"
+                )
+            self.public_rows = declared
+        elif spec.privacy.laplace is not None:
+            # The whole-update guarantee does not cover the row count: publish the
+            # declared one where the spec has it.
+            self.public_rows = spec.declared_samples.get(config.participant, self.public_rows)
+        self.ledger = PrivacyLedger(spec, self.public_rows, config.privacy_ledger)
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Work until ``stop`` is set or ``max_updates`` are published, counting receipts.
@@ -228,7 +244,12 @@ class ParticipantWorker:
         privacy = self.spec.privacy
         if privacy.record is not None:
             return train_dpsgd(
-                self.spec, model.tensors, self.x_train, self.y_train, seed=self._privacy_seed()
+                self.spec,
+                model.tensors,
+                self.x_train,
+                self.y_train,
+                seed=self._privacy_seed(),
+                public_rows=self.public_rows,
             )
         delta, metrics = train_local(
             self.spec, model.tensors, self.x_train, self.y_train, seed=seed
@@ -380,7 +401,7 @@ class ParticipantWorker:
                 participant=cfg.participant,
                 update_id=update_id,
                 base_version=model.version,
-                num_samples=len(self.x_train),
+                num_samples=self.public_rows,
                 tensors=delta,
                 metrics=metrics,
                 codec=cfg.codec,

@@ -35,10 +35,17 @@ from aggregator.strategies import (
     strategy_for,
     unregister,
 )
-from common.errors import SpecError
+from common.errors import ConfigError, SpecError
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors
-from common.spec import AsyncSettings, NumericFeature, TargetSpec, TaskSpec
+from common.spec import (
+    AsyncSettings,
+    BankPrivacy,
+    NumericFeature,
+    PrivacySpec,
+    TargetSpec,
+    TaskSpec,
+)
 from common.transport.memory import MemoryBroker, MemoryTransport
 from common.wire import Tensors, UpdateEnvelope, encode_update
 from tests.helpers import wait_for
@@ -235,3 +242,13 @@ def test_registration_does_not_leak_and_names_are_guarded() -> None:
     with pytest.raises(ValueError, match="built in"):
         unregister("fedavg")
     assert STRATEGIES["fedavg"] is FedAvg
+
+
+def test_a_median_cannot_take_bank_level_dp(fedmedian: type[FedMedian]) -> None:
+    """The DP noise is calibrated to a sum of the deltas: a median is not one."""
+    spec = _spec().model_copy(
+        update={"privacy": PrivacySpec(bank=BankPrivacy(noise_multiplier=1.0))}
+    )
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    with pytest.raises(ConfigError, match="linear in the deltas"):
+        AggregatorService(spec, store, MemoryTransport(MemoryBroker(), "fedq-aggregator"))

@@ -21,6 +21,7 @@ from aggregator.audit.replay import index_updates, replay
 from aggregator.service import AggregatorService
 from aggregator.store import RedisModelStore
 from aggregator.strategies.fedasync import FedAsync
+from common.errors import ConfigError
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors
 from common.privacy import gaussian_epsilon
@@ -347,3 +348,29 @@ def test_fedavg_weights_enter_the_sensitivity_as_recorded() -> None:
     w = aggregate.round_weights([10.0, 30.0])
     lineage = [_entry("u1", "bank-a", w[0]), _entry("u2", "bank-b", w[1])]
     assert privacy.sensitivity(2.0, lineage) == 2.0 * 0.75
+
+
+async def test_bank_level_dp_cannot_be_turned_on_over_versions_made_without_it() -> None:
+    settings, _ = STRATEGIES["fedasync"]
+    private = _spec(settings, BankPrivacy(noise_multiplier=1.0))
+    plain = private.model_copy(update={"privacy": PrivacySpec()})
+    store, _ = _store()
+    broker = MemoryBroker()
+    service = AggregatorService(plain, store, MemoryTransport(broker, "fedq-aggregator"))
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    async with asyncio.timeout(30):
+        await service.ready.wait()
+        body = _body(plain, "bank-a", 0, 1e-3, seed=1)
+        await MemoryTransport(broker, "bank-a").publish_update(
+            plain.task_id, "bank-a", body, message_id="m1"
+        )
+        while service.head_version < 1:
+            await asyncio.sleep(0.005)
+    stop.set()
+    await running
+    # Version 1 released bank-a's update without noise: no epsilon can cover it now.
+    later = AggregatorService(private, store, MemoryTransport(broker, "fedq-aggregator"))
+    with pytest.raises(ConfigError, match="made without bank-level DP"):
+        await later.prepare()
+    await store.close()

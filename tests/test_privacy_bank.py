@@ -65,6 +65,7 @@ def _spec(
     seed: int = 0,
     participants: tuple[str, ...] = (),
     async_: AsyncSettings | None = None,
+    declared: dict[str, int] | None = None,
 ) -> TaskSpec:
     return TaskSpec.model_validate(
         {
@@ -76,6 +77,7 @@ def _spec(
             "privacy": PrivacySpec(record=record, laplace=laplace),
             "seed": seed,
             "participants": participants,
+            "declared_samples": declared or {},
             "async": async_ or AsyncSettings(),
         }
     )
@@ -139,8 +141,9 @@ def test_each_example_is_clipped_and_one_step_is_the_clipped_mean(model: ModelSp
         one = clip_and_sum({k: v[i : i + 1] for k, v in ours.items()}, clip)
         assert math.sqrt(sum(float(v.pow(2).sum()) for v in one.values())) <= clip * (1 + 1e-6)
     # q = 1 (batch_size = rows): one step over every row, noise negligible.
-    delta, metrics, steps = train_dpsgd(spec, params, x, y, seed=1)
-    assert steps == 1 and metrics["dp_batch_mean"] == 8
+    sizes: list[int] = []
+    delta, metrics, steps = train_dpsgd(spec, params, x, y, seed=1, on_batch=sizes.append)
+    assert steps == 1 and sizes == [8] and set(metrics) == {"dp_steps"}
     for k in params:
         expected = -lr * sum(f * g[k] for f, g in zip(factors, brute, strict=True)) / 8
         torch.testing.assert_close(delta[k], expected, rtol=1e-5, atol=1e-6)
@@ -154,10 +157,11 @@ def test_poisson_batches_have_the_expected_size_and_a_seed_reproduces_a_run() ->
     )
     params = model_tensors(build_task_model(spec))
     x, y = _rows(rows)
-    delta, metrics, steps = train_dpsgd(spec, params, x, y, seed=3)
-    assert steps == dpsgd_steps(spec, rows) == 10 * (rows // batch)
+    sizes: list[int] = []
+    delta, _metrics, steps = train_dpsgd(spec, params, x, y, seed=3, on_batch=sizes.append)
+    assert steps == dpsgd_steps(spec, rows) == 10 * (rows // batch) == len(sizes)
     # Mean of 200 Binomial(1000, 0.05) draws: standard error ~0.5.
-    assert abs(metrics["dp_batch_mean"] - batch) < 2.5
+    assert abs(sum(sizes) / len(sizes) - batch) < 2.5
     again, _, _ = train_dpsgd(spec, params, x, y, seed=3)
     other, _, _ = train_dpsgd(spec, params, x, y, seed=4)
     for k in params:
@@ -168,8 +172,12 @@ def test_poisson_batches_have_the_expected_size_and_a_seed_reproduces_a_run() ->
         training=TrainingSettings(epochs=10, batch_size=1),
         record=RecordPrivacy(noise_multiplier=1.0),
     )
-    d, m, s = train_dpsgd(tiny, params, x[:3], y[:3], seed=0)
-    assert s == 30 and m["dp_batch_mean"] < 1.5 and all(torch.isfinite(v).all() for v in d.values())
+    tiny_sizes: list[int] = []
+    d, _m, s = train_dpsgd(tiny, params, x[:3], y[:3], seed=0, on_batch=tiny_sizes.append)
+    assert s == 30 and 0 in tiny_sizes and all(torch.isfinite(v).all() for v in d.values())
+    # The sampling rate and the steps come from the public row count, not len(x).
+    _, _, public = train_dpsgd(tiny, params, x[:3], y[:3], seed=0, public_rows=5)
+    assert public == dpsgd_steps(tiny, 5) == 50
 
 
 # ------------------------------------------------------------------ the accountant
@@ -331,6 +339,8 @@ async def test_a_worker_reports_its_spending_and_stops_at_its_budget(
             record=RecordPrivacy(noise_multiplier=2.0, epsilon_budget=budget),
             participants=("bank-a",),
             async_=AsyncSettings(max_staleness=50),
+            # Under record-level DP the row count a bank publishes is the declared one.
+            declared={"bank-a": 48},
         )
 
     # 60 rows, 48 for training: q = 1/3, 3 steps an update. A budget between the

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from common.privacy import dpsgd_epsilon, gaussian_epsilon
+from common.spec import PrivacySpec, RecordPrivacy
 from fedq.cli import main
 from fedq.simulate import SimulationConfig, prepare, run_simulation
 from fedq.simulate_privacy import PrivacyOptions, privacy_spec, sample_rate, steps_per_update
@@ -78,3 +79,32 @@ def test_dp_options_that_cannot_work_are_one_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "alternatives" in result.output
+    unreachable = CliRunner().invoke(
+        main, ["simulate", "--bank-epsilon", "0.01", "--versions", "100"]
+    )
+    assert unreachable.exit_code == 2
+    assert unreachable.output.startswith("error: the privacy targets cannot be met")
+    assert len(unreachable.output.strip().splitlines()) == 1
+
+
+def test_a_bank_under_dp_must_keep_its_privacy_ledger(tmp_path: Path) -> None:
+    spec = prepare(SimulationConfig(participants=2)).spec
+    private = spec.model_copy(
+        update={"privacy": PrivacySpec(record=RecordPrivacy(noise_multiplier=1.0))}
+    )
+    path = tmp_path / "task.json"
+    path.write_text(private.to_json() + "\n")
+    data = tmp_path / "bank.csv"
+    data.write_text("x\n1\n")
+    result = CliRunner().invoke(
+        main,
+        [
+            *("participant", "run", "--spec", str(path), "--participant", "bank-01"),
+            *("--data", str(data), "--amqp-url", "amqp://bank-01:pw@127.0.0.1:5672/"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: task {spec.task_id!r} uses differential privacy at the bank: give "
+        "--privacy-ledger FILE, so its privacy spending survives restarts"
+    ]

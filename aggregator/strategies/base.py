@@ -144,6 +144,10 @@ class StrategyBase(ABC):
     name: ClassVar[str]
     mode: ClassVar[str]
     uses_base: ClassVar[bool]
+    #: Whether a version is ``head + sum_i c_i * delta_i`` with coefficients read from
+    #: its lineage (bank-level DP's sensitivity assumes it; aggregator/privacy.py). A
+    #: strategy that is not (a median, a trimmed mean) cannot take ``privacy.bank``.
+    dp_linear: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

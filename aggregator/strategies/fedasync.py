@@ -35,6 +35,7 @@ class FedAsync(Windowed, StrategyBase):
     __slots__ = ("_settings", "_weighter")
 
     name = "fedasync"
+    dp_linear = True
     mode = "async"
     uses_base = True
 

@@ -43,6 +43,7 @@ class FedAvg(StrategyBase):
     __slots__ = ("_buffer", "_sync", "quorum", "server")
 
     name = "fedavg"
+    dp_linear = True
     mode = "sync"
     uses_base = False
 

@@ -46,6 +46,7 @@ class FedBuff(Windowed, StrategyBase):
     __slots__ = ("_buffer", "_settings", "_weighter", "server")
 
     name = "fedbuff"
+    dp_linear = True
     mode = "async"
     uses_base = False
 
