@@ -54,6 +54,25 @@ async def test_a_record_level_run_ends_when_every_bank_spent_its_budget() -> Non
     assert all(p["updates_published"] >= 4 for p in result.participants.values())
 
 
+async def test_a_sync_run_ends_when_a_round_can_no_longer_close() -> None:
+    """Sync rounds wait for every bank: the bank with the fewest rows spends its budget
+    first, and the run ends then, instead of waiting out its time budget."""
+    result = await run_simulation(
+        SimulationConfig(
+            participants=3,
+            mode="sync",
+            partition="sizes",
+            shares=(1.0, 2.0, 4.0),
+            versions=200,
+            seconds=90,
+            base_delay_s=0.0,
+            privacy=PrivacyOptions(record_epsilon=2.0, planned_updates=3),
+        )
+    )
+    assert result.stopped_by == "budget"
+    assert result.wall_seconds < 60
+
+
 def test_the_command_reports_what_each_mechanism_spent(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     result = CliRunner().invoke(
