@@ -65,7 +65,9 @@ class Announcer:
         """Announce at once and wait for the broker's confirm (the head at start)."""
         self._last = _Slot(version, blob, version_hash)
         with self.stages("announce"):
-            body = blob() if callable(blob) else blob
+            # Made when sent (the newest only), off the event loop: the stored blob is
+            # copied with the signed fields appended (4 MB at 1M parameters).
+            body = await asyncio.to_thread(blob) if callable(blob) else blob
             await self.transport.announce_model(
                 self.task, version, body, fence=self._fence(), version_hash=version_hash
             )

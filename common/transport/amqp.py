@@ -384,10 +384,9 @@ class AmqpTransport:
 
     # ------------------------------------------------------------------ participant side
 
-    async def publish_update(
-        self, task: str, participant: str, body: bytes, *, message_id: str
-    ) -> None:
-        message = aio_pika.Message(
+    def _signed_off(self, body: bytes, message_id: str) -> aio_pika.Message:
+        """A persistent message under this connection's broker user (``user_id``)."""
+        return aio_pika.Message(
             body,
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -395,19 +394,17 @@ class AmqpTransport:
             user_id=self.user_id,
             timestamp=time.time(),
         )
+
+    async def publish_update(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        message = self._signed_off(body, message_id)
         await self._publish_confirmed(UPDATES_EXCHANGE, update_key(task, participant), message)
 
     async def publish_receipt(
         self, task: str, participant: str, body: bytes, *, message_id: str
     ) -> None:
-        message = aio_pika.Message(
-            body,
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            user_id=self.user_id,
-            timestamp=time.time(),
-        )
+        message = self._signed_off(body, message_id)
         await self._publish_confirmed(RECEIPTS_EXCHANGE, receipt_key(task, participant), message)
 
     async def consume_receipts(
