@@ -21,12 +21,12 @@ from typing import Protocol
 
 import structlog
 
-from aggregator.staleness import exceeds, in_unit, versions_within
 from aggregator.strategies import AcceptedUpdate
 from common.errors import DecodeError, EncodeError
 from common.refusals import Refusal
 from common.signing import SIGNATURE_BYTES, PublicKey
 from common.spec import StalenessUnit, TaskSpec
+from common.staleness import exceeds, in_unit, versions_within
 from common.wire import (
     DecodeLimits,
     Tensors,

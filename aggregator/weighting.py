@@ -1,7 +1,7 @@
 """How async strategies weigh an update beyond its staleness. Pure and deterministic.
 
 An async update's weight is its strategy's base weight times ``s(.)`` (staleness in
-``AsyncSettings.staleness_unit``, see :mod:`aggregator.staleness`) times a factor
+``AsyncSettings.staleness_unit``, see :mod:`common.staleness`) times a factor
 ``f`` from ``AsyncSettings.weighting``:
 
 - ``staleness``: ``f = 1`` (the weights of FedAsync and FedBuff without weighting,
@@ -52,9 +52,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from aggregator.staleness import in_unit, staleness_weight
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, TaskSpec
+from common.staleness import in_unit, staleness_weight
 
 __all__ = [
     "PRIOR_MASS",
@@ -210,7 +210,7 @@ class Weighter:
         return self._window.maxlen or 0
 
     def staleness(self, versions_behind: int) -> float:
-        """``t - v`` in the settings' unit (:func:`aggregator.staleness.in_unit`)."""
+        """``t - v`` in the settings' unit (:func:`common.staleness.in_unit`)."""
         return in_unit(versions_behind, self._settings.staleness_unit, self._upv, self._n)
 
     def s(self, versions_behind: int) -> float:

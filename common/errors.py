@@ -120,3 +120,9 @@ class ParticipantStoppedError(FedqError):
             f"participant {participant!r} stopped: update {update_id} was refused "
             f"({reason}: {detail}); this cannot succeed on a retry, fix the cause and restart"
         )
+
+
+class SecAggError(FedqError):
+    """Secure aggregation cannot go on: a masked update, an unmask request or answer is
+    inconsistent (a share that does not decrypt or does not fit, a bank named both
+    survivor and dropped, too few answers) (common/secagg.py)."""

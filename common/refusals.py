@@ -51,6 +51,9 @@ class Refusal(StrEnum):
     # --- after admission: the strategy or the aggregate
     INVALID_UPDATE = "invalid_update"
     NON_FINITE_RESULT = "non_finite_result"
+    # --- secure aggregation (docs/wire-format.md section 16)
+    NOT_MASKED = "not_masked"
+    COHORT_CLOSED = "cohort_closed"
     # --- set by the broker, never by fedq
     DELIVERY_LIMIT = "delivery_limit"
     # --- a participant refusing a model announcement (besides unsigned, bad_signature,
@@ -62,7 +65,7 @@ class Refusal(StrEnum):
 #: update from the same worker, code, data and spec) is refused again. A participant
 #: that receives one in a receipt stops publishing (docs/wire-format.md, "Receipts").
 #: The others (too_stale, future_base, stale_round, duplicate, duplicate_in_round,
-#: base_unavailable, invalid_update, non_finite_result, delivery_limit) depend on
+#: base_unavailable, invalid_update, non_finite_result, cohort_closed, delivery_limit) depend on
 #: timing, the head or this one update's values: the next update may pass.
 PERMANENT: frozenset[Refusal] = frozenset(
     {
@@ -92,5 +95,6 @@ PERMANENT: frozenset[Refusal] = frozenset(
         Refusal.BAD_SIGNATURE,  # the worker's key is not the one the task registered
         Refusal.SPEC_MISMATCH,  # the worker runs another version of the task spec
         Refusal.TOO_MANY_SAMPLES,  # the worker's data is larger than the bank declared
+        Refusal.NOT_MASKED,  # the task uses secure aggregation and the worker does not
     }
 )

@@ -56,6 +56,8 @@ _SMALL_ORDER: Final = frozenset(
 DOMAIN_UPDATE: Final = b"fedq-update-sig-v1\x00"
 DOMAIN_MODEL: Final = b"fedq-model-sig-v1\x00"
 DOMAIN_RECEIPT: Final = b"fedq-receipt-sig-v1\x00"
+DOMAIN_UNMASK_REQUEST: Final = b"fedq-unmask-request-sig-v1\x00"
+DOMAIN_UNMASK_ANSWER: Final = b"fedq-unmask-answer-sig-v1\x00"
 #: The most ancestor version hashes a model announcement carries (newest first).
 MAX_ANCESTORS: Final = 64
 
@@ -165,6 +167,15 @@ class SigningKey:
         """The 64-byte Ed25519 signature of ``message``."""
         return self._key.sign(message)
 
+    def raw_seed(self) -> bytes:
+        """The 32-byte private seed (RFC 8032): what the agreement key derives from
+        (common/agreement.py). Secret: never log or send it."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
 
 # --------------------------------------------------------------------------- messages
 
@@ -208,8 +219,10 @@ def update_message(
     content_hash: bytes,
     spec_hash: bytes,
     metrics: Mapping[str, float],
+    secagg_digest: bytes = b"",
 ) -> bytes:
-    """What a participant signs for an update (docs/wire-format.md section 15)."""
+    """What a participant signs for an update (docs/wire-format.md section 15); a
+    masked update's block digest follows at the end (section 16)."""
     return b"".join(
         (
             DOMAIN_UPDATE,
@@ -221,6 +234,7 @@ def update_message(
             _digest(content_hash, "content hash"),
             _digest(spec_hash, "spec hash"),
             metrics_digest(metrics),
+            _digest(secagg_digest, "secure aggregation digest") if secagg_digest else b"",
         )
     )
 
@@ -279,5 +293,53 @@ def receipt_message(
             _u64(version),
             struct.pack("<d", weight),
             _text(reason),
+        )
+    )
+
+
+def unmask_request_message(
+    *,
+    task: str,
+    recipient: str,
+    cohort: int,
+    survivors: Sequence[str],
+    dropped: Sequence[str],
+    body_digest: bytes,
+) -> bytes:
+    """What the aggregator signs for an unmask request (docs/wire-format.md section 16)."""
+    return b"".join(
+        (
+            DOMAIN_UNMASK_REQUEST,
+            _text(task),
+            _text(recipient),
+            _u64(cohort),
+            struct.pack("<H", len(survivors)),
+            *(_text(s) for s in survivors),
+            struct.pack("<H", len(dropped)),
+            *(_text(d) for d in dropped),
+            _digest(body_digest, "request digest"),
+        )
+    )
+
+
+def unmask_answer_message(
+    *,
+    task: str,
+    participant: str,
+    answer_id: str,
+    cohort: int,
+    spec_hash: bytes,
+    body_digest: bytes,
+) -> bytes:
+    """What a bank signs for its unmask answer (docs/wire-format.md section 16)."""
+    return b"".join(
+        (
+            DOMAIN_UNMASK_ANSWER,
+            _text(task),
+            _text(participant),
+            _text(answer_id),
+            _u64(cohort),
+            _digest(spec_hash, "spec hash"),
+            _digest(body_digest, "answer digest"),
         )
     )

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from common.agreement import AGREEMENT_PREFIX, AgreementPublicKey
 from common.errors import SpecError
 from common.ids import NAME_RE
 from common.signing import KEY_PATTERN, PublicKey
@@ -89,7 +90,7 @@ class ModelSpec(_Spec):
 
 
 class StalenessSpec(_Spec):
-    """Staleness weighting ``s(t - v)``, as defined in :mod:`aggregator.staleness`."""
+    """Staleness weighting ``s(t - v)``, as defined in :mod:`common.staleness`."""
 
     kind: Literal["constant", "polynomial", "hinge"] = "polynomial"
     a: float = Field(default=0.5, ge=0)
@@ -193,16 +194,31 @@ class IdentitySpec(_Spec):
     forged model. A key is rotated or revoked by registering a spec with the new key
     (or without it): the spec history records the version it applies from, and replay
     checks each update against the key in force when it was admitted.
+    ``agreement_keys`` names each bank's X25519 public key (``x25519:`` + 64 hex digits,
+    derived from its signing key: ``fedq keys show``), from which every pair of banks
+    agrees on its masks under secure aggregation (common/agreement.py).
     """
 
     require_signatures: bool = False
     aggregator_key: KeyText | None = None
     participant_keys: dict[Name, KeyText] = Field(default_factory=dict)
+    agreement_keys: dict[Name, str] = Field(default_factory=dict)
 
     @field_validator("participant_keys")
     @classmethod
     def _sorted(cls, keys: dict[str, str]) -> dict[str, str]:
         return dict(sorted(keys.items()))  # canonical: the spec hash must not depend on order
+
+    @field_validator("agreement_keys")
+    @classmethod
+    def _canonical_agreement_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        # Canonical: sorted, hex in lowercase (the spec hash must not depend on either);
+        # anything else is refused by _keys_needed.
+        n = len(AGREEMENT_PREFIX)
+        return {
+            name: text[:n] + text[n:].lower() if text.startswith(AGREEMENT_PREFIX) else text
+            for name, text in sorted(keys.items())
+        }
 
     @model_validator(mode="after")
     def _keys_needed(self) -> Self:
@@ -216,6 +232,14 @@ class IdentitySpec(_Spec):
                 raise ValueError(str(e)) from None
         if len(set(named)) != len(named):
             raise ValueError("two parties share a public key: each needs its own")
+        agreement = list(self.agreement_keys.values())
+        for text in set(agreement):
+            try:
+                AgreementPublicKey.parse(text)  # weak (low-order) keys are refused here
+            except SpecError as e:
+                raise ValueError(str(e)) from None
+        if len(set(agreement)) != len(agreement):
+            raise ValueError("two parties share an agreement key: each needs its own")
         return self
 
 
@@ -280,6 +304,52 @@ class PrivacySpec(_Spec):
         return self
 
 
+class SecureAggregationSpec(_Spec):
+    """Secure aggregation (Bonawitz et al. 2017): the aggregator sees only the sum of a
+    cohort's updates, never one bank's.
+
+    Each bank quantizes its delta to integers and adds pairwise masks agreed with every
+    other bank of its cohort (X25519, ``identity.agreement_keys``); the masks cancel in
+    the sum, and the masks of a bank that dropped out are removed with Shamir shares
+    held by the others.
+
+    - ``threshold``: t of the Shamir sharing: any t banks of a cohort can together
+      remove a dropped bank's masks; fewer learn nothing. None: a majority of the
+      participants, ``n // 2 + 1`` (at least 2).
+    - ``min_cohort``: below this many masked updates a cohort reveals nothing (its
+      updates are refused); None: the threshold.
+    - ``fraction_bits``: the quantized deltas are fixed-point with scale
+      ``2^fraction_bits``.
+    - ``clip``: every coordinate of a bank's delta is clipped to ``[-clip, clip]`` before
+      quantizing.
+    - ``norm_bound``: an optional L2 bound the bank applies to its delta before the
+      coordinate clip.
+    - ``max_weight``: a bank's weight (its sample count in sync rounds) is capped at this,
+      so the sum cannot overflow.
+    - ``cohort_deadline_s``: FedBuff: a cohort closes when it has ``buffer_size`` masked
+      updates, or this long after its first one once it has at least the minimum.
+    """
+
+    threshold: int | None = Field(default=None, ge=2)
+    min_cohort: int | None = Field(default=None, ge=2)
+    fraction_bits: int = Field(default=24, ge=8, le=40)
+    clip: float = Field(default=8.0, gt=0, le=65536)
+    norm_bound: float | None = Field(default=None, gt=0)
+    max_weight: int = Field(default=2**20, ge=1)
+    cohort_deadline_s: float = Field(default=30.0, gt=0)
+
+    def resolved_threshold(self, participants: int) -> int:
+        """``threshold``, or a majority of ``participants`` (at least 2) when unset."""
+        if self.threshold is not None:
+            return self.threshold
+        return max(2, participants // 2 + 1)
+
+    def resolved_min_cohort(self, participants: int) -> int:
+        """The fewest masked updates a cohort needs: ``min_cohort``, at least the threshold."""
+        threshold = self.resolved_threshold(participants)
+        return max(threshold, self.min_cohort or threshold)
+
+
 #: ``--class-weight auto`` weighs positives only below this positive rate.
 AUTO_WEIGHT_BELOW = 0.1
 
@@ -328,6 +398,8 @@ class TaskSpec(_Spec):
     identity: IdentitySpec = IdentitySpec()
     #: Differential privacy at the banks and at the aggregator.
     privacy: PrivacySpec = PrivacySpec()
+    #: Secure aggregation (pairwise masks): the aggregator sees only cohort sums.
+    secure_aggregation: SecureAggregationSpec | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
     max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
@@ -371,9 +443,88 @@ class TaskSpec(_Spec):
         strangers = sorted(set(keys) - set(self.participants))
         if strangers:
             raise ValueError(f"identity.participant_keys names non-participants: {strangers}")
+        strangers = sorted(set(self.identity.agreement_keys) - set(self.participants))
+        if strangers:
+            raise ValueError(f"identity.agreement_keys names non-participants: {strangers}")
         if self.identity.require_signatures and not self.participants:
             raise ValueError("require_signatures needs the list of participants and their keys")
         return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> Self:
+        secagg = self.secure_aggregation
+        if secagg is not None:
+            self._secagg_setting_fits()
+            self._secagg_sizes_fit(secagg)
+        return self
+
+    def _secagg_setting_fits(self) -> None:
+        """Secure aggregation's needs of the rest of the spec; ValueError otherwise."""
+        n = len(self.participants)
+        if n < 2:
+            raise ValueError(
+                f"secure_aggregation needs at least 2 participants, the spec lists {n}"
+            )
+        identity = self.identity
+        if not identity.require_signatures:
+            raise ValueError(
+                "secure_aggregation needs identity.require_signatures: every masked update "
+                "and its key shares must be signed"
+            )
+        for field, keys in (
+            ("participant_keys", identity.participant_keys),
+            ("agreement_keys", identity.agreement_keys),
+        ):
+            missing = [p for p in self.participants if p not in keys]
+            if missing:
+                raise ValueError(
+                    f"secure_aggregation needs identity.{field} for every participant; "
+                    f"missing: {', '.join(missing)}"
+                )
+        if self.mode == "sync" and self.sync.late != "refuse":
+            raise ValueError(
+                "secure_aggregation needs sync.late 'refuse': a late update cannot join "
+                "a closed cohort"
+            )
+        if self.mode == "async" and (
+            self.async_.strategy != "fedbuff" or self.async_.weighting != "staleness"
+        ):
+            raise ValueError(
+                "secure_aggregation in async mode needs async.strategy 'fedbuff' and "
+                f"async.weighting 'staleness' (got {self.async_.strategy!r}, "
+                f"{self.async_.weighting!r}): fedasync has no buffer to hide an update in, "
+                "and other weightings need aggregator state a bank cannot know before masking"
+            )
+        if self.server.kind != "sgd":
+            raise ValueError(
+                f"secure_aggregation needs server.kind 'sgd', not {self.server.kind!r}"
+            )
+        if self.privacy.bank is not None:
+            raise ValueError(
+                "secure_aggregation excludes privacy.bank: bank-level DP clips each update "
+                "at the aggregator, which cannot see masked updates"
+            )
+
+    def _secagg_sizes_fit(self, secagg: SecureAggregationSpec) -> None:
+        """The threshold and cohort fit the participants, the sum fits 62 bits."""
+        n = len(self.participants)
+        for field, value in (("threshold", secagg.threshold), ("min_cohort", secagg.min_cohort)):
+            if value is not None and value > n:
+                raise ValueError(
+                    f"secure_aggregation.{field} {value} is more than the {n} participants"
+                )
+        threshold = secagg.resolved_threshold(n)
+        if secagg.min_cohort is not None and secagg.min_cohort < threshold:
+            raise ValueError(
+                f"secure_aggregation.min_cohort {secagg.min_cohort} is below the threshold "
+                f"{threshold}: a smaller cohort could not remove a dropped bank's masks"
+            )
+        if n * secagg.max_weight * secagg.clip * 2**secagg.fraction_bits >= 2**62:
+            raise ValueError(
+                f"secure_aggregation could overflow: {n} participants x max_weight "
+                f"{secagg.max_weight} x clip {secagg.clip:g} x 2^{secagg.fraction_bits} "
+                "is at least 2^62; lower max_weight, clip or fraction_bits"
+            )
 
     def spec_hash(self) -> bytes:
         """SHA-256 of the spec's canonical JSON (:meth:`to_json`, UTF-8): what every

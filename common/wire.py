@@ -8,7 +8,9 @@ allocated or decompressed. The format is specified in docs/wire-format.md.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from common.signing import (
     SigningKey,
     model_message,
     receipt_message,
+    unmask_answer_message,
+    unmask_request_message,
     update_message,
 )
 
@@ -38,6 +42,12 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
 FORMAT_VERSION: Final = 1
 KIND_UPDATE: Final = "u"
 KIND_MODEL: Final = "m"
+#: Secure aggregation (section 16): the aggregator's unmask request to a survivor and
+#: the survivor's answer.
+KIND_UNMASK_REQUEST: Final = "ur"
+KIND_UNMASK_ANSWER: Final = "ua"
+#: A cohort has at most this many members (maps of shares are bounded by it).
+MAX_COHORT: Final = 256
 
 #: An ordered mapping of tensor name to tensor, like a module's state_dict.
 Tensors = dict[str, torch.Tensor]
@@ -86,6 +96,28 @@ class UpdateEnvelope:
     content_hash: bytes = b""
     #: The hash of the task spec it was prepared under (``TaskSpec.spec_hash``); empty if absent.
     spec_hash: bytes = b""
+    #: Secure aggregation (section 16): the cohort, the bank's weight and the encrypted
+    #: shares; the tensors are then the masked ring values (``i64``). None otherwise.
+    secagg: MaskedBlock | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedBlock:
+    """What a masked update adds (``sa``, section 16): the cohort it is masked for, the
+    weight the bank multiplied in, and each member's encrypted Shamir shares."""
+
+    cohort: int
+    weight: float
+    shares: Mapping[str, bytes]
+
+    def digest(self) -> bytes:
+        """SHA-256 over the block, as its signature covers it (section 16)."""
+        h = hashlib.sha256(b"fedq-sa-v1\x00" + struct.pack("<Qd", self.cohort, self.weight))
+        h.update(struct.pack("<H", len(self.shares)))
+        for name in sorted(self.shares, key=str.encode):
+            raw, blob = name.encode(), self.shares[name]
+            h.update(struct.pack("<H", len(raw)) + raw + struct.pack("<I", len(blob)) + blob)
+        return h.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +182,8 @@ def encode_update(
         doc["at"] = float(env.created_at)
     if env.spec_hash:
         doc["sh"] = bytes(env.spec_hash)
+    if env.secagg is not None:
+        doc["sa"] = _encode_block(env.secagg)
     signature = env.signature
     if signing_key is not None:
         signature = signing_key.sign(_update_message(env, digest, metrics))
@@ -174,6 +208,7 @@ def _update_message(env: UpdateEnvelope, digest: bytes, metrics: Mapping[str, fl
             content_hash=digest,
             spec_hash=env.spec_hash,
             metrics=metrics,
+            secagg_digest=env.secagg.digest() if env.secagg is not None else b"",
         )
     except ValueError as e:
         raise EncodeError(f"cannot build the signing message: {e}") from e
@@ -385,7 +420,7 @@ def _check_count(what: str, value: object, *, minimum: int) -> None:
 # --------------------------------------------------------------------------- decode
 
 _UPDATE_KEYS: Final = frozenset(
-    {"fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg", "sh"}
+    {"fv", "k", "t", "p", "id", "bv", "n", "m", "c", "ts", "h", "at", "sg", "sh", "sa"}
 )
 _UPDATE_REQUIRED: Final = frozenset({"fv", "k", "t", "p", "id", "bv", "n", "c", "ts", "h"})
 _MODEL_KEYS: Final = frozenset({"fv", "k", "t", "v", "vh", "c", "ts", "h", "sh", "anc", "sg"})
@@ -424,6 +459,7 @@ def decode_update(
     ):
         raise DecodeError(Refusal.INVALID_FIELD, "sg: not a byte string of bounded size")
     spec_hash = _get_digest(doc, "sh")
+    secagg = _decode_block(doc["sa"], limits) if "sa" in doc else None
     codec = _get_str(doc, "c")
     tensors, digest = _decode_tensors(doc, codec, limits, expected)
     return UpdateEnvelope(
@@ -439,6 +475,7 @@ def decode_update(
         signature=signature,
         content_hash=digest,
         spec_hash=spec_hash,
+        secagg=secagg,
     )
 
 
@@ -515,7 +552,7 @@ def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
             max_str_len=64 * 1024,
             # One above our own limits, so the first count over them gets its own reason.
             max_array_len=max(limits.max_tensors, limits.max_ndim, 1024) + 1,
-            max_map_len=max(limits.max_metrics, 64) + 1,
+            max_map_len=max(limits.max_metrics, MAX_COHORT) + 1,
             max_ext_len=0,
             object_pairs_hook=_unique_keys,
         )
@@ -915,3 +952,264 @@ def verify_receipt(receipt: Receipt, key: PublicKey) -> bool:
     if receipt.signature is None:
         return False
     return key.verify(receipt.signature, receipt.signing_message())
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+#: Unmask requests and answers are small: anything larger is refused before unpacking.
+UNMASK_LIMITS: Final = DecodeLimits(max_message_bytes=8 * 1024 * 1024)
+_SHARE_BYTES: Final = 32
+_MAX_CIPHERTEXT: Final = 64 + 32 * MAX_COHORT
+_REQUEST_KEYS: Final = frozenset({"fv", "k", "t", "p", "c", "u", "d", "x", "at", "sg"})
+_REQUEST_REQUIRED: Final = frozenset({"fv", "k", "t", "p", "c", "u", "d", "x", "at"})
+_ANSWER_KEYS: Final = frozenset({"fv", "k", "t", "p", "id", "c", "sh", "x", "b", "s", "at", "sg"})
+_ANSWER_REQUIRED: Final = frozenset({"fv", "k", "t", "p", "id", "c", "sh", "x", "b", "s", "at"})
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskRequest:
+    """The aggregator to one survivor of a closed cohort (section 16): who survived, who
+    dropped, and the ciphertexts the survivors addressed to the recipient."""
+
+    task: str
+    recipient: str
+    cohort: int
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    ciphertexts: Mapping[str, bytes]
+    created_at: float
+    signature: bytes | None = None
+
+    def signing_message(self) -> bytes:
+        h = hashlib.sha256()
+        for name in sorted(self.ciphertexts, key=str.encode):
+            raw, blob = name.encode(), self.ciphertexts[name]
+            h.update(struct.pack("<H", len(raw)) + raw + struct.pack("<I", len(blob)) + blob)
+        return unmask_request_message(
+            task=self.task,
+            recipient=self.recipient,
+            cohort=self.cohort,
+            survivors=self.survivors,
+            dropped=self.dropped,
+            body_digest=h.digest(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskAnswer:
+    """A survivor's answer (section 16): its Shamir x-coordinate, its share of each
+    survivor's self seed (``b``) and of each survivor's seed with each dropped bank
+    (``s``: survivor -> dropped -> share), 32 bytes each."""
+
+    task: str
+    participant: str
+    answer_id: str
+    cohort: int
+    spec_hash: bytes
+    x: int
+    b: Mapping[str, bytes]
+    s: Mapping[str, Mapping[str, bytes]]
+    created_at: float
+    signature: bytes | None = None
+
+    def signing_message(self) -> bytes:
+        h = hashlib.sha256(struct.pack("<Q", self.x))
+        for name in sorted(self.b, key=str.encode):
+            h.update(_signed_text(name) + self.b[name])
+        for name in sorted(self.s, key=str.encode):
+            h.update(_signed_text(name) + struct.pack("<H", len(self.s[name])))
+            for other in sorted(self.s[name], key=str.encode):
+                h.update(_signed_text(other) + self.s[name][other])
+        return unmask_answer_message(
+            task=self.task,
+            participant=self.participant,
+            answer_id=self.answer_id,
+            cohort=self.cohort,
+            spec_hash=self.spec_hash,
+            body_digest=h.digest(),
+        )
+
+
+def peek_kind(data: bytes) -> str | None:
+    """The envelope's kind (``k``) without unpacking its other values; None when the
+    message is not a msgpack map with a string ``k`` (the full decoder then says why)."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
+        unpacker.feed(data)
+        entries = unpacker.read_map_header()
+        for _ in range(min(entries, 64)):
+            key = unpacker.unpack()
+            if key == "k":
+                value = unpacker.unpack()
+                return value if isinstance(value, str) else None
+            unpacker.skip()
+    except Exception:  # noqa: BLE001 - msgpack raises many types; the decoder reports it
+        return None
+    return None
+
+
+def encode_unmask_request(request: UnmaskRequest, signing_key: SigningKey | None = None) -> bytes:
+    """Encode an unmask request, signed with ``signing_key`` when given."""
+    _check_name("task", request.task)
+    _check_name("participant", request.recipient)
+    _check_count("cohort", request.cohort, minimum=0)
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_UNMASK_REQUEST,
+        "t": request.task,
+        "p": request.recipient,
+        "c": request.cohort,
+        "u": list(request.survivors),
+        "d": list(request.dropped),
+        "x": {k: bytes(v) for k, v in request.ciphertexts.items()},
+        "at": float(request.created_at),
+    }
+    if signing_key is not None:
+        doc["sg"] = signing_key.sign(request.signing_message())
+    return _pack(doc)
+
+
+def decode_unmask_request(data: bytes, limits: DecodeLimits = UNMASK_LIMITS) -> UnmaskRequest:
+    """Decode and validate an unmask request (its signature is returned, not checked)."""
+    doc = _unpack(data, limits, KIND_UNMASK_REQUEST, _REQUEST_KEYS, _REQUEST_REQUIRED)
+    survivors = _names(doc["u"], "u")
+    dropped = _names(doc["d"], "d")
+    if set(survivors) & set(dropped):
+        raise DecodeError(Refusal.INVALID_FIELD, "u, d: a bank is named in both")
+    ciphertexts = _byte_map(doc["x"], "x", _MAX_CIPHERTEXT)
+    if sorted(ciphertexts) != sorted(survivors):
+        raise DecodeError(Refusal.INVALID_FIELD, "x: not one ciphertext per survivor")
+    return UnmaskRequest(
+        task=_get_name(doc, "t", "task"),
+        recipient=_get_name(doc, "p", "participant"),
+        cohort=_get_count(doc, "c", minimum=0),
+        survivors=survivors,
+        dropped=dropped,
+        ciphertexts=ciphertexts,
+        created_at=_get_time(doc),
+        signature=_get_signature(doc, limits),
+    )
+
+
+def encode_unmask_answer(answer: UnmaskAnswer, signing_key: SigningKey | None = None) -> bytes:
+    """Encode an unmask answer, signed with ``signing_key`` when given."""
+    _check_name("task", answer.task)
+    _check_name("participant", answer.participant)
+    if not is_update_id(answer.answer_id):
+        raise EncodeError(f"invalid answer id {answer.answer_id!r}")
+    _check_count("cohort", answer.cohort, minimum=0)
+    _check_count("x", answer.x, minimum=1)
+    shares = [*answer.b.values(), *(v for m in answer.s.values() for v in m.values())]
+    if any(len(v) != _SHARE_BYTES for v in shares):
+        raise EncodeError(f"a share is {_SHARE_BYTES} bytes")
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_UNMASK_ANSWER,
+        "t": answer.task,
+        "p": answer.participant,
+        "id": answer.answer_id,
+        "c": answer.cohort,
+        "sh": bytes(answer.spec_hash),
+        "x": answer.x,
+        "b": {k: bytes(v) for k, v in answer.b.items()},
+        "s": {k: {j: bytes(v) for j, v in m.items()} for k, m in answer.s.items()},
+        "at": float(answer.created_at),
+    }
+    if signing_key is not None:
+        doc["sg"] = signing_key.sign(answer.signing_message())
+    return _pack(doc)
+
+
+def decode_unmask_answer(data: bytes, limits: DecodeLimits = UNMASK_LIMITS) -> UnmaskAnswer:
+    """Decode and validate an unmask answer (its signature is returned, not checked)."""
+    doc = _unpack(data, limits, KIND_UNMASK_ANSWER, _ANSWER_KEYS, _ANSWER_REQUIRED)
+    answer_id = doc["id"]
+    if not is_update_id(answer_id):
+        raise DecodeError(Refusal.INVALID_FIELD, "id: not a valid answer id")
+    spec_hash = _get_digest(doc, "sh")
+    s = doc["s"]
+    if not isinstance(s, dict) or len(s) > MAX_COHORT:
+        raise DecodeError(Refusal.INVALID_FIELD, "s: not a map of survivors")
+    return UnmaskAnswer(
+        task=_get_name(doc, "t", "task"),
+        participant=_get_name(doc, "p", "participant"),
+        answer_id=answer_id,
+        cohort=_get_count(doc, "c", minimum=0),
+        spec_hash=spec_hash,
+        x=_get_count(doc, "x", minimum=1),
+        b=_byte_map(doc["b"], "b", _SHARE_BYTES, exact=True),
+        s={_name(k, "s"): _byte_map(v, "s", _SHARE_BYTES, exact=True) for k, v in s.items()},
+        created_at=_get_time(doc),
+        signature=_get_signature(doc, limits),
+    )
+
+
+def _encode_block(block: MaskedBlock) -> dict[str, Any]:
+    if not math.isfinite(block.weight) or block.weight < 0:
+        raise EncodeError("sa: the weight must be a finite number >= 0")
+    _check_count("cohort", block.cohort, minimum=0)
+    if len(block.shares) > MAX_COHORT:
+        raise EncodeError(f"sa: at most {MAX_COHORT} members")
+    return {
+        "c": block.cohort,
+        "w": float(block.weight),
+        "x": {k: bytes(v) for k, v in block.shares.items()},
+    }
+
+
+def _decode_block(value: object, limits: DecodeLimits) -> MaskedBlock:
+    if not isinstance(value, dict) or set(value) != {"c", "w", "x"}:
+        raise DecodeError(Refusal.INVALID_FIELD, "sa: not a map of c, w and x")
+    cohort, weight = value["c"], value["w"]
+    if type(cohort) is not int or not 0 <= cohort < 2**63:
+        raise DecodeError(Refusal.INVALID_FIELD, "sa.c: not a cohort number")
+    if not isinstance(weight, float) or not math.isfinite(weight) or weight < 0:
+        raise DecodeError(Refusal.INVALID_FIELD, "sa.w: not a finite float64 >= 0")
+    return MaskedBlock(cohort, weight, _byte_map(value["x"], "sa.x", _MAX_CIPHERTEXT))
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_COHORT:
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not an array of names")
+    names = tuple(_name(v, key) for v in value)
+    if list(names) != sorted(set(names)):
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: names must be sorted and distinct")
+    return names
+
+
+def _name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not is_name(value):
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: {value!r} is not a valid name")
+    return value
+
+
+def _byte_map(value: object, key: str, size: int, *, exact: bool = False) -> dict[str, bytes]:
+    if not isinstance(value, dict) or len(value) > MAX_COHORT:
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not a map of at most {MAX_COHORT}")
+    out: dict[str, bytes] = {}
+    for k, v in value.items():
+        if not isinstance(v, bytes) or (len(v) != size if exact else len(v) > size):
+            raise DecodeError(Refusal.INVALID_FIELD, f"{key}: entry {k!r} has the wrong size")
+        out[_name(k, key)] = v
+    return out
+
+
+def _get_time(doc: Mapping[str, Any]) -> float:
+    at = doc["at"]
+    if not _is_real(at) or not math.isfinite(at):
+        raise DecodeError(Refusal.INVALID_FIELD, "at: not a finite number")
+    return float(at)
+
+
+def _get_signature(doc: Mapping[str, Any], limits: DecodeLimits) -> bytes | None:
+    signature = doc.get("sg")
+    if "sg" in doc and (
+        not isinstance(signature, bytes) or len(signature) > limits.max_signature_bytes
+    ):
+        raise DecodeError(Refusal.INVALID_FIELD, "sg: not a byte string of bounded size")
+    return signature
+
+
+def _signed_text(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("<H", len(raw)) + raw

@@ -665,11 +665,33 @@ def task() -> None:
     metavar="NAME=KEY",
     help="A participant's public key (ed25519:..., from `fedq keys generate`); repeat.",
 )
+@click.option(
+    "--agreement-key",
+    "agreement_keys",
+    multiple=True,
+    metavar="NAME=KEY",
+    help="A bank's agreement key (x25519:..., from `fedq keys show`) for secure "
+    "aggregation; repeat.",
+)
 @click.option("--aggregator-key", default=None, help="The aggregator's public key (ed25519:...).")
 @click.option(
     "--require-signatures/--no-require-signatures",
     default=None,
     help="Refuse unsigned updates and models [default: on when --aggregator-key is given].",
+)
+@click.option(
+    "--secure-aggregation/--no-secure-aggregation",
+    default=False,
+    show_default=True,
+    help="Mask every update (pairwise masks): the aggregator sees only cohort sums. Needs "
+    "signatures and every bank's --participant-key and --agreement-key.",
+)
+@click.option(
+    "--secagg-threshold",
+    type=click.IntRange(min=2),
+    default=None,
+    help="With --secure-aggregation: how many banks together can remove a dropped bank's "
+    "masks [default: a majority of the participants].",
 )
 @file_option("--out", help="Write here (default: standard output).")
 def task_init(**opts: Any) -> None:
@@ -696,6 +718,7 @@ def task_init(**opts: Any) -> None:
             "max_samples": opts["max_samples"],
             "declared_samples": _declared(opts["declared_samples"]),
             "identity": _identity(opts),
+            "secure_aggregation": _secure_aggregation(opts),
         }
     )
     warn = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -722,12 +745,7 @@ def task_hash(spec_path: Path) -> None:
 
 def _identity(opts: dict[str, Any]) -> dict[str, Any]:
     """The spec's identity section from task init's key options."""
-    keys: dict[str, str] = {}
-    for item in opts["participant_keys"]:
-        name, sep, key = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not NAME=KEY", param_hint="'--participant-key'")
-        keys[name.strip()] = key.strip()
+    keys = _named_keys(opts["participant_keys"], "'--participant-key'")
     require = opts["require_signatures"]
     if require is None:
         require = opts["aggregator_key"] is not None
@@ -735,7 +753,30 @@ def _identity(opts: dict[str, Any]) -> dict[str, Any]:
         "require_signatures": require,
         "aggregator_key": opts["aggregator_key"],
         "participant_keys": keys,
+        "agreement_keys": _named_keys(opts["agreement_keys"], "'--agreement-key'"),
     }
+
+
+def _named_keys(items: tuple[str, ...], hint: str) -> dict[str, str]:
+    """``NAME=KEY`` options as a mapping; a usage error names the bad item."""
+    keys: dict[str, str] = {}
+    for item in items:
+        name, sep, key = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=KEY", param_hint=hint)
+        keys[name.strip()] = key.strip()
+    return keys
+
+
+def _secure_aggregation(opts: dict[str, Any]) -> dict[str, Any] | None:
+    """The spec's secure_aggregation section from task init's options (None: off)."""
+    if not opts["secure_aggregation"]:
+        if opts["secagg_threshold"] is not None:
+            raise click.BadParameter(
+                "needs --secure-aggregation", param_hint="'--secagg-threshold'"
+            )
+        return None
+    return {"threshold": opts["secagg_threshold"]}
 
 
 def _declared(text: str) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""``fedq keys``: Ed25519 key pairs for participants and the aggregator."""
+"""``fedq keys``: Ed25519 key pairs for participants and the aggregator, and the X25519
+agreement key each one implies (secure aggregation, common/agreement.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from common.agreement import AgreementKey
 from common.errors import ConfigError
 from common.signing import SigningKey
 from fedq.cli_common import FILE
@@ -14,7 +16,11 @@ from fedq.cli_common import FILE
 
 @click.group()
 def keys() -> None:
-    """Signing keys (Ed25519): every update, model and receipt is signed."""
+    """Signing keys (Ed25519): every update, model and receipt is signed.
+
+    Each signing key also implies an agreement key (X25519, derived from it: no second
+    file), which secure aggregation uses for the pairwise masks between banks.
+    """
 
 
 @keys.command("generate")
@@ -27,11 +33,13 @@ def keys() -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def generate(out: Path, force: bool) -> None:
-    """Write a new key pair and print the public key and its fingerprint.
+    """Write a new key pair and print the public key, its fingerprint and the agreement key.
 
     The public key (``ed25519:`` + 64 hex digits) goes into the task spec:
     ``identity.participant_keys.<participant>`` for a bank, ``identity.aggregator_key``
-    for the aggregator. The private key never leaves its owner.
+    for the aggregator. A bank's agreement key (``x25519:`` + 64 hex digits, derived
+    from the same private key) goes to ``identity.agreement_keys.<participant>`` for
+    secure aggregation. The private key never leaves its owner.
     """
     key = SigningKey.generate()
     public = out.with_name(out.name + ".pub")
@@ -48,14 +56,21 @@ def generate(out: Path, force: bool) -> None:
     except OSError as e:
         raise ConfigError(f"cannot write the key pair: {e.strerror or e}") from None
     click.echo(f"private key: {out}")
-    click.echo(f"public key:  {key.public.text}")
-    click.echo(f"fingerprint: {key.public.fingerprint}")
+    _echo_public(key)
 
 
 @keys.command("show")
 @click.argument("path", type=FILE)
 def show(path: Path) -> None:
-    """Print the public key and fingerprint of a private key file."""
-    key = SigningKey.load(path)
+    """Print the public key, fingerprint and agreement key of a private key file.
+
+    The agreement key goes to ``identity.agreement_keys.<participant>`` (secure
+    aggregation); the public key to ``identity.participant_keys.<participant>``.
+    """
+    _echo_public(SigningKey.load(path))
+
+
+def _echo_public(key: SigningKey) -> None:
     click.echo(f"public key:  {key.public.text}")
     click.echo(f"fingerprint: {key.public.fingerprint}")
+    click.echo(f"agreement key: {AgreementKey.from_signing_key(key).public.text}")

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import torch
 
 from aggregator.store import RedisModelStore
+from common.agreement import AgreementKey
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors
 from common.signing import SigningKey
@@ -75,6 +76,21 @@ def signed_identity(
         require_signatures=True,
         aggregator_key=party_key(aggregator).public.text,
         participant_keys={p: party_key(p).public.text for p in participants},
+    )
+
+
+def secagg_identity(
+    participants: tuple[str, ...], aggregator: str = "fedq-aggregator"
+) -> IdentitySpec:
+    """:func:`signed_identity` plus each participant's agreement key, derived from its
+    :func:`party_key` (what secure aggregation needs)."""
+    return IdentitySpec(
+        require_signatures=True,
+        aggregator_key=party_key(aggregator).public.text,
+        participant_keys={p: party_key(p).public.text for p in participants},
+        agreement_keys={
+            p: AgreementKey.from_signing_key(party_key(p)).public.text for p in participants
+        },
     )
 
 

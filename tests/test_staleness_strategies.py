@@ -12,7 +12,6 @@ import json
 import pytest
 import torch
 
-from aggregator.staleness import staleness_weight
 from aggregator.strategies import (
     AcceptedUpdate,
     FedAsync,
@@ -24,6 +23,7 @@ from aggregator.strategies import (
 from common.errors import SpecError
 from common.hashing import LineageEntry
 from common.spec import AsyncSettings, NumericFeature, StalenessSpec, TargetSpec, TaskSpec
+from common.staleness import staleness_weight
 from common.wire import Tensors
 
 CONSTANT = StalenessSpec(kind="constant")

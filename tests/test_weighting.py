@@ -15,13 +15,13 @@ import torch
 
 from aggregator.admission import Admission, AdmissionConfig
 from aggregator.audit.influence import share_ratios, weight_shares
-from aggregator.staleness import exceeds, in_unit, staleness_weight
 from aggregator.stats import LOW_WEIGHT, ServiceStats
 from aggregator.strategies import AcceptedUpdate, FedAsync, FedBuff
 from aggregator.weighting import Weighter, balanced_factor, data_shares, samples_factor
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.spec import AsyncSettings, NumericFeature, StalenessSpec, TargetSpec, TaskSpec
+from common.staleness import exceeds, in_unit, staleness_weight
 from common.wire import DEFAULT_LIMITS
 
 Strategy = FedAsync | FedBuff

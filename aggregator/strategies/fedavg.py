@@ -6,7 +6,6 @@ from typing import Self
 
 from aggregator import aggregate
 from aggregator.server_opt import ServerOptimizer
-from aggregator.staleness import staleness_weight
 from aggregator.strategies.base import (
     AcceptedUpdate,
     Step,
@@ -17,6 +16,7 @@ from aggregator.strategies.base import (
 )
 from common.hashing import LineageEntry
 from common.spec import ServerOptimizerSpec, SyncSettings, TaskSpec
+from common.staleness import staleness_weight
 from common.wire import Tensors
 
 

@@ -1,0 +1,155 @@
+"""Secure aggregation at a bank: mask each update, answer each unmask request once.
+
+:class:`Masker` turns a delta into the masked update of a cohort (common/secagg.py):
+clipped, weighted, quantized, masked, with every member's encrypted shares.
+:class:`Revealer` answers the aggregator's unmask requests: it checks the request is
+signed by the task's aggregator and names this bank a survivor, and it answers each
+cohort once: a second request for the same cohort with other survivors or dropped
+banks is refused, since shares of both kinds for one bank would unmask that bank's
+update. The same request again gets the same answer (a restarted aggregator asks
+again). No row and no unmasked value leaves the bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+
+import torch
+
+from common.agreement import AgreementKey
+from common.errors import ConfigError, DecodeError, SecAggError
+from common.secagg import (
+    Cohort,
+    agreement_keys,
+    element_bytes,
+    mask,
+    quantize,
+    reveal,
+    weight_of,
+)
+from common.signing import PublicKey, SigningKey
+from common.spec import TaskSpec
+from common.wire import (
+    MaskedBlock,
+    Tensors,
+    UnmaskAnswer,
+    decode_unmask_request,
+    encode_unmask_answer,
+)
+
+#: Cohorts whose answer a bank remembers (older ones are long committed).
+REMEMBER = 1024
+
+
+class Masker:
+    """Masks one bank's updates for the task's cohorts."""
+
+    def __init__(self, spec: TaskSpec, participant: str, signing_key: SigningKey | None) -> None:
+        if spec.secure_aggregation is None:
+            raise ConfigError(f"task {spec.task_id!r} does not use secure aggregation")
+        if signing_key is None:
+            raise ConfigError(
+                "secure aggregation needs the bank's signing key: its agreement key is "
+                "derived from it (fedq keys show)"
+            )
+        self.spec = spec
+        self.sa = spec.secure_aggregation
+        self.participant = participant
+        self.key = AgreementKey.from_signing_key(signing_key)
+        self.keys = agreement_keys(spec)
+        named = self.keys.get(participant)
+        if named is None or named != self.key.public:
+            raise ConfigError(
+                f"the task spec's agreement key for {participant!r} is not the one derived "
+                f"from this signing key ({self.key.public.text})"
+            )
+
+    def masked(
+        self, delta: Tensors, cohort: int, base_version: int, num_samples: int
+    ) -> tuple[Tensors, MaskedBlock]:
+        """The masked tensors (``i64``, the delta's names and shapes) and the ``sa`` block."""
+        weight = weight_of(self.spec, num_samples, cohort - base_version)
+        x = quantize(delta, weight, self.sa)
+        out = mask(Cohort.of(self.spec, cohort), self.participant, self.key, self.keys, x)
+        ring = torch.from_numpy(out.masked.view("<i8").copy())
+        tensors: Tensors = {}
+        at = 0
+        for name in sorted(delta):
+            n = delta[name].numel()
+            tensors[name] = ring[at : at + n].reshape(delta[name].shape).clone()
+            at += n
+        ordered = {name: tensors[name] for name in delta}
+        return ordered, MaskedBlock(cohort=cohort, weight=weight, shares=out.shares)
+
+
+class Revealer:
+    """Answers unmask requests, once per cohort."""
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        participant: str,
+        signing_key: SigningKey,
+        aggregator_key: PublicKey | None,
+    ) -> None:
+        self.spec = spec
+        self.participant = participant
+        self.signing_key = signing_key
+        self.aggregator_key = aggregator_key
+        self.key = AgreementKey.from_signing_key(signing_key)
+        self.keys = agreement_keys(spec)
+        self.spec_hash = spec.spec_hash()
+        #: cohort -> (survivors, dropped) answered.
+        self.answered: OrderedDict[int, tuple[tuple[str, ...], tuple[str, ...]]] = OrderedDict()
+
+    def answer_id(self, cohort: int) -> str:
+        """The answer's id: the same for every answer of this bank to one cohort."""
+        raw = f"{self.spec.task_id}\x00{cohort}\x00{self.participant}".encode()
+        return "ua-" + hashlib.sha256(raw).hexdigest()[:40]
+
+    def answer(self, body: bytes) -> tuple[str, int, bytes]:
+        """The answer to one request: (answer id, cohort, encoded answer).
+
+        Raises SecAggError (with the reason) for a request this bank must not answer.
+        """
+        try:
+            request = decode_unmask_request(body)
+        except DecodeError as e:
+            raise SecAggError(f"unreadable unmask request ({e.reason}: {e.detail})") from None
+        if request.task != self.spec.task_id or request.recipient != self.participant:
+            raise SecAggError(f"a request for {request.task}/{request.recipient}")
+        if self.aggregator_key is not None and (
+            request.signature is None
+            or not self.aggregator_key.verify(request.signature, request.signing_message())
+        ):
+            raise SecAggError("the unmask request is not signed by the task's aggregator")
+        sets = (request.survivors, request.dropped)
+        earlier = self.answered.get(request.cohort)
+        if earlier is not None and earlier != sets:
+            raise SecAggError(
+                f"cohort {request.cohort} was answered for survivors {list(earlier[0])}; "
+                f"a second request names {list(request.survivors)}: refused, it could "
+                "unmask a bank"
+            )
+        cohort = Cohort.of(self.spec, request.cohort)
+        shares = reveal(
+            cohort, self.participant, self.key, self.keys, request.ciphertexts, request.dropped
+        )
+        answer = UnmaskAnswer(
+            task=self.spec.task_id,
+            participant=self.participant,
+            answer_id=self.answer_id(request.cohort),
+            cohort=request.cohort,
+            spec_hash=self.spec_hash,
+            x=shares.x,
+            b={k: element_bytes(v) for k, v in shares.b.items()},
+            s={k: {j: element_bytes(v) for j, v in m.items()} for k, m in shares.s.items()},
+            created_at=time.time(),
+        )
+        self.answered[request.cohort] = sets
+        self.answered.move_to_end(request.cohort)
+        while len(self.answered) > REMEMBER:
+            self.answered.popitem(last=False)
+        return answer.answer_id, request.cohort, encode_unmask_answer(answer, self.signing_key)
