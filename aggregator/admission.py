@@ -29,6 +29,7 @@ from common.spec import StalenessUnit, TaskSpec
 from common.staleness import exceeds, in_unit, versions_within
 from common.wire import (
     DecodeLimits,
+    MaskedBlock,
     Tensors,
     TensorSpec,
     UpdateEnvelope,
@@ -56,6 +57,8 @@ class Admitted:
     update: AcceptedUpdate
     #: The parameters of its base version (the head when the strategy does not use them).
     base: Tensors
+    #: Secure aggregation: the masked update's block (cohort, weight, shares); else None.
+    secagg: MaskedBlock | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +175,7 @@ class Admission:
             delta=env.tensors,
             content_hash=env.content_hash,
         )
-        return Admitted(update, base)
+        return Admitted(update, base, env.secagg)
 
     def check(
         self,

@@ -249,8 +249,9 @@ class VersionPrivacy:
     #: ``versions / z_acc^2 = sum over the versions of 1 / z_v^2`` (RDP adds up).
     accounted_multiplier: float
     #: The fraction of this version's updates whose norm exceeded ``clip`` (exact: for
-    #: the operator and the auditor, not part of the released model).
-    clipped_fraction: float
+    #: the operator and the auditor, not part of the released model); None under secure
+    #: aggregation, where each bank clips its own update before masking.
+    clipped_fraction: float | None
     adaptive: bool = False
     target_quantile: float | None = None
     clip_lr: float | None = None
@@ -464,6 +465,43 @@ class BankAggregation:
     def advance(self, record: VersionPrivacy) -> None:
         """A version was committed with ``record``."""
         self.head = record
+
+    def secure(self, lineage: Sequence[LineageEntry]) -> VersionPrivacy:
+        """Secure aggregation: the record of a version whose banks clipped their own
+        updates (L2 at most ``clip``) before masking; the aggregator adds the noise to
+        the unmasked sum (:func:`aggregator.secagg.secure_params`), with a fresh seed."""
+        return secure_record(self.settings, self.clip, lineage, self.seeds(), self.head)
+
+
+def secure_record(
+    settings: BankPrivacy,
+    clip: float,
+    lineage: Sequence[LineageEntry],
+    seed: int,
+    parent: VersionPrivacy | None,
+) -> VersionPrivacy:
+    """The record of a secure version's noise: the same sensitivity, multiplier and
+    accountant as :func:`private_version`, a fixed clip (adaptive clipping needs each
+    update's norm), and no clipped fraction (each bank clipped its own update)."""
+    z = settings.noise_multiplier
+    main = main_multiplier(z, False)
+    sens = sensitivity(clip, lineage)
+    versions = (parent.versions if parent is not None else 0) + 1
+    accounted = accounted_multiplier(z, versions, parent)
+    return VersionPrivacy(
+        seed=seed,
+        clip=clip,
+        next_clip=clip,
+        noise_multiplier=z,
+        main_noise_multiplier=main,
+        sensitivity=sens,
+        noise_std=main * sens,
+        delta=settings.delta,
+        versions=versions,
+        epsilon=epsilon(accounted, versions, settings.delta),
+        accounted_multiplier=accounted,
+        clipped_fraction=None,
+    )
 
 
 def settings_of(record: VersionPrivacy) -> BankPrivacy:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from aggregator.privacy import BankAggregation, VersionPrivacy, draw
 from aggregator.strategies.base import AcceptedUpdate, Step, entry
 from common.errors import SecAggError
 from common.secagg import (
@@ -292,9 +293,12 @@ def secure_params(
     weights: Mapping[str, float],
     answers: Sequence[UnmaskAnswer],
     dropped: Sequence[str],
+    privacy: VersionPrivacy | None = None,
 ) -> tuple[Tensors, float, str]:
     """The next version from the masked updates and the answers: ``head + scale * S /
-    2^fraction_bits`` in float64, cast back once; also the scale and the sum's hash.
+    2^fraction_bits`` in float64, plus bank-level DP's noise drawn from ``privacy``'s
+    seed and standard deviation (noise at the aggregator), cast back once; also the
+    scale and the sum's hash.
 
     Refuses (SecAggError) a sum outside what clipped inputs can give: some bank sent
     values outside ``[-clip, clip]`` or a wrong share.
@@ -316,19 +320,28 @@ def secure_params(
         )
     scale = scale_of(spec, w)
     values = unflatten(dequantize(total, sa.fraction_bits), head)
-    params = {
-        name: (head[name].to(torch.float64) + scale * values[name]).to(head[name].dtype)
-        for name in head
-    }
+    noise: Tensors = {}
+    if privacy is not None:
+        shapes = {k: t.shape for k, t in head.items()}
+        noise, _ = draw(shapes, privacy.noise_std, privacy.seed)
+    params = {}
+    for name in head:
+        out = head[name].to(torch.float64) + scale * values[name]
+        if name in noise:
+            out.add_(noise[name])
+        params[name] = out.to(head[name].dtype)
     digest = hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
     return params, scale, digest
 
 
 def secure_step(
-    spec: TaskSpec, head: Tensors, open_cohort: OpenCohort
-) -> tuple[Step, SecureRecord]:
+    spec: TaskSpec,
+    head: Tensors,
+    open_cohort: OpenCohort,
+    privacy: BankAggregation | None = None,
+) -> tuple[Step, SecureRecord, VersionPrivacy | None]:
     """The step of a ready cohort, its lineage (the survivors in name order, each with
-    ``scale * w_i``) and its record."""
+    ``scale * w_i``) and its record; with bank-level DP, noisy, and the noise's record."""
     d = open_cohort.decision
     if d is None or not open_cohort.ready:
         raise SecAggError(f"cohort {open_cohort.number} is not ready to unmask")
@@ -337,10 +350,12 @@ def secure_step(
     answers = open_cohort.chosen()
     masked = {n: open_cohort.updates[n].delta for n in d.survivors}
     weights = {n: open_cohort.blocks[n].weight for n in d.survivors}
-    params, scale, digest = secure_params(
-        spec, head, open_cohort.cohort, masked, weights, answers, d.dropped
-    )
+    scale = scale_of(spec, [weights[n] for n in d.survivors])
     lineage = tuple(entry(open_cohort.updates[n], scale * weights[n]) for n in d.survivors)
+    noise = privacy.secure(lineage) if privacy is not None else None
+    params, scale, digest = secure_params(
+        spec, head, open_cohort.cohort, masked, weights, answers, d.dropped, noise
+    )
     record = SecureRecord(
         decision=d,
         answers=tuple((a.participant, a.answer_id) for a in answers),
@@ -350,7 +365,7 @@ def secure_step(
         scale=scale,
         sum_hash=digest,
     )
-    return Step(params=params, lineage=lineage), record
+    return Step(params=params, lineage=lineage), record, noise
 
 
 def quantization_error(spec: TaskSpec, survivors: int, weights: Sequence[float]) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import os
 import socket
 import time
@@ -40,6 +41,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.privacy import BankAggregation, VersionPrivacy
 from aggregator.receipts import ReceiptSender
 from aggregator.retry import store_retry
+from aggregator.secagg import Decision, OpenCohort, secure_step
 from aggregator.stats import ServiceStats, Stages, untimed
 from aggregator.store import CommitOutcome, CommitResult, RedisModelStore, VersionRecord
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
@@ -49,19 +51,32 @@ from common.errors import (
     BlobPrunedError,
     CommitConflictError,
     ConfigError,
+    DecodeError,
     FedqError,
     NonFiniteError,
     NotFoundError,
+    SecAggError,
     StoreRegressedError,
     StoreUnavailableError,
 )
 from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.refusals import Refusal
-from common.signing import MAX_ANCESTORS, SigningKey
+from common.signing import MAX_ANCESTORS, PublicKey, SigningKey
 from common.spec import TaskSpec
 from common.transport import Announcement, TaskTopology, Transport, UpdateDelivery, next_or_none
-from common.wire import DEFAULT_LIMITS, DecodeLimits, Tensors, sign_model
+from common.wire import (
+    DEFAULT_LIMITS,
+    KIND_UNMASK_ANSWER,
+    DecodeLimits,
+    Tensors,
+    TensorSpec,
+    UnmaskAnswer,
+    decode_unmask_answer,
+    encode_unmask_request,
+    peek_kind,
+    sign_model,
+)
 
 __all__ = [
     "AggregatorService",
@@ -156,10 +171,24 @@ class AggregatorService:
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
         self.prefetch = max(self.config.prefetch, self.strategy.capacity + 1)
+        expected = tensor_specs(model_tensors(build_task_model(spec)))
+        #: Secure aggregation (aggregator/secagg.py): the open cohort, the answers'
+        #: deliveries held until the commit, the banks' keys that sign the answers.
+        self.secure = spec.secure_aggregation is not None
+        self.cohort: OpenCohort | None = None
+        self._answer_deliveries: dict[str, UpdateDelivery] = {}
+        self._answer_keys = {
+            p: PublicKey.parse(t) for p, t in spec.identity.participant_keys.items()
+        }
+        if self.secure:
+            # masked updates are ring elements (i64) with the model's names and shapes;
+            # a cohort's answers come on top of its updates
+            expected = {k: TensorSpec(v.shape, "i64") for k, v in expected.items()}
+            self.prefetch += len(spec.participants)
         self.admission = Admission(
             spec,
             AdmissionConfig(self.config.limits, self.config.require_sender_match),
-            tensor_specs(model_tensors(build_task_model(spec))),
+            expected,
             uses_base=self.strategy.uses_base,
             updates_per_version=self.strategy.capacity,
         )
@@ -258,6 +287,8 @@ class AggregatorService:
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
         await self._restore_weighting(record.version)
+        if self.secure:
+            await self._open_cohort(record.version)
         first = max(0, record.version - MAX_ANCESTORS)
         chain = await self.store.get_versions(self.task, range(first, record.version + 1))
         self._chain.extend(r.version_hash for r in chain)
@@ -436,6 +467,9 @@ class AggregatorService:
 
     async def handle(self, delivery: UpdateDelivery) -> None:
         """Admit one delivery and offer it to the strategy; commit when it steps."""
+        if self.secure and peek_kind(delivery.body) == KIND_UNMASK_ANSWER:
+            await self._take_answer(delivery)
+            return
         with self.stages("admit"):
             outcome = await self.admission.admit(delivery.body, delivery.user_id, self)
         if isinstance(outcome, Redelivered):
@@ -456,6 +490,9 @@ class AggregatorService:
 
     async def _offer(self, delivery: UpdateDelivery, admitted: Admitted) -> None:
         update = admitted.update
+        if self.secure:
+            await self._offer_masked(delivery, admitted)
+            return
         try:
             with self.stages("offer"):
                 step = await asyncio.to_thread(
@@ -494,7 +531,9 @@ class AggregatorService:
         return record.lineage
 
     def pending(self) -> Sequence[AcceptedUpdate]:
-        """The strategy's buffered updates (a sync round's so far)."""
+        """The strategy's buffered updates (a sync round's so far; the open cohort's)."""
+        if self.cohort is not None:
+            return tuple(self.cohort.updates.values())
         return self.strategy.pending()
 
     async def applied_in(self, update_id: str) -> int | None:
@@ -627,15 +666,24 @@ class AggregatorService:
             if again is not None:
                 await self._emit(again)
 
-    async def _commit(self, step: Step) -> None:
+    async def _commit(
+        self,
+        step: Step,
+        extra: dict[str, object] | None = None,
+        private: VersionPrivacy | None = None,
+    ) -> None:
+        """Commit a step; ``private``: its bank-level DP record when the caller made the
+        noise (secure aggregation), else :meth:`_private` makes it here."""
         with structlog.contextvars.bound_contextvars(version=self.head_version + 1):
-            await self._commit_step(step)
+            if private is None:
+                step, private = await self._private(step)
+            await self._commit_step(step, extra, private)
 
     async def _private(self, step: Step) -> tuple[Step, VersionPrivacy | None]:
         """With bank-level DP: the step recomputed from the clipped deltas, with noise
         from a fresh seed (:func:`aggregator.privacy.private_version`), and its record."""
-        if self.privacy is None:
-            return step, None
+        if self.privacy is None or self.secure:
+            return step, None  # secure: noised with the unmasked sum (aggregator/secagg.py)
         deltas = {e.update_id: self._pending[e.update_id][1].delta for e in step.lineage}
         bases: dict[int, Tensors] = {}
         if self.strategy.uses_base:
@@ -654,12 +702,16 @@ class AggregatorService:
         )
         return dataclasses.replace(step, params=params), record
 
-    async def _commit_step(self, step: Step) -> None:
+    async def _commit_step(
+        self,
+        step: Step,
+        extra: dict[str, object] | None = None,
+        private: VersionPrivacy | None = None,
+    ) -> None:
         started = time.perf_counter()
         parent = self.head_version
-        step, private = await self._private(step)
         with self.stages("commit"):
-            result = await self._commit_until_saved(parent, step, private)
+            result = await self._commit_until_saved(parent, step, private, extra)
         if result.outcome is CommitOutcome.FENCED:
             self.lease.lost.set()
             raise FencedOutError(f"commit on version {parent} refused: the writer lease is gone")
@@ -715,7 +767,11 @@ class AggregatorService:
             await self.on_version(record, step.params)
 
     async def _commit_until_saved(
-        self, parent: int, step: Step, private: VersionPrivacy | None = None
+        self,
+        parent: int,
+        step: Step,
+        private: VersionPrivacy | None = None,
+        extra: dict[str, object] | None = None,
     ) -> CommitResult:
         """Commit; while Redis is unreachable, wait and retry (nothing is acked meanwhile).
 
@@ -728,6 +784,7 @@ class AggregatorService:
             "settings": self.strategy.settings(),
             **({"server": self.server.settings()} if self.server is not None else {}),
             **({"privacy": private.to_json()} if private is not None else {}),
+            **(extra or {}),
             "owner": self.config.owner,
         }
         ids = [e.update_id for e in step.lineage]
@@ -765,15 +822,271 @@ class AggregatorService:
             except StoreUnavailableError:
                 continue
 
+    # ------------------------------------------------------------------ secure aggregation
+
+    async def _open_cohort(self, version: int) -> None:
+        """Open the cohort masked for ``version``. After a restart it carries the decision
+        saved before the crash: the same question is asked again, never another one."""
+        self.cohort = OpenCohort(self.spec, version, self.strategy.capacity)
+        self._answer_deliveries = {}
+        saved = await store_retry(
+            "reading a cohort decision",
+            lambda: self.store.get_cohort(self.task, version),
+            self.log,
+        )
+        if saved is not None:
+            self.cohort.decision = Decision.from_json(json.loads(saved))
+            self.log.info(
+                "cohort was closed before this start; waiting for its updates and answers",
+                cohort=version,
+                survivors=list(self.cohort.decision.survivors),
+            )
+
+    def _cohort_deadline(self, deadline: float | None) -> float | None:
+        """When the open cohort needs attention: FedBuff's cohort deadline while it fills
+        (sync rounds keep their own), then every ``cohort_deadline_s`` while survivors
+        have not answered (they are asked again)."""
+        oc, sa = self.cohort, self.spec.secure_aggregation
+        assert oc is not None and sa is not None
+        if oc.decision is None:
+            if self.spec.mode == "async" and oc.opened_at is not None and not self._overdue:
+                return oc.opened_at + sa.cohort_deadline_s
+            return deadline
+        if oc.asked_at is None or oc.ready:
+            return None
+        return oc.asked_at + sa.cohort_deadline_s
+
+    async def _cohort_due(self) -> None:
+        """The cohort's deadline: close it with its minimum, or ask again for answers."""
+        oc = self.cohort
+        assert oc is not None
+        if oc.decision is not None:
+            missing = [s for s in oc.decision.survivors if s not in oc.answers]
+            self.log.warning(
+                "survivors have not answered; asking them again",
+                cohort=oc.number,
+                missing=missing,
+                answers=len(oc.answers),
+                threshold=oc.cohort.threshold,
+            )
+            await self._ask()
+            return
+        if len(oc.updates) >= oc.minimum:
+            self.log.info(
+                "cohort deadline: closing with the updates present",
+                cohort=oc.number,
+                updates=len(oc.updates),
+            )
+            await self._close_cohort()
+            return
+        self.log.warning(
+            "cohort deadline passed below the minimum; nothing is revealed, waiting",
+            cohort=oc.number,
+            updates=len(oc.updates),
+            minimum=oc.minimum,
+        )
+        self._deadline = None  # the update that reaches the minimum closes the cohort
+        self._overdue = True
+
+    async def _offer_masked(self, delivery: UpdateDelivery, admitted: Admitted) -> None:
+        """A masked update joins the open cohort (or is refused: cohort_closed...)."""
+        oc, update = self.cohort, admitted.update
+        assert oc is not None
+        why = oc.refusal(update, admitted.secagg)
+        if why is not None or admitted.secagg is None:
+            reason, detail = why or ("not_masked", "no sa block")
+            await self._refuse(
+                delivery, Refused(Refusal(reason), detail, update.participant, update.update_id)
+            )
+            return
+        oc.add(update, admitted.secagg, time.monotonic())
+        self._pending[update.update_id] = (delivery, update)
+        self.metrics.staleness.labels(self.task).observe(update.staleness)
+        if oc.decision is None:
+            if oc.full or (self._overdue and len(oc.updates) >= oc.minimum):
+                await self._close_cohort()
+            return
+        if oc.asked_at is None:
+            await self._ask()  # after a restart: once every survivor's update is back
+        await self._unmask_if_ready()
+
+    async def _close_cohort(self) -> None:
+        """Decide who survived, save the decision (before any request leaves), ask."""
+        oc = self.cohort
+        assert oc is not None
+        decision = oc.close()
+        text = json.dumps(decision.to_json(), sort_keys=True)
+        saved = await store_retry(
+            "saving a cohort decision",
+            lambda: self.store.settle_cohort(self.task, oc.number, text),
+            self.log,
+        )
+        oc.decision = Decision.from_json(json.loads(saved))
+        self.log.info(
+            "cohort closed; asking the survivors for their shares",
+            cohort=oc.number,
+            survivors=list(oc.decision.survivors),
+            dropped=list(oc.decision.dropped),
+        )
+        for name, update in list(oc.updates.items()):
+            if name not in oc.decision.survivors:  # a decision saved by an earlier writer
+                del oc.updates[name]
+                delivery, _ = self._pending.pop(update.update_id)
+                await self._refuse(
+                    delivery,
+                    Refused(
+                        Refusal.COHORT_CLOSED,
+                        f"cohort {oc.number} was closed without it",
+                        name,
+                        update.update_id,
+                    ),
+                )
+        await self._ask()
+
+    async def _ask(self) -> None:
+        """Send each survivor that has not answered its unmask request (signed)."""
+        oc = self.cohort
+        assert oc is not None
+        if not oc.complete:
+            return  # after a restart: the ciphertexts are in the survivors' updates
+        for request in oc.requests(time.time()):
+            body = await asyncio.to_thread(encode_unmask_request, request, self.config.signing_key)
+            try:
+                await self.transport.publish_receipt(
+                    self.task,
+                    request.recipient,
+                    body,
+                    message_id=f"ur-{request.cohort}-{request.recipient}",
+                )
+            except FedqError as e:
+                self.log.warning(
+                    "unmask request not sent; it is sent again at the cohort deadline",
+                    participant=request.recipient,
+                    error=str(e),
+                )
+        oc.asked_at = time.monotonic()
+
+    async def _take_answer(self, delivery: UpdateDelivery) -> None:
+        """Hold a survivor's answer (unacked until the commit); unmask when ready."""
+        oc = self.cohort
+        assert oc is not None
+        try:
+            answer = await asyncio.to_thread(decode_unmask_answer, delivery.body)
+        except DecodeError as e:
+            await self._drop_answer(delivery, e.reason, e.detail, None)
+            return
+        if self.config.require_sender_match and delivery.user_id != answer.participant:
+            detail = f"sent by broker user {delivery.user_id!r}, names {answer.participant!r}"
+            await self._drop_answer(delivery, Refusal.SENDER_MISMATCH, detail, answer)
+            return
+        if answer.cohort < oc.number:
+            # A copy of an answer whose cohort is committed: its effect is saved.
+            self.log.info("answer for a committed cohort; acked", cohort=answer.cohort)
+            await self._settle(delivery)
+            return
+        why = oc.answer_refusal(answer, self.spec_hash, self._answer_keys.get(answer.participant))
+        if why is not None:
+            await self._drop_answer(delivery, Refusal.INVALID_UPDATE, why, answer)
+            return
+        earlier = self._answer_deliveries.get(answer.participant)
+        if earlier is not None:
+            await self._settle(earlier)  # asked twice, answered twice: keep the newest
+        oc.answers[answer.participant] = answer
+        self._answer_deliveries[answer.participant] = delivery
+        await self._unmask_if_ready()
+
+    async def _drop_answer(
+        self, delivery: UpdateDelivery, reason: Refusal, detail: str, answer: UnmaskAnswer | None
+    ) -> None:
+        await delivery.dead_letter(reason.value, detail)
+        self.metrics.refused.labels(self.task, reason.value).inc()
+        self.log.warning(
+            "unmask answer refused",
+            reason=reason.value,
+            detail=detail,
+            participant=None if answer is None else answer.participant,
+            cohort=None if answer is None else answer.cohort,
+        )
+
+    async def _settle(self, delivery: UpdateDelivery) -> None:
+        try:
+            await delivery.ack()
+        except FedqError as e:  # the channel is gone: the broker requeued it already
+            self.log.info("answer ack skipped", error=str(e))
+
+    async def _unmask_if_ready(self) -> None:
+        """With every survivor's update and t answers: the sum, the version, the commit;
+        then the answers are acked and the next cohort opens."""
+        oc = self.cohort
+        assert oc is not None
+        if not oc.ready:
+            return
+        try:
+            with self.stages("unmask"):
+                step, record, private = await asyncio.to_thread(
+                    secure_step, self.spec, self.head_params, oc, self.privacy
+                )
+        except SecAggError as e:
+            await self._cohort_failed(oc, str(e))
+            return
+        try:
+            await self._commit(step, {"secagg": record.to_json()}, private)
+        except NonFiniteError as e:
+            await self._cohort_failed(oc, str(e))
+            return
+        for delivery in self._answer_deliveries.values():
+            await self._settle(delivery)
+        self.log.info(
+            "cohort unmasked",
+            cohort=oc.number,
+            survivors=len(record.decision.survivors),
+            dropped=len(record.decision.dropped),
+            answers=len(record.answers),
+        )
+        await self._open_cohort(self.head_version)
+
+    async def _cohort_failed(self, oc: OpenCohort, reason: str) -> None:
+        """A cohort whose sum cannot be trusted (a wrong share, values beyond the clip):
+        version ``v + 1`` is committed with the head's parameters and no update, its
+        record saying why, so the next cohort has a fresh number (a cohort is never
+        asked a second question); the cohort's updates are refused."""
+        self.log.error("cohort refused: its sum cannot be trusted", cohort=oc.number, reason=reason)
+        failed: dict[str, object] = {"cohort": oc.number, "reason": reason[:1024]}
+        if oc.decision is not None:
+            failed.update(oc.decision.to_json())
+        empty = Step(params=self.head_params, lineage=())
+        private = self.privacy.secure(()) if self.privacy is not None else None
+        await self._commit(empty, {"secagg_failed": failed}, private)
+        for update in list(oc.updates.values()):
+            delivery, _ = self._pending.pop(update.update_id)
+            await self._refuse(
+                delivery,
+                Refused(
+                    Refusal.INVALID_UPDATE,
+                    f"cohort {oc.number} refused: {reason}",
+                    update.participant,
+                    update.update_id,
+                ),
+            )
+        for delivery in self._answer_deliveries.values():
+            await self._settle(delivery)
+        await self._open_cohort(self.head_version)
+
     # ------------------------------------------------------------------ sync rounds
 
     def _until_deadline(self) -> float | None:
-        if self._deadline is None:
+        deadline = self._deadline
+        if self.cohort is not None:
+            deadline = self._cohort_deadline(deadline)
+        if deadline is None:
             return None
-        return max(self._deadline - time.monotonic(), 0.0)
+        return max(deadline - time.monotonic(), 0.0)
 
     async def _deadline_passed(self) -> None:
         """Sync: close the round if it has its minimum; else keep waiting for one."""
+        if self.cohort is not None:
+            await self._cohort_due()
+            return
         step = await asyncio.to_thread(self.strategy.flush, self.head_params)
         if step is not None:
             self.log.info(

@@ -162,22 +162,37 @@ def unflatten(
     return {name: out[name] for name in like}
 
 
-def quantize(delta: Mapping[str, torch.Tensor], weight: float, sa: SecureAggregationSpec) -> Ring:
+def norm_bound(spec: TaskSpec) -> float | None:
+    """The L2 bound a bank scales its delta to before masking: ``norm_bound``, and with
+    bank-level DP its clip (the smaller of the two), which the sensitivity assumes."""
+    sa = _secagg(spec)
+    bounds = [b for b in (sa.norm_bound, spec.privacy.bank and spec.privacy.bank.clip) if b]
+    return min(bounds) if bounds else None
+
+
+def quantize(
+    delta: Mapping[str, torch.Tensor],
+    weight: float,
+    sa: SecureAggregationSpec,
+    bound: float | None = None,
+) -> Ring:
     """``round(w * clip(delta) * 2^fraction_bits)`` modulo 2^64 (two's complement).
 
-    The delta is scaled to L2 norm ``norm_bound`` if it is longer, then every value
-    clipped to ``[-clip, clip]``; rounding is half to even. Refuses a weight outside
-    ``[0, max_weight]`` or a non-finite delta.
+    The delta is scaled to L2 norm ``bound`` (default ``sa.norm_bound``; see
+    :func:`norm_bound`) if it is longer, then every value clipped to ``[-clip, clip]``;
+    rounding is half to even. Refuses a weight outside ``[0, max_weight]`` or a
+    non-finite delta.
     """
     if not (math.isfinite(weight) and 0.0 <= weight <= sa.max_weight):
         raise SecAggError(f"weight {weight!r} is outside [0, {sa.max_weight}]")
     v = flatten(delta)
     if not np.isfinite(v).all():
         raise SecAggError("the delta holds NaN or Inf")
-    if sa.norm_bound is not None:
+    bound = sa.norm_bound if bound is None else bound
+    if bound is not None:
         norm = float(np.linalg.norm(v))
-        if norm > sa.norm_bound:
-            v = v * (sa.norm_bound / norm)
+        if norm > bound:
+            v = v * (bound / norm)
     v = np.clip(v, -sa.clip, sa.clip)
     q = np.rint(v * (weight * 2.0**sa.fraction_bits)).astype(np.int64)
     return q.view(np.uint64)

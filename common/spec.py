@@ -499,10 +499,11 @@ class TaskSpec(_Spec):
             raise ValueError(
                 f"secure_aggregation needs server.kind 'sgd', not {self.server.kind!r}"
             )
-        if self.privacy.bank is not None:
+        if self.privacy.bank is not None and self.privacy.bank.adaptive:
             raise ValueError(
-                "secure_aggregation excludes privacy.bank: bank-level DP clips each update "
-                "at the aggregator, which cannot see masked updates"
+                "secure_aggregation cannot adapt privacy.bank's clip: adaptive clipping "
+                "counts the updates within the bound, which the aggregator cannot see in "
+                "masked updates (the banks clip to a fixed bound before masking)"
             )
 
     def _secagg_sizes_fit(self, secagg: SecureAggregationSpec) -> None:
@@ -518,6 +519,17 @@ class TaskSpec(_Spec):
             raise ValueError(
                 f"secure_aggregation.min_cohort {secagg.min_cohort} is below the threshold "
                 f"{threshold}: a smaller cohort could not remove a dropped bank's masks"
+            )
+        least = secagg.resolved_min_cohort(n)
+        size, what = (
+            (self.sync.quorum or n, "sync.quorum")
+            if self.mode == "sync"
+            else (self.async_.buffer_size, "async.buffer_size")
+        )
+        if size < least:
+            raise ValueError(
+                f"{what} {size} is below secure aggregation's minimum cohort {least}: "
+                "no cohort could ever be unmasked"
             )
         if n * secagg.max_weight * secagg.clip * 2**secagg.fraction_bits >= 2**62:
             raise ValueError(

@@ -383,6 +383,19 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     help="With --amqp-url: JSON or TOML mapping each bank's name to its own AMQP URL "
     "(its broker user); the banks take these names and --participants follows.",
 )
+@click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="Mask every update (pairwise masks, secret-shared seeds): the aggregator sees "
+    "only the sum of each round or FedBuff cohort.",
+)
+@click.option(
+    "--secagg-threshold",
+    type=click.IntRange(min=2),
+    default=None,
+    help="With --secure-aggregation: how many banks together can remove a dropped bank's "
+    "masks [default: a majority of the banks].",
+)
 @redis_option("Keep versions in this Redis instead of an in-process one.", default=None)
 @file_option("--report", help="Write the JSON report here.")
 @file_option("--plot", help="Write the AUC-over-time plot (PNG) here.")
@@ -424,7 +437,7 @@ def simulate(**opts: Any) -> None:
         speeds=_speeds(opts["speeds"], opts["participants"], opts["straggler"]),
         base_delay_s=opts["base_delay"],
         mode="async" if opts["mode"] == "both" else opts["mode"],
-        spec_overrides=spec_overrides(ctx),
+        spec_overrides=_secagg_overrides(ctx, opts["secure_aggregation"]),
         class_weight=opts["class_weight"],
         target_fraction=opts["target_fraction"],
         versions=opts["versions"],
@@ -437,6 +450,11 @@ def simulate(**opts: Any) -> None:
         seed=opts["seed"],
         amqp_url=opts["amqp_url"],
         bank_urls=bank_urls,
+        secure_aggregation=(
+            ({} if opts["secagg_threshold"] is None else {"threshold": opts["secagg_threshold"]})
+            if opts["secure_aggregation"]
+            else None
+        ),
         privacy=PrivacyOptions(
             record_epsilon=opts["record_epsilon"],
             record_clip=opts["record_clip"],
@@ -777,6 +795,24 @@ def _secure_aggregation(opts: dict[str, Any]) -> dict[str, Any] | None:
             )
         return None
     return {"threshold": opts["secagg_threshold"]}
+
+
+def _secagg_overrides(ctx: click.Context, secure: bool) -> dict[str, Any]:
+    """The spec options; with --secure-aggregation, the async strategy, weighting and
+    buffer size left to the simulation (FedBuff, staleness, the minimum cohort) unless
+    given on the command line."""
+    from click.core import ParameterSource
+
+    overrides = spec_overrides(ctx)
+    if secure:
+        chosen = overrides.get("async", {})
+        for name in ("strategy", "weighting", "buffer_size"):
+            if ctx.get_parameter_source(name) in (
+                ParameterSource.DEFAULT,
+                ParameterSource.DEFAULT_MAP,
+            ):
+                chosen.pop(name, None)
+    return overrides
 
 
 def _declared(text: str) -> dict[str, int]:

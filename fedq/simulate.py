@@ -53,11 +53,19 @@ import numpy.typing as npt
 import pandas as pd
 import structlog
 
+from common.agreement import AgreementKey
 from common.errors import ConfigError
 from common.hooks import Stages, untimed
 from common.ids import is_name
 from common.signing import SigningKey
-from common.spec import IdentitySpec, NumericFeature, TargetSpec, TaskSpec, positive_weight_for
+from common.spec import (
+    IdentitySpec,
+    NumericFeature,
+    SecureAggregationSpec,
+    TargetSpec,
+    TaskSpec,
+    positive_weight_for,
+)
 from common.tls import check_url
 from fedq.simulate_privacy import PrivacyOptions, privacy_report, privacy_spec
 from participant import partition
@@ -142,6 +150,10 @@ class SimulationConfig:
     baseline_epochs: int = 100
     #: Differential privacy at the banks and at the aggregator (off by default).
     privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
+    #: Secure aggregation: the spec's ``secure_aggregation`` fields (``{}`` for the
+    #: defaults); None: off. In async mode the run uses FedBuff with staleness weights
+    #: and a buffer of at least the minimum cohort, unless the overrides say otherwise.
+    secure_aggregation: Mapping[str, Any] | None = None
     #: Threads the baselines train in (None: as many as the cores allow).
     baseline_workers: int | None = None
     #: Stop after this many versions (None: DEFAULT_VERSIONS async, DEFAULT_VERSIONS /
@@ -531,15 +543,40 @@ def _names(config: SimulationConfig) -> tuple[str, ...]:
 
 
 def _identity(names: Sequence[str]) -> tuple[IdentitySpec, dict[str, SigningKey], SigningKey]:
-    """Fresh keys for the banks and the aggregator, and the identity that requires them."""
+    """Fresh keys for the banks and the aggregator, and the identity that requires them
+    (with each bank's agreement key, derived from its signing key)."""
     keys = {n: SigningKey.generate() for n in names}
     aggregator = SigningKey.generate()
     identity = IdentitySpec(
         require_signatures=True,
         aggregator_key=aggregator.public.text,
         participant_keys={n: k.public.text for n, k in keys.items()},
+        agreement_keys={n: AgreementKey.from_signing_key(k).public.text for n, k in keys.items()},
     )
     return identity, keys, aggregator
+
+
+def _secured(spec: TaskSpec, config: SimulationConfig) -> TaskSpec:
+    """``spec`` with ``config.secure_aggregation`` on (validated again: the spec
+    refuses settings secure aggregation cannot serve). In async mode: FedBuff with
+    staleness weights and a buffer of at least the minimum cohort, unless the
+    overrides set them."""
+    if config.secure_aggregation is None:
+        return spec
+    doc = spec.model_dump(mode="json", by_alias=True)
+    doc["secure_aggregation"] = dict(config.secure_aggregation)
+    if spec.mode == "async":
+        chosen = config.spec_overrides.get("async", {})
+        settings = doc["async"]
+        if "strategy" not in chosen:
+            settings["strategy"] = "fedbuff"
+        if "weighting" not in chosen:
+            settings["weighting"] = "staleness"
+        if "buffer_size" not in chosen:
+            sa = SecureAggregationSpec.model_validate(config.secure_aggregation)
+            least = sa.resolved_min_cohort(len(spec.participants))
+            settings["buffer_size"] = max(int(settings["buffer_size"]), least)
+    return TaskSpec.parse(doc)
 
 
 def load_bank_urls(path: Path) -> dict[str, str]:
@@ -772,10 +809,11 @@ def _private(prep: Prepared, config: SimulationConfig) -> Prepared:
     return replace(prep, spec=prep.spec.model_copy(update={"privacy": privacy}))
 
 
-def _signed(prep: Prepared) -> Prepared:
-    """The run's task with fresh keys for every bank and the aggregator, required."""
+def _signed(prep: Prepared, config: SimulationConfig) -> Prepared:
+    """The run's task with fresh keys for every bank and the aggregator, required, and
+    secure aggregation when the config asks for it."""
     identity, keys, aggregator_key = _identity(prep.spec.participants)
-    spec = prep.spec.model_copy(update={"identity": identity})
+    spec = _secured(prep.spec.model_copy(update={"identity": identity}), config)
     return replace(prep, spec=spec, keys=keys, aggregator_key=aggregator_key)
 
 
@@ -1022,7 +1060,7 @@ async def run_simulation(
         prep = await asyncio.to_thread(prepare, config)
     else:
         prep = _for_mode(prepared, config)
-    prep = _signed(prep)
+    prep = _signed(prep, config)
     if config.privacy.any:
         prep = _private(prep, config)
     if baselines is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
@@ -28,7 +29,13 @@ from common.refusals import PERMANENT
 from common.signing import PublicKey
 from common.spec import TaskSpec
 from common.transport import ReceiptDelivery, Subscription, Transport, next_or_none
-from common.wire import Receipt, decode_receipt, verify_receipt
+from common.wire import (
+    KIND_UNMASK_REQUEST,
+    Receipt,
+    decode_receipt,
+    peek_kind,
+    verify_receipt,
+)
 from participant.metrics import ParticipantMetrics
 
 #: The permanent reasons as strings (a receipt may name a reason this build does not know).
@@ -79,6 +86,7 @@ class ReceiptTracker:
         key: PublicKey | None = None,
         metrics: ParticipantMetrics | None = None,
         drain_s: float = DRAIN_S,
+        on_request: Callable[[bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.transport = transport
         self.task = task
@@ -87,6 +95,9 @@ class ReceiptTracker:
         self.key = key
         self.metrics = metrics or ParticipantMetrics()
         self.drain_s = drain_s
+        #: Secure aggregation: the aggregator's unmask requests come on this queue too
+        #: and go here (participant/secagg.py), not to the receipt counting.
+        self.on_request = on_request
         #: update id -> the receipt counted for it (the newest :data:`REMEMBER`).
         self.fates: OrderedDict[str, Receipt] = OrderedDict()
         #: Receipts ignored as duplicates of a fate already counted.
@@ -158,7 +169,10 @@ class ReceiptTracker:
                 delivery = await next_or_none(sub, self._quit)
                 if delivery is None:
                     break
-                self.take(delivery.body)
+                if self.on_request is not None and peek_kind(delivery.body) == KIND_UNMASK_REQUEST:
+                    await self.on_request(delivery.body)
+                else:
+                    self.take(delivery.body)
                 try:
                     await delivery.ack()
                 except TransportError as e:  # it comes again: the dedupe absorbs it

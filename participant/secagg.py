@@ -25,6 +25,7 @@ from common.secagg import (
     agreement_keys,
     element_bytes,
     mask,
+    norm_bound,
     quantize,
     reveal,
     weight_of,
@@ -71,7 +72,7 @@ class Masker:
     ) -> tuple[Tensors, MaskedBlock]:
         """The masked tensors (``i64``, the delta's names and shapes) and the ``sa`` block."""
         weight = weight_of(self.spec, num_samples, cohort - base_version)
-        x = quantize(delta, weight, self.sa)
+        x = quantize(delta, weight, self.sa, norm_bound(self.spec))
         out = mask(Cohort.of(self.spec, cohort), self.participant, self.key, self.keys, x)
         ring = torch.from_numpy(out.masked.view("<i8").copy())
         tensors: Tensors = {}

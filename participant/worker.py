@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import structlog
 
-from common.errors import ConfigError, DecodeError, TransportError
+from common.errors import ConfigError, DecodeError, SecAggError, TransportError
 from common.evaluation import evaluate
 from common.hooks import Stages, untimed
 from common.models import build_task_model, model_tensors, tensor_specs
@@ -35,6 +35,7 @@ from participant.identity import ModelChecker, check_participant_key
 from participant.metrics import ParticipantMetrics
 from participant.privacy import PrivacyLedger, laplace_release, train_dpsgd
 from participant.receipts import ReceiptTracker, aggregator_key
+from participant.secagg import Masker, Revealer
 from participant.training import train_local
 
 log = structlog.get_logger("fedq.participant")
@@ -96,6 +97,9 @@ class WorkerStats:
     budget_note: str = ""
     #: The bank's cumulative epsilon under the task's local mechanism (0 without one).
     dp_epsilon: float = 0.0
+    #: Secure aggregation: unmask requests answered, and refused (participant/secagg.py).
+    unmask_answered: int = 0
+    unmask_refused: int = 0
 
 
 class ParticipantWorker:
@@ -125,6 +129,16 @@ class ParticipantWorker:
         self.spec_hash = spec.spec_hash()
         self.checker = ModelChecker(spec)
         self.metrics = metrics or ParticipantMetrics()
+        check_participant_key(spec, config.participant, config.signing_key)
+        #: Secure aggregation: masks each update for its cohort, answers unmask requests.
+        self.masker: Masker | None = None
+        self.revealer: Revealer | None = None
+        if spec.secure_aggregation is not None:
+            self.masker = Masker(spec, config.participant, config.signing_key)
+            assert config.signing_key is not None  # Masker refuses to start without it
+            self.revealer = Revealer(
+                spec, config.participant, config.signing_key, aggregator_key(spec)
+            )
         self.receipts = ReceiptTracker(
             transport,
             spec.task_id,
@@ -132,12 +146,14 @@ class ParticipantWorker:
             self.stats,
             key=aggregator_key(spec),
             metrics=self.metrics,
+            on_request=self._answer if self.revealer is not None else None,
         )
-        check_participant_key(spec, config.participant, config.signing_key)
         #: The model delivery held unacked, the model trained on, its validation metrics.
         self._held: ModelDelivery | None = None
         self._current: ModelEnvelope | None = None
         self._val_metrics: dict[str, float] = {}
+        #: Secure aggregation: the cohort of the last masked update published.
+        self._cohort = -1
         #: Models refused spec_mismatch in a row (see SPEC_MISMATCHES_TO_STOP).
         self._spec_mismatches = 0
         #: The bank's privacy spending (participant.privacy): counts published updates.
@@ -182,7 +198,9 @@ class ParticipantWorker:
             return self.stats
         self._forget()
         trained_on = -1
-        sync = self.spec.mode == "sync"
+        # Sync rounds, and every task under secure aggregation: one update per version
+        # (a cohort takes one update per bank).
+        sync = self.spec.mode == "sync" or self.masker is not None
         try:
             while not stop.is_set():
                 if self._budget_spent():
@@ -204,8 +222,8 @@ class ParticipantWorker:
                 if current is None or stop.is_set() or (sync and trained_on == current.version):
                     continue
                 with self.stages("worker: train, encode, publish"):
-                    await self._train_and_publish(current, self._val_metrics)
-                trained_on = current.version
+                    await self._train_and_publish(current, self._val_metrics, sub, stop)
+                trained_on = max(current.version, self._cohort)
                 if cfg.max_updates is not None and self.stats.published >= cfg.max_updates:
                     break
         finally:
@@ -379,7 +397,13 @@ class ParticipantWorker:
         self.metrics.models_refused.labels(str(reason)).inc()
         self.log.warning("model refused", reason=reason, detail=detail, version=version)
 
-    async def _train_and_publish(self, model: ModelEnvelope, val_metrics: dict[str, float]) -> None:
+    async def _train_and_publish(
+        self,
+        model: ModelEnvelope,
+        val_metrics: dict[str, float],
+        sub: Subscription[ModelDelivery] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
         cfg = self.config
         key = f"{cfg.seed}:{cfg.participant}:{self.stats.published}".encode()
         seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
@@ -387,13 +411,24 @@ class ParticipantWorker:
         delta, train_metrics, steps = await asyncio.to_thread(self._train, model, seed)
         if cfg.delay_s > 0:
             await asyncio.sleep(cfg.delay_s)
-        if self.ledger.active:
+        if self.masker is not None:
+            # Under secure aggregation the aggregator sees sums only: no per-bank metric.
+            metrics = self.ledger.quote(steps) if self.ledger.active else {}
+        elif self.ledger.active:
             # Under DP nothing computed from the bank's rows leaves it un-noised: the
             # validation metrics stay in the worker's log, out of the update.
             metrics = {**train_metrics, **self.ledger.quote(steps)}
         else:
             metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
         update_id = uuid.uuid4().hex
+        tensors, block, codec = delta, None, cfg.codec
+        if self.masker is not None:
+            cohort = await self._open_cohort(model, sub, stop)
+            tensors, block = await asyncio.to_thread(
+                self.masker.masked, delta, cohort, model.version, self.public_rows
+            )
+            codec = "raw"  # masked values are uniformly random: nothing to compress
+            self._cohort = cohort
         body, _ = await asyncio.to_thread(
             encode_update,
             UpdateEnvelope(
@@ -402,11 +437,12 @@ class ParticipantWorker:
                 update_id=update_id,
                 base_version=model.version,
                 num_samples=self.public_rows,
-                tensors=delta,
+                tensors=tensors,
                 metrics=metrics,
-                codec=cfg.codec,
+                codec=codec,
                 created_at=time.time(),
                 spec_hash=self.spec_hash,
+                secagg=block,
             ),
             cfg.signing_key,
         )
@@ -427,3 +463,39 @@ class ParticipantWorker:
             seconds=round(time.perf_counter() - started, 3),
             val_auc=val_metrics.get("auc"),
         )
+
+    async def _open_cohort(
+        self,
+        model: ModelEnvelope,
+        sub: Subscription[ModelDelivery] | None,
+        stop: asyncio.Event | None,
+    ) -> int:
+        """The cohort a masked update joins: the round's in sync mode; in FedBuff the
+        newest version announced by now (a version committed while the bank trained
+        opened a new cohort; the update joins it, weighted by its staleness)."""
+        if self.spec.mode == "sync" or sub is None or stop is None:
+            return model.version
+        newest = await self._newest_model(sub, 0.0, stop)
+        if newest is not None:
+            await self._take(newest)
+        current = self._current
+        return model.version if current is None else max(model.version, current.version)
+
+    async def _answer(self, body: bytes) -> None:
+        """Answer one unmask request (participant/secagg.py), or refuse it in the log."""
+        assert self.revealer is not None
+        try:
+            answer_id, cohort, out = await asyncio.to_thread(self.revealer.answer, body)
+        except SecAggError as e:
+            self.stats.unmask_refused += 1
+            self.log.error("unmask request refused", detail=str(e))
+            return
+        try:
+            await self.transport.publish_update(
+                self.spec.task_id, self.config.participant, out, message_id=answer_id
+            )
+        except TransportError as e:  # the aggregator asks again at its cohort deadline
+            self.log.warning("unmask answer not sent", cohort=cohort, error=str(e))
+            return
+        self.stats.unmask_answered += 1
+        self.log.info("unmask request answered", cohort=cohort, answer_id=answer_id)

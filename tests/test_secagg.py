@@ -124,7 +124,7 @@ def test_ten_banks_three_drop_out_after_sharing_keys_the_round_is_the_plain_feda
     oc, head = run_cohort(spec, deltas, samples, arrive=stayed)
     assert oc.decision is not None and oc.decision.dropped == spec.participants[4:7]
     assert oc.ready
-    step, record = secure_step(spec, head, oc)
+    step, record, _ = secure_step(spec, head, oc)
     # The plain FedAvg of the seven that stayed, from their unmasked deltas.
     raw = [float(samples[p]) for p in sorted(stayed)]
     plain = aggregate.weighted_sum(
@@ -202,8 +202,8 @@ def test_any_t_survivors_answering_suffice_and_fewer_reveal_nothing() -> None:
     # two survivors go silent during unmasking: six answers are enough
     oc, head = run_cohort(spec, deltas, samples, arrive=stayed, answer=stayed[2:])
     assert len(oc.answers) == t and oc.ready
-    step, _ = secure_step(spec, head, oc)
-    full, _ = secure_step(spec, head, run_cohort(spec, deltas, samples, arrive=stayed)[0])
+    step, _, _ = secure_step(spec, head, oc)
+    full, _, _ = secure_step(spec, head, run_cohort(spec, deltas, samples, arrive=stayed)[0])
     for name in head:  # the same sum, bit for bit, whichever t answered
         assert torch.equal(step.params[name], full.params[name])
     # with t - 1 answers the cohort is not ready and the step refuses

@@ -47,6 +47,11 @@ class Keys:
         """Stream of the aggregator's decisions: accepted into version N, or refused."""
         return f"{self.prefix}:{{{task}}}:decisions"
 
+    def cohort(self, task: str, cohort: int) -> str:
+        """Secure aggregation: who survived cohort N and who dropped (JSON), written once
+        before any unmask request leaves (aggregator/secagg.py)."""
+        return f"{self.prefix}:{{{task}}}:cohort:{cohort}"
+
     def meta(self, task: str, version: int) -> str:
         """A version's metadata (JSON)."""
         return f"{self.prefix}:{{{task}}}:v:{version}:meta"

@@ -618,6 +618,25 @@ class RedisModelStore:
             self._queue_decision(p, task, fields)
             await p.execute()
 
+    async def settle_cohort(self, task: str, cohort: int, decision: str) -> str:
+        """Save a secure-aggregation cohort's decision (JSON) unless one is saved: returns
+        the one that stands, this one or the earlier (SET NX, one round trip)."""
+        key = self.keys.cohort(task, cohort)
+        async with (
+            _redis_errors("saving a cohort decision"),
+            self._r.pipeline(transaction=True) as p,
+        ):
+            p.set(key, decision, nx=True)
+            p.get(key)
+            _, stored = await p.execute()
+        return _as_bytes(stored).decode()
+
+    async def get_cohort(self, task: str, cohort: int) -> str | None:
+        """A cohort's saved decision (JSON), or None if it was never closed."""
+        async with _redis_errors("reading a cohort decision"):
+            raw = await self._r.get(self.keys.cohort(task, cohort))
+        return None if raw is None else _as_bytes(raw).decode()
+
     async def decisions(self, task: str) -> list[dict[str, str]]:
         """Every recorded decision of a task, oldest first."""
         async with _redis_errors("reading decisions"):
