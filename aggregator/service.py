@@ -459,6 +459,16 @@ class AggregatorService:
             "flagged": self.stats.flagged,
             "flag_reasons": self.stats.flag_reasons,
         }
+        oc = self.cohort
+        if oc is not None:  # secure aggregation: where the open cohort stands
+            report["cohort"] = {
+                "number": oc.number,
+                "updates": len(oc.updates),
+                "minimum": oc.minimum,
+                "decided": oc.decision is not None,
+                "answers": len(oc.answers),
+                "threshold": oc.cohort.threshold,
+            }
         if self.failure is not None:
             report["error"] = self.failure
         return report

@@ -126,6 +126,14 @@ class Revealer:
             or not self.aggregator_key.verify(request.signature, request.signing_message())
         ):
             raise SecAggError("the unmask request is not signed by the task's aggregator")
+        sa = self.spec.secure_aggregation
+        assert sa is not None
+        least = sa.resolved_min_cohort(len(self.spec.participants))
+        if len(request.survivors) < least:
+            raise SecAggError(
+                f"cohort {request.cohort}: {len(request.survivors)} survivors, below the "
+                f"minimum cohort {least}: refused, a sum that small says too much"
+            )
         sets = (request.survivors, request.dropped)
         earlier = self.answered.get(request.cohort)
         if earlier is not None and earlier != sets:

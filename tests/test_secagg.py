@@ -271,7 +271,11 @@ def test_a_bank_answers_one_cohort_once_and_refuses_a_different_question() -> No
     # the same cohort with bank 2 now "dropped": its pair seeds would unmask it
     with pytest.raises(SecAggError, match="refused"):
         revealer.answer(request(spec.participants[:2] + spec.participants[3:]))
-    # a request the aggregator did not sign
+    # a cohort below the minimum (a majority of 4: 3) is never unmasked by an honest bank
+    small = Revealer(spec, me, party_key(me), aggregator.public)
+    with pytest.raises(SecAggError, match="below the minimum cohort"):
+        small.answer(request(spec.participants[:2]))
+        # a request the aggregator did not sign
     other = Revealer(spec, me, party_key(me), aggregator.public)
     unsigned = encode_unmask_request(
         UnmaskRequest(

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import torch
 
 from aggregator import aggregate
+from aggregator.privacy import draw
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
 from common.models import build_task_model, model_tensors
@@ -282,6 +283,15 @@ async def test_below_the_minimum_nothing_is_asked_and_a_restart_asks_the_same_qu
     uid, body = _masked_body(spec, sixth, deltas[sixth], samples[sixth])
     await banks[sixth].publish_update(task, sixth, body, message_id=uid)
     await wait_for(lambda: service.cohort is not None and service.cohort.decision is not None)
+    health = await service.health()
+    assert health["cohort"] == {
+        "number": 0,
+        "updates": 6,
+        "minimum": 6,
+        "decided": True,
+        "answers": 0,
+        "threshold": 6,
+    }
     stayed = [*early, sixth]
     stop.set()
     await running
@@ -337,3 +347,55 @@ async def test_a_simulated_federation_with_secure_aggregation_learns(mode: str) 
         assert result.updates_refused == 0  # every bank's update is in every round's sum
     else:  # only late arrivals at a closed cohort are refused, never anything else
         assert set(result.refused_by_reason) <= {Refusal.COHORT_CLOSED.value}
+
+
+async def test_bank_level_dp_with_secure_aggregation_noises_the_sum_of_clipped_updates() -> None:
+    base = _spec(n=5, min_updates=5)
+    spec = TaskSpec.parse(
+        {
+            **base.model_dump(mode="json", by_alias=True),
+            "privacy": {"bank": {"clip": 0.2, "noise_multiplier": 1.5}},
+        }
+    )
+    task = spec.task_id
+    broker = MemoryBroker()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    config = ServiceConfig(signing_key=party_key(AGGREGATOR), depth_poll_s=0.2)
+    service = AggregatorService(spec, store, MemoryTransport(broker, AGGREGATOR), config)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await wait_for(lambda: service.ready.is_set())
+    head = (await store.get_params(task, 0)).tensors
+    deltas, samples = _deltas(spec), _samples(spec)
+    banks = {p: Bank(p, MemoryTransport(broker, p), spec) for p in spec.participants}
+    answering = [asyncio.create_task(b.answer(stop)) for b in banks.values()]
+    for p in spec.participants:
+        uid, body = _masked_body(spec, p, deltas[p], samples[p])
+        await banks[p].transport.publish_update(task, p, body, message_id=uid)
+    await wait_for(lambda: service.head_version == 1, 20)
+    record = await store.get_version(task, 1)
+    privacy = record.info["privacy"]
+    assert privacy["clipped_fraction"] is None  # each bank clipped its own update
+    assert privacy["noise_std"] > 0 and privacy["epsilon"] > 0
+    # The version is the FedAvg of the clipped deltas (each bank scaled its delta to L2
+    # norm 0.2 before masking) plus the recorded seed's noise, up to the quantization.
+    clipped = {}
+    for p, d in deltas.items():
+        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in d.values())).item()
+        assert norm > 0.2  # the bound did clip
+        clipped[p] = {k: (t.double() * (0.2 / norm)).float() for k, t in d.items()}
+    plain = _plain(spec, head, clipped, samples, list(spec.participants))
+    shapes = {k: t.shape for k, t in head.items()}
+    noise, _ = draw(shapes, privacy["noise_std"], privacy["seed"])
+    want = {k: (plain[k].double() + noise[k]).float() for k in plain}
+    params = (await store.get_params(task, 1)).tensors
+    sa = spec.secure_aggregation
+    assert sa is not None
+    bound = quantization_bound(5, sa.fraction_bits) * float(record.info["secagg"]["scale"])
+    _close_to(params, want, bound + 1e-6)  # + float32 rounding of the clipped deltas
+    assert any((params[k] - plain[k]).abs().max() > 10 * bound for k in params)  # noised
+    stop.set()
+    await running
+    for t in answering:
+        await t
+    await store.close()
