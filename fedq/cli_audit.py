@@ -115,7 +115,7 @@ async def _replay(
     amqp_url: str,
     redis_url: str,
 ) -> bool:
-    from aggregator.audit.replay import index_updates
+    from aggregator.audit.replay import index_answers, index_updates
     from aggregator.audit.replay import replay as run_replay
     from common.transport.amqp import AmqpTransport
 
@@ -126,8 +126,11 @@ async def _replay(
             bodies = [b async for b in transport.read_audit(task)]
         finally:
             await transport.close()
-        updates = index_updates(bodies)
-        console.print(f"audit stream: {len(bodies)} messages, {len(updates)} distinct updates")
+        updates, answers = index_updates(bodies), index_answers(bodies)
+        console.print(
+            f"audit stream: {len(bodies)} messages, {len(updates)} distinct updates"
+            + (f", {len(answers)} unmask answers" if answers else "")
+        )
         head = await store.head(task)
         last = head if to_version is None else to_version
         with Progress(console=console, transient=True) as bar:
@@ -140,6 +143,7 @@ async def _replay(
                 to_version=to_version,
                 exclude=exclude,
                 on_version=lambda _: bar.advance(job),
+                answers=answers,
             )
         result: dict[str, Any] = {
             "task": task,
@@ -150,23 +154,40 @@ async def _replay(
             "ok": report.ok,
             "first_bad_version": report.first_bad_version,
             "reason": report.reason,
+            "secure_versions": report.secure_versions,
+            "answer_signatures": report.answer_signatures,
+            "cohorts_checked": report.cohorts_checked,
+            "individually_unmasked": report.individually_unmasked,
+            "cohort_problems": report.cohort_problems,
         }
         if exclude is not None:
             result.update(await _counterfactual(store, task, report, evaluation, out))
-            if report.note:
-                result["note"] = report.note
+        if report.note:
+            result["note"] = report.note
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif report.ok:
         what = "rebuilt" if exclude else "verified"
+        secure = (
+            f", {report.secure_versions} by secure aggregation ({report.answer_signatures} "
+            f"unmask answers verified, {report.cohorts_checked} cohorts checked)"
+            if report.secure_versions or report.cohorts_checked
+            else ""
+        )
         console.print(
             f"[green]{what} versions {report.from_version + 1}..{report.to_version}[/] "
-            f"({report.checked} versions, {report.signatures} update signatures verified)"
+            f"({report.checked} versions, {report.signatures} update signatures verified"
+            f"{secure})"
         )
         if report.note:
             console.print(f"[yellow]note:[/] {report.note}")
     else:
-        console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")
+        if report.first_bad_version is not None:
+            console.print(f"[red]version {report.first_bad_version} diverges:[/] {report.reason}")
+        for bank in report.individually_unmasked:
+            console.print(f"[red]individually unmasked:[/] {bank}")
+        for problem in report.cohort_problems:
+            console.print(f"[red]secure aggregation:[/] {problem}")
     return report.ok or not verify
 
 
@@ -215,7 +236,11 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
 
     async def load() -> dict[str, Any]:
         async with _store(redis_url) as store:
-            return await version_lineage(store, task, version)
+            doc = await version_lineage(store, task, version)
+            # Secure aggregation (aggregator.secagg.SecureRecord): cohort, survivors,
+            # dropped, answers used, sum hash; None for a version made without it.
+            doc["secagg"] = (await store.get_version(task, version)).info.get("secagg")
+            return doc
 
     doc = asyncio.run(load())
     if as_json:
@@ -234,6 +259,8 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
         )
     if doc.get("privacy"):
         console.print(_privacy_line(doc["privacy"]))
+    if doc.get("secagg"):
+        console.print(_secagg_lines(doc["secagg"]))
     table = Table(title="contributing updates")
     for col in ("participant", "update id", "base", "staleness", "weight", "content hash"):
         table.add_column(col)
@@ -265,12 +292,32 @@ def _privacy_line(p: dict[str, Any]) -> str:
     clip = f"clip bound {p['clip']:.6g}"
     if p.get("adaptive"):
         clip += f" (adaptive, next {p['next_clip']:.6g}, target quantile {p['target_quantile']})"
+    fraction = p.get("clipped_fraction")
+    clipped = (
+        "each bank clipped its own update (secure aggregation)"
+        if fraction is None
+        else f"clipped {fraction:.0%} of the updates"
+    )
     return (
         f"privacy      epsilon {p['epsilon']:.6g} (cumulative over {p['versions']} private "
         f"versions), delta {p['delta']:.3g}\n"
         f"             noise multiplier {p['noise_multiplier']:.6g}, noise std "
-        f"{p['noise_std']:.6g}, {clip}, clipped {p['clipped_fraction']:.0%} of the updates, "
-        f"seed {p['seed']}"
+        f"{p['noise_std']:.6g}, {clip}, {clipped}, seed {p['seed']}"
+    )
+
+
+def _secagg_lines(sa: dict[str, Any]) -> str:
+    """``audit show``'s secure aggregation lines: the cohort, who survived and who
+    dropped, the unmask answers used and the hash of the unmasked sum."""
+    survivors, dropped = sa.get("survivors", []), sa.get("dropped", [])
+    answers = [f"{p} ({i})" for p, i in sa.get("answers", [])]
+    return (
+        f"secure aggregation: cohort {sa.get('cohort')}, threshold {sa.get('threshold')}, "
+        f"scale {sa.get('scale')}\n"
+        f"             survivors ({len(survivors)}) {', '.join(survivors) or '-'}\n"
+        f"             dropped ({len(dropped)}) {', '.join(dropped) or '-'}\n"
+        f"             answers used ({len(answers)}) {', '.join(answers) or '-'}\n"
+        f"             sum hash {sa.get('sum_hash')}"
     )
 
 

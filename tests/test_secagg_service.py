@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import torch
 
 from aggregator import aggregate
+from aggregator.audit.replay import index_answers, index_updates, replay
 from aggregator.privacy import draw
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
@@ -185,6 +186,15 @@ class Bank:
             await sub.close()
 
 
+async def _replays(transport: Transport, store: RedisModelStore, task: str, secure: int) -> None:
+    bodies = [b async for b in transport.read_audit(task)]
+    report = await replay(store, index_updates(bodies), task, answers=index_answers(bodies))
+    assert report.ok, report.note
+    assert report.secure_versions == secure
+    assert report.individually_unmasked == [] and report.cohort_problems == []
+    assert report.cohorts_checked >= secure
+
+
 def _plain(
     spec: TaskSpec,
     head: Tensors,
@@ -250,6 +260,9 @@ async def test_ten_banks_three_drop_out_after_sharing_keys_and_the_round_is_the_
     await wait_for(lambda: ("refused", Refusal.STALE_ROUND.value) in banks[gone[0]].receipts, 10)
     stop.set()
     await running
+    # The audit stream holds the masked updates and the answers: replay recomputes the
+    # sum and the version bit for bit, and finds no bank unmasked on its own.
+    await _replays(rig.agg, rig.store, task, secure=1)
     for t in answering:
         await t
 
@@ -325,6 +338,7 @@ async def test_below_the_minimum_nothing_is_asked_and_a_restart_asks_the_same_qu
     await running2
     for t in answering:
         await t
+    await _replays(MemoryTransport(broker, AGGREGATOR), store, task, secure=1)
     await store.close()
 
 
@@ -398,4 +412,5 @@ async def test_bank_level_dp_with_secure_aggregation_noises_the_sum_of_clipped_u
     await running
     for t in answering:
         await t
+    await _replays(MemoryTransport(broker, AGGREGATOR), store, task, secure=1)
     await store.close()

@@ -4,6 +4,12 @@
 module says how they differ from the real version's, scores both models on an
 evaluation set given as already-encoded tensors (the caller encodes its table with
 the task's feature schema), and writes the counterfactual model.
+
+A version made by secure aggregation has no counterfactual without one of its
+survivors: the aggregator only ever saw that cohort's masked sum, never the bank's
+update on its own, so replay refuses (ReplayError, one line:
+:func:`aggregator.audit.replay.refuse_secure_exclusion`); only the bank's own records,
+or retraining without it, could say what it contributed there.
 """
 
 from __future__ import annotations

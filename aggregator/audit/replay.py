@@ -25,6 +25,17 @@ the task ran under when the version was made (the spec history): its spec hash,
 and its Ed25519 signature under the key that spec names for its participant
 (required where the spec required signatures), so a third party holding the
 retained stream and the store can tell which bank sent which update.
+
+A version made by secure aggregation (``info["secagg"]``, :mod:`aggregator.secagg`)
+is recomputed from its survivors' retained masked updates (``i64``) and the retained
+unmask answers its record names (each checked against its bank's key and the spec
+hash), with :func:`aggregator.secagg.secure_params`, as the service computed it: the
+sum's hash and scale must be the recorded ones and the version must match bit for
+bit. Over the whole audit stream, replay also checks that no cohort's answers ever
+revealed both kinds of share for one bank (which would unmask its update), that
+every secure version had at least the minimum cohort and that only survivors
+answered (:func:`check_cohorts`). Such a version has no counterfactual without one of
+its survivors: the aggregator never saw that bank's update on its own.
 """
 
 from __future__ import annotations
@@ -36,30 +47,41 @@ from dataclasses import dataclass, field
 
 from aggregator import privacy, server_opt
 from aggregator.privacy import VersionPrivacy
+from aggregator.secagg import MASKED_DTYPE, SecureRecord, secure_params
 from aggregator.server_opt import ServerState
 from aggregator.store import RedisModelStore, VersionRecord
 from aggregator.store.redis_store import STATE_LIMITS
 from aggregator.strategies import Strategy, strategy_class
+from common.dtypes import wire_name
 from common.errors import (
     BlobPrunedError,
     DecodeError,
     EncodeError,
     FedqError,
+    SecAggError,
     SpecError,
     StoreError,
 )
 from common.hashing import LineageEntry, lineage_bytes, version_hash
 from common.models import build_task_model, model_tensors, tensor_specs
+from common.secagg import Cohort
 from common.signing import PublicKey
 from common.spec import IdentitySpec, TaskSpec
 from common.wire import (
     DEFAULT_LIMITS,
+    KIND_MODEL,
+    KIND_RECEIPT,
+    KIND_UNMASK_ANSWER,
+    KIND_UNMASK_REQUEST,
     Tensors,
     TensorSpec,
+    UnmaskAnswer,
     UpdateEnvelope,
     decode_model,
+    decode_unmask_answer,
     decode_update,
     peek_header,
+    peek_kind,
     tensors_hash,
     update_signing_message,
 )
@@ -90,29 +112,68 @@ class ReplayReport:
     signatures: int = 0
     #: Versions replayed that were made with bank-level DP (recorded seed and bound).
     private_versions: int = 0
+    #: Versions replayed that were made by secure aggregation (recomputed from the
+    #: masked updates and the unmask answers their records name).
+    secure_versions: int = 0
+    #: Unmask answers (of those versions) whose signature verified under their bank's key.
+    answer_signatures: int = 0
+    #: Secure aggregation cohorts checked for individual unmasking (:func:`check_cohorts`).
+    cohorts_checked: int = 0
+    #: ``"cohort c: bank"`` for each bank whose update the retained unmask answers of
+    #: one cohort could unmask on its own (it is named both survivor and dropped).
+    individually_unmasked: list[str] = field(default_factory=list)
+    #: Other breaches of secure aggregation's rules: a cohort below its minimum, an
+    #: answer from a bank the cohort's recorded decision names no survivor.
+    cohort_problems: list[str] = field(default_factory=list)
 
     @property
     def note(self) -> str:
-        """What a reader of a counterfactual of a DP run must know ("" otherwise)."""
-        if self.excluded is None or not self.private_versions:
-            return ""
-        return (
-            f"{self.private_versions} versions were made with bank-level DP: the "
-            "counterfactual reuses their recorded noise seeds, bounds and noise, so it is "
-            "another noisy model (what the same noise draws give without "
-            f"{self.excluded}), not the noiseless difference {self.excluded} made"
-        )
+        """What a reader must know beyond the verdict ("" when nothing): that a
+        counterfactual of a DP run is another noisy model; that secure aggregation's
+        promise (no individual update unmasked) was broken, and where."""
+        notes: list[str] = []
+        if self.excluded is not None and self.private_versions:
+            notes.append(
+                f"{self.private_versions} versions were made with bank-level DP: the "
+                "counterfactual reuses their recorded noise seeds, bounds and noise, so it is "
+                "another noisy model (what the same noise draws give without "
+                f"{self.excluded}), not the noiseless difference {self.excluded} made"
+            )
+        if self.individually_unmasked:
+            notes.append(
+                "secure aggregation was broken: the retained unmask answers reveal both the "
+                "self-mask shares and the pair-mask shares of one bank in one cohort, so its "
+                "update could be unmasked on its own: " + ", ".join(self.individually_unmasked)
+            )
+        if self.cohort_problems:
+            notes.append("secure aggregation cohorts: " + "; ".join(self.cohort_problems))
+        return ". ".join(notes)
 
     @property
     def ok(self) -> bool:
-        """Whether every replayed version matched the store."""
-        return self.first_bad_version is None
+        """Whether every replayed version matched the store and no secure aggregation
+        cohort broke its rules (no individual unmasking, minimum cohort, survivors only)."""
+        return (
+            self.first_bad_version is None
+            and not self.individually_unmasked
+            and not self.cohort_problems
+        )
 
 
-def index_updates(bodies: list[bytes]) -> dict[str, bytes]:
-    """Retained messages by update id (unreadable ones are skipped: they were refused)."""
+#: Kinds of message that are never updates (the audit stream holds updates and, with
+#: secure aggregation, unmask answers; the others are listed for safety).
+_NOT_UPDATES = frozenset({KIND_UNMASK_ANSWER, KIND_UNMASK_REQUEST, KIND_MODEL, KIND_RECEIPT})
+
+
+def index_updates(bodies: Sequence[bytes]) -> dict[str, bytes]:
+    """Retained updates by update id (unreadable ones are skipped: they were refused).
+
+    Unmask answers (kind ``ua``) are not updates: :func:`index_answers` indexes them.
+    """
     out: dict[str, bytes] = {}
     for body in bodies:
+        if peek_kind(body) in _NOT_UPDATES:
+            continue
         try:
             head = peek_header(body, DEFAULT_LIMITS)
         except DecodeError:
@@ -120,6 +181,25 @@ def index_updates(bodies: list[bytes]) -> dict[str, bytes]:
         uid = head.get("id")
         if isinstance(uid, str):
             out.setdefault(uid, body)
+    return out
+
+
+def index_answers(bodies: Sequence[bytes]) -> dict[str, list[bytes]]:
+    """Retained unmask answers (kind ``ua``) by answer id, every distinct body in stream
+    order: a bank asked again answers again under the same id (the same shares, another
+    time), and a second, different answer under one id must not hide the first."""
+    out: dict[str, list[bytes]] = {}
+    for body in bodies:
+        if peek_kind(body) != KIND_UNMASK_ANSWER:
+            continue
+        try:
+            aid = peek_header(body, DEFAULT_LIMITS).get("id")
+        except DecodeError:
+            continue
+        if isinstance(aid, str):
+            held = out.setdefault(aid, [])
+            if body not in held:
+                held.append(body)
     return out
 
 
@@ -151,11 +231,20 @@ async def replay(
     to_version: int | None = None,
     exclude: str | None = None,
     on_version: Callable[[int], None] | None = None,
+    answers: Mapping[str, Sequence[bytes]] | None = None,
 ) -> ReplayReport:
-    """Replay versions ``from_version + 1 .. to_version`` and check them (unless excluding)."""
+    """Replay versions ``from_version + 1 .. to_version`` and check them (unless excluding).
+
+    ``updates`` is :func:`index_updates` of the audit stream, ``answers``
+    :func:`index_answers` of it (needed for versions made by secure aggregation; the
+    stream-wide cohort checks of :func:`check_cohorts` run when not excluding).
+    Excluding a bank that is a survivor of a secure version in the range raises
+    ReplayError: that counterfactual cannot be computed (:func:`refuse_secure_exclusion`).
+    """
     spec = await store.get_spec(task)
     last = await _last_version(store, task, from_version, to_version)
     report = ReplayReport(task, from_version, last, excluded=exclude)
+    answers = answers or {}
     start = await store.get_version(task, from_version)
     try:
         env = await store.get_params(task, from_version)
@@ -172,8 +261,13 @@ async def replay(
         )
         return report
     expected = tensor_specs(model_tensors(build_task_model(spec)))
+    masked_expected = masked_specs(expected)
     identities = Identities(await store.spec_history(task), spec)
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
+    if exclude is not None:
+        refuse_secure_exclusion(records, exclude)
+    else:
+        await check_cohorts(store, task, answers, identities, records, report)
     bases = _Bases(store, task, records, from_version, env.tensors, exclude)
     parent, parent_hash = env.tensors, start.version_hash
     try:
@@ -181,23 +275,17 @@ async def replay(
     except ReplayError as err:
         report.first_bad_version, report.reason = from_version, str(err)
         return report
+    run = _Run(store, updates, answers, identities, expected, masked_expected, bases, report)
     for rec in records:
-        strategy = _strategy(str(rec.info.get("strategy", "")))
-        entries = rec.lineage if exclude is None else strategy.without(rec.lineage, exclude)
-        report.left_out += len(rec.lineage) - len(entries)
-        deltas: dict[str, Tensors] = {}
-        problem = _decode_all(updates, entries, expected, deltas, identities.at(rec.version))
-        if problem is None:
-            problem = _check_privacy_settings(rec, identities.spec(rec.version))
-        if problem is None:
-            report.signatures += sum(1 for e in entries if e.update_id in identities.signed)
-            of = {x.base_version: await bases.get(x.base_version) for x in entries}
-            params, state, private, problem = await asyncio.to_thread(
-                _recompute_version, strategy, rec, parent, state, of, entries, deltas, private
+        if _is_secure(rec, identities.spec(rec.version)):
+            params, private, problem, parent_hash = await run.secure(
+                rec, parent, private, parent_hash
             )
-            if problem is None and exclude is None:
-                problem, parent_hash = await _verify_version(store, rec, params, state, parent_hash)
-                report.params = params
+            state = None
+        else:
+            params, state, private, problem, parent_hash = await run.plain(
+                rec, parent, state, private, parent_hash
+            )
         if problem is not None:
             report.first_bad_version, report.reason = rec.version, problem
             return report
@@ -210,6 +298,88 @@ async def replay(
     report.params, report.state = parent, state
     report.param_hash = tensors_hash(parent)
     return report
+
+
+@dataclass(slots=True)
+class _Run:
+    """What every version's replay reads: the retained messages, the spec history,
+    the replayed bases, and the report it adds to."""
+
+    store: RedisModelStore
+    updates: Mapping[str, bytes]
+    answers: Mapping[str, Sequence[bytes]]
+    identities: Identities
+    expected: Mapping[str, TensorSpec]
+    masked: Mapping[str, TensorSpec]
+    bases: _Bases
+    report: ReplayReport
+
+    async def plain(
+        self,
+        rec: VersionRecord,
+        parent: Tensors,
+        state: ServerState | None,
+        private: VersionPrivacy | None,
+        parent_hash: bytes,
+    ) -> tuple[Tensors, ServerState | None, VersionPrivacy | None, str | None, bytes]:
+        """A version made from individual updates (by its strategy, server optimizer or
+        bank-level DP): (params, state, privacy record, problem, version hash)."""
+        exclude, report = self.report.excluded, self.report
+        strategy = _strategy(str(rec.info.get("strategy", "")))
+        entries = rec.lineage if exclude is None else strategy.without(rec.lineage, exclude)
+        report.left_out += len(rec.lineage) - len(entries)
+        deltas: dict[str, Tensors] = {}
+        identity = self.identities.at(rec.version)
+        problem = _decode_all(self.updates, entries, self.expected, deltas, identity)
+        if problem is None:
+            problem = _check_privacy_settings(rec, self.identities.spec(rec.version))
+        if problem is not None:
+            return parent, state, private, problem, parent_hash
+        report.signatures += sum(1 for e in entries if e.update_id in self.identities.signed)
+        of = {x.base_version: await self.bases.get(x.base_version) for x in entries}
+        params, state, private, problem = await asyncio.to_thread(
+            _recompute_version, strategy, rec, parent, state, of, entries, deltas, private
+        )
+        if problem is None and exclude is None:
+            problem, parent_hash = await _verify_version(
+                self.store, rec, params, state, parent_hash
+            )
+            report.params = params
+        return params, state, private, problem, parent_hash
+
+    async def secure(
+        self,
+        rec: VersionRecord,
+        parent: Tensors,
+        parent_private: VersionPrivacy | None,
+        parent_hash: bytes,
+    ) -> tuple[Tensors, VersionPrivacy | None, str | None, bytes]:
+        """A version made by secure aggregation (:func:`_recompute_secure`): (params,
+        privacy record, problem, version hash). Excluding, the bank is none of its
+        survivors (:func:`refuse_secure_exclusion`): the same sum (and recorded noise)
+        is applied to ``parent``."""
+        report = self.report
+        params, private, problem, verified = await asyncio.to_thread(
+            _recompute_secure,
+            rec,
+            self.identities.spec(rec.version),
+            self.identities.at(rec.version),
+            parent,
+            parent_private,
+            self.updates,
+            self.answers,
+            self.masked,
+        )
+        if problem is None and report.excluded is None:
+            problem, parent_hash = await _verify_version(self.store, rec, params, None, parent_hash)
+            report.params = params
+        if problem is None:
+            report.answer_signatures += verified
+            report.signatures += sum(
+                1 for e in rec.lineage if e.update_id in self.identities.signed
+            )
+            report.secure_versions += 1
+        return params, private, problem, parent_hash
 
 
 def _recompute_version(
@@ -460,21 +630,35 @@ def _check_retained(
     identity: _Identity,
 ) -> str | None:
     """Decode one retained update into ``deltas``; or say why it cannot be used."""
+    env, problem = _retained(body, e, expected, identity)
+    if env is None:
+        return problem
+    deltas[e.update_id] = env.tensors
+    return None
+
+
+def _retained(
+    body: bytes | None,
+    e: LineageEntry,
+    expected: Mapping[str, TensorSpec],
+    identity: _Identity,
+) -> tuple[UpdateEnvelope | None, str | None]:
+    """One retained update, decoded and checked against its lineage entry and identity;
+    or None and why it cannot be used."""
     if body is None:
-        return f"update {e.update_id} ({e.participant}) is not in the audit stream"
+        return None, f"update {e.update_id} ({e.participant}) is not in the audit stream"
     try:
         env = decode_update(body, DEFAULT_LIMITS, expected)
     except DecodeError as err:
-        return f"retained update {e.update_id} does not decode ({err.reason}: {err.detail})"
+        return None, f"retained update {e.update_id} does not decode ({err.reason}: {err.detail})"
     if env.content_hash != e.content_hash:
-        return f"retained update {e.update_id} differs from the one recorded (content hash)"
+        return None, f"retained update {e.update_id} differs from the one recorded (content hash)"
     if (env.participant, env.base_version) != (e.participant, e.base_version):
-        return f"retained update {e.update_id} names another participant or base version"
+        return None, f"retained update {e.update_id} names another participant or base version"
     problem = _check_identity(env, identity)
     if problem is not None:
-        return f"retained update {e.update_id} ({e.participant}): {problem}"
-    deltas[e.update_id] = env.tensors
-    return None
+        return None, f"retained update {e.update_id} ({e.participant}): {problem}"
+    return env, None
 
 
 def _check_identity(env: UpdateEnvelope, identity: _Identity) -> str | None:
@@ -557,3 +741,368 @@ def _verify(
     if vh != rec.version_hash:
         return "version hash differs from the recorded one (lineage or chain altered)", vh
     return None, vh
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+#: Versions read per round trip by :func:`check_cohorts`.
+_BATCH = 512
+
+
+def masked_specs(expected: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """What a masked update carries: the model's tensor names and shapes, dtype ``i64``
+    (ring elements modulo 2^64, :data:`aggregator.secagg.MASKED_DTYPE`)."""
+    dtype = wire_name(MASKED_DTYPE)
+    assert dtype is not None
+    return {name: TensorSpec(shape=t.shape, dtype=dtype) for name, t in expected.items()}
+
+
+def secure_record(rec: VersionRecord) -> SecureRecord | None:
+    """A version's secure aggregation record (``info["secagg"]``), None if it has none;
+    ReplayError if it is unreadable."""
+    doc = rec.info.get("secagg")
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise ReplayError(f"version {rec.version}'s secure aggregation record is not a map")
+    try:
+        return SecureRecord.from_json(doc)
+    except SecAggError as err:
+        raise ReplayError(f"version {rec.version}: {err}") from err
+
+
+def secure_exclusion_message(version: int, bank: str, cohort: int | None = None) -> str:
+    """Why ``--exclude bank`` cannot rebuild version ``version`` (made by secure aggregation)."""
+    of = "its cohort's" if cohort is None else f"cohort {cohort}'s"
+    return (
+        f"version {version} was made by secure aggregation: the aggregator never saw "
+        f"{bank}'s update on its own, only the sum of {of} masked updates, so the model "
+        f"without {bank} cannot be computed from the masked updates (only {bank}'s own "
+        "records, or retraining without it, could say)"
+    )
+
+
+def refuse_secure_exclusion(records: Sequence[VersionRecord], exclude: str) -> None:
+    """Raise ReplayError when ``exclude`` is a survivor of a version made by secure
+    aggregation among ``records``: its update is in that version only inside a masked
+    sum. (A secure version ``exclude`` had no update in is rebuilt as it was made: the
+    same unmasked sum applied to the counterfactual parent.)"""
+    for rec in records:
+        if "secagg" not in rec.info:
+            continue
+        cohort: int | None = None
+        named = {e.participant for e in rec.lineage}
+        try:
+            record = secure_record(rec)
+        except ReplayError:
+            record = None
+        if record is not None:
+            cohort = record.decision.cohort
+            named |= set(record.decision.survivors)
+        if exclude in named:
+            raise ReplayError(secure_exclusion_message(rec.version, exclude, cohort))
+
+
+def _is_secure(rec: VersionRecord, spec: TaskSpec) -> bool:
+    """Whether a version is (or, by its spec, must be) made by secure aggregation."""
+    return "secagg" in rec.info or spec.secure_aggregation is not None
+
+
+async def check_cohorts(
+    store: RedisModelStore,
+    task: str,
+    answers: Mapping[str, Sequence[bytes]],
+    identities: Identities,
+    records: Sequence[VersionRecord],
+    report: ReplayReport,
+) -> None:
+    """No individual update was ever unmasked: check every secure aggregation cohort of
+    the audit stream and record what breaks the rules in ``report``.
+
+    Every retained unmask answer of the task counts, used by a version or not (whoever
+    read the stream got its shares), if its signature verifies under its bank's key in
+    the spec of the cohort's version (an answer that does not verify is not that bank's
+    word, and is ignored here). Per cohort:
+
+    - no bank is both revealed as a survivor (a share of its self seed: a key of some
+      answer's ``b``) and revealed as dropped (a share of a pair seed with it: a key
+      inside some answer's ``s``): ``individually_unmasked`` gets ``"cohort c: bank"``.
+      Strict: even one share of each kind counts; an honest bank never gives one;
+    - the cohort's recorded decision (the version it made, when one records it) has at
+      least ``secure_aggregation.resolved_min_cohort(n)`` survivors, and only its
+      survivors answered: ``cohort_problems`` otherwise.
+
+    The decisions come from the versions in ``records`` and those the answers' cohorts
+    made (cohort ``c`` makes version ``c + 1``).
+    """
+    head = await store.head(task)
+    decoded = _verified_answers(answers, task, identities)
+    by_version = {r.version: r for r in records}
+    wanted = sorted(
+        {a.cohort + 1 for a in decoded if head is not None and a.cohort + 1 <= head}
+        - set(by_version)
+    )
+    for at in range(0, len(wanted), _BATCH):
+        for r in await store.get_versions(task, wanted[at : at + _BATCH]):
+            by_version[r.version] = r
+    problems: dict[str, None] = {}
+    survivors: dict[int, tuple[str, ...]] = {}
+    for version, rec in sorted(by_version.items()):
+        try:
+            record = secure_record(rec)
+        except ReplayError:
+            continue  # the version's own replay names it
+        if record is None:
+            continue
+        d = record.decision
+        survivors[d.cohort] = d.survivors
+        spec = identities.spec(version)
+        sa = spec.secure_aggregation
+        least = sa.resolved_min_cohort(len(spec.participants)) if sa is not None else 0
+        if len(d.survivors) < least:
+            problems[
+                f"cohort {d.cohort}: {len(d.survivors)} survivors made version {version}, "
+                f"below the minimum cohort {least}"
+            ] = None
+    as_survivor: dict[int, set[str]] = {}
+    as_dropped: dict[int, set[str]] = {}
+    for a in decoded:
+        as_survivor.setdefault(a.cohort, set()).update(a.b)
+        as_dropped.setdefault(a.cohort, set()).update(j for m in a.s.values() for j in m)
+        named = survivors.get(a.cohort)
+        if named is not None and a.participant not in named:
+            problems[
+                f"cohort {a.cohort}: {a.participant} answered, but the recorded decision "
+                "names it no survivor"
+            ] = None
+    for c in sorted(as_survivor):
+        for bank in sorted(as_survivor[c] & as_dropped[c]):
+            report.individually_unmasked.append(f"cohort {c}: {bank}")
+    report.cohort_problems.extend(problems)
+    report.cohorts_checked = len(set(as_survivor) | set(survivors))
+
+
+def _verified_answers(
+    answers: Mapping[str, Sequence[bytes]], task: str, identities: Identities
+) -> list[UnmaskAnswer]:
+    """The retained answers of ``task`` signed by their bank (under its key in the spec
+    of the version their cohort makes), whatever else they say."""
+    out: list[UnmaskAnswer] = []
+    for bodies in answers.values():
+        for body in bodies:
+            try:
+                a = decode_unmask_answer(body)
+            except DecodeError:
+                continue
+            key = identities.at(a.cohort + 1).keys.get(a.participant)
+            if (
+                a.task == task
+                and key is not None
+                and a.signature is not None
+                and key.verify(a.signature, a.signing_message())
+            ):
+                out.append(a)
+    return out
+
+
+def _recompute_secure(
+    rec: VersionRecord,
+    spec: TaskSpec,
+    identity: _Identity,
+    parent: Tensors,
+    parent_private: VersionPrivacy | None,
+    updates: Mapping[str, bytes],
+    answers: Mapping[str, Sequence[bytes]],
+    expected: Mapping[str, TensorSpec],
+) -> tuple[Tensors, VersionPrivacy | None, str | None, int]:
+    """A version made by secure aggregation, recomputed from its survivors' retained
+    masked updates and the retained answers its record names, as the service did
+    (:func:`aggregator.secagg.secure_params` from ``parent``, with the recorded seed's
+    noise when the version has a bank-level DP record, whose noise is then recomputed
+    from the lineage and checked, :func:`aggregator.privacy.secure_record`); returns the
+    parameters, the privacy record, the problem found (None if none) and how many
+    answer signatures verified."""
+    try:
+        private = _privacy_of(rec)
+        record = _secure_inputs(rec, spec)
+    except ReplayError as err:
+        return parent, None, str(err), 0
+    assert spec.secure_aggregation is not None
+    d = record.decision
+    cohort = Cohort.of(spec, d.cohort)
+    problem = _check_secure_record(rec, record, cohort, spec.secure_aggregation.fraction_bits)
+    if problem is None:
+        problem = _check_privacy_settings(rec, spec)
+    masked: dict[str, Tensors] = {}
+    if problem is None:
+        masked, problem = _retained_masked(rec, record, updates, expected, identity)
+    chosen: list[UnmaskAnswer] = []
+    if problem is None:
+        chosen, problem = _retained_answers(record, rec.task, answers, identity)
+    if problem is not None:
+        return parent, private, problem, 0
+    try:
+        params, scale, digest = secure_params(
+            spec, parent, cohort, masked, record.weights, chosen, d.dropped, private
+        )
+    except SecAggError as err:
+        problem = f"cohort {d.cohort}'s masked updates and answers do not unmask: {err}"
+        return parent, private, problem, 0
+    if digest != record.sum_hash:
+        problem = f"cohort {d.cohort}'s unmasked sum differs from the recorded sum hash"
+    elif scale != record.scale:
+        problem = f"recomputed scale {scale!r} is not the recorded {record.scale!r}"
+    elif private is not None:
+        again = privacy.secure_record(
+            privacy.settings_of(private), private.clip, rec.lineage, private.seed, parent_private
+        )
+        problem = privacy.check_version(private, again, parent_private)
+    return params, private, problem, len(chosen) if problem is None else 0
+
+
+def _secure_inputs(rec: VersionRecord, spec: TaskSpec) -> SecureRecord:
+    """A secure version's record, which its spec must call for (ReplayError if not)."""
+    if spec.secure_aggregation is None:
+        raise ReplayError("made by secure aggregation, though its spec does not use it")
+    record = secure_record(rec)
+    if record is None:
+        raise ReplayError("made without secure aggregation, though the task's spec requires it")
+    return record
+
+
+def _retained_masked(
+    rec: VersionRecord,
+    record: SecureRecord,
+    updates: Mapping[str, bytes],
+    expected: Mapping[str, TensorSpec],
+    identity: _Identity,
+) -> tuple[dict[str, Tensors], str | None]:
+    """The survivors' retained masked updates (survivor -> tensors), each checked
+    against its lineage entry, its identity and the version's record; or the problem."""
+    masked: dict[str, Tensors] = {}
+    for e in rec.lineage:
+        env, problem = _retained(updates.get(e.update_id), e, expected, identity)
+        if env is None:
+            return masked, problem
+        problem = _check_block(env, record)
+        if problem is not None:
+            return masked, f"retained update {e.update_id} ({e.participant}): {problem}"
+        masked[e.participant] = env.tensors
+    return masked, None
+
+
+def _check_secure_record(
+    rec: VersionRecord, record: SecureRecord, cohort: Cohort, fraction_bits: int
+) -> str | None:
+    """A secure version's record against its spec and lineage."""
+    d = record.decision
+    if d.cohort + 1 != rec.version:
+        return f"records cohort {d.cohort}, whose sum makes version {d.cohort + 1}"
+    if sorted(d.survivors + d.dropped) != list(cohort.members) or list(d.survivors) != sorted(
+        d.survivors
+    ):
+        return f"cohort {d.cohort}'s decision does not split the task's participants"
+    if [e.participant for e in rec.lineage] != list(d.survivors):
+        return f"the lineage does not list cohort {d.cohort}'s survivors in name order"
+    if record.threshold != cohort.threshold:
+        return f"records threshold {record.threshold}, the spec gives {cohort.threshold}"
+    if record.fraction_bits != fraction_bits:
+        return f"records {record.fraction_bits} fraction bits, the spec gives {fraction_bits}"
+    if sorted(record.weights) != list(d.survivors):
+        return f"records weights for other banks than cohort {d.cohort}'s survivors"
+    for e in rec.lineage:
+        if e.weight != record.scale * record.weights[e.participant]:
+            return f"the lineage weight of {e.participant} is not the scale times its weight"
+    named = [p for p, _ in record.answers]
+    if len(set(named)) != len(named) or not set(named) <= set(d.survivors):
+        return f"records answers of cohort {d.cohort} from other banks than its survivors"
+    return None
+
+
+def _check_block(env: UpdateEnvelope, record: SecureRecord) -> str | None:
+    """A retained masked update's ``sa`` block against the version's record."""
+    block = env.secagg
+    if block is None:
+        return "not masked, though the version was made by secure aggregation"
+    if block.cohort != record.decision.cohort:
+        return f"masked for cohort {block.cohort}, not {record.decision.cohort}"
+    if block.weight != record.weights[env.participant]:
+        return f"masked with weight {block.weight!r}, recorded {record.weights[env.participant]!r}"
+    return None
+
+
+def _retained_answers(
+    record: SecureRecord,
+    task: str,
+    answers: Mapping[str, Sequence[bytes]],
+    identity: _Identity,
+) -> tuple[list[UnmaskAnswer], str | None]:
+    """The answers a secure version's record names, in its order, each decoded and
+    checked (its bank, cohort, spec hash and signature); or the problem."""
+    chosen: list[UnmaskAnswer] = []
+    for participant, aid in record.answers:
+        bodies = answers.get(aid, ())
+        if not bodies:
+            return [], f"unmask answer {aid} ({participant}) is not in the audit stream"
+        found: list[UnmaskAnswer] = []
+        why = ""
+        for body in bodies:
+            try:
+                a = decode_unmask_answer(body)
+            except DecodeError as err:
+                why = f"does not decode ({err.reason}: {err.detail})"
+                continue
+            if (a.task, a.participant, a.cohort) != (task, participant, record.decision.cohort):
+                why = "names another task, bank or cohort than the version records"
+                continue
+            problem = _check_answer_identity(a, identity) or _answer_shape(a, record)
+            if problem is not None:
+                why = problem
+                continue
+            found.append(a)
+        if not found:
+            return [], f"retained unmask answer {aid} ({participant}): {why}"
+        if len({(a.x, _shares_key(a)) for a in found}) > 1:
+            return [], (
+                f"retained unmask answer {aid} ({participant}) appears with different shares "
+                "for the same question"
+            )
+        chosen.append(found[0])
+    return chosen, None
+
+
+def _answer_shape(a: UnmaskAnswer, record: SecureRecord) -> str | None:
+    """Whether an answer answers the version's decision: shares of exactly the
+    survivors' seeds, pair shares exactly with the dropped banks. (Under one id a bank
+    may have answered another question too; :func:`check_cohorts` judges that one.)"""
+    d = record.decision
+    survivors, dropped = list(d.survivors), list(d.dropped)
+    if sorted(a.b) != survivors or sorted(a.s) != survivors:
+        return f"its shares do not name exactly cohort {d.cohort}'s survivors"
+    if any(sorted(m) != dropped for m in a.s.values()):
+        return f"its pair shares do not name exactly cohort {d.cohort}'s dropped banks"
+    return None
+
+
+def _shares_key(a: UnmaskAnswer) -> tuple[object, ...]:
+    return (
+        tuple(sorted(a.b.items())),
+        tuple(sorted((k, tuple(sorted(m.items()))) for k, m in a.s.items())),
+    )
+
+
+def _check_answer_identity(a: UnmaskAnswer, identity: _Identity) -> str | None:
+    """An answer's spec hash and signature, under the spec of its version."""
+    if a.spec_hash != identity.spec_hash:
+        return (
+            f"prepared under spec {a.spec_hash.hex()[:16]}, the version was made under "
+            f"{identity.spec_hash.hex()[:16]}"
+        )
+    key = identity.keys.get(a.participant)
+    if key is None:
+        return "the spec names no key for its bank"
+    if a.signature is None:
+        return "unsigned"
+    if not key.verify(a.signature, a.signing_message()):
+        return f"signature does not verify under {a.participant}'s key {key.fingerprint}"
+    return None

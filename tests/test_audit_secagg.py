@@ -1,0 +1,538 @@
+"""Audit of secure aggregation: replay recomputes each secure version from the masked
+updates and the unmask answers of the audit stream, bit for bit; it finds a bank whose
+update the answers could unmask on its own; a counterfactual without a survivor is
+refused, in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import pytest
+import torch
+from click.testing import CliRunner
+
+import aggregator.store
+from aggregator.audit.replay import ReplayError, index_answers, index_updates, replay
+from aggregator.privacy import BankAggregation
+from aggregator.secagg import OpenCohort, SecureRecord, secure_step
+from aggregator.store import RedisModelStore
+from aggregator.strategies.base import AcceptedUpdate
+from common.agreement import AgreementKey
+from common.models import build_task_model, model_tensors
+from common.secagg import Cohort, agreement_keys, element_bytes, reveal
+from common.spec import (
+    BankPrivacy,
+    NumericFeature,
+    PrivacySpec,
+    SecureAggregationSpec,
+    SyncSettings,
+    TargetSpec,
+    TaskSpec,
+)
+from common.transport.amqp import AmqpTransport
+from common.wire import (
+    MaskedBlock,
+    Tensors,
+    UnmaskAnswer,
+    UnmaskRequest,
+    UpdateEnvelope,
+    decode_unmask_answer,
+    encode_unmask_answer,
+    encode_unmask_request,
+    encode_update,
+    peek_kind,
+)
+from fedq.cli import main
+from participant.secagg import Masker, Revealer
+from tests.helpers import party_key, secagg_identity
+
+AGGREGATOR = "fedq-aggregator"
+
+
+def secagg_spec(n: int = 10, **sa: object) -> TaskSpec:
+    """A sync task of ``n`` banks with secure aggregation (``sa``: its settings)."""
+    names = tuple(f"bank-{i:02d}" for i in range(n))
+    return TaskSpec(
+        task_id=f"sa{uuid.uuid4().hex[:10]}",
+        features=tuple(NumericFeature(name=f"x{i}") for i in range(24)),
+        target=TargetSpec(name="y"),
+        participants=names,
+        mode="sync",
+        sync=SyncSettings(min_updates=2),
+        identity=secagg_identity(names, AGGREGATOR),
+        secure_aggregation=SecureAggregationSpec.model_validate(sa),
+    )
+
+
+@dataclass
+class Chain:
+    """Secure versions committed to a store, and the audit stream that made them."""
+
+    spec: TaskSpec
+    store: RedisModelStore
+    #: The audit stream: every masked update and every unmask answer, in order.
+    bodies: list[bytes] = field(default_factory=list)
+    #: Per cohort: its open cohort (blocks of the banks that sent an update).
+    cohorts: dict[int, OpenCohort] = field(default_factory=dict)
+    #: Per cohort: every bank's block (also of those that dropped after masking).
+    blocks: dict[int, dict[str, MaskedBlock]] = field(default_factory=dict)
+    revealers: dict[str, Revealer] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.spec.task_id
+
+    async def replay(self, bodies: list[bytes] | None = None, **kw: Any) -> Any:
+        stream = self.bodies if bodies is None else bodies
+        return await replay(
+            self.store, index_updates(stream), self.task, answers=index_answers(stream), **kw
+        )
+
+
+def _deltas(spec: TaskSpec, seed: int) -> dict[str, Tensors]:
+    g = torch.Generator().manual_seed(seed)
+    like = model_tensors(build_task_model(spec))
+    return {
+        p: {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in like.items()}
+        for p in spec.participants
+    }
+
+
+async def _secure_version(
+    chain: Chain,
+    number: int,
+    arrive: list[str],
+    answer: list[str] | None = None,
+    bank: BankAggregation | None = None,
+    lax: bool = False,
+) -> None:
+    """Cohort ``number``: every bank masks, ``arrive`` send their masked update (signed,
+    into the audit stream), the survivors in ``answer`` (default all) answer; the step
+    is committed as version ``number + 1``. ``lax``: the banks answer whatever they
+    are asked (:func:`_answer_anyway`)."""
+    spec, store = chain.spec, chain.store
+    head = (await store.get_params(chain.task, number)).tensors
+    deltas = _deltas(spec, seed=number)
+    samples = {p: 40 + 11 * i for i, p in enumerate(spec.participants)}
+    oc = OpenCohort(spec, number=number, capacity=len(spec.participants))
+    chain.blocks[number] = {}
+    for p in spec.participants:
+        masked, block = Masker(spec, p, party_key(p)).masked(deltas[p], number, number, samples[p])
+        chain.blocks[number][p] = block
+        if p not in arrive:
+            continue  # dropped out after masking and sharing
+        uid = uuid.uuid4().hex
+        body, digest = encode_update(
+            UpdateEnvelope(
+                task=spec.task_id,
+                participant=p,
+                update_id=uid,
+                base_version=number,
+                num_samples=samples[p],
+                tensors=masked,
+                spec_hash=spec.spec_hash(),
+                secagg=block,
+            ),
+            party_key(p),
+        )
+        chain.bodies.append(body)
+        update = AcceptedUpdate(uid, p, number, 0, samples[p], masked, digest)
+        assert oc.refusal(update, block) is None
+        oc.add(update, block, now=0.0)
+    oc.decision = oc.close()
+    for request in oc.requests(created_at=0.0):
+        if answer is not None and request.recipient not in answer:
+            continue
+        revealer = chain.revealers.setdefault(
+            request.recipient,
+            Revealer(spec, request.recipient, party_key(request.recipient), None),
+        )
+        if lax:
+            body = _answer_anyway(spec, request)
+        else:
+            _, _, body = revealer.answer(encode_unmask_request(request, party_key(AGGREGATOR)))
+        chain.bodies.append(body)
+        decoded = decode_unmask_answer(body)
+        oc.answers[decoded.participant] = decoded
+    step, record, noise = secure_step(spec, head, oc, bank)
+    chain.cohorts[number] = oc
+    info: dict[str, Any] = {
+        "strategy": "fedavg",
+        "settings": {"weighted": True},
+        "owner": AGGREGATOR,
+        "fence": 1,
+        "secagg": record.to_json(),
+    }
+    if noise is not None:
+        info["privacy"] = noise.to_json()
+    result = await store.commit(
+        chain.task, parent=number, params=step.params, lineage=step.lineage, info=info
+    )
+    assert result.record is not None
+    if bank is not None and noise is not None:
+        bank.advance(noise)
+
+
+def _answer_anyway(spec: TaskSpec, request: UnmaskRequest) -> bytes:
+    """What a bank that checks nothing answers to ``request`` (its own answer id, signed):
+    the honest Revealer refuses a cohort below the minimum or a second question."""
+    me = request.recipient
+    shares = reveal(
+        Cohort.of(spec, request.cohort),
+        me,
+        AgreementKey.from_signing_key(party_key(me)),
+        agreement_keys(spec),
+        request.ciphertexts,
+        request.dropped,
+    )
+    answer = UnmaskAnswer(
+        task=spec.task_id,
+        participant=me,
+        answer_id=Revealer(spec, me, party_key(me), None).answer_id(request.cohort),
+        cohort=request.cohort,
+        spec_hash=spec.spec_hash(),
+        x=shares.x,
+        b={k: element_bytes(v) for k, v in shares.b.items()},
+        s={k: {j: element_bytes(v) for j, v in m.items()} for k, m in shares.s.items()},
+        created_at=0.0,
+    )
+    return encode_unmask_answer(answer, party_key(me))
+
+
+async def _chain(server: fakeredis.FakeServer | None = None) -> Chain:
+    """Three secure versions of ten banks: all send; three drop (04, 05, 06); two drop
+    (05, 09) and only six of the eight survivors answer (the threshold)."""
+    spec = secagg_spec(10)
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=server or fakeredis.FakeServer()))
+    await store.register_task(spec)
+    await store.create_genesis(
+        spec.task_id, model_tensors(build_task_model(spec)), info={"strategy": "genesis"}
+    )
+    chain = Chain(spec, store)
+    names = list(spec.participants)
+    await _secure_version(chain, 0, names)
+    await _secure_version(chain, 1, [p for p in names if p not in names[4:7]])
+    stayed = [p for p in names if p not in ("bank-05", "bank-09")]
+    await _secure_version(chain, 2, stayed, answer=stayed[2:])
+    return chain
+
+
+@pytest.fixture
+async def chain() -> AsyncIterator[Chain]:
+    built = await _chain()
+    yield built
+    await built.store.close()
+
+
+async def test_replay_verifies_every_secure_version_bit_for_bit(chain: Chain) -> None:
+    # Answers are indexed apart from updates, never as updates.
+    kinds = [peek_kind(b) for b in chain.bodies]
+    assert kinds.count("ua") == 10 + 7 + 6
+    updates, answers = index_updates(chain.bodies), index_answers(chain.bodies)
+    assert len(updates) == 10 + 7 + 8
+    assert all(peek_kind(b) == "u" for b in updates.values())
+    assert len(answers) == 10 + 7 + 6
+    report = await chain.replay()
+    assert report.ok, report.reason
+    assert report.checked == report.secure_versions == 3
+    assert report.signatures == 25  # every masked update's signature
+    assert report.answer_signatures == 23  # every answer used
+    assert report.cohorts_checked == 3
+    assert report.individually_unmasked == [] and report.cohort_problems == []
+    assert report.note == ""
+    head = await chain.store.get_version(chain.task, 3)
+    assert report.param_hash == head.param_hash
+    # The record of the version with three dropped: survivors, dropped, answers used.
+    v2 = await chain.store.get_version(chain.task, 2)
+    record = SecureRecord.from_json(v2.info["secagg"])
+    assert record.decision.dropped == ("bank-04", "bank-05", "bank-06")
+    assert [e.participant for e in v2.lineage] == list(record.decision.survivors)
+    assert all(e.weight == record.scale * record.weights[e.participant] for e in v2.lineage)
+    # A window replays too.
+    part = await chain.replay(from_version=1, to_version=2)
+    assert part.ok and part.checked == 1, part.reason
+    # Without the answers, the version cannot be recomputed: named like a missing update.
+    bare = await replay(chain.store, index_updates(chain.bodies), chain.task)
+    assert bare.first_bad_version == 1
+    assert "is not in the audit stream" in bare.reason and "unmask answer" in bare.reason
+    # A missing masked update is named too.
+    victim = v2.lineage[3]
+    without = [b for b in chain.bodies if b != updates[victim.update_id]]
+    gone = await chain.replay(without)
+    assert gone.first_bad_version == 2
+    assert f"update {victim.update_id} ({victim.participant}) is not in the audit stream" in (
+        gone.reason
+    )
+
+
+def _tampered(body: bytes, victim: str) -> bytes:
+    """The answer with its share of ``victim``'s self seed changed, re-signed by its bank."""
+    a = decode_unmask_answer(body)
+    share = a.b[victim]
+    changed = dataclasses.replace(a, b={**a.b, victim: bytes([share[0] ^ 1]) + share[1:]})
+    return encode_unmask_answer(changed, party_key(a.participant))
+
+
+@pytest.mark.parametrize("number", [1, 2], ids=["more-than-t-answers", "exactly-t-answers"])
+async def test_a_tampered_answer_resigned_by_its_bank_fails_the_version(
+    chain: Chain, number: int
+) -> None:
+    oc = chain.cohorts[number]
+    assert oc.decision is not None
+    liar = sorted(oc.answers)[1]
+    original = next(
+        b
+        for b in chain.bodies
+        if peek_kind(b) == "ua" and decode_unmask_answer(b).answer_id == oc.answers[liar].answer_id
+    )
+    forged = _tampered(original, oc.decision.survivors[0])
+    bodies = [forged if b == original else b for b in chain.bodies]
+    report = await chain.replay(bodies)
+    assert not report.ok
+    assert report.first_bad_version == number + 1
+    assert "unmask" in report.reason or "sum hash" in report.reason, report.reason
+    assert report.checked == number
+    # Not signed by the bank: named as such.
+    unsigned = dataclasses.replace(decode_unmask_answer(forged), signature=None)
+    bodies = [encode_unmask_answer(unsigned) if b == original else b for b in chain.bodies]
+    report = await chain.replay(bodies)
+    assert report.first_bad_version == number + 1
+    assert f"({liar}): unsigned" in report.reason
+
+
+async def test_an_answer_revealing_a_survivors_pair_seeds_is_reported(chain: Chain) -> None:
+    # Cohort 1 had 04, 05, 06 dropped. A second question to bank-00 names bank-07 dropped
+    # too, though it survived: a bank that answers it (the honest Revealer refuses)
+    # gives its shares of bank-07's pair seeds, while its first answer and the others
+    # gave shares of bank-07's self seed: bank-07's update could be unmasked.
+    spec = chain.spec
+    oc = chain.cohorts[1]
+    assert oc.decision is not None
+    survivors = tuple(p for p in oc.decision.survivors if p != "bank-07")
+    dropped = tuple(sorted((*oc.decision.dropped, "bank-07")))
+    me = "bank-00"
+    request = UnmaskRequest(
+        spec.task_id,
+        me,
+        1,
+        survivors,
+        dropped,
+        {s: chain.blocks[1][s].shares[me] for s in survivors},
+        0.0,
+    )
+    extra = _answer_anyway(spec, request)
+    aid = decode_unmask_answer(extra).answer_id
+    assert aid == oc.answers[me].answer_id  # the same id as its first answer
+    bodies = [*chain.bodies, extra]
+    assert len(index_answers(bodies)[aid]) == 2
+    report = await chain.replay(bodies)
+    # Every version is still recomputed bit for bit (the answer the version used is the
+    # one that answers its decision), but the promise was broken.
+    assert report.first_bad_version is None and report.checked == 3, report.reason
+    assert report.individually_unmasked == ["cohort 1: bank-07"]
+    assert not report.ok
+    assert "cohort 1: bank-07" in report.note and "unmasked" in report.note
+
+
+async def test_a_cohort_below_its_minimum_and_an_answer_from_a_non_survivor() -> None:
+    spec = secagg_spec(4, threshold=2, min_cohort=3)
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    await store.register_task(spec)
+    await store.create_genesis(
+        spec.task_id, model_tensors(build_task_model(spec)), info={"strategy": "genesis"}
+    )
+    chain = Chain(spec, store)
+    # two survivors: the service and honest banks would refuse
+    await _secure_version(chain, 0, ["bank-00", "bank-01"], lax=True)
+    report = await chain.replay()
+    assert report.first_bad_version is None and report.checked == 1, report.reason
+    assert report.cohort_problems == [
+        "cohort 0: 2 survivors made version 1, below the minimum cohort 3"
+    ]
+    assert not report.ok
+    # A dropped bank answers a question that names it a survivor (its own block's
+    # shares): it is no survivor of the recorded decision; and its self seed, revealed
+    # beside its pair seeds, would unmask its (withheld) update.
+    me = "bank-02"
+    named = ("bank-00", "bank-01", me)
+    request = UnmaskRequest(
+        spec.task_id,
+        me,
+        0,
+        named,
+        ("bank-03",),
+        {s: chain.blocks[0][s].shares[me] for s in named},
+        0.0,
+    )
+    extra = _answer_anyway(spec, request)
+    report = await chain.replay([*chain.bodies, extra])
+    assert (
+        "cohort 0: bank-02 answered, but the recorded decision names it no survivor"
+        in report.cohort_problems
+    )
+    assert report.individually_unmasked == ["cohort 0: bank-02"]
+    await store.close()
+
+
+async def test_secure_versions_with_bank_level_dp_replay_with_their_recorded_noise() -> None:
+    settings = BankPrivacy(clip=0.5, noise_multiplier=0.8)
+    spec = secagg_spec(6).model_copy(update={"privacy": PrivacySpec(bank=settings)})
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    store = RedisModelStore(client)
+    await store.register_task(spec)
+    await store.create_genesis(
+        spec.task_id, model_tensors(build_task_model(spec)), info={"strategy": "genesis"}
+    )
+    chain = Chain(spec, store)
+    bank = BankAggregation(settings)
+    names = list(spec.participants)
+    await _secure_version(chain, 0, names, bank=bank)
+    await _secure_version(chain, 1, names[:4], bank=bank)
+    report = await chain.replay()
+    assert report.ok, report.reason
+    assert report.secure_versions == report.private_versions == 2
+    # Another seed is another noise: the version no longer matches.
+    key = store.keys.meta(spec.task_id, 2)
+    original = await client.get(key)
+    meta = json.loads(original or b"{}")
+    meta["info"]["privacy"]["seed"] += 1
+    await client.set(key, json.dumps(meta))
+    bad = await chain.replay()
+    assert bad.first_bad_version == 2
+    assert "replayed parameters differ" in bad.reason
+    # A recorded noise std that the lineage does not give is named.
+    meta["info"]["privacy"]["seed"] -= 1
+    meta["info"]["privacy"]["noise_std"] *= 0.5
+    await client.set(key, json.dumps(meta))
+    bad = await chain.replay()
+    assert bad.first_bad_version == 2 and "noise std" in bad.reason, bad.reason
+    await client.set(key, original or b"")
+    assert (await chain.replay()).ok
+    await store.close()
+
+
+async def test_exclude_refuses_a_survivor_and_rebuilds_around_a_bank_that_dropped(
+    chain: Chain,
+) -> None:
+    with pytest.raises(ReplayError) as err:
+        await chain.replay(exclude="bank-01")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("version 1 was made by secure aggregation")
+    assert "never saw bank-01's update on its own" in message
+    assert "cannot be computed from the masked updates" in message
+    assert "only bank-01's own records, or retraining without it, could say" in message
+    # bank-05 dropped out of cohorts 1 and 2: from version 1 on, the chain without it is
+    # the chain itself (the same unmasked sums on the same parents).
+    report = await chain.replay(from_version=1, exclude="bank-05")
+    assert report.ok and report.checked == 2 and report.left_out == 0, report.reason
+    assert report.param_hash == (await chain.store.get_version(chain.task, 3)).param_hash
+    with pytest.raises(ReplayError, match="version 3 was made by secure aggregation"):
+        await chain.replay(from_version=2, exclude="bank-00")
+
+
+class _Stream:
+    """A stand-in for the broker: ``fedq replay`` reads the audit stream from it."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = bodies
+
+    async def read_audit(self, task: str) -> AsyncIterator[bytes]:
+        for body in self.bodies:
+            yield body
+
+    async def close(self) -> None: ...
+
+
+def test_cli_replay_json_and_audit_show_give_the_secure_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = fakeredis.FakeServer()
+
+    async def build() -> Chain:
+        built = await _chain(server)
+        await built.store.close()
+        return built
+
+    chain = asyncio.run(build())
+    stream = _Stream(chain.bodies)
+
+    async def connect(url: str, **kw: Any) -> _Stream:
+        return stream
+
+    monkeypatch.setattr(
+        aggregator.store, "connect_redis", lambda _: fakeredis.FakeAsyncRedis(server=server)
+    )
+    monkeypatch.setattr(AmqpTransport, "connect", connect)
+    urls = ["--amqp-url", "amqp://x/", "--redis-url", "redis://x"]
+    result = CliRunner().invoke(main, ["replay", "--task", chain.task, "--json", *urls])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout[result.stdout.index("{") :])
+    assert doc["ok"] is True
+    assert doc["secure_versions"] == 3 and doc["cohorts_checked"] == 3
+    assert doc["answer_signatures"] == 23
+    assert doc["individually_unmasked"] == [] and doc["cohort_problems"] == []
+    text = CliRunner().invoke(main, ["replay", "--task", chain.task, *urls])
+    assert text.exit_code == 0, text.output
+    assert "3 by secure aggregation (23 unmask answers verified" in " ".join(text.output.split())
+
+    # The stream with an answer that unmasks a bank: exit 1, and the bank named.
+    oc = chain.cohorts[1]
+    assert oc.decision is not None
+    survivors = tuple(p for p in oc.decision.survivors if p != "bank-07")
+    dropped = tuple(sorted((*oc.decision.dropped, "bank-07")))
+    request = UnmaskRequest(
+        chain.task,
+        "bank-00",
+        1,
+        survivors,
+        dropped,
+        {s: chain.blocks[1][s].shares["bank-00"] for s in survivors},
+        0.0,
+    )
+    extra = _answer_anyway(chain.spec, request)
+    stream.bodies = [*chain.bodies, extra]
+    bad = CliRunner().invoke(main, ["replay", "--task", chain.task, "--json", *urls])
+    assert bad.exit_code == 1, bad.output
+    doc = json.loads(bad.stdout[bad.stdout.index("{") :])
+    assert doc["ok"] is False and doc["first_bad_version"] is None
+    assert doc["individually_unmasked"] == ["cohort 1: bank-07"]
+    assert "cohort 1: bank-07" in doc["note"]
+    text = CliRunner().invoke(main, ["replay", "--task", chain.task, *urls])
+    assert text.exit_code == 1
+    assert "individually unmasked: cohort 1: bank-07" in " ".join(text.output.split())
+    stream.bodies = chain.bodies
+
+    # --exclude a survivor: one line, exit status 2, no traceback.
+    refused = CliRunner().invoke(
+        main, ["replay", "--task", chain.task, "--exclude", "bank-03", *urls]
+    )
+    assert refused.exit_code == 2
+    assert "Traceback" not in refused.output
+    line = " ".join(refused.stderr.split())
+    assert line.startswith("error: version 1 was made by secure aggregation")
+    assert "the model without bank-03 cannot be computed from the masked updates" in line
+
+    # audit show: cohort, survivors, dropped, answers used, sum hash.
+    args = ["audit", "show", "--task", chain.task, "--version", "2", "--redis-url", "redis://x"]
+    shown = CliRunner().invoke(main, [*args, "--json"])
+    assert shown.exit_code == 0, shown.output
+    sa = json.loads(shown.output)["secagg"]
+    assert sa["cohort"] == 1
+    assert sa["dropped"] == ["bank-04", "bank-05", "bank-06"]
+    assert len(sa["survivors"]) == 7 and len(sa["answers"]) == 7
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 0, shown.output
+    out = " ".join(shown.output.split())
+    assert "secure aggregation: cohort 1" in out
+    assert "dropped (3) bank-04, bank-05, bank-06" in out
+    assert "survivors (7) bank-00, bank-01, bank-02, bank-03, bank-07, bank-08, bank-09" in out
+    assert f"answers used (7) bank-00 ({oc.answers['bank-00'].answer_id})" in out
+    assert f"sum hash {sa['sum_hash']}" in out
