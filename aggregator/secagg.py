@@ -13,6 +13,7 @@ with ``t`` answers, computes the next version from the sum alone
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from common.secagg import (
     UnmaskShares,
     dequantize,
     element_of,
+    norm_bound,
     quantization_bound,
     unflatten,
     unmasked_sum,
@@ -247,6 +249,10 @@ class OpenCohort:
             return "its shares do not name exactly the survivors"
         if any(sorted(m) != list(d.dropped) for m in answer.s.values()):
             return "its pair shares do not name exactly the dropped members"
+        try:
+            shares_of(answer)
+        except SecAggError as e:
+            return str(e)
         return None
 
     @property
@@ -311,13 +317,25 @@ def secure_params(
         cohort, {n: ring_of(masked[n]) for n in survivors}, [shares_of(a) for a in answers], dropped
     )
     w = [weights[n] for n in survivors]
+    signed = total.view(np.int64)
     limit = sum(w) * sa.clip * 2.0**sa.fraction_bits + len(survivors)
-    largest = float(np.abs(total.view(np.int64)).max()) if total.size else 0.0
-    if largest > limit or np.any(total.view(np.int64) == np.iinfo(np.int64).min):
+    largest = float(np.abs(signed).max()) if total.size else 0.0
+    if largest > limit or np.any(signed == np.iinfo(np.int64).min):
         raise SecAggError(
             f"the unmasked sum reaches {largest:.4g}, beyond the {limit:.4g} clipped inputs "
             "can give: a bank masked values outside the clip or sent a wrong share"
         )
+    bound = norm_bound(spec)
+    if bound is not None:  # and its L2 norm within what bounded inputs can give
+        length = float(np.linalg.norm(signed.astype(np.float64)))
+        most = (sum(w) * bound * 2.0**sa.fraction_bits + len(survivors) * math.sqrt(total.size)) * (
+            1 + 1e-9
+        )
+        if length > most:
+            raise SecAggError(
+                f"the unmasked sum has L2 norm {length:.4g}, beyond the {most:.4g} inputs "
+                "within the norm bound can give: a bank masked an update over the bound"
+            )
     scale = scale_of(spec, w)
     values = unflatten(dequantize(total, sa.fraction_bits), head)
     noise: Tensors = {}

@@ -20,3 +20,8 @@ def is_name(value: object) -> bool:
 def is_update_id(value: object) -> bool:
     """Whether ``value`` is a valid update id."""
     return isinstance(value, str) and UPDATE_ID_RE.fullmatch(value) is not None
+
+
+#: The most members a secure aggregation cohort may have: every masked update carries
+#: encrypted shares for each of them (docs/wire-format.md section 16).
+MAX_COHORT: Final = 256

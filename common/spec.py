@@ -21,7 +21,7 @@ from pydantic import (
 
 from common.agreement import AGREEMENT_PREFIX, AgreementPublicKey
 from common.errors import SpecError
-from common.ids import NAME_RE
+from common.ids import MAX_COHORT, NAME_RE
 from common.signing import KEY_PATTERN, PublicKey
 
 Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$")]
@@ -519,6 +519,11 @@ class TaskSpec(_Spec):
             raise ValueError(
                 f"secure_aggregation.min_cohort {secagg.min_cohort} is below the threshold "
                 f"{threshold}: a smaller cohort could not remove a dropped bank's masks"
+            )
+        if n > MAX_COHORT:
+            raise ValueError(
+                f"secure_aggregation takes at most {MAX_COHORT} participants, the spec lists "
+                f"{n} (each masked update carries shares for every member)"
             )
         least = secagg.resolved_min_cohort(n)
         size, what = (

@@ -23,7 +23,7 @@ from common.codecs import get_codec
 from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES, itemsize, wire_name
 from common.errors import DecodeError, EncodeError, NonFiniteError
 from common.hashing import HASH_SIZE, TensorHasher
-from common.ids import is_name, is_update_id
+from common.ids import MAX_COHORT, is_name, is_update_id
 from common.refusals import Refusal
 from common.signing import (
     MAX_ANCESTORS,
@@ -46,8 +46,6 @@ KIND_MODEL: Final = "m"
 #: the survivor's answer.
 KIND_UNMASK_REQUEST: Final = "ur"
 KIND_UNMASK_ANSWER: Final = "ua"
-#: A cohort has at most this many members (maps of shares are bounded by it).
-MAX_COHORT: Final = 256
 
 #: An ordered mapping of tensor name to tensor, like a module's state_dict.
 Tensors = dict[str, torch.Tensor]

@@ -210,6 +210,8 @@ ORDER = [
     "too_stale",
     "duplicate",
     "base_unavailable",
+    "not_masked",
+    "cohort_closed",
     "invalid_update",
     "non_finite_result",
     "delivery_limit",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aggregator import aggregate
-from aggregator.secagg import OpenCohort, secure_step
+from aggregator.secagg import OpenCohort, secure_params, secure_step
 from aggregator.strategies.base import AcceptedUpdate
 from common.agreement import AgreementKey
 from common.errors import SecAggError
@@ -21,6 +21,7 @@ from common.secagg import (
     agreement_keys,
     combine,
     dequantize,
+    element_bytes,
     mask,
     quantization_bound,
     quantize,
@@ -32,6 +33,7 @@ from common.signing import PublicKey
 from common.spec import NumericFeature, SecureAggregationSpec, SyncSettings, TargetSpec, TaskSpec
 from common.wire import (
     MaskedBlock,
+    UnmaskAnswer,
     UnmaskRequest,
     UpdateEnvelope,
     decode_unmask_answer,
@@ -330,3 +332,80 @@ def test_shamir_reconstructs_from_any_t_points() -> None:
     for chosen in ([1, 2, 3], [2, 4, 5], [5, 3, 1]):
         assert combine([(x, points[x][0]) for x in chosen]) == secret
     assert combine([(x, points[x][0]) for x in (1, 2)]) != secret
+
+
+def test_a_sum_beyond_what_bounded_inputs_give_is_refused() -> None:
+    """A bank that skips the norm bound before masking is caught in the sum."""
+    spec = secagg_spec(4, norm_bound=0.05)
+    sa = spec.secure_aggregation
+    assert sa is not None
+    cohort = Cohort.of(spec, 0)
+    keys = agreement_keys(spec)
+    deltas = deltas_for(spec, seed=4)  # norms about 0.25: honest banks scale them to 0.05
+
+    def sum_with(cheat: float) -> None:
+        outs = {}
+        for i, p in enumerate(spec.participants):
+            x = quantize(deltas[p], 1.0, sa, cheat if i == 0 else 0.05)
+            outs[p] = mask(cohort, p, AgreementKey.from_signing_key(party_key(p)), keys, x)
+        answers = []
+        for p in spec.participants[: cohort.threshold]:
+            a = reveal(
+                cohort,
+                p,
+                AgreementKey.from_signing_key(party_key(p)),
+                keys,
+                {s: outs[s].shares[p] for s in spec.participants},
+                (),
+            )
+            answers.append(
+                UnmaskAnswer(
+                    spec.task_id,
+                    p,
+                    f"ua-{p}",
+                    0,
+                    spec.spec_hash(),
+                    a.x,
+                    {k: element_bytes(v) for k, v in a.b.items()},
+                    {k: {j: element_bytes(v) for j, v in m.items()} for k, m in a.s.items()},
+                    0.0,
+                )
+            )
+        masked = {
+            p: {"all": torch.from_numpy(outs[p].masked.view("<i8").copy())}
+            for p in spec.participants
+        }
+        head = {"all": torch.zeros(outs[spec.participants[0]].masked.size)}
+        weights = dict.fromkeys(spec.participants, 1.0)
+        secure_params(spec, head, cohort, masked, weights, answers, ())
+
+    sum_with(0.05)  # every bank within the bound: the sum is taken
+    with pytest.raises(SecAggError, match="L2 norm"):
+        sum_with(100.0)
+
+
+def test_an_answer_with_a_share_outside_the_field_is_refused_alone() -> None:
+    spec = secagg_spec(6)
+    deltas = deltas_for(spec, seed=5)
+    samples = dict.fromkeys(spec.participants, 10)
+    oc, _ = run_cohort(spec, deltas, samples, arrive=list(spec.participants[:5]))
+    name = sorted(oc.answers)[0]
+    bad = oc.answers[name]
+    first = sorted(bad.b)[0]
+    forged = dataclasses.replace(bad, b={**bad.b, first: b"\xff" * 32})
+    why = oc.answer_refusal(forged, spec.spec_hash(), None)
+    assert why is not None and "field element" in why
+
+
+def test_secure_aggregation_takes_at_most_256_participants() -> None:
+    names = tuple(f"b{i:03d}" for i in range(257))
+    with pytest.raises(ValueError, match="at most 256 participants"):
+        TaskSpec(
+            task_id="big",
+            features=(NumericFeature(name="x"),),
+            target=TargetSpec(name="y"),
+            participants=names,
+            mode="sync",
+            identity=secagg_identity(names, AGGREGATOR),
+            secure_aggregation=SecureAggregationSpec(max_weight=1024),
+        )
