@@ -149,9 +149,14 @@ def test_secure_aggregation_needs_a_plain_server_step() -> None:
     _refused("server.kind 'sgd', not 'adam'", server={"kind": "adam"})
 
 
-def test_secure_aggregation_excludes_bank_level_dp() -> None:
-    message = _refused("excludes privacy.bank", privacy={"bank": {"noise_multiplier": 1.0}})
-    assert "cannot see masked updates" in message
+def test_secure_aggregation_takes_bank_level_dp_with_a_fixed_clip_only() -> None:
+    spec = TaskSpec.parse(_doc(privacy={"bank": {"noise_multiplier": 1.0}}))
+    assert spec.privacy.bank is not None and spec.secure_aggregation is not None
+    message = _refused(
+        "cannot adapt privacy.bank's clip",
+        privacy={"bank": {"noise_multiplier": 1.0, "adaptive": True}},
+    )
+    assert "masked updates" in message
 
 
 def test_threshold_and_cohort_must_fit_the_participants() -> None:
