@@ -621,6 +621,13 @@ def participant() -> None:
     help="With DP in the task spec: the file that keeps this bank's privacy spending "
     "across restarts (created if missing; keep it with the bank's data).",
 )
+@file_option(
+    "--secagg-state",
+    envvar="FEDQ_SECAGG_STATE",
+    help="With secure aggregation in the task spec: the file that records the unmask "
+    "questions this bank answered, so that a restart never answers a second one for a "
+    "cohort (created if missing).",
+)
 def participant_run(
     spec_path: Path, amqp_url: str, data: Path, metrics_port: int, **worker: Any
 ) -> None:
@@ -640,6 +647,14 @@ def participant_run(
             f"task {spec.task_id!r} uses differential privacy at the bank: give "
             "--privacy-ledger FILE, so its privacy spending survives restarts"
         )
+    state = worker["secagg_state"]
+    if spec.secure_aggregation is not None and state is None:
+        raise ConfigError(
+            f"task {spec.task_id!r} uses secure aggregation: give --secagg-state FILE, so "
+            "that the unmask questions this bank answered survive restarts"
+        )
+    if state is not None and not state.parent.is_dir():
+        raise ConfigError(f"--secagg-state {state}: its directory does not exist")
     config = ParticipantRunConfig(spec, amqp_url, data, WorkerConfig(**worker), metrics_port)
     asyncio.run(run_participant(config))
 

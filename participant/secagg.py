@@ -13,8 +13,11 @@ again). No row and no unmasked value leaves the bank.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -86,7 +89,12 @@ class Masker:
 
 
 class Revealer:
-    """Answers unmask requests, once per cohort."""
+    """Answers unmask requests, once per cohort.
+
+    With ``state`` (a file), the questions answered survive restarts: the file is
+    written (atomically, fsynced) before an answer leaves, so a restarted worker still
+    refuses a second, different question for a cohort it answered.
+    """
 
     def __init__(
         self,
@@ -94,6 +102,7 @@ class Revealer:
         participant: str,
         signing_key: SigningKey,
         aggregator_key: PublicKey | None,
+        state: Path | None = None,
     ) -> None:
         self.spec = spec
         self.participant = participant
@@ -104,6 +113,9 @@ class Revealer:
         self.spec_hash = spec.spec_hash()
         #: cohort -> (survivors, dropped) answered.
         self.answered: OrderedDict[int, tuple[tuple[str, ...], tuple[str, ...]]] = OrderedDict()
+        self.state = state
+        if state is not None and state.exists():
+            self._load(state)
 
     def answer_id(self, cohort: int) -> str:
         """The answer's id: the same for every answer of this bank to one cohort."""
@@ -157,8 +169,39 @@ class Revealer:
             s={k: {j: element_bytes(v) for j, v in m.items()} for k, m in shares.s.items()},
             created_at=time.time(),
         )
-        self.answered[request.cohort] = sets
-        self.answered.move_to_end(request.cohort)
-        while len(self.answered) > REMEMBER:
-            self.answered.popitem(last=False)
+        if earlier is None:
+            self.answered[request.cohort] = sets
+            while len(self.answered) > REMEMBER:
+                self.answered.popitem(last=False)
+            if self.state is not None:
+                self._save(self.state)
         return answer.answer_id, request.cohort, encode_unmask_answer(answer, self.signing_key)
+
+    def _load(self, path: Path) -> None:
+        try:
+            doc = json.loads(path.read_text())
+            if doc["task"] != self.spec.task_id or doc["participant"] != self.participant:
+                raise ValueError(f"it belongs to {doc['participant']} in task {doc['task']}")
+            for cohort, survivors, dropped in doc["answered"]:
+                self.answered[int(cohort)] = (
+                    tuple(str(n) for n in survivors),
+                    tuple(str(n) for n in dropped),
+                )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"secure aggregation state {path}: cannot read it ({e})") from None
+
+    def _save(self, path: Path) -> None:
+        doc = {
+            "task": self.spec.task_id,
+            "participant": self.participant,
+            "answered": [[c, list(u), list(d)] for c, (u, d) in self.answered.items()],
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise SecAggError(f"cannot record the answer in {path}: {e.strerror or e}") from None

@@ -70,6 +70,10 @@ class WorkerConfig:
     #: The bank's privacy ledger file (participant.privacy.PrivacyLedger): its spending
     #: survives restarts. None: counted in memory only, from 0 at every start.
     privacy_ledger: Path | None = None
+    #: Secure aggregation: the file recording the unmask questions this bank answered
+    #: (participant.secagg.Revealer), so that a restart never answers a second one for
+    #: a cohort. None: remembered in memory only.
+    secagg_state: Path | None = None
 
 
 @dataclass(slots=True)
@@ -137,7 +141,11 @@ class ParticipantWorker:
             self.masker = Masker(spec, config.participant, config.signing_key)
             assert config.signing_key is not None  # Masker refuses to start without it
             self.revealer = Revealer(
-                spec, config.participant, config.signing_key, aggregator_key(spec)
+                spec,
+                config.participant,
+                config.signing_key,
+                aggregator_key(spec),
+                config.secagg_state,
             )
         self.receipts = ReceiptTracker(
             transport,

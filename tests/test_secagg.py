@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from aggregator import aggregate
 from aggregator.secagg import OpenCohort, secure_params, secure_step
 from aggregator.strategies.base import AcceptedUpdate
 from common.agreement import AgreementKey
-from common.errors import SecAggError
+from common.errors import ConfigError, SecAggError
 from common.models import build_task_model, model_tensors
 from common.secagg import (
     Cohort,
@@ -43,6 +45,7 @@ from common.wire import (
     peek_kind,
     update_signing_message,
 )
+from fedq.cli import main
 from participant.secagg import Masker, Revealer
 from tests.helpers import party_key, secagg_identity
 
@@ -409,3 +412,64 @@ def test_secure_aggregation_takes_at_most_256_participants() -> None:
             identity=secagg_identity(names, AGGREGATOR),
             secure_aggregation=SecureAggregationSpec(max_weight=1024),
         )
+
+
+def test_a_restarted_bank_still_refuses_a_second_question(tmp_path: Path) -> None:
+    spec = secagg_spec(4)
+    cohort = Cohort.of(spec, 2)
+    keys = agreement_keys(spec)
+    sa = spec.secure_aggregation
+    assert sa is not None
+    outs = {
+        p: mask(
+            cohort,
+            p,
+            AgreementKey.from_signing_key(party_key(p)),
+            keys,
+            quantize({"w": torch.ones(8)}, 1.0, sa),
+        )
+        for p in spec.participants
+    }
+    me = spec.participants[1]
+    aggregator = party_key(AGGREGATOR)
+
+    def request(survivors: tuple[str, ...]) -> bytes:
+        dropped = tuple(p for p in spec.participants if p not in survivors)
+        ciphertexts = {s: outs[s].shares[me] for s in survivors}
+        return encode_unmask_request(
+            UnmaskRequest(spec.task_id, me, 2, survivors, dropped, ciphertexts, 0.0),
+            aggregator,
+        )
+
+    state = tmp_path / "secagg.json"
+    first = Revealer(spec, me, party_key(me), aggregator.public, state)
+    first.answer(request(spec.participants[:3]))
+    assert state.exists()
+    again = Revealer(spec, me, party_key(me), aggregator.public, state)  # restarted
+    again.answer(request(spec.participants[:3]))  # the same question: answered
+    with pytest.raises(SecAggError, match="refused"):
+        again.answer(request(spec.participants[1:]))
+    # a state file of another bank or task is not silently taken
+    other = spec.participants[2]
+    with pytest.raises(ConfigError, match="belongs to"):
+        Revealer(spec, other, party_key(other), aggregator.public, state)
+
+
+def test_a_bank_of_a_secure_task_must_keep_its_answers(tmp_path: Path) -> None:
+    spec = secagg_spec(3)
+    path = tmp_path / "task.json"
+    path.write_text(spec.to_json() + "\n")
+    data = tmp_path / "bank.csv"
+    data.write_text("x0\n1\n")
+    result = CliRunner().invoke(
+        main,
+        [
+            *("participant", "run", "--spec", str(path), "--participant", "bank-00"),
+            *("--data", str(data), "--amqp-url", "amqp://bank-00:pw@127.0.0.1:5672/"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: task {spec.task_id!r} uses secure aggregation: give --secagg-state FILE, "
+        "so that the unmask questions this bank answered survive restarts"
+    ]
