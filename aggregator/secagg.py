@@ -42,31 +42,50 @@ from common.wire import MaskedBlock, Tensors, UnmaskAnswer, UnmaskRequest
 #: The masked tensors' dtype on the wire (ring elements modulo 2^64, two's complement).
 MASKED_DTYPE = torch.int64
 
+#: A decided cohort is given up (committed unchanged, its updates refused) when this
+#: many rounds of unmask requests, ``cohort_deadline_s`` apart, brought fewer than ``t``
+#: answers, or when after a restart its survivors' updates are not all back this many
+#: ``cohort_deadline_s`` after the decision was read: nothing waits for ever.
+UNMASK_ROUNDS = 3
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Who survived a cohort (sent a masked update in time) and who dropped."""
+    """Who survived a cohort (sent a masked update in time), with the id of each
+    survivor's update, and who dropped."""
 
     cohort: int
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    #: survivor -> the id of its masked update: after a restart only that update may
+    #: take the survivor's place (another one carries other shares: another question).
+    updates: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {
             "cohort": self.cohort,
             "survivors": list(self.survivors),
             "dropped": list(self.dropped),
+            "updates": dict(self.updates),
         }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, object]) -> Decision:
         survivors, dropped = doc["survivors"], doc["dropped"]
-        cohort = doc["cohort"]
+        cohort, updates = doc["cohort"], doc.get("updates", {})
         if not (
-            isinstance(survivors, list) and isinstance(dropped, list) and isinstance(cohort, int)
+            isinstance(survivors, list)
+            and isinstance(dropped, list)
+            and isinstance(cohort, int)
+            and isinstance(updates, dict)
         ):
             raise SecAggError("a stored cohort decision is malformed")
-        return cls(cohort, tuple(map(str, survivors)), tuple(map(str, dropped)))
+        return cls(
+            cohort,
+            tuple(map(str, survivors)),
+            tuple(map(str, dropped)),
+            {str(k): str(v) for k, v in updates.items()},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +146,12 @@ class OpenCohort:
     blocks: dict[str, MaskedBlock] = field(default_factory=dict)
     decision: Decision | None = None
     answers: dict[str, UnmaskAnswer] = field(default_factory=dict)
-    #: When the first update arrived / the requests were last sent (monotonic seconds).
+    #: When the first update arrived, the decision was made or read, and the requests
+    #: were last sent (monotonic seconds); how many rounds of requests were sent.
     opened_at: float | None = None
+    decided_at: float | None = None
     asked_at: float | None = None
+    asks: int = 0
 
     def __post_init__(self) -> None:
         self.cohort = Cohort.of(self.spec, self.number)
@@ -157,10 +179,14 @@ class OpenCohort:
         """
         if block is None:
             return "not_masked", "the task uses secure aggregation: updates must be masked"
+        d = self.decision
         if block.cohort < self.number or (
-            self.decision is not None
+            d is not None
             and block.cohort == self.number
-            and update.participant not in self.decision.survivors
+            and (
+                update.participant not in d.survivors
+                or d.updates.get(update.participant, update.update_id) != update.update_id
+            )
         ):
             return "cohort_closed", (
                 f"masked for cohort {block.cohort}; the open cohort is {self.number}"
@@ -199,7 +225,8 @@ class OpenCohort:
         """Decide: whoever has an update held survived; every other member dropped."""
         survivors = tuple(sorted(self.updates))
         dropped = tuple(m for m in self.cohort.members if m not in self.updates)
-        return Decision(self.number, survivors, dropped)
+        ids = {n: self.updates[n].update_id for n in survivors}
+        return Decision(self.number, survivors, dropped, ids)
 
     def requests(self, created_at: float) -> list[UnmaskRequest]:
         """One unmask request per survivor that has not answered yet."""

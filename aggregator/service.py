@@ -41,7 +41,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.privacy import BankAggregation, VersionPrivacy
 from aggregator.receipts import ReceiptSender
 from aggregator.retry import store_retry
-from aggregator.secagg import Decision, OpenCohort, secure_step
+from aggregator.secagg import UNMASK_ROUNDS, Decision, OpenCohort, secure_step
 from aggregator.stats import ServiceStats, Stages, untimed
 from aggregator.store import CommitOutcome, CommitResult, RedisModelStore, VersionRecord
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
@@ -468,6 +468,7 @@ class AggregatorService:
                 "decided": oc.decision is not None,
                 "answers": len(oc.answers),
                 "threshold": oc.cohort.threshold,
+                "asked": oc.asks,
             }
         if self.failure is not None:
             report["error"] = self.failure
@@ -846,6 +847,7 @@ class AggregatorService:
         )
         if saved is not None:
             self.cohort.decision = Decision.from_json(json.loads(saved))
+            self.cohort.decided_at = time.monotonic()
             self.log.info(
                 "cohort was closed before this start; waiting for its updates and answers",
                 cohort=version,
@@ -862,8 +864,11 @@ class AggregatorService:
             if self.spec.mode == "async" and oc.opened_at is not None and not self._overdue:
                 return oc.opened_at + sa.cohort_deadline_s
             return deadline
-        if oc.asked_at is None or oc.ready:
+        if oc.ready:
             return None
+        if oc.asked_at is None:  # after a restart: until the survivors' updates are back
+            assert oc.decided_at is not None
+            return oc.decided_at + UNMASK_ROUNDS * sa.cohort_deadline_s
         return oc.asked_at + sa.cohort_deadline_s
 
     async def _cohort_due(self) -> None:
@@ -871,6 +876,21 @@ class AggregatorService:
         oc = self.cohort
         assert oc is not None
         if oc.decision is not None:
+            if not oc.complete:
+                back = sum(1 for s in oc.decision.survivors if s in oc.updates)
+                await self._cohort_failed(
+                    oc,
+                    f"only {back} of the {len(oc.decision.survivors)} survivors' updates came "
+                    "back after the restart",
+                )
+                return
+            if oc.asks >= UNMASK_ROUNDS:
+                await self._cohort_failed(
+                    oc,
+                    f"{len(oc.answers)} answers after {oc.asks} rounds of requests, below the "
+                    f"threshold {oc.cohort.threshold}",
+                )
+                return
             missing = [s for s in oc.decision.survivors if s not in oc.answers]
             self.log.warning(
                 "survivors have not answered; asking them again",
@@ -932,6 +952,7 @@ class AggregatorService:
             self.log,
         )
         oc.decision = Decision.from_json(json.loads(saved))
+        oc.decided_at = time.monotonic()
         self.log.info(
             "cohort closed; asking the survivors for their shares",
             cohort=oc.number,
@@ -975,6 +996,7 @@ class AggregatorService:
                     error=str(e),
                 )
         oc.asked_at = time.monotonic()
+        oc.asks += 1
 
     async def _take_answer(self, delivery: UpdateDelivery) -> None:
         """Hold a survivor's answer (unacked until the commit); unmask when ready."""

@@ -25,6 +25,7 @@ Exact byte layouts: docs/wire-format.md section 16.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -362,28 +363,42 @@ def share(values: Sequence[int], xs: Sequence[int], threshold: int) -> dict[int,
 
 def combine(points: Sequence[tuple[int, int]], at: int = 0) -> int:
     """The polynomial through ``points`` (distinct x) evaluated at ``at`` (Lagrange)."""
+    coefficients = lagrange(tuple(x for x, _ in points), at)
     total = 0
-    for j, (xj, yj) in enumerate(points):
+    for c, (_, y) in zip(coefficients, points, strict=True):
+        total = (total + c * y) % PRIME
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def lagrange(xs: tuple[int, ...], at: int = 0) -> tuple[int, ...]:
+    """The Lagrange coefficients at ``at`` for the distinct x-coordinates ``xs``: the
+    same for every secret of one set of answers, so computed once (cached)."""
+    out = []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+        for m, xm in enumerate(xs):
             if m != j:
                 num = num * (at - xm) % PRIME
                 den = den * (xj - xm) % PRIME
-        total = (total + yj * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def _combine(cohort: Cohort, points: Sequence[tuple[int, int | None]], what: str) -> int:
     given = [(x, y) for x, y in points if y is not None]
     if len(given) < len(points):
         raise SecAggError(f"an answer lacks its share of {what}")
+    if any(not 1 <= x <= len(cohort.members) for x, _ in given):
+        raise SecAggError(f"an answer's x-coordinate for {what} is not a member's")
     if len({x for x, _ in given}) != len(given):
         raise SecAggError(f"two answers from one member for {what}")
     first = given[: cohort.threshold]
     value = combine(first)
     for x, y in given[cohort.threshold :]:
         if combine(first, x) != y % PRIME:
-            raise SecAggError(f"the share of {what} from member {x} is inconsistent")
+            # Which share is wrong cannot be told from here: any of the first t, or this.
+            raise SecAggError(f"the answers' shares of {what} are inconsistent")
     return value
 
 

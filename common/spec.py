@@ -536,11 +536,14 @@ class TaskSpec(_Spec):
                 f"{what} {size} is below secure aggregation's minimum cohort {least}: "
                 "no cohort could ever be unmasked"
             )
-        if n * secagg.max_weight * secagg.clip * 2**secagg.fraction_bits >= 2**62:
+        # Every quantized value is an integer float64 holds exactly (each bank then
+        # rounds by at most half a unit), and with at most MAX_COHORT = 2^8 members no
+        # sum of 2^53-bounded values reaches 2^62: nothing overflows the ring.
+        if secagg.max_weight * secagg.clip * 2**secagg.fraction_bits > 2**53:
             raise ValueError(
-                f"secure_aggregation could overflow: {n} participants x max_weight "
-                f"{secagg.max_weight} x clip {secagg.clip:g} x 2^{secagg.fraction_bits} "
-                "is at least 2^62; lower max_weight, clip or fraction_bits"
+                f"secure_aggregation could round inexactly or overflow: max_weight "
+                f"{secagg.max_weight} x clip {secagg.clip:g} x 2^{secagg.fraction_bits} is "
+                "above 2^53; lower max_weight, clip or fraction_bits"
             )
 
     def spec_hash(self) -> bytes:

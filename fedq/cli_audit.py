@@ -156,6 +156,7 @@ async def _replay(
             "reason": report.reason,
             "secure_versions": report.secure_versions,
             "answer_signatures": report.answer_signatures,
+            "failed_cohorts": report.failed_cohorts,
             "cohorts_checked": report.cohorts_checked,
             "individually_unmasked": report.individually_unmasked,
             "cohort_problems": report.cohort_problems,
@@ -168,10 +169,15 @@ async def _replay(
         click.echo(json.dumps(result, indent=2))
     elif report.ok:
         what = "rebuilt" if exclude else "verified"
+        failed = (
+            f", {report.failed_cohorts} failed cohorts (parameters unchanged)"
+            if report.failed_cohorts
+            else ""
+        )
         secure = (
             f", {report.secure_versions} by secure aggregation ({report.answer_signatures} "
-            f"unmask answers verified, {report.cohorts_checked} cohorts checked)"
-            if report.secure_versions or report.cohorts_checked
+            f"unmask answers verified, {report.cohorts_checked} cohorts checked){failed}"
+            if report.secure_versions or report.cohorts_checked or report.failed_cohorts
             else ""
         )
         console.print(
@@ -239,7 +245,11 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
             doc = await version_lineage(store, task, version)
             # Secure aggregation (aggregator.secagg.SecureRecord): cohort, survivors,
             # dropped, answers used, sum hash; None for a version made without it.
-            doc["secagg"] = (await store.get_version(task, version)).info.get("secagg")
+            info = (await store.get_version(task, version)).info
+            doc["secagg"] = info.get("secagg")
+            # A cohort whose sum could not be trusted: cohort, reason, and its
+            # decision (survivors, dropped) when it had one; None otherwise.
+            doc["secagg_failed"] = info.get("secagg_failed")
             return doc
 
     doc = asyncio.run(load())
@@ -261,6 +271,8 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
         console.print(_privacy_line(doc["privacy"]))
     if doc.get("secagg"):
         console.print(_secagg_lines(doc["secagg"]))
+    if doc.get("secagg_failed"):
+        console.print(_failed_lines(doc["secagg_failed"]), markup=False)
     table = Table(title="contributing updates")
     for col in ("participant", "update id", "base", "staleness", "weight", "content hash"):
         table.add_column(col)
@@ -319,6 +331,23 @@ def _secagg_lines(sa: dict[str, Any]) -> str:
         f"             answers used ({len(answers)}) {', '.join(answers) or '-'}\n"
         f"             sum hash {sa.get('sum_hash')}"
     )
+
+
+def _failed_lines(failed: Any) -> str:
+    """``audit show``'s lines for a version committed for a cohort whose sum could not
+    be trusted: the cohort, why, and the decision when the cohort had one."""
+    if not isinstance(failed, dict):
+        return f"secure aggregation: failed cohort (unreadable record {failed!r})"
+    lines = [
+        f"secure aggregation: cohort {failed.get('cohort')} FAILED, parameters unchanged "
+        "(no update)",
+        f"             reason {failed.get('reason', '-')}",
+    ]
+    for key in ("survivors", "dropped"):
+        names = failed.get(key)
+        if isinstance(names, list):
+            lines.append(f"             {key} ({len(names)}) {', '.join(map(str, names)) or '-'}")
+    return "\n".join(lines)
 
 
 @click.command("export")

@@ -806,7 +806,11 @@ def _private(prep: Prepared, config: SimulationConfig) -> Prepared:
     # The declared row counts: what DP-SGD's sampling rate and steps come from (public).
     rows = dict(prep.spec.declared_samples)
     privacy = privacy_spec(config.privacy, prep.spec, rows, config.max_versions)
-    return replace(prep, spec=prep.spec.model_copy(update={"privacy": privacy}))
+    # Validated again: some settings refuse each other (secure aggregation and an
+    # adaptive clip, for one), which a copy would not notice.
+    doc = prep.spec.model_dump(mode="json", by_alias=True)
+    doc["privacy"] = privacy.model_dump(mode="json")
+    return replace(prep, spec=TaskSpec.parse(doc))
 
 
 def _signed(prep: Prepared, config: SimulationConfig) -> Prepared:

@@ -39,12 +39,17 @@ from common.wire import (
     MaskedBlock,
     Tensors,
     UnmaskAnswer,
+    UnmaskRequest,
     decode_unmask_request,
     encode_unmask_answer,
 )
 
-#: Cohorts whose answer a bank remembers (older ones are long committed).
+#: Cohorts whose answer a bank remembers (older ones are long committed, and refused).
 REMEMBER = 1024
+
+#: What an unmask request asks: its survivors, its dropped banks, the digest of the
+#: encrypted shares it carries.
+Question = tuple[tuple[str, ...], tuple[str, ...], str]
 
 
 class Masker:
@@ -89,11 +94,16 @@ class Masker:
 
 
 class Revealer:
-    """Answers unmask requests, once per cohort.
+    """Answers unmask requests, once per cohort, and remembers what it masked for.
 
-    With ``state`` (a file), the questions answered survive restarts: the file is
-    written (atomically, fsynced) before an answer leaves, so a restarted worker still
-    refuses a second, different question for a cohort it answered.
+    A cohort is answered for one question only: its survivors, its dropped banks and
+    the encrypted shares it was sent. The same question again gets the same answer (a
+    restarted aggregator asks again); any other is refused, and so is a question about
+    a cohort older than those it still remembers (the last :data:`REMEMBER`). It also
+    records the newest cohort its bank masked an update for, so that a restarted worker
+    never masks twice for one cohort (two updates under the same pair masks would give
+    their difference away). With ``state`` (a file) all of this survives restarts: the
+    file is written (atomically, fsynced) before an answer or a masked update leaves.
     """
 
     def __init__(
@@ -111,8 +121,12 @@ class Revealer:
         self.key = AgreementKey.from_signing_key(signing_key)
         self.keys = agreement_keys(spec)
         self.spec_hash = spec.spec_hash()
-        #: cohort -> (survivors, dropped) answered.
-        self.answered: OrderedDict[int, tuple[tuple[str, ...], tuple[str, ...]]] = OrderedDict()
+        #: cohort -> (survivors, dropped, digest of the shares sent) answered.
+        self.answered: OrderedDict[int, Question] = OrderedDict()
+        #: Every cohort up to this one is forgotten: requests for them are refused.
+        self.forgotten = -1
+        #: The newest cohort this bank masked an update for (-1: none).
+        self.masked = -1
         self.state = state
         if state is not None and state.exists():
             self._load(state)
@@ -121,6 +135,15 @@ class Revealer:
         """The answer's id: the same for every answer of this bank to one cohort."""
         raw = f"{self.spec.task_id}\x00{cohort}\x00{self.participant}".encode()
         return "ua-" + hashlib.sha256(raw).hexdigest()[:40]
+
+    def note_masked(self, cohort: int) -> None:
+        """Record (in the state file first) that this bank masks an update for ``cohort``;
+        refuses a cohort it already masked for."""
+        if cohort <= self.masked:
+            raise SecAggError(f"already masked an update for cohort {self.masked}")
+        self.masked = cohort
+        if self.state is not None:
+            self._save(self.state)
 
     def answer(self, body: bytes) -> tuple[str, int, bytes]:
         """The answer to one request: (answer id, cohort, encoded answer).
@@ -138,21 +161,18 @@ class Revealer:
             or not self.aggregator_key.verify(request.signature, request.signing_message())
         ):
             raise SecAggError("the unmask request is not signed by the task's aggregator")
-        sa = self.spec.secure_aggregation
-        assert sa is not None
-        least = sa.resolved_min_cohort(len(self.spec.participants))
-        if len(request.survivors) < least:
-            raise SecAggError(
-                f"cohort {request.cohort}: {len(request.survivors)} survivors, below the "
-                f"minimum cohort {least}: refused, a sum that small says too much"
-            )
-        sets = (request.survivors, request.dropped)
+        question = self._question(request)
         earlier = self.answered.get(request.cohort)
-        if earlier is not None and earlier != sets:
+        if earlier is not None and earlier != question:
             raise SecAggError(
                 f"cohort {request.cohort} was answered for survivors {list(earlier[0])}; "
-                f"a second request names {list(request.survivors)}: refused, it could "
-                "unmask a bank"
+                f"a second request names {list(request.survivors)} (or other shares): "
+                "refused, it could unmask a bank"
+            )
+        if earlier is None and request.cohort <= self.forgotten:
+            raise SecAggError(
+                f"cohort {request.cohort} is older than the cohorts this bank remembers "
+                f"(up to {self.forgotten} forgotten): refused, it may have been answered"
             )
         cohort = Cohort.of(self.spec, request.cohort)
         shares = reveal(
@@ -170,23 +190,47 @@ class Revealer:
             created_at=time.time(),
         )
         if earlier is None:
-            self.answered[request.cohort] = sets
+            self.answered[request.cohort] = question
             while len(self.answered) > REMEMBER:
-                self.answered.popitem(last=False)
+                old, _ = self.answered.popitem(last=False)
+                self.forgotten = max(self.forgotten, old)
             if self.state is not None:
                 self._save(self.state)
         return answer.answer_id, request.cohort, encode_unmask_answer(answer, self.signing_key)
+
+    def _question(self, request: UnmaskRequest) -> Question:
+        """What a request asks, checked: survivors and dropped are the members."""
+        sa = self.spec.secure_aggregation
+        assert sa is not None
+        members = sorted(self.spec.participants)
+        if sorted([*request.survivors, *request.dropped]) != members:
+            raise SecAggError(
+                f"cohort {request.cohort}: survivors and dropped are not exactly the members"
+            )
+        least = sa.resolved_min_cohort(len(members))
+        if len(request.survivors) < least:
+            raise SecAggError(
+                f"cohort {request.cohort}: {len(request.survivors)} survivors, below the "
+                f"minimum cohort {least}: refused, a sum that small says too much"
+            )
+        h = hashlib.sha256()
+        for name in sorted(request.ciphertexts):
+            h.update(name.encode() + b"\x00" + request.ciphertexts[name])
+        return request.survivors, request.dropped, h.hexdigest()
 
     def _load(self, path: Path) -> None:
         try:
             doc = json.loads(path.read_text())
             if doc["task"] != self.spec.task_id or doc["participant"] != self.participant:
                 raise ValueError(f"it belongs to {doc['participant']} in task {doc['task']}")
-            for cohort, survivors, dropped in doc["answered"]:
+            for cohort, survivors, dropped, digest in doc["answered"]:
                 self.answered[int(cohort)] = (
                     tuple(str(n) for n in survivors),
                     tuple(str(n) for n in dropped),
+                    str(digest),
                 )
+            self.forgotten = int(doc["forgotten"])
+            self.masked = int(doc["masked"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"secure aggregation state {path}: cannot read it ({e})") from None
 
@@ -194,7 +238,9 @@ class Revealer:
         doc = {
             "task": self.spec.task_id,
             "participant": self.participant,
-            "answered": [[c, list(u), list(d)] for c, (u, d) in self.answered.items()],
+            "answered": [[c, list(u), list(d), h] for c, (u, d, h) in self.answered.items()],
+            "forgotten": self.forgotten,
+            "masked": self.masked,
         }
         tmp = path.with_name(path.name + ".tmp")
         try:
@@ -204,4 +250,4 @@ class Revealer:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as e:
-            raise SecAggError(f"cannot record the answer in {path}: {e.strerror or e}") from None
+            raise SecAggError(f"cannot write {path}: {e.strerror or e}") from None

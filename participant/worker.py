@@ -161,7 +161,7 @@ class ParticipantWorker:
         self._current: ModelEnvelope | None = None
         self._val_metrics: dict[str, float] = {}
         #: Secure aggregation: the cohort of the last masked update published.
-        self._cohort = -1
+        self._cohort = self.revealer.masked if self.revealer is not None else -1
         #: Models refused spec_mismatch in a row (see SPEC_MISMATCHES_TO_STOP).
         self._spec_mismatches = 0
         #: The bank's privacy spending (participant.privacy): counts published updates.
@@ -205,7 +205,9 @@ class ParticipantWorker:
         if sub is None:
             return self.stats
         self._forget()
-        trained_on = -1
+        # Under secure aggregation: never again for a cohort already masked for (the
+        # state file remembers it across restarts).
+        trained_on = self._cohort
         # Sync rounds, and every task under secure aggregation: one update per version
         # (a cohort takes one update per bank).
         sync = self.spec.mode == "sync" or self.masker is not None
@@ -430,8 +432,12 @@ class ParticipantWorker:
             metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
         update_id = uuid.uuid4().hex
         tensors, block, codec = delta, None, cfg.codec
-        if self.masker is not None:
+        if self.masker is not None and self.revealer is not None:
             cohort = await self._open_cohort(model, sub, stop)
+            if cohort <= self._cohort:
+                self.log.info("already masked an update for this cohort", cohort=cohort)
+                return
+            self.revealer.note_masked(cohort)  # recorded before the update can leave
             tensors, block = await asyncio.to_thread(
                 self.masker.masked, delta, cohort, model.version, self.public_rows
             )

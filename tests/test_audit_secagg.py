@@ -25,6 +25,7 @@ from aggregator.secagg import OpenCohort, SecureRecord, secure_step
 from aggregator.store import RedisModelStore
 from aggregator.strategies.base import AcceptedUpdate
 from common.agreement import AgreementKey
+from common.hashing import LineageEntry
 from common.models import build_task_model, model_tensors
 from common.secagg import Cohort, agreement_keys, element_bytes, reveal
 from common.spec import (
@@ -112,11 +113,14 @@ async def _secure_version(
     answer: list[str] | None = None,
     bank: BankAggregation | None = None,
     lax: bool = False,
+    fail: str | None = None,
 ) -> None:
     """Cohort ``number``: every bank masks, ``arrive`` send their masked update (signed,
     into the audit stream), the survivors in ``answer`` (default all) answer; the step
     is committed as version ``number + 1``. ``lax``: the banks answer whatever they
-    are asked (:func:`_answer_anyway`)."""
+    are asked (:func:`_answer_anyway`). ``fail``: the sum is not trusted, for that
+    reason; version ``number + 1`` is committed as the service commits a failed cohort
+    (the head's parameters, an empty lineage, ``secagg_failed``)."""
     spec, store = chain.spec, chain.store
     head = (await store.get_params(chain.task, number)).tensors
     deltas = _deltas(spec, seed=number)
@@ -161,8 +165,11 @@ async def _secure_version(
         chain.bodies.append(body)
         decoded = decode_unmask_answer(body)
         oc.answers[decoded.participant] = decoded
-    step, record, noise = secure_step(spec, head, oc, bank)
     chain.cohorts[number] = oc
+    if fail is not None:
+        await _commit_failed(chain, number, head, oc.decision.to_json(), fail, bank)
+        return
+    step, record, noise = secure_step(spec, head, oc, bank)
     info: dict[str, Any] = {
         "strategy": "fedavg",
         "settings": {"weighted": True},
@@ -178,6 +185,40 @@ async def _secure_version(
     assert result.record is not None
     if bank is not None and noise is not None:
         bank.advance(noise)
+
+
+async def _commit_failed(
+    chain: Chain,
+    number: int,
+    params: Tensors,
+    decision: dict[str, object] | None,
+    reason: str,
+    bank: BankAggregation | None,
+    lineage: tuple[LineageEntry, ...] = (),
+) -> None:
+    """Version ``number + 1`` for a cohort whose sum is not trusted, as the service
+    commits it (``_cohort_failed``): ``params`` (the head's, unless a test tampers),
+    ``lineage`` (empty, unless a test tampers), the record, and with bank-level DP the
+    record of an empty secure version (no noise drawn)."""
+    failed: dict[str, object] = {"cohort": number, "reason": reason}
+    if decision is not None:
+        failed.update(decision)
+    info: dict[str, Any] = {
+        "strategy": "fedavg",
+        "settings": {"weighted": True},
+        "secagg_failed": failed,
+        "owner": AGGREGATOR,
+        "fence": None,
+    }
+    record = bank.secure(()) if bank is not None else None
+    if record is not None:
+        info["privacy"] = record.to_json()
+    result = await chain.store.commit(
+        chain.task, parent=number, params=params, lineage=lineage, info=info
+    )
+    assert result.record is not None
+    if bank is not None and record is not None:
+        bank.advance(record)
 
 
 def _answer_anyway(spec: TaskSpec, request: UnmaskRequest) -> bytes:

@@ -218,18 +218,24 @@ def test_any_t_survivors_answering_suffice_and_fewer_reveal_nothing() -> None:
         secure_step(spec, head, oc5)
 
 
-def test_a_wrong_share_is_caught_and_named() -> None:
-    spec = secagg_spec(6)
+@pytest.mark.parametrize("position", [0, -1])
+def test_a_wrong_share_among_more_than_t_answers_is_caught(position: int) -> None:
+    """With more than t answers every share is checked against the others: a wrong one
+    anywhere (among the first t or after them) fails the sum, blaming no one (which of
+    the disagreeing shares is wrong cannot be told)."""
+    spec = secagg_spec(6)  # t = 4; five survivors answer
     deltas = deltas_for(spec, seed=2)
     samples = dict.fromkeys(spec.participants, 10)
     oc, head = run_cohort(spec, deltas, samples, arrive=list(spec.participants[:5]))
-    liar = sorted(oc.answers)[-1]
+    assert len(oc.answers) == 5 > oc.cohort.threshold
+    liar = sorted(oc.answers)[position]
     bad = oc.answers[liar]
     victim = sorted(bad.b)[0]
     flipped = bytes([bad.b[victim][0] ^ 1]) + bad.b[victim][1:]
     oc.answers[liar] = dataclasses.replace(bad, b={**bad.b, victim: flipped})
-    with pytest.raises(SecAggError, match="inconsistent"):
+    with pytest.raises(SecAggError, match="inconsistent") as err:
         secure_step(spec, head, oc)
+    assert "member" not in str(err.value)
 
 
 def test_a_bank_answers_one_cohort_once_and_refuses_a_different_question() -> None:
@@ -327,6 +333,16 @@ def test_masked_update_wire_round_trip_and_signature_covers_the_shares() -> None
     assert not key.verify(got.signature, update_signing_message(swapped))
     heavier = dataclasses.replace(got, secagg=MaskedBlock(block.cohort, 2.0, block.shares))
     assert not key.verify(got.signature, update_signing_message(heavier))
+
+
+def test_shamir_draws_fresh_coefficients_for_every_secret() -> None:
+    """If two secrets shared one polynomial's coefficients, one holder's two shares
+    would give their difference away (b - s_ij); each secret gets its own."""
+    xs = [1, 2, 3, 4, 5]
+    points = share([0, 0, 0], xs, 3)
+    for x in xs:
+        first, second, third = points[x]
+        assert len({first, second, third}) == 3  # equal secrets, different shares
 
 
 def test_shamir_reconstructs_from_any_t_points() -> None:
@@ -473,3 +489,108 @@ def test_a_bank_of_a_secure_task_must_keep_its_answers(tmp_path: Path) -> None:
         f"error: task {spec.task_id!r} uses secure aggregation: give --secagg-state FILE, "
         "so that the unmask questions this bank answered survive restarts"
     ]
+
+
+def _request_for(
+    spec: TaskSpec, me: str, number: int, survivors: tuple[str, ...], shares: dict[str, bytes]
+) -> bytes:
+    dropped = tuple(p for p in spec.participants if p not in survivors)
+    return encode_unmask_request(
+        UnmaskRequest(
+            spec.task_id,
+            me,
+            number,
+            survivors,
+            dropped,
+            {s: shares[s] for s in survivors},
+            0.0,
+        ),
+        party_key(AGGREGATOR),
+    )
+
+
+def _shares_for(spec: TaskSpec, number: int, me: str) -> dict[str, bytes]:
+    cohort = Cohort.of(spec, number)
+    keys = agreement_keys(spec)
+    sa = spec.secure_aggregation
+    assert sa is not None
+    return {
+        p: mask(
+            cohort,
+            p,
+            AgreementKey.from_signing_key(party_key(p)),
+            keys,
+            quantize({"w": torch.ones(4)}, 1.0, sa),
+        ).shares[me]
+        for p in spec.participants
+    }
+
+
+def test_the_same_lists_with_other_shares_are_another_question() -> None:
+    """A bank that masked twice for one cohort (two updates, the same pair masks) must
+    not reveal the self seeds of both: a request carrying other shares is refused."""
+    spec = secagg_spec(4)
+    me = spec.participants[0]
+    revealer = Revealer(spec, me, party_key(me), party_key(AGGREGATOR).public)
+    survivors = spec.participants[:3]
+    revealer.answer(_request_for(spec, me, 0, survivors, _shares_for(spec, 0, me)))
+    with pytest.raises(SecAggError, match="other shares"):
+        revealer.answer(_request_for(spec, me, 0, survivors, _shares_for(spec, 0, me)))
+
+
+def test_a_question_must_name_every_member_once() -> None:
+    spec = secagg_spec(4)
+    me = spec.participants[0]
+    revealer = Revealer(spec, me, party_key(me), party_key(AGGREGATOR).public)
+    shares = _shares_for(spec, 0, me)
+    partial = encode_unmask_request(
+        UnmaskRequest(
+            spec.task_id,
+            me,
+            0,
+            spec.participants[:3],
+            (),  # the fourth member named neither survivor nor dropped
+            {s: shares[s] for s in spec.participants[:3]},
+            0.0,
+        ),
+        party_key(AGGREGATOR),
+    )
+    with pytest.raises(SecAggError, match="not exactly the members"):
+        revealer.answer(partial)
+
+
+def test_a_forgotten_cohort_is_never_answered(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Once a bank no longer remembers how it answered a cohort, it answers nothing
+    more about it: a second question could otherwise unmask a bank."""
+    import participant.secagg as module
+
+    monkeypatch.setattr(module, "REMEMBER", 2)
+    spec = secagg_spec(4)
+    me = spec.participants[0]
+    state = tmp_path / "state.json"
+    revealer = Revealer(spec, me, party_key(me), party_key(AGGREGATOR).public, state)
+    everyone = spec.participants
+    for number in range(3):  # cohort 0 falls out of the memory
+        revealer.answer(_request_for(spec, me, number, everyone, _shares_for(spec, number, me)))
+    assert revealer.forgotten == 0
+    other = everyone[:3]  # names the fourth bank dropped this time
+    with pytest.raises(SecAggError, match="older than the cohorts"):
+        revealer.answer(_request_for(spec, me, 0, other, _shares_for(spec, 0, me)))
+    again = Revealer(spec, me, party_key(me), party_key(AGGREGATOR).public, state)
+    with pytest.raises(SecAggError, match="older than the cohorts"):
+        again.answer(_request_for(spec, me, 0, other, _shares_for(spec, 0, me)))
+
+
+def test_a_bank_never_masks_twice_for_one_cohort(tmp_path: Path) -> None:
+    spec = secagg_spec(3)
+    me = spec.participants[0]
+    state = tmp_path / "state.json"
+    revealer = Revealer(spec, me, party_key(me), party_key(AGGREGATOR).public, state)
+    revealer.note_masked(4)
+    restarted = Revealer(spec, me, party_key(me), party_key(AGGREGATOR).public, state)
+    assert restarted.masked == 4
+    with pytest.raises(SecAggError, match="already masked"):
+        restarted.note_masked(4)
+    restarted.note_masked(5)

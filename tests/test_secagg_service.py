@@ -253,7 +253,12 @@ async def test_ten_banks_three_drop_out_after_sharing_keys_and_the_round_is_the_
     assert all(banks[p].receipts == [("accepted", "")] for p in stayed)
     # the decision was saved before the requests left
     saved = json.loads(await rig.store.get_cohort(task, 0) or "{}")
-    assert saved == {"cohort": 0, "survivors": stayed, "dropped": gone}
+    assert saved == {
+        "cohort": 0,
+        "survivors": stayed,
+        "dropped": gone,
+        "updates": {p: bodies[p][0] for p in stayed},
+    }
     # a masked update of that round arriving now is late (its cohort is committed)
     late_uid, late = bodies[gone[0]]
     await rig.banks[gone[0]].publish_update(task, gone[0], late, message_id=late_uid)
@@ -304,6 +309,7 @@ async def test_below_the_minimum_nothing_is_asked_and_a_restart_asks_the_same_qu
         "decided": True,
         "answers": 0,
         "threshold": 6,
+        "asked": 1,
     }
     stayed = [*early, sixth]
     stop.set()
@@ -413,4 +419,47 @@ async def test_bank_level_dp_with_secure_aggregation_noises_the_sum_of_clipped_u
     for t in answering:
         await t
     await _replays(MemoryTransport(broker, AGGREGATOR), store, task, secure=1)
+    await store.close()
+
+
+async def test_a_cohort_without_enough_answers_is_given_up_and_the_next_one_goes_on() -> None:
+    spec = _spec(n=5, min_updates=3)
+    task = spec.task_id
+    broker = MemoryBroker()
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    config = ServiceConfig(signing_key=party_key(AGGREGATOR), depth_poll_s=0.2)
+    service = AggregatorService(spec, store, MemoryTransport(broker, AGGREGATOR), config)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    await wait_for(lambda: service.ready.is_set())
+    head = (await store.get_params(task, 0)).tensors
+    deltas, samples = _deltas(spec), _samples(spec)
+    banks = {p: Bank(p, MemoryTransport(broker, p), spec) for p in spec.participants}
+    # every bank sends; only two (below t = 3) answer: the cohort cannot be unmasked
+    for p in spec.participants:
+        uid, body = _masked_body(spec, p, deltas[p], samples[p])
+        await banks[p].transport.publish_update(task, p, body, message_id=uid)
+    quiet = asyncio.Event()
+    answering = [asyncio.create_task(banks[p].answer(quiet)) for p in spec.participants[:2]]
+    await wait_for(lambda: service.head_version == 1, 20)  # after 3 rounds of requests
+    record = await store.get_version(task, 1)
+    assert record.lineage == ()
+    assert "below the threshold 3" in record.info["secagg_failed"]["reason"]
+    params = (await store.get_params(task, 1)).tensors
+    assert all(torch.equal(params[k], head[k]) for k in head)  # nothing was revealed
+    # the next cohort opens under a new number, and a round with every answer commits
+    assert service.cohort is not None and service.cohort.number == 1
+    listening = [asyncio.create_task(banks[p].answer(quiet)) for p in spec.participants[2:]]
+    for p in spec.participants:
+        uid, body = _masked_body(spec, p, deltas[p], samples[p], cohort=1)
+        await banks[p].transport.publish_update(task, p, body, message_id=uid)
+    await wait_for(lambda: service.head_version == 2, 20)
+    assert len((await store.get_version(task, 2)).lineage) == 5
+    # the banks' first updates were refused, with the reason, and counted
+    assert all(("refused", "invalid_update") in banks[p].receipts for p in spec.participants[:2])
+    stop.set()
+    await running
+    quiet.set()
+    for t in [*answering, *listening]:
+        await t
     await store.close()

@@ -172,13 +172,13 @@ def test_threshold_and_cohort_must_fit_the_participants() -> None:
 
 def test_an_aggregate_that_could_overflow_is_refused() -> None:
     big = {"max_weight": 2**30, "clip": 65536, "fraction_bits": 24}
-    message = _refused("could overflow", secure_aggregation=big)
+    message = _refused("could round inexactly or overflow", secure_aggregation=big)
     assert "lower max_weight, clip or fraction_bits" in message
-    # At the bound: 3 * 2^20 * 8 * 2^37 = 0.75 * 2^62 is fine, 1.5 * 2^62 is not.
-    assert TaskSpec.parse(_doc(secure_aggregation={"fraction_bits": 37}))
+    # At the bound: 2^20 * 8 * 2^30 = 2^53 is fine (exact in float64), 2^54 is not.
+    assert TaskSpec.parse(_doc(secure_aggregation={"fraction_bits": 30}))
     _refused(
-        "3 participants x max_weight 1048576 x clip 8 x 2^38",
-        secure_aggregation={"fraction_bits": 38},
+        "max_weight 1048576 x clip 8 x 2^31 is above 2^53",
+        secure_aggregation={"fraction_bits": 31},
     )
 
 

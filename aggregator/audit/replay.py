@@ -31,11 +31,16 @@ is recomputed from its survivors' retained masked updates (``i64``) and the reta
 unmask answers its record names (each checked against its bank's key and the spec
 hash), with :func:`aggregator.secagg.secure_params`, as the service computed it: the
 sum's hash and scale must be the recorded ones and the version must match bit for
-bit. Over the whole audit stream, replay also checks that no cohort's answers ever
-revealed both kinds of share for one bank (which would unmask its update), that
-every secure version had at least the minimum cohort and that only survivors
-answered (:func:`check_cohorts`). Such a version has no counterfactual without one of
-its survivors: the aggregator never saw that bank's update on its own.
+bit. A version committed for a cohort whose sum could not be trusted
+(``info["secagg_failed"]``) has no update: its lineage must be empty, its parameters
+its parent's bit for bit, and with bank-level DP its record the one
+:func:`aggregator.privacy.secure_record` gives for an empty lineage
+(:func:`_check_failed`). Over the whole audit stream, replay also checks that no
+cohort's answers ever revealed ``t`` shares of both kinds for one bank (which would
+unmask its update), that every secure version had at least the minimum cohort and
+that only survivors answered (:func:`check_cohorts`). Such a version has no
+counterfactual without one of its survivors: the aggregator never saw that bank's
+update on its own.
 """
 
 from __future__ import annotations
@@ -117,13 +122,20 @@ class ReplayReport:
     secure_versions: int = 0
     #: Unmask answers (of those versions) whose signature verified under their bank's key.
     answer_signatures: int = 0
+    #: Versions replayed that were committed for a secure aggregation cohort whose sum
+    #: could not be trusted (``info["secagg_failed"]``: no update, the parent's
+    #: parameters).
+    failed_cohorts: int = 0
     #: Secure aggregation cohorts checked for individual unmasking (:func:`check_cohorts`).
     cohorts_checked: int = 0
-    #: ``"cohort c: bank"`` for each bank whose update the retained unmask answers of
-    #: one cohort could unmask on its own (it is named both survivor and dropped).
+    #: ``"cohort c: bank (seed shares from ...; pair-seed shares from ...)"`` for each
+    #: bank whose update the retained unmask answers of one cohort could unmask on its
+    #: own: at least ``t`` banks revealed a share of its self seed and at least ``t`` a
+    #: share of a pair seed with it.
     individually_unmasked: list[str] = field(default_factory=list)
     #: Other breaches of secure aggregation's rules: a cohort below its minimum, an
-    #: answer from a bank the cohort's recorded decision names no survivor.
+    #: answer from a bank the cohort's recorded decision names no survivor, an answer
+    #: that names one bank both survivor and dropped.
     cohort_problems: list[str] = field(default_factory=list)
 
     @property
@@ -141,9 +153,10 @@ class ReplayReport:
             )
         if self.individually_unmasked:
             notes.append(
-                "secure aggregation was broken: the retained unmask answers reveal both the "
-                "self-mask shares and the pair-mask shares of one bank in one cohort, so its "
-                "update could be unmasked on its own: " + ", ".join(self.individually_unmasked)
+                "secure aggregation was broken: the retained unmask answers reveal a "
+                "threshold of self-mask shares and of pair-mask shares of one bank in one "
+                "cohort, so its update could be unmasked on its own: "
+                + ", ".join(self.individually_unmasked)
             )
         if self.cohort_problems:
             notes.append("secure aggregation cohorts: " + "; ".join(self.cohort_problems))
@@ -277,7 +290,12 @@ async def replay(
         return report
     run = _Run(store, updates, answers, identities, expected, masked_expected, bases, report)
     for rec in records:
-        if _is_secure(rec, identities.spec(rec.version)):
+        if "secagg_failed" in rec.info:
+            params, private, problem, parent_hash = await run.failed(
+                rec, parent, private, parent_hash
+            )
+            state = None
+        elif _is_secure(rec, identities.spec(rec.version)):
             params, private, problem, parent_hash = await run.secure(
                 rec, parent, private, parent_hash
             )
@@ -380,6 +398,25 @@ class _Run:
             )
             report.secure_versions += 1
         return params, private, problem, parent_hash
+
+    async def failed(
+        self,
+        rec: VersionRecord,
+        parent: Tensors,
+        parent_private: VersionPrivacy | None,
+        parent_hash: bytes,
+    ) -> tuple[Tensors, VersionPrivacy | None, str | None, bytes]:
+        """A version committed for a cohort whose sum could not be trusted
+        (:func:`_check_failed`): (params, privacy record, problem, version hash). Its
+        parameters are its parent's (excluding, the counterfactual parent's)."""
+        report = self.report
+        private, problem = _check_failed(rec, self.identities.spec(rec.version), parent_private)
+        if problem is None and report.excluded is None:
+            problem, parent_hash = await _verify_version(self.store, rec, parent, None, parent_hash)
+            report.params = parent
+        if problem is None:
+            report.failed_cohorts += 1
+        return parent, private, problem, parent_hash
 
 
 def _recompute_version(
@@ -771,6 +808,87 @@ def secure_record(rec: VersionRecord) -> SecureRecord | None:
         raise ReplayError(f"version {rec.version}: {err}") from err
 
 
+@dataclass(frozen=True, slots=True)
+class FailedCohort:
+    """What a version committed for a cohort whose sum could not be trusted records
+    (``info["secagg_failed"]``): the cohort, why, and its decision when it had one."""
+
+    cohort: int
+    reason: str
+    #: The decision (names, ascending), None when the cohort was refused undecided.
+    survivors: tuple[str, ...] | None
+    dropped: tuple[str, ...] | None
+
+
+def failed_record(rec: VersionRecord) -> FailedCohort | None:
+    """A version's failed cohort record (``info["secagg_failed"]``), None if it has
+    none; ReplayError if it is unreadable."""
+    if "secagg_failed" not in rec.info:
+        return None
+    doc = rec.info["secagg_failed"]
+    bad = ReplayError(f"version {rec.version}'s failed cohort record is malformed")
+    if not isinstance(doc, Mapping):
+        raise bad
+    cohort, reason = doc.get("cohort"), doc.get("reason", "")
+    if isinstance(cohort, bool) or not isinstance(cohort, int) or not isinstance(reason, str):
+        raise bad
+    names: list[tuple[str, ...] | None] = []
+    for key in ("survivors", "dropped"):
+        value = doc.get(key)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(n, str) for n in value)
+        ):
+            raise bad
+        names.append(None if value is None else tuple(value))
+    survivors, dropped = names
+    if (survivors is None) != (dropped is None):
+        raise bad
+    return FailedCohort(cohort, reason, survivors, dropped)
+
+
+def _check_failed(
+    rec: VersionRecord, spec: TaskSpec, parent_private: VersionPrivacy | None
+) -> tuple[VersionPrivacy | None, str | None]:
+    """A version committed for a cohort whose sum could not be trusted: its spec uses
+    secure aggregation, it records no sum, its cohort makes it, its decision (when it
+    has one) splits the task's participants, its lineage is empty and, with bank-level
+    DP, its record is :func:`aggregator.privacy.secure_record` of an empty lineage
+    (sensitivity and noise 0, still one private version: the service draws no noise).
+    Returns its privacy record and the problem (None if none); the caller checks that
+    its parameters are its parent's."""
+    try:
+        failed = failed_record(rec)
+        private = _privacy_of(rec)
+    except ReplayError as err:
+        return None, str(err)
+    assert failed is not None
+    c = failed.cohort
+    if spec.secure_aggregation is None:
+        return private, "records a failed cohort, though its spec does not use secure aggregation"
+    if "secagg" in rec.info:
+        return private, f"records both a sum and a failed cohort {c}"
+    if c + 1 != rec.version:
+        return private, f"records failed cohort {c}, which would make version {c + 1}"
+    if failed.survivors is not None and failed.dropped is not None:
+        members = Cohort.of(spec, c).members
+        if sorted(failed.survivors + failed.dropped) != list(members) or list(
+            failed.survivors
+        ) != sorted(failed.survivors):
+            return private, f"failed cohort {c}'s decision does not split the task's participants"
+    if rec.lineage:
+        return private, (
+            f"records failed cohort {c}, but its lineage names {len(rec.lineage)} updates "
+            "(a failed cohort's version has none)"
+        )
+    problem = _check_privacy_settings(rec, spec)
+    if problem is None and private is not None:
+        again = privacy.secure_record(
+            privacy.settings_of(private), private.clip, (), private.seed, parent_private
+        )
+        problem = privacy.check_version(private, again, parent_private)
+    return private, problem
+
+
 def secure_exclusion_message(version: int, bank: str, cohort: int | None = None) -> str:
     """Why ``--exclude bank`` cannot rebuild version ``version`` (made by secure aggregation)."""
     of = "its cohort's" if cohort is None else f"cohort {cohort}'s"
@@ -786,9 +904,10 @@ def refuse_secure_exclusion(records: Sequence[VersionRecord], exclude: str) -> N
     """Raise ReplayError when ``exclude`` is a survivor of a version made by secure
     aggregation among ``records``: its update is in that version only inside a masked
     sum. (A secure version ``exclude`` had no update in is rebuilt as it was made: the
-    same unmasked sum applied to the counterfactual parent.)"""
+    same unmasked sum applied to the counterfactual parent. A failed cohort's version,
+    ``info["secagg_failed"]``, has no sum: it keeps the counterfactual parent.)"""
     for rec in records:
-        if "secagg" not in rec.info:
+        if "secagg" not in rec.info or "secagg_failed" in rec.info:
             continue
         cohort: int | None = None
         named = {e.participant for e in rec.lineage}
@@ -822,15 +941,22 @@ async def check_cohorts(
     Every retained unmask answer of the task counts, used by a version or not (whoever
     read the stream got its shares), if its signature verifies under its bank's key in
     the spec of the cohort's version (an answer that does not verify is not that bank's
-    word, and is ignored here). Per cohort:
+    word, and is ignored here). Per cohort ``c``, ``t`` its threshold under the spec of
+    version ``c + 1`` (``Cohort.of(spec, c).threshold``):
 
-    - no bank is both revealed as a survivor (a share of its self seed: a key of some
-      answer's ``b``) and revealed as dropped (a share of a pair seed with it: a key
-      inside some answer's ``s``): ``individually_unmasked`` gets ``"cohort c: bank"``.
-      Strict: even one share of each kind counts; an honest bank never gives one;
+    - a bank's update can be unmasked on its own only with ``t`` shares of its self seed
+      and ``t`` shares of its pair seeds: ``individually_unmasked`` gets
+      ``"cohort c: bank (seed shares from ...; pair-seed shares from ...)"`` when at
+      least ``t`` distinct banks revealed a share of its self seed (it is a key of their
+      answer's ``b``) and at least ``t`` distinct banks revealed a share of a pair seed
+      with it (it is a key inside their answer's ``s``), naming them. One bank alone
+      cannot frame the aggregator: an answer that names one bank in both (which no
+      honest bank gives) is a ``cohort_problems`` entry naming its answerer;
     - the cohort's recorded decision (the version it made, when one records it) has at
       least ``secure_aggregation.resolved_min_cohort(n)`` survivors, and only its
-      survivors answered: ``cohort_problems`` otherwise.
+      survivors answered: ``cohort_problems`` otherwise. A failed cohort's version
+      (``info["secagg_failed"]``) has no sum, so the minimum does not apply; its
+      decision, when it has one, names who may have answered.
 
     The decisions come from the versions in ``records`` and those the answers' cohorts
     made (cohort ``c`` makes version ``c + 1``).
@@ -846,12 +972,29 @@ async def check_cohorts(
         for r in await store.get_versions(task, wanted[at : at + _BATCH]):
             by_version[r.version] = r
     problems: dict[str, None] = {}
+    survivors = _decisions(by_version, identities, problems)
+    report.individually_unmasked.extend(_unmasked(decoded, survivors, identities, problems))
+    report.cohort_problems.extend(problems)
+    report.cohorts_checked = len({a.cohort for a in decoded} | set(survivors))
+
+
+def _decisions(
+    by_version: Mapping[int, VersionRecord], identities: Identities, problems: dict[str, None]
+) -> dict[int, tuple[str, ...]]:
+    """Each recorded cohort's survivors (of a secure version, or of a failed cohort's
+    version that records its decision); a secure version below its minimum cohort is
+    added to ``problems`` (a failed cohort's version has no sum: no minimum)."""
     survivors: dict[int, tuple[str, ...]] = {}
     for version, rec in sorted(by_version.items()):
         try:
-            record = secure_record(rec)
+            failed = failed_record(rec)
+            record = None if failed is not None else secure_record(rec)
         except ReplayError:
             continue  # the version's own replay names it
+        if failed is not None:
+            if failed.survivors is not None:
+                survivors[failed.cohort] = failed.survivors
+            continue
         if record is None:
             continue
         d = record.decision
@@ -864,22 +1007,60 @@ async def check_cohorts(
                 f"cohort {d.cohort}: {len(d.survivors)} survivors made version {version}, "
                 f"below the minimum cohort {least}"
             ] = None
-    as_survivor: dict[int, set[str]] = {}
-    as_dropped: dict[int, set[str]] = {}
+    return survivors
+
+
+def _unmasked(
+    decoded: Sequence[UnmaskAnswer],
+    survivors: Mapping[int, tuple[str, ...]],
+    identities: Identities,
+    problems: dict[str, None],
+) -> list[str]:
+    """The banks the answers could unmask on their own (``t`` distinct banks revealed
+    a share of its self seed and ``t`` a share of a pair seed with it), each with the
+    banks that revealed them; an answer that names one bank in both, or that comes
+    from a bank the cohort's recorded decision names no survivor, goes to ``problems``."""
+    # cohort -> bank -> the banks that revealed a share of its self seed / a pair seed
+    seed_from: dict[int, dict[str, set[str]]] = {}
+    pair_from: dict[int, dict[str, set[str]]] = {}
     for a in decoded:
-        as_survivor.setdefault(a.cohort, set()).update(a.b)
-        as_dropped.setdefault(a.cohort, set()).update(j for m in a.s.values() for j in m)
+        paired = {j for m in a.s.values() for j in m}
+        for bank in a.b:
+            seed_from.setdefault(a.cohort, {}).setdefault(bank, set()).add(a.participant)
+        for bank in paired:
+            pair_from.setdefault(a.cohort, {}).setdefault(bank, set()).add(a.participant)
+        for bank in sorted(paired & set(a.b)):
+            problems[
+                f"cohort {a.cohort}: {a.participant} answered with shares of both {bank}'s "
+                "self seed and a pair seed with it (no honest bank gives both)"
+            ] = None
         named = survivors.get(a.cohort)
         if named is not None and a.participant not in named:
             problems[
                 f"cohort {a.cohort}: {a.participant} answered, but the recorded decision "
                 "names it no survivor"
             ] = None
-    for c in sorted(as_survivor):
-        for bank in sorted(as_survivor[c] & as_dropped[c]):
-            report.individually_unmasked.append(f"cohort {c}: {bank}")
-    report.cohort_problems.extend(problems)
-    report.cohorts_checked = len(set(as_survivor) | set(survivors))
+    out: list[str] = []
+    for c in sorted(seed_from):
+        t = _threshold(identities.spec(c + 1), c)
+        pairs = pair_from.get(c, {})
+        for bank, seeds in sorted(seed_from[c].items()):
+            partners = pairs.get(bank, set())
+            if len(seeds) >= t and len(partners) >= t:
+                out.append(
+                    f"cohort {c}: {bank} (seed shares from {', '.join(sorted(seeds))}; "
+                    f"pair-seed shares from {', '.join(sorted(partners))})"
+                )
+    return out
+
+
+def _threshold(spec: TaskSpec, cohort: int) -> int:
+    """Cohort ``cohort``'s Shamir threshold under ``spec``; under a spec without secure
+    aggregation, 2, the least any spec may set (the strictest reading)."""
+    try:
+        return Cohort.of(spec, cohort).threshold
+    except SecAggError:
+        return 2
 
 
 def _verified_answers(
