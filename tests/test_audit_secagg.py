@@ -348,38 +348,86 @@ async def test_a_tampered_answer_resigned_by_its_bank_fails_the_version(
     assert f"({liar}): unsigned" in report.reason
 
 
-async def test_an_answer_revealing_a_survivors_pair_seeds_is_reported(chain: Chain) -> None:
-    # Cohort 1 had 04, 05, 06 dropped. A second question to bank-00 names bank-07 dropped
-    # too, though it survived: a bank that answers it (the honest Revealer refuses)
-    # gives its shares of bank-07's pair seeds, while its first answer and the others
-    # gave shares of bank-07's self seed: bank-07's update could be unmasked.
-    spec = chain.spec
-    oc = chain.cohorts[1]
+def _second_question(chain: Chain, number: int, victim: str, me: str) -> bytes:
+    """``me``'s answer (as a bank that checks nothing gives it) to a second question in
+    cohort ``number`` that names the survivor ``victim`` dropped: ``me``'s shares of
+    ``victim``'s pair seeds, under the same answer id as its first answer."""
+    oc = chain.cohorts[number]
     assert oc.decision is not None
-    survivors = tuple(p for p in oc.decision.survivors if p != "bank-07")
-    dropped = tuple(sorted((*oc.decision.dropped, "bank-07")))
-    me = "bank-00"
+    survivors = tuple(p for p in oc.decision.survivors if p != victim)
+    dropped = tuple(sorted((*oc.decision.dropped, victim)))
     request = UnmaskRequest(
-        spec.task_id,
+        chain.task,
         me,
-        1,
+        number,
         survivors,
         dropped,
-        {s: chain.blocks[1][s].shares[me] for s in survivors},
+        {s: chain.blocks[number][s].shares[me] for s in survivors},
         0.0,
     )
-    extra = _answer_anyway(spec, request)
-    aid = decode_unmask_answer(extra).answer_id
-    assert aid == oc.answers[me].answer_id  # the same id as its first answer
-    bodies = [*chain.bodies, extra]
-    assert len(index_answers(bodies)[aid]) == 2
-    report = await chain.replay(bodies)
+    return _answer_anyway(chain.spec, request)
+
+
+#: Cohort 1's survivors but bank-07: six, the threshold of ten banks.
+SIX = ["bank-00", "bank-01", "bank-02", "bank-03", "bank-08", "bank-09"]
+
+
+async def test_answers_revealing_a_survivors_pair_seeds_are_reported(chain: Chain) -> None:
+    # Cohort 1 had 04, 05, 06 dropped. A second question to a survivor names bank-07
+    # dropped too, though it survived: a bank that answers it (the honest Revealer
+    # refuses) gives its shares of bank-07's pair seeds, while the first answers gave
+    # shares of bank-07's self seed. With t = 6 banks doing so, bank-07's update could
+    # be unmasked; with fewer, it could not.
+    assert Cohort.of(chain.spec, 1).threshold == 6
+    extras = [_second_question(chain, 1, "bank-07", me) for me in SIX]
+    aid = decode_unmask_answer(extras[0]).answer_id
+    assert aid == chain.cohorts[1].answers["bank-00"].answer_id  # the id of its first answer
+    assert len(index_answers([*chain.bodies, *extras])[aid]) == 2
+    fewer = await chain.replay([*chain.bodies, *extras[:5]])
+    assert fewer.individually_unmasked == [] and fewer.cohort_problems == [], fewer.note
+    assert fewer.ok, fewer.reason
+    report = await chain.replay([*chain.bodies, *extras])
     # Every version is still recomputed bit for bit (the answer the version used is the
     # one that answers its decision), but the promise was broken.
     assert report.first_bad_version is None and report.checked == 3, report.reason
-    assert report.individually_unmasked == ["cohort 1: bank-07"]
+    assert report.individually_unmasked == [
+        "cohort 1: bank-07 (seed shares from bank-00, bank-01, bank-02, bank-03, bank-07, "
+        "bank-08, bank-09; pair-seed shares from bank-00, bank-01, bank-02, bank-03, "
+        "bank-08, bank-09)"
+    ]
+    assert report.cohort_problems == []
     assert not report.ok
-    assert "cohort 1: bank-07" in report.note and "unmasked" in report.note
+    assert "cohort 1: bank-07 (seed shares from" in report.note and "unmasked" in report.note
+
+
+async def test_one_answer_naming_a_bank_both_ways_cannot_frame_the_aggregator(
+    chain: Chain,
+) -> None:
+    # bank-00 alone signs an answer that names bank-07 in b and, with a made-up share,
+    # inside s: one bank's word cannot unmask anything (t shares of each kind are
+    # needed), but no honest bank gives that answer.
+    original = next(
+        b
+        for b in chain.bodies
+        if peek_kind(b) == "ua"
+        and decode_unmask_answer(b).answer_id == chain.cohorts[1].answers["bank-00"].answer_id
+    )
+    a = decode_unmask_answer(original)
+    assert "bank-07" in a.b
+    first = sorted(a.s)[0]
+    crafted = dataclasses.replace(
+        a, s={**a.s, first: {**a.s[first], "bank-07": element_bytes(12345)}}
+    )
+    forged = encode_unmask_answer(crafted, party_key("bank-00"))
+    report = await chain.replay([*chain.bodies, forged])
+    assert report.first_bad_version is None and report.checked == 3, report.reason
+    assert report.individually_unmasked == []
+    assert report.cohort_problems == [
+        "cohort 1: bank-00 answered with shares of both bank-07's self seed and a pair seed "
+        "with it (no honest bank gives both)"
+    ]
+    assert not report.ok
+    assert "bank-00 answered with shares of both bank-07's" in report.note
 
 
 async def test_a_cohort_below_its_minimum_and_an_answer_from_a_non_survivor() -> None:
@@ -418,7 +466,21 @@ async def test_a_cohort_below_its_minimum_and_an_answer_from_a_non_survivor() ->
         "cohort 0: bank-02 answered, but the recorded decision names it no survivor"
         in report.cohort_problems
     )
-    assert report.individually_unmasked == ["cohort 0: bank-02"]
+    # One share of its self seed (its own): below the threshold 2, nothing unmasked.
+    assert report.individually_unmasked == []
+    # bank-00 answers the same question: two shares of bank-02's self seed, beside the
+    # two shares of its pair seeds that bank-00's and bank-01's first answers gave.
+    request = dataclasses.replace(
+        request,
+        recipient="bank-00",
+        ciphertexts={s: chain.blocks[0][s].shares["bank-00"] for s in named},
+    )
+    second = _answer_anyway(spec, request)
+    report = await chain.replay([*chain.bodies, extra, second])
+    assert report.individually_unmasked == [
+        "cohort 0: bank-02 (seed shares from bank-00, bank-02; pair-seed shares from "
+        "bank-00, bank-01)"
+    ]
     await store.close()
 
 
@@ -479,6 +541,121 @@ async def test_exclude_refuses_a_survivor_and_rebuilds_around_a_bank_that_droppe
         await chain.replay(from_version=2, exclude="bank-00")
 
 
+async def _failed_chain(dp: bool, server: fakeredis.FakeServer | None = None) -> Chain:
+    """Six banks: cohort 0 (five survivors, all answered) fails, version 1 keeps the
+    genesis parameters; cohort 1 (bank-00 dropped) makes version 2 by secure
+    aggregation. ``dp``: with bank-level DP (version 1 still counts as private)."""
+    spec = secagg_spec(6)
+    bank: BankAggregation | None = None
+    if dp:
+        settings = BankPrivacy(clip=0.5, noise_multiplier=0.8)
+        spec = spec.model_copy(update={"privacy": PrivacySpec(bank=settings)})
+        bank = BankAggregation(settings)
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=server or fakeredis.FakeServer()))
+    await store.register_task(spec)
+    await store.create_genesis(
+        spec.task_id, model_tensors(build_task_model(spec)), info={"strategy": "genesis"}
+    )
+    chain = Chain(spec, store)
+    names = list(spec.participants)
+    await _secure_version(chain, 0, names[:5], bank=bank, fail="the share of x is inconsistent")
+    await _secure_version(chain, 1, names[1:], bank=bank)
+    return chain
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "bank-dp"])
+async def test_a_failed_cohort_replays_as_its_parents_parameters(dp: bool) -> None:
+    chain = await _failed_chain(dp)
+    store, task = chain.store, chain.task
+    v0, v1 = await store.get_version(task, 0), await store.get_version(task, 1)
+    assert v1.lineage == () and v1.param_hash == v0.param_hash
+    assert v1.info["secagg_failed"]["dropped"] == ["bank-05"]
+    report = await chain.replay()
+    assert report.ok, report.reason
+    assert report.checked == 2 and report.failed_cohorts == 1 and report.secure_versions == 1
+    assert report.private_versions == (2 if dp else 0)
+    # The failed cohort's survivors answered (they were asked): no problem, no minimum.
+    assert report.cohort_problems == [] and report.individually_unmasked == []
+    assert report.cohorts_checked == 2
+    assert report.param_hash == (await store.get_version(task, 2)).param_hash
+    # A window starting after it, and one ending on it.
+    assert (await chain.replay(from_version=1)).ok
+    only = await chain.replay(to_version=1)
+    assert only.ok and only.checked == only.failed_cohorts == 1, only.reason
+    # bank-00 has no update in version 2 and none (no sum) in version 1: the chain
+    # without it is the chain itself.
+    without = await chain.replay(exclude="bank-00")
+    assert without.ok and without.checked == 2 and without.failed_cohorts == 1, without.reason
+    assert without.param_hash == report.param_hash
+    await store.close()
+
+
+async def _tampered_failed(dp: bool, **change: Any) -> Any:
+    """Replay of a chain whose failed version 1 was committed with ``change``: other
+    ``params`` (a function of the genesis ones), a ``lineage``, or a changed privacy
+    record (``privacy``: field -> value)."""
+    spec = secagg_spec(4)
+    bank: BankAggregation | None = None
+    if dp:
+        settings = BankPrivacy(clip=0.5, noise_multiplier=0.8)
+        spec = spec.model_copy(update={"privacy": PrivacySpec(bank=settings)})
+        bank = BankAggregation(settings)
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    store = RedisModelStore(client)
+    await store.register_task(spec)
+    genesis = model_tensors(build_task_model(spec))
+    await store.create_genesis(spec.task_id, genesis, info={"strategy": "genesis"})
+    chain = Chain(spec, store)
+    names = list(spec.participants)
+    params = change.get("params", lambda p: p)(genesis)
+    lineage: tuple[LineageEntry, ...] = change.get("lineage", ())
+    await _commit_failed(chain, 0, params, None, "sum out of range", bank, lineage)
+    if "privacy" in change:
+        key = store.keys.meta(spec.task_id, 1)
+        meta = json.loads(await client.get(key) or b"{}")
+        meta["info"]["privacy"].update(change["privacy"])
+        await client.set(key, json.dumps(meta))
+    await _secure_version(chain, 1, names, bank=bank)
+    try:
+        return await chain.replay()
+    finally:
+        await store.close()
+
+
+async def test_a_tampered_failed_cohort_version_is_reported() -> None:
+    moved = await _tampered_failed(False, params=lambda p: {k: v + 1e-3 for k, v in p.items()})
+    assert moved.first_bad_version == 1 and moved.checked == 0
+    assert "replayed parameters differ from the recorded parameter hash" in moved.reason
+    entry = LineageEntry("u-1", "bank-01", 0, 0, 1.0, b"\x00" * 32)
+    named = await _tampered_failed(False, lineage=(entry,))
+    assert named.first_bad_version == 1
+    assert "records failed cohort 0, but its lineage names 1 updates" in named.reason
+    noisy = await _tampered_failed(True, privacy={"noise_std": 0.01})
+    assert noisy.first_bad_version == 1 and "noise std" in noisy.reason, noisy.reason
+    uncounted = await _tampered_failed(True, privacy={"versions": 0})
+    assert uncounted.first_bad_version == 1
+    assert "private version count" in uncounted.reason, uncounted.reason
+    moved = await _tampered_failed(True, params=lambda p: {k: v + 1e-3 for k, v in p.items()})
+    assert moved.first_bad_version == 1
+    assert "replayed parameters differ" in moved.reason, moved.reason
+
+
+async def test_a_failed_cohort_without_dp_under_a_dp_spec_is_reported() -> None:
+    spec = secagg_spec(4).model_copy(
+        update={"privacy": PrivacySpec(bank=BankPrivacy(clip=0.5, noise_multiplier=0.8))}
+    )
+    store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    await store.register_task(spec)
+    genesis = model_tensors(build_task_model(spec))
+    await store.create_genesis(spec.task_id, genesis, info={"strategy": "genesis"})
+    chain = Chain(spec, store)
+    await _commit_failed(chain, 0, genesis, None, "sum out of range", None)
+    report = await chain.replay()
+    assert report.first_bad_version == 1
+    assert "made without bank-level DP" in report.reason
+    await store.close()
+
+
 class _Stream:
     """A stand-in for the broker: ``fedq replay`` reads the audit stream from it."""
 
@@ -524,28 +701,16 @@ def test_cli_replay_json_and_audit_show_give_the_secure_fields(
     assert text.exit_code == 0, text.output
     assert "3 by secure aggregation (23 unmask answers verified" in " ".join(text.output.split())
 
-    # The stream with an answer that unmasks a bank: exit 1, and the bank named.
+    # The stream with answers that unmask a bank: exit 1, and the bank named.
     oc = chain.cohorts[1]
-    assert oc.decision is not None
-    survivors = tuple(p for p in oc.decision.survivors if p != "bank-07")
-    dropped = tuple(sorted((*oc.decision.dropped, "bank-07")))
-    request = UnmaskRequest(
-        chain.task,
-        "bank-00",
-        1,
-        survivors,
-        dropped,
-        {s: chain.blocks[1][s].shares["bank-00"] for s in survivors},
-        0.0,
-    )
-    extra = _answer_anyway(chain.spec, request)
-    stream.bodies = [*chain.bodies, extra]
+    extras = [_second_question(chain, 1, "bank-07", me) for me in SIX]
+    stream.bodies = [*chain.bodies, *extras]
     bad = CliRunner().invoke(main, ["replay", "--task", chain.task, "--json", *urls])
     assert bad.exit_code == 1, bad.output
     doc = json.loads(bad.stdout[bad.stdout.index("{") :])
     assert doc["ok"] is False and doc["first_bad_version"] is None
-    assert doc["individually_unmasked"] == ["cohort 1: bank-07"]
-    assert "cohort 1: bank-07" in doc["note"]
+    assert [u.split(" (")[0] for u in doc["individually_unmasked"]] == ["cohort 1: bank-07"]
+    assert "cohort 1: bank-07 (seed shares from" in doc["note"]
     text = CliRunner().invoke(main, ["replay", "--task", chain.task, *urls])
     assert text.exit_code == 1
     assert "individually unmasked: cohort 1: bank-07" in " ".join(text.output.split())
@@ -577,3 +742,55 @@ def test_cli_replay_json_and_audit_show_give_the_secure_fields(
     assert "survivors (7) bank-00, bank-01, bank-02, bank-03, bank-07, bank-08, bank-09" in out
     assert f"answers used (7) bank-00 ({oc.answers['bank-00'].answer_id})" in out
     assert f"sum hash {sa['sum_hash']}" in out
+
+
+def test_cli_audit_show_and_replay_give_a_failed_cohort(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = fakeredis.FakeServer()
+
+    async def build() -> Chain:
+        built = await _failed_chain(False, server)
+        await built.store.close()
+        return built
+
+    chain = asyncio.run(build())
+    stream = _Stream(chain.bodies)
+
+    async def connect(url: str, **kw: Any) -> _Stream:
+        return stream
+
+    monkeypatch.setattr(
+        aggregator.store, "connect_redis", lambda _: fakeredis.FakeAsyncRedis(server=server)
+    )
+    monkeypatch.setattr(AmqpTransport, "connect", connect)
+    urls = ["--amqp-url", "amqp://x/", "--redis-url", "redis://x"]
+    result = CliRunner().invoke(main, ["replay", "--task", chain.task, "--json", *urls])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout[result.stdout.index("{") :])
+    assert doc["ok"] is True and doc["failed_cohorts"] == 1 and doc["secure_versions"] == 1
+    text = CliRunner().invoke(main, ["replay", "--task", chain.task, *urls])
+    assert text.exit_code == 0, text.output
+    assert "1 failed cohorts (parameters unchanged)" in " ".join(text.output.split())
+
+    args = ["audit", "show", "--task", chain.task, "--version", "1", "--redis-url", "redis://x"]
+    shown = CliRunner().invoke(main, [*args, "--json"])
+    assert shown.exit_code == 0, shown.output
+    doc = json.loads(shown.output)
+    assert doc["secagg"] is None
+    # (the decision may also name each survivor's update id: "updates")
+    assert {k: v for k, v in doc["secagg_failed"].items() if k != "updates"} == {
+        "cohort": 0,
+        "reason": "the share of x is inconsistent",
+        "survivors": ["bank-00", "bank-01", "bank-02", "bank-03", "bank-04"],
+        "dropped": ["bank-05"],
+    }
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 0, shown.output
+    out = " ".join(shown.output.split())
+    assert "secure aggregation: cohort 0 FAILED, parameters unchanged (no update)" in out
+    assert "reason the share of x is inconsistent" in out
+    assert "survivors (5) bank-00, bank-01, bank-02, bank-03, bank-04" in out
+    assert "dropped (1) bank-05" in out
+    # A version made by secure aggregation has no failed record.
+    args[args.index("1")] = "2"
+    doc = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert doc["secagg_failed"] is None and doc["secagg"]["cohort"] == 1
