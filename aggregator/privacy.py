@@ -77,6 +77,7 @@ from typing import Any, Final, Protocol
 
 import torch
 
+from aggregator.robust import delta_norm
 from common.hashing import LineageEntry
 from common.privacy import ACCOUNTANT, gaussian_epsilon
 from common.spec import BankPrivacy
@@ -128,15 +129,6 @@ class _Recompute(Protocol):
 def new_seed() -> int:
     """A fresh 63-bit noise seed (:mod:`secrets`)."""
     return secrets.randbits(63)
-
-
-def delta_norm(delta: Tensors) -> float:
-    """The joint L2 norm of all tensors of ``delta``, in float64, summed exactly."""
-    squares: list[float] = []
-    for name in sorted(delta):
-        t = delta[name].to(_F64).reshape(-1)
-        squares.extend((t * t).tolist())
-    return math.sqrt(math.fsum(squares))
 
 
 def clip_delta(delta: Tensors, bound: float) -> tuple[Tensors, float]:

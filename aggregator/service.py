@@ -21,8 +21,9 @@ import socket
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -34,6 +35,7 @@ from aggregator.admission import (
     Refused,
 )
 from aggregator.announcer import Announcer
+from aggregator.bounds import Bounds, Verdict
 from aggregator.guard import overflowing
 from aggregator.identity import check_signing_key
 from aggregator.lease import FencedOutError, LeaseConfig, WriterLease, check_fence
@@ -168,6 +170,15 @@ class AggregatorService:
                 f"(fedasync, fedbuff, fedavg); {self.strategy.name!r} is not declared so"
             )
         self.privacy = BankAggregation(spec.privacy.bank) if spec.privacy.bank is not None else None
+        #: Bounded influence (``spec.robustness``, aggregator/bounds.py): each offered
+        #: update's verdict (its norm, its clip factor) until its version is committed.
+        self.bounds = Bounds(spec)
+        self._verdicts: dict[str, Verdict] = {}
+        if spec.robustness.aggregator != "mean" and self.strategy.name not in ("fedbuff", "fedavg"):
+            raise ConfigError(
+                f"robustness.aggregator {spec.robustness.aggregator!r} is built into fedbuff "
+                f"and sync rounds; strategy {self.strategy.name!r} does not take it"
+            )
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
         self.prefetch = max(self.config.prefetch, self.strategy.capacity + 1)
@@ -287,6 +298,7 @@ class AggregatorService:
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
         await self._restore_weighting(record.version)
+        await self._restore_bounds(record.version)
         if self.secure:
             await self._open_cohort(record.version)
         first = max(0, record.version - MAX_ANCESTORS)
@@ -504,6 +516,18 @@ class AggregatorService:
         if self.secure:
             await self._offer_masked(delivery, admitted)
             return
+        if self.bounds.active:
+            verdict = await asyncio.to_thread(self.bounds.judge, update, self.strategy.pending())
+            if verdict.refused is not None:
+                reason, detail = verdict.refused
+                await self._refuse(
+                    delivery, Refused(reason, detail, update.participant, update.update_id)
+                )
+                return
+            if verdict.factor < 1.0:
+                update = await asyncio.to_thread(self.bounds.offered, update, verdict)
+                self.log.info("update clipped to the norm bound", factor=verdict.factor)
+            self._verdicts[update.update_id] = verdict
         try:
             with self.stages("offer"):
                 step = await asyncio.to_thread(
@@ -579,6 +603,8 @@ class AggregatorService:
     # ------------------------------------------------------------------ refusals
 
     async def _refuse(self, delivery: UpdateDelivery, refused: Refused) -> None:
+        if refused.update_id is not None:
+            self._verdicts.pop(refused.update_id, None)
         reason = refused.reason
         await delivery.dead_letter(reason.value, refused.detail)
         self.metrics.refused.labels(self.task, reason.value).inc()
@@ -738,6 +764,7 @@ class AggregatorService:
                 f"head {result.head}): another writer committed without the lease"
             )
         record = result.record
+        self._bounded(step)
         self._set_head(record.version, step.params)
         if self.server is not None:
             self.server.advance(step.state)
@@ -777,6 +804,23 @@ class AggregatorService:
         if self.on_version is not None:
             await self.on_version(record, step.params)
 
+    def _bounded(self, step: Step) -> None:
+        """After a commit: the committed updates' norms join the bounds' window."""
+        if self.bounds.active:
+            norms = [
+                self._verdicts.pop(e.update_id).norm
+                for e in step.lineage
+                if e.update_id in self._verdicts
+            ]
+            self.bounds.committed(norms, self.head_params, step.params)
+
+    def _robust_info(self, step: Step) -> dict[str, object]:
+        """``info["robust"]`` when any bound applies: the bound, the norms, the clips."""
+        if not self.bounds.active:
+            return {}
+        ids = [e.update_id for e in step.lineage]
+        return {"robust": self.bounds.record(ids, self._verdicts)}
+
     async def _commit_until_saved(
         self,
         parent: int,
@@ -795,6 +839,7 @@ class AggregatorService:
             "settings": self.strategy.settings(),
             **({"server": self.server.settings()} if self.server is not None else {}),
             **({"privacy": private.to_json()} if private is not None else {}),
+            **self._robust_info(step),
             **(extra or {}),
             "owner": self.config.owner,
         }
@@ -1078,11 +1123,11 @@ class AggregatorService:
         await self._open_cohort(self.head_version)
 
     async def _cohort_failed(self, oc: OpenCohort, reason: str) -> None:
-        """A cohort whose sum cannot be trusted (a wrong share, values beyond the clip):
+        """A cohort given up (a wrong share, values beyond the bounds, too few answers):
         version ``v + 1`` is committed with the head's parameters and no update, its
         record saying why, so the next cohort has a fresh number (a cohort is never
         asked a second question); the cohort's updates are refused."""
-        self.log.error("cohort refused: its sum cannot be trusted", cohort=oc.number, reason=reason)
+        self.log.error("cohort given up: committed unchanged", cohort=oc.number, reason=reason)
         failed: dict[str, object] = {"cohort": oc.number, "reason": reason[:1024]}
         if oc.decision is not None:
             failed.update(oc.decision.to_json())
@@ -1174,6 +1219,24 @@ class AggregatorService:
             self._count_weights(lineage, log_changes=False)
         if lineages:
             self.log.info("weighting state restored", versions=len(lineages), entries=entries)
+
+    async def _restore_bounds(self, head: int) -> None:
+        """Rebuild the adaptive norm bound's window from the norms the last versions
+        recorded (``info["robust"]``), so a restarted aggregator bounds as before."""
+        r = self.spec.robustness
+        if not r.adaptive_norm:
+            return
+        infos: list[Mapping[str, Any]] = []
+        norms, version = 0, head
+        while norms < r.norm_window and version > 0:
+            batch = range(version, max(0, version - RESTORE_BATCH), -1)
+            for record in await self.store.get_versions(self.task, batch):
+                robust = record.info.get("robust")
+                infos.append(record.info)
+                norms += len(robust.get("norms", {})) if isinstance(robust, dict) else 0
+            version = batch[-1] - 1
+        infos.reverse()
+        self.bounds.restore(infos)
 
     def _count_weights(self, lineage: Sequence[LineageEntry], *, log_changes: bool = True) -> None:
         """Recent weight shares and the ``low_weight`` flags after a committed lineage."""

@@ -75,7 +75,9 @@ def evaluate(spec: TaskSpec, params: Tensors, x: torch.Tensor, y: torch.Tensor) 
     """
     if len(y) == 0:
         return {"n": 0.0}
-    p = predict_proba(spec, params, x)
+    # A model pushed to ~1e38 (a hostile update nobody bounded) predicts NaN: scored as
+    # uninformative (0.5), not a crash of whoever evaluates it.
+    p = torch.nan_to_num(predict_proba(spec, params, x), nan=0.5)
     loss = float(nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
     out = {
         "loss": loss if math.isfinite(loss) else 1e9,

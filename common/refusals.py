@@ -51,6 +51,9 @@ class Refusal(StrEnum):
     # --- after admission: the strategy or the aggregate
     INVALID_UPDATE = "invalid_update"
     NON_FINITE_RESULT = "non_finite_result"
+    # --- bounded influence (common.spec.RobustnessSpec, aggregator/bounds.py)
+    OUTLIER = "outlier"
+    OVER_CAP = "over_cap"
     # --- secure aggregation (docs/wire-format.md section 16)
     NOT_MASKED = "not_masked"
     COHORT_CLOSED = "cohort_closed"
@@ -65,7 +68,8 @@ class Refusal(StrEnum):
 #: update from the same worker, code, data and spec) is refused again. A participant
 #: that receives one in a receipt stops publishing (docs/wire-format.md, "Receipts").
 #: The others (too_stale, future_base, stale_round, duplicate, duplicate_in_round,
-#: base_unavailable, invalid_update, non_finite_result, cohort_closed, delivery_limit) depend on
+#: base_unavailable, outlier, over_cap, invalid_update, non_finite_result, cohort_closed,
+#: delivery_limit) depend on
 #: timing, the head or this one update's values: the next update may pass.
 PERMANENT: frozenset[Refusal] = frozenset(
     {

@@ -350,6 +350,46 @@ class SecureAggregationSpec(_Spec):
         return max(threshold, self.min_cohort or threshold)
 
 
+class RobustnessSpec(_Spec):
+    """Bounded influence and robust aggregation: what one bank, broken or hostile, can
+    do to the model (aggregator/robust.py, docs/robustness.md).
+
+    - ``norm_bound``: every update's delta has L2 norm at most this (None: no fixed
+      bound).
+    - ``adaptive_norm``: the bound is ``norm_multiplier`` times the median norm of the
+      last ``norm_window`` accepted updates (with ``norm_bound``, the smaller of the
+      two); no adaptive bound before ``norm_window`` updates were accepted.
+    - ``outlier``: an update over the bound is scaled down to it (``clip``) or refused
+      ``outlier`` (``refuse``).
+    - ``max_per_bank``: at most this many updates of one bank in one FedBuff buffer (a
+      sync round takes one per bank already); more are refused ``over_cap``.
+    - ``aggregator``: how a FedBuff buffer or a sync round is combined: the strategy's
+      weighted ``mean``, the coordinate-wise ``median``, the ``trimmed_mean``
+      (``trim_fraction`` cut at each end) or ``multi_krum`` (the mean of the
+      ``krum_select`` updates with the best Krum scores for ``krum_byzantine``
+      attackers; None: a fifth of the buffer, and the buffer minus that).
+    - ``min_cosine``: FedAsync: an update whose direction has cosine below this with
+      the recent aggregate direction is refused ``outlier``.
+    """
+
+    norm_bound: float | None = Field(default=None, gt=0)
+    adaptive_norm: bool = False
+    norm_multiplier: float = Field(default=3.0, gt=1, le=1000)
+    norm_window: int = Field(default=50, ge=3, le=100_000)
+    outlier: Literal["clip", "refuse"] = "clip"
+    max_per_bank: int | None = Field(default=None, ge=1)
+    aggregator: Literal["mean", "median", "trimmed_mean", "multi_krum"] = "mean"
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    krum_byzantine: int | None = Field(default=None, ge=0)
+    krum_select: int | None = Field(default=None, ge=1)
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether updates' norms are bounded at all."""
+        return self.norm_bound is not None or self.adaptive_norm
+
+
 #: ``--class-weight auto`` weighs positives only below this positive rate.
 AUTO_WEIGHT_BELOW = 0.1
 
@@ -400,6 +440,8 @@ class TaskSpec(_Spec):
     privacy: PrivacySpec = PrivacySpec()
     #: Secure aggregation (pairwise masks): the aggregator sees only cohort sums.
     secure_aggregation: SecureAggregationSpec | None = None
+    #: Bounded influence and robust aggregation (aggregator/robust.py).
+    robustness: RobustnessSpec = RobustnessSpec()
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
     max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
@@ -448,6 +490,39 @@ class TaskSpec(_Spec):
             raise ValueError(f"identity.agreement_keys names non-participants: {strangers}")
         if self.identity.require_signatures and not self.participants:
             raise ValueError("require_signatures needs the list of participants and their keys")
+        return self
+
+    @model_validator(mode="after")
+    def _robustness_fits(self) -> Self:
+        r = self.robustness
+        buffered = self.mode == "sync" or self.async_.strategy != "fedasync"
+        if r.aggregator != "mean" and not buffered:
+            raise ValueError(
+                f"robustness.aggregator {r.aggregator!r} needs a buffer or a round (fedbuff "
+                "or sync); fedasync takes one update at a time: use a norm bound and "
+                "min_cosine"
+            )
+        if r.min_cosine is not None and buffered:
+            raise ValueError("robustness.min_cosine is FedAsync's check (no buffer to compare)")
+        if r.aggregator != "mean" and self.privacy.bank is not None:
+            raise ValueError(
+                f"privacy.bank needs versions linear in the deltas; robustness.aggregator "
+                f"{r.aggregator!r} is not: use 'mean' with a norm bound"
+            )
+        if self.secure_aggregation is not None and (
+            r.aggregator != "mean" or r.bounded or r.max_per_bank is not None
+        ):
+            raise ValueError(
+                "secure_aggregation hides each update: robustness must be the defaults "
+                "(the banks bound their own updates: secure_aggregation.norm_bound and clip)"
+            )
+        if r.aggregator in ("median", "trimmed_mean") and self.server.kind != "sgd":
+            raise ValueError(
+                f"robustness.aggregator {r.aggregator!r} is its own step: it needs "
+                f"server.kind 'sgd', not {self.server.kind!r}"
+            )
+        if r.krum_select is not None and r.aggregator != "multi_krum":
+            raise ValueError("robustness.krum_select is multi_krum's")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from fedq.cli_common import (
     log_options,
     model_options,
     redis_option,
+    robustness_options,
     seconds_option,
     seed_option,
     server_options,
@@ -33,6 +34,7 @@ from fedq.cli_common import (
     spec_option,
     spec_overrides,
     target_options,
+    underscored,
 )
 
 
@@ -318,6 +320,7 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 @class_weight_option
 @async_options(simulation=True)
 @server_options(simulation=True)
+@robustness_options(simulation=True)
 @model_options(simulation=True)
 @_sim_spec("training.epochs", "--epochs", type=click.IntRange(min=1))
 @_sim_spec("training.lr", "--lr", type=click.FloatRange(min=0.0, min_open=True))
@@ -376,6 +379,22 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     help="The share of customers flagged for the report's precision and recall at alert.",
 )
 @seed_option
+@click.option(
+    "--attack",
+    type=click.Choice(["scale", "sign-flip", "huge", "label-flip", "copies"]),
+    default=None,
+    callback=underscored,
+    help="Make the last --attackers banks hostile: scale (delta x100), sign-flip (delta "
+    "x-10), huge (every value 3e38), label-flip (train on flipped labels), copies (each "
+    "update published 5 times) [default: every bank honest].",
+)
+@click.option(
+    "--attackers",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="With --attack: how many banks are hostile (the last ones by name).",
+)
 @privacy_options
 @amqp_option("Run against this RabbitMQ instead of the in-process broker.", default=None)
 @file_option(
@@ -424,6 +443,11 @@ def simulate(**opts: Any) -> None:
                 f"--bank-urls names {len(bank_urls)} banks", param_hint="'--participants'"
             )
         opts["participants"] = len(bank_urls)
+    if opts["attack"] is None and ctx.get_parameter_source("attackers") not in (
+        ParameterSource.DEFAULT,
+        ParameterSource.DEFAULT_MAP,
+    ):
+        raise click.BadParameter("needs --attack", param_hint="'--attackers'")
     bundled = opts["data"] is None
     config = SimulationConfig(
         data=bundled_data() if bundled else opts["data"],
@@ -470,6 +494,8 @@ def simulate(**opts: Any) -> None:
         redis_url=opts["redis_url"],
         report=opts["report"],
         plot=opts["plot"],
+        attack=opts["attack"],
+        attackers=opts["attackers"],
     )
     if not config.target:
         raise click.BadParameter("--target is required with --data", param_hint="'--target'")
@@ -679,6 +705,7 @@ def task() -> None:
 @model_options(simulation=False)
 @async_options(simulation=False)
 @server_options(simulation=False)
+@robustness_options(simulation=False)
 @click.option(
     "--max-samples",
     type=click.IntRange(min=1),

@@ -1,4 +1,5 @@
-"""``fedq replay``, ``fedq audit show``, ``fedq export``: what auditors run."""
+"""``fedq replay``, ``fedq audit show``, ``fedq audit contributions``, ``fedq export``:
+what auditors run."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from fedq.cli_common import (
 )
 
 if TYPE_CHECKING:
+    from aggregator.audit.contributions import ContributionReport
     from aggregator.audit.replay import ReplayReport
     from aggregator.store import RedisModelStore
 
@@ -297,6 +299,189 @@ def audit_show(task: str, version: int, as_json: bool, redis_url: str) -> None:
         console.print(refused)
     else:
         console.print("no refusals in this window")
+
+
+@audit.command("contributions")
+@task_option
+@file_option(
+    "--data",
+    help="Holdout CSV or Parquet with the task's features and target: every model is "
+    "scored on it (required).",
+)
+@target_options(
+    "With --data: the target column, if not the task's.", "With --target: the value of class 1."
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["auc", "loss"]),
+    default="auc",
+    show_default=True,
+    help="auc: ROC AUC; loss: the negative log loss (higher is better).",
+)
+@click.option(
+    "--permutations",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Orders of the banks sampled (truncated Monte Carlo Shapley).",
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Average over every order of the banks instead (at most 6 banks): no sampling error.",
+)
+@click.option(
+    "--truncation",
+    default=0.001,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Along an order, stop replaying once the value is this close to the full "
+    "model's (in the metric's units); the values then sum to the full gain within it.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Seed of the sampled permutations: the same seed gives the same values.",
+)
+@click.option("--to-version", default=None, type=click.IntRange(min=0), help="Default: the head.")
+@json_option
+@amqp_option("The broker holding the audit stream.")
+@store_option
+def audit_contributions(
+    task: str,
+    data: Path | None,
+    target: str | None,
+    positive: str | None,
+    metric: str,
+    permutations: int,
+    exact: bool,
+    truncation: float,
+    seed: int,
+    to_version: int | None,
+    as_json: bool,
+    amqp_url: str,
+    redis_url: str,
+) -> None:
+    """Each bank's leave-one-out and Shapley value, over replayed coalitions.
+
+    The value of a coalition of banks is the metric, on --data, of the model replayed
+    from the recorded updates of those banks only (docs/audit.md, Contributions).
+    """
+    if data is None:
+        raise FedqError(
+            "a holdout set is needed: each coalition's model is valued by its metric on "
+            "held-out rows the banks did not train on; give --data holdout.csv (the "
+            "task's features and target)"
+        )
+    console = Console(stderr=as_json)
+    report = asyncio.run(
+        _contributions(
+            task,
+            (data, target, positive),
+            metric,
+            (permutations, exact, truncation, seed),
+            to_version,
+            console,
+            amqp_url,
+            redis_url,
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_contributions(console, report)
+
+
+async def _contributions(
+    task: str,
+    evaluation: tuple[Path, str | None, str | None],
+    metric: str,
+    estimator: tuple[int, bool, float, int],
+    to_version: int | None,
+    console: Console,
+    amqp_url: str,
+    redis_url: str,
+) -> ContributionReport:
+    from aggregator.audit.contributions import Holdout, replay_contributions
+    from aggregator.audit.replay import index_answers, index_updates
+    from common.spec import TargetSpec
+    from common.transport.amqp import AmqpTransport
+    from participant.data import encode, load_table
+
+    data, target, positive = evaluation
+    permutations, exact, truncation, seed = estimator
+    async with _store(redis_url) as store:
+        spec = await store.get_spec(task)
+        if target is not None:
+            spec = spec.model_copy(update={"target": TargetSpec(name=target, positive=positive)})
+        x, y = encode(load_table(data), spec)
+        holdout = Holdout(spec, x, y, "auc" if metric == "auc" else "loss")
+        transport = await AmqpTransport.connect(amqp_url, name="fedq-contributions")
+        try:
+            bodies = [b async for b in transport.read_audit(task)]
+        finally:
+            await transport.close()
+        updates, answers = index_updates(bodies), index_answers(bodies)
+        console.print(f"audit stream: {len(bodies)} messages, {len(updates)} distinct updates")
+        with console.status("replaying coalitions") as status:
+            return await replay_contributions(
+                store,
+                updates,
+                task,
+                holdout,
+                answers=answers,
+                to_version=to_version,
+                permutations=permutations,
+                truncation=truncation,
+                seed=seed,
+                exact=exact,
+                metric=holdout.description,
+                on_replay=lambda n: status.update(f"replaying coalitions ({n} valued)"),
+            )
+
+
+def _print_contributions(console: Console, report: ContributionReport) -> None:
+    """The per-bank table, the estimator, the sum check and the caveat."""
+    from aggregator.audit.contributions import CAVEAT
+
+    console.print(
+        f"[bold]{report.task}[/] version {report.to_version}: {report.metric}\n"
+        f"all banks {report.value_all:.4f}, no bank (version 0) {report.value_empty:.4f}, "
+        f"gain {report.gain:+.4f}"
+    )
+    table = Table(title="contributions")
+    for col in ("bank", "updates", "leave-one-out", "Shapley", "± s.e.", "share of gain"):
+        table.add_column(col, justify="left" if col == "bank" else "right")
+    for b in report.banks:
+        share = f"{report.shapley[b] / report.gain:.1%}" if report.gain else "-"
+        table.add_row(
+            b,
+            str(report.updates.get(b, 0)),
+            f"{report.leave_one_out[b]:+.4f}",
+            f"{report.shapley[b]:+.4f}",
+            "exact" if report.exact else f"{report.stderr[b]:.4f}",
+            share,
+        )
+    console.print(table)
+    if report.exact:
+        how = f"exact: every order of the {len(report.banks)} banks ({report.permutations} orders)"
+    else:
+        how = (
+            f"truncated Monte Carlo Shapley: {report.permutations} permutations, seed "
+            f"{report.seed}, truncation {report.truncation:g} ({report.truncated} marginal "
+            "gains truncated); ± is the Monte Carlo standard error"
+        )
+    console.print(f"estimator: {how}; {report.evaluations} coalitions valued")
+    bound = f"at most {report.efficiency_bound:g} by truncation" if report.truncated else "exact"
+    console.print(
+        f"sum check: Shapley values sum to {report.shapley_sum:+.6f}, all banks minus no "
+        f"bank is {report.gain:+.6f}, gap {report.efficiency_gap:+.2e} ({bound})"
+    )
+    console.print(f"[yellow]caveat:[/] {CAVEAT}", markup=True)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _privacy_line(p: dict[str, Any]) -> str:

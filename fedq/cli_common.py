@@ -425,6 +425,94 @@ def server_options(*, simulation: bool) -> Callable[[F], F]:
     )
 
 
+def underscored(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A choice spelled with hyphens on the command line (``trimmed-mean``) as the
+    spec's value (``trimmed_mean``)."""
+    return None if value is None else value.replace("-", "_")
+
+
+def robustness_options(*, simulation: bool) -> Callable[[F], F]:
+    """Bounded influence and robust aggregation (``common.spec.RobustnessSpec``)."""
+    positive = click.FloatRange(min=0.0, min_open=True)
+
+    def opt(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
+        return spec_option(f"robustness.{spec_field}", *decls, simulation=simulation, **attrs)
+
+    return _stack(
+        opt(
+            "norm_bound",
+            "--norm-bound",
+            type=positive,
+            help="Bound every update's delta to this L2 norm [default: no fixed bound].",
+        ),
+        opt(
+            "adaptive_norm",
+            "--adaptive-norm/--no-adaptive-norm",
+            help="Bound each update's norm by --norm-multiplier times the median norm of "
+            "the last --norm-window accepted updates (with --norm-bound: the smaller).",
+        ),
+        opt(
+            "norm_multiplier",
+            "--norm-multiplier",
+            type=click.FloatRange(1.0, 1000.0, min_open=True),
+            help="--adaptive-norm: the bound's multiple of the median recent norm.",
+        ),
+        opt(
+            "norm_window",
+            "--norm-window",
+            type=click.IntRange(3, 100_000),
+            help="--adaptive-norm: the accepted updates the median is taken over.",
+        ),
+        opt(
+            "outlier",
+            "--outlier",
+            type=click.Choice(["clip", "refuse"]),
+            help="An update over the norm bound: scaled down to it, or refused (outlier).",
+        ),
+        opt(
+            "max_per_bank",
+            "--max-per-bank",
+            type=click.IntRange(min=1),
+            help="FedBuff: at most this many updates of one bank in a buffer (more are "
+            "refused over_cap) [default: no cap].",
+        ),
+        opt(
+            "aggregator",
+            "--robust-aggregator",
+            "robust_aggregator",
+            type=click.Choice(["mean", "median", "trimmed-mean", "multi-krum"]),
+            callback=underscored,
+            help="How a FedBuff buffer or a sync round is combined: the weighted mean, the "
+            "coordinate-wise median, the trimmed mean or multi-Krum.",
+        ),
+        opt(
+            "trim_fraction",
+            "--trim-fraction",
+            type=click.FloatRange(0.0, 0.5, max_open=True),
+            help="Trimmed mean: the share cut at each end.",
+        ),
+        opt(
+            "krum_byzantine",
+            "--krum-byzantine",
+            type=click.IntRange(min=0),
+            help="Multi-Krum: the attackers assumed [default: a fifth of the buffer].",
+        ),
+        opt(
+            "krum_select",
+            "--krum-select",
+            type=click.IntRange(min=1),
+            help="Multi-Krum: the updates averaged [default: the buffer minus the attackers].",
+        ),
+        opt(
+            "min_cosine",
+            "--min-cosine",
+            type=click.FloatRange(-1.0, 1.0),
+            help="FedAsync: refuse (outlier) an update whose cosine with the recent "
+            "aggregate direction is below this [default: no check].",
+        ),
+    )
+
+
 def _class_weight(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     from common.spec import positive_weight_for
 

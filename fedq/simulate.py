@@ -182,6 +182,11 @@ class SimulationConfig:
     redis_url: str | None = None
     report: Path | None = None
     plot: Path | None = None
+    #: Hostile banks (fedq.simulate_attacks): the attack the last ``attackers`` banks
+    #: (by name) run: scale, sign_flip, huge, label_flip or copies. None: every bank
+    #: is honest.
+    attack: str | None = None
+    attackers: int = 1
     #: A named hook around the stages of the service, the store and the workers
     #: (benchmarks time them; see common.hooks).
     stages: Stages = untimed
@@ -281,7 +286,8 @@ class SimulationResult:
     #: What differential privacy cost, when the run used it: the settings, each bank's
     #: epsilon (record level, Laplace) and the model's (bank level); empty without.
     privacy: dict[str, Any] = field(default_factory=dict)
-    #: Per version: {"seconds", "version", "refused": {bank: refusals since the last version}}.
+    #: Per version: {"seconds", "version", "refused": {bank: refusals since the last
+    #: version}, "clipped": {bank: its updates in the version its norm bound clipped}}.
     events: list[dict[str, Any]] = field(default_factory=list)
     #: How the centralized baseline was fitted (fedq.baselines: epochs, why it stopped).
     centralized_how: Any = None
@@ -357,6 +363,11 @@ def check_options(config: SimulationConfig) -> None:
         raise ConfigError(f"test_fraction must be in (0, 1), not {config.test_fraction}")
     _check_bank_urls(config)
     _check_run_options(config)
+    if config.attack is not None:
+        from fedq.simulate_attacks import check_attack
+
+        secure = config.secure_aggregation is not None
+        check_attack(config.attack, config.attackers, n, secure_aggregation=secure)
     config.privacy.check()
     _check_shares(config)
     if config.partition == "column" and not config.partition_column:
@@ -367,7 +378,10 @@ def check_options(config: SimulationConfig) -> None:
         )
     # The task settings, checked before the data is read (a placeholder feature).
     check = NumericFeature(name=f"{config.target}-feature")
-    sync = _task_spec(config, (check,), config.positive, _names(config)).sync
+    spec = _task_spec(config, (check,), config.positive, _names(config))
+    if config.secure_aggregation is not None:  # what it refuses (robustness, ...), now
+        _secured(spec.model_copy(update={"identity": _identity(spec.participants)[0]}), config)
+    sync = spec.sync
     for option, value in (("--quorum", sync.quorum), ("--min-updates", sync.min_updates)):
         if value > n:
             raise ConfigError(
@@ -874,7 +888,9 @@ def fit_baselines(
 def _proba(spec: TaskSpec, params: Tensors, x: torch.Tensor) -> npt.NDArray[np.float64]:
     from common.evaluation import predict_proba
 
-    return predict_proba(spec, params, x).numpy().astype(np.float64)
+    p = predict_proba(spec, params, x).numpy().astype(np.float64)
+    # A model driven to ~1e38 by a hostile update scores NaN: uninformative, 0.5.
+    return np.nan_to_num(p, nan=0.5)
 
 
 def _auc(y: npt.NDArray[np.float64], p: npt.NDArray[np.float64]) -> float | None:
@@ -976,6 +992,19 @@ async def _transports(
     return agg, banks
 
 
+def _clipped(record: VersionRecord) -> dict[str, int]:
+    """Per bank: its updates the version's norm bound clipped (``info["robust"]``)."""
+    robust = record.info.get("robust")
+    clipped = robust.get("clipped") if isinstance(robust, Mapping) else None
+    if not isinstance(clipped, Mapping):
+        return {}
+    out: dict[str, int] = {}
+    for e in record.lineage:
+        if e.update_id in clipped:
+            out[e.participant] = out.get(e.participant, 0) + 1
+    return out
+
+
 @dataclass(slots=True)
 class _Watch:
     """What the run records at each version, and when it should stop."""
@@ -1024,6 +1053,7 @@ class _Watch:
                 "seconds": seconds,
                 "version": record.version,
                 "refused": {n: k for n, k in since.items() if k > 0},
+                "clipped": _clipped(record),
             }
         )
         self._plateau(val_auc)
@@ -1146,8 +1176,18 @@ def _workers(
     from participant.worker import ParticipantWorker, WorkerConfig
 
     speeds = _speeds(config)
+    hostile = _hostile(config, prep.spec.participants)
+
+    def worker(name: str, *args: Any, **kwargs: Any) -> ParticipantWorker:
+        if name not in hostile or config.attack is None:
+            return ParticipantWorker(*args, **kwargs)
+        from fedq.simulate_attacks import HostileWorker
+
+        return HostileWorker(*args, attack=config.attack, **kwargs)
+
     return [
-        ParticipantWorker(
+        worker(
+            name,
             prep.spec,
             WorkerConfig(
                 participant=name,
@@ -1163,6 +1203,15 @@ def _workers(
         )
         for i, name in enumerate(prep.spec.participants)
     ]
+
+
+def _hostile(config: SimulationConfig, names: Sequence[str]) -> tuple[str, ...]:
+    """The banks that run ``config.attack`` (none without one)."""
+    if config.attack is None:
+        return ()
+    from fedq.simulate_attacks import hostile_banks
+
+    return hostile_banks(names, config.attack, config.attackers)
 
 
 def _speeds(config: SimulationConfig) -> list[float]:
@@ -1296,6 +1345,7 @@ def _participants(
     shares = weight_shares(watch.lineages)
     total = sum(len(s) for s in prep.shards.values())
     speeds = _speeds(config)
+    hostile = _hostile(config, prep.spec.participants)
     y = prep.y_train.numpy().astype(np.float64)
     out: dict[str, dict[str, Any]] = {}
     for i, w in enumerate(workers):
@@ -1306,6 +1356,7 @@ def _participants(
             "held_out": scores.own[name]["n"],
             "positive_rate": float(y[prep.bank_train[name]].mean()),
             "speed": speeds[i],
+            "hostile": config.attack if name in hostile else None,
             "updates_published": w.stats.published,
             "last_version_seen": w.stats.last_version,
             **_bank_decisions(stats, name),
@@ -1383,6 +1434,7 @@ def _settings(config: SimulationConfig, spec: TaskSpec) -> dict[str, Any]:
     out["input_dim"] = spec.input_dim
     out["max_versions"] = config.max_versions
     out["patience_versions"] = config.patience_versions(spec)
+    out["hostile_banks"] = list(_hostile(config, spec.participants))
     out["spec"] = json.loads(spec.to_json())
     return out
 

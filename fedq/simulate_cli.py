@@ -55,8 +55,11 @@ def run_with_progress(
     where = "embedded (in-process broker and Redis)" if config.embedded else "real servers"
     modes = ["async", "sync"] if both else [config.mode]
     seeds = f", {config.seeds} split seeds" if config.seeds > 1 else ""
+    hostile = ""
+    if config.attack is not None and config.attackers > 0:
+        hostile = f", {config.attackers} hostile ({config.attack})"
     console.print(
-        f"fedq simulate: {config.participants} banks, mode {' and '.join(modes)}, "
+        f"fedq simulate: {config.participants} banks{hostile}, mode {' and '.join(modes)}, "
         f"data {config.data.name}, {where}{seeds}"
     )
     runs: list[Run] = []
@@ -187,6 +190,7 @@ def _summary(r: SimulationResult, console: Console) -> None:
     table.add_row("initial model (version 0)", f"{r.initial_auc:.4f}")
     console.print(table)
     _banks(r, console)
+    _hostile(r, console)
     _flagged(r, console)
     fm, cr = r.final_metrics, r.centralized_risk
     if "pr_auc" in fm and "pr_auc" in r.centralized_metrics:
@@ -268,8 +272,9 @@ def _banks(r: SimulationResult, console: Console) -> None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for name, p in r.participants.items():
         refused = sum(p["updates_refused"].values())
+        marks = [m for m, on in (("hostile", p.get("hostile")), ("flagged", p["flagged"])) if on]
         table.add_row(
-            f"{name}{' (flagged)' if p['flagged'] else ''}",
+            f"{name}{''.join(f' ({m})' for m in marks)}",
             str(p["rows"]),
             f"{p['speed']:g}",
             f"{100 * p['data_share']:.0f}% / {100 * p['weight_share']:.0f}%",
@@ -278,6 +283,23 @@ def _banks(r: SimulationResult, console: Console) -> None:
             _own(p, "local_only_auc"),
         )
     console.print(table)
+
+
+def _hostile(r: SimulationResult, console: Console) -> None:
+    """Which banks ran an attack (--attack), and what the aggregator made of them."""
+    hostile = [n for n, p in r.participants.items() if p.get("hostile")]
+    if not hostile:
+        return
+    attack = r.participants[hostile[0]]["hostile"]
+    refused = sum(sum(r.participants[n]["updates_refused"].values()) for n in hostile)
+    accepted = sum(r.participants[n]["updates_accepted"] for n in hostile)
+    clipped = sum(e.get("clipped", {}).get(n, 0) for e in r.events for n in hostile)
+    whose = "its" if len(hostile) == 1 else "their"
+    console.print(
+        f"[red]hostile:[/] {', '.join(hostile)} ran the {attack} attack: {accepted} of "
+        f"{whose} updates accepted ({clipped} clipped), {refused} refused",
+        highlight=False,
+    )
 
 
 def _flagged(r: SimulationResult, console: Console) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import structlog
+import torch
 
 from common.errors import ConfigError, DecodeError, SecAggError, TransportError
 from common.evaluation import evaluate
@@ -101,6 +103,8 @@ class WorkerStats:
     budget_note: str = ""
     #: The bank's cumulative epsilon under the task's local mechanism (0 without one).
     dp_epsilon: float = 0.0
+    #: Local trainings whose delta was not finite (nothing published for them).
+    not_finite: int = 0
     #: Secure aggregation: unmask requests answered, and refused (participant/secagg.py).
     unmask_answered: int = 0
     unmask_refused: int = 0
@@ -421,6 +425,17 @@ class ParticipantWorker:
         delta, train_metrics, steps = await asyncio.to_thread(self._train, model, seed)
         if cfg.delay_s > 0:
             await asyncio.sleep(cfg.delay_s)
+        if not await asyncio.to_thread(_finite, delta):
+            # A model gone wild (another bank's update pushed it to ~1e38) trains to NaN:
+            # nothing sensible to send. Wait for the next version instead of dying.
+            self.stats.not_finite += 1
+            self.log.warning(
+                "local training gave a non-finite delta; nothing published",
+                version=model.version,
+            )
+            return
+        train_metrics = {k: v for k, v in train_metrics.items() if math.isfinite(v)}
+        val_metrics = {k: v for k, v in val_metrics.items() if math.isfinite(v)}
         if self.masker is not None:
             # Under secure aggregation the aggregator sees sums only: no per-bank metric.
             metrics = self.ledger.quote(steps) if self.ledger.active else {}
@@ -513,3 +528,8 @@ class ParticipantWorker:
             return
         self.stats.unmask_answered += 1
         self.log.info("unmask request answered", cohort=cohort, answer_id=answer_id)
+
+
+def _finite(delta: Tensors) -> bool:
+    """Whether every value of ``delta`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in delta.values())

@@ -210,6 +210,8 @@ ORDER = [
     "too_stale",
     "duplicate",
     "base_unavailable",
+    "over_cap",
+    "outlier",
     "not_masked",
     "cohort_closed",
     "invalid_update",

@@ -448,7 +448,7 @@ async def test_a_cohort_without_enough_answers_is_given_up_and_the_next_one_goes
     params = (await store.get_params(task, 1)).tensors
     assert all(torch.equal(params[k], head[k]) for k in head)  # nothing was revealed
     # the next cohort opens under a new number, and a round with every answer commits
-    assert service.cohort is not None and service.cohort.number == 1
+    await wait_for(lambda: service.cohort is not None and service.cohort.number == 1)
     listening = [asyncio.create_task(banks[p].answer(quiet)) for p in spec.participants[2:]]
     for p in spec.participants:
         uid, body = _masked_body(spec, p, deltas[p], samples[p], cohort=1)

@@ -11,7 +11,9 @@ store. The first divergence is named with its reason.
 
 With ``exclude``, the chain is rebuilt without one participant's updates, with
 the weights that strategy's ``without`` gives the others: the counterfactual
-model, "what would the model be without this bank".
+model, "what would the model be without this bank". ``exclude`` may also name a set
+of participants (:mod:`aggregator.audit.contributions` replays every coalition of
+banks): each is left out in turn, in name order, by the strategy's ``without``.
 
 A version recorded with a server optimizer (momentum, FedAdam, FedYogi: its record
 names the optimizer and its state hash) is recomputed by
@@ -47,10 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aggregator import privacy, server_opt
+from aggregator import robust as robust_fns
+from aggregator.bounds import apply_clips
 from aggregator.privacy import VersionPrivacy
 from aggregator.secagg import MASKED_DTYPE, SecureRecord, secure_params
 from aggregator.server_opt import ServerState
@@ -106,8 +110,10 @@ class ReplayReport:
     checked: int = 0
     first_bad_version: int | None = None
     reason: str = ""
+    #: The participant left out (several: their names joined by ", "); None when not
+    #: excluding.
     excluded: str | None = None
-    #: Updates of the excluded participant that were left out.
+    #: Updates of the excluded participant(s) that were left out.
     left_out: int = 0
     params: Tensors = field(default_factory=dict)
     param_hash: bytes = b""
@@ -242,7 +248,7 @@ async def replay(
     *,
     from_version: int = 0,
     to_version: int | None = None,
-    exclude: str | None = None,
+    exclude: str | Collection[str] | None = None,
     on_version: Callable[[int], None] | None = None,
     answers: Mapping[str, Sequence[bytes]] | None = None,
 ) -> ReplayReport:
@@ -253,10 +259,14 @@ async def replay(
     stream-wide cohort checks of :func:`check_cohorts` run when not excluding).
     Excluding a bank that is a survivor of a secure version in the range raises
     ReplayError: that counterfactual cannot be computed (:func:`refuse_secure_exclusion`).
+    ``exclude`` names one participant or a collection of them (left out in turn, in
+    name order); an empty collection excludes nobody: the chain is replayed and checked.
     """
+    left = excluded_names(exclude)
     spec = await store.get_spec(task)
     last = await _last_version(store, task, from_version, to_version)
-    report = ReplayReport(task, from_version, last, excluded=exclude)
+    named = exclude if isinstance(exclude, str) else ", ".join(left) or None
+    report = ReplayReport(task, from_version, last, excluded=named)
     answers = answers or {}
     start = await store.get_version(task, from_version)
     try:
@@ -277,18 +287,18 @@ async def replay(
     masked_expected = masked_specs(expected)
     identities = Identities(await store.spec_history(task), spec)
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
-    if exclude is not None:
-        refuse_secure_exclusion(records, exclude)
+    if left:
+        refuse_secure_exclusion(records, left)
     else:
         await check_cohorts(store, task, answers, identities, records, report)
-    bases = _Bases(store, task, records, from_version, env.tensors, exclude)
+    bases = _Bases(store, task, records, from_version, env.tensors, bool(left))
+    run = _Run(store, updates, answers, identities, expected, masked_expected, bases, report, left)
     parent, parent_hash = env.tensors, start.version_hash
     try:
         private = _privacy_of(start)
     except ReplayError as err:
         report.first_bad_version, report.reason = from_version, str(err)
         return report
-    run = _Run(store, updates, answers, identities, expected, masked_expected, bases, report)
     for rec in records:
         if "secagg_failed" in rec.info:
             params, private, problem, parent_hash = await run.failed(
@@ -331,6 +341,8 @@ class _Run:
     masked: Mapping[str, TensorSpec]
     bases: _Bases
     report: ReplayReport
+    #: The participants left out, in name order (empty: replay and check).
+    left: tuple[str, ...] = ()
 
     async def plain(
         self,
@@ -344,7 +356,9 @@ class _Run:
         bank-level DP): (params, state, privacy record, problem, version hash)."""
         exclude, report = self.report.excluded, self.report
         strategy = _strategy(str(rec.info.get("strategy", "")))
-        entries = rec.lineage if exclude is None else strategy.without(rec.lineage, exclude)
+        entries = rec.lineage
+        for name in self.left:
+            entries = strategy.without(entries, name)
         report.left_out += len(rec.lineage) - len(entries)
         deltas: dict[str, Tensors] = {}
         identity = self.identities.at(rec.version)
@@ -354,9 +368,12 @@ class _Run:
         if problem is not None:
             return parent, state, private, problem, parent_hash
         report.signatures += sum(1 for e in entries if e.update_id in self.identities.signed)
+        # Updates over the norm bound were offered clipped by the recorded factors.
+        deltas = apply_clips(deltas, _clip_factors(rec))
+        robust = _robust_kind(self.identities.spec(rec.version), strategy)
         of = {x.base_version: await self.bases.get(x.base_version) for x in entries}
         params, state, private, problem = await asyncio.to_thread(
-            _recompute_version, strategy, rec, parent, state, of, entries, deltas, private
+            _recompute_version, strategy, rec, parent, state, of, entries, deltas, private, robust
         )
         if problem is None and exclude is None:
             problem, parent_hash = await _verify_version(
@@ -428,11 +445,13 @@ def _recompute_version(
     entries: tuple[LineageEntry, ...],
     deltas: Mapping[str, Tensors],
     parent_private: VersionPrivacy | None,
+    robust: tuple[str, float, float] | None = None,
 ) -> tuple[Tensors, ServerState | None, VersionPrivacy | None, str | None]:
     """A version's parameters, optimizer state, privacy record and the problem found
     (None if none): through its recorded server optimizer when it has one, through
-    bank-level DP when it has a privacy record (:func:`_recompute_private`), else
-    through its strategy (no state)."""
+    bank-level DP when it has a privacy record (:func:`_recompute_private`), through
+    the spec's coordinate-wise aggregator (``robust``: kind, server_lr, trim) when it
+    has one, else through its strategy (no state)."""
     try:
         private = _privacy_of(rec)
     except ReplayError as err:
@@ -451,7 +470,32 @@ def _recompute_version(
             [e.weight for e in entries],
         )
         return params, state, None, None
+    if robust is not None:
+        kind, lr, trim = robust
+        params = robust_fns.robust_step(
+            parent, [deltas[e.update_id] for e in entries], kind=kind, server_lr=lr, trim=trim
+        )
+        return params, None, None, None
     return strategy.recompute(parent, bases.__getitem__, entries, deltas), None, None, None
+
+
+def _clip_factors(rec: VersionRecord) -> dict[str, float]:
+    """The clip factor of each update the version's bounds scaled down (``info["robust"]``)."""
+    robust = rec.info.get("robust")
+    clipped = robust.get("clipped", {}) if isinstance(robust, Mapping) else {}
+    if not isinstance(clipped, Mapping):
+        raise ReplayError("info.robust.clipped is not a map")
+    return {str(k): float(v) for k, v in clipped.items()}
+
+
+def _robust_kind(spec: TaskSpec, strategy: type[Strategy]) -> tuple[str, float, float] | None:
+    """The coordinate-wise aggregator a version of ``strategy`` under ``spec`` was made
+    with (kind, server_lr, trim), or None for a weighted sum (mean, multi-Krum)."""
+    r = spec.robustness
+    if r.aggregator not in ("median", "trimmed_mean") or strategy.name not in ("fedbuff", "fedavg"):
+        return None
+    lr = float(spec.async_.server_lr) if spec.mode == "async" else 1.0
+    return r.aggregator, lr, r.trim_fraction
 
 
 def _check_privacy_settings(rec: VersionRecord, spec: TaskSpec) -> str | None:
@@ -561,7 +605,7 @@ class _Bases:
         records: Sequence[VersionRecord],
         from_version: int,
         start: Tensors,
-        exclude: str | None,
+        exclude: bool,
     ) -> None:
         self.store, self.task, self.exclude = store, task, exclude
         self.last_use: dict[int, int] = {}
@@ -573,7 +617,7 @@ class _Bases:
     async def get(self, v: int) -> Tensors:
         if v in self.history:
             return self.history[v]
-        if self.exclude is not None:
+        if self.exclude:
             raise ReplayError(f"base version {v} precedes --from-version; start earlier")
         return (await self.store.get_params(self.task, v)).tensors
 
@@ -900,12 +944,26 @@ def secure_exclusion_message(version: int, bank: str, cohort: int | None = None)
     )
 
 
-def refuse_secure_exclusion(records: Sequence[VersionRecord], exclude: str) -> None:
-    """Raise ReplayError when ``exclude`` is a survivor of a version made by secure
-    aggregation among ``records``: its update is in that version only inside a masked
-    sum. (A secure version ``exclude`` had no update in is rebuilt as it was made: the
-    same unmasked sum applied to the counterfactual parent. A failed cohort's version,
+def excluded_names(exclude: str | Collection[str] | None) -> tuple[str, ...]:
+    """The participants ``exclude`` names (one name, or a collection), in name order."""
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        return (exclude,)
+    return tuple(sorted(set(exclude)))
+
+
+def refuse_secure_exclusion(
+    records: Sequence[VersionRecord], exclude: str | Collection[str]
+) -> None:
+    """Raise ReplayError when ``exclude`` (a participant, or any of a collection of
+    them) is a survivor of a version made by secure aggregation among ``records``: its
+    update is in that version only inside a masked sum; the first such version, and
+    there the first such participant in name order, is named. (A secure version
+    ``exclude`` had no update in is rebuilt as it was made: the same unmasked sum
+    applied to the counterfactual parent. A failed cohort's version,
     ``info["secagg_failed"]``, has no sum: it keeps the counterfactual parent.)"""
+    left = excluded_names(exclude)
     for rec in records:
         if "secagg" not in rec.info or "secagg_failed" in rec.info:
             continue
@@ -918,8 +976,9 @@ def refuse_secure_exclusion(records: Sequence[VersionRecord], exclude: str) -> N
         if record is not None:
             cohort = record.decision.cohort
             named |= set(record.decision.survivors)
-        if exclude in named:
-            raise ReplayError(secure_exclusion_message(rec.version, exclude, cohort))
+        for bank in left:
+            if bank in named:
+                raise ReplayError(secure_exclusion_message(rec.version, bank, cohort))
 
 
 def _is_secure(rec: VersionRecord, spec: TaskSpec) -> bool:

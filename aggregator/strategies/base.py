@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol, Self
 
 from aggregator import aggregate
+from aggregator import robust as robust_fns
 from aggregator.server_opt import ServerOptimizer, ServerState
 from common.hashing import LineageEntry
-from common.spec import TaskSpec
+from common.spec import RobustnessSpec, TaskSpec
 from common.wire import Tensors
 
 #: The modes a strategy may belong to, as in ``TaskSpec.mode``.
@@ -269,3 +270,53 @@ def server_optimizer(strategy: object) -> ServerOptimizer | None:
     """The strategy's server optimizer (its attribute ``server``), or None if it has none."""
     server = getattr(strategy, "server", None)
     return server if isinstance(server, ServerOptimizer) else None
+
+
+def krum_sizes(robust: RobustnessSpec, n: int) -> tuple[int, int]:
+    """Multi-Krum's ``f`` (attackers assumed) and ``m`` (updates kept) for ``n`` updates:
+    the task's (None: ``n // 5`` and ``n - f``), lowered so that Krum is defined
+    (``n - f - 2 >= 1``, ``1 <= m <= n - f``) when a round closes with fewer updates."""
+    f = robust.krum_byzantine if robust.krum_byzantine is not None else n // 5
+    f = max(0, min(f, n - 3))
+    m = robust.krum_select if robust.krum_select is not None else n - f
+    return f, max(1, min(m, n - f))
+
+
+def robust_step(
+    server: ServerOptimizer,
+    robust: RobustnessSpec,
+    head: Tensors,
+    updates: Sequence[AcceptedUpdate],
+    weights_of: Callable[[Sequence[AcceptedUpdate]], list[float]],
+    server_lr: float,
+) -> Step:
+    """A buffer's or a round's step under the task's ``robustness.aggregator``.
+
+    ``mean``: :func:`optimizer_step` with ``weights_of(updates)``. ``multi_krum``: the
+    same over the updates Multi-Krum keeps (weights from ``weights_of`` of those alone);
+    the others stay in the lineage with weight 0, so the version is still the weighted
+    sum its lineage records. ``median`` / ``trimmed_mean``: ``head + server_lr *`` the
+    coordinate-wise aggregate (aggregator/robust.py), staleness and sample counts
+    aside; the lineage records ``server_lr / n`` for each update, for people (replay
+    recomputes such a version from the spec's aggregator, not from the weights).
+    """
+    kind = robust.aggregator
+    if kind == "mean" or (kind == "multi_krum" and len(updates) < 3):
+        # (Krum needs n - f - 2 >= 1: fewer than 3 updates are all kept)
+        return optimizer_step(server, head, updates, weights_of(updates))
+    if kind == "multi_krum":
+        f, m = krum_sizes(robust, len(updates))
+        chosen = set(robust_fns.multi_krum([u.delta for u in updates], f, m))
+        kept = [u for i, u in enumerate(updates) if i in chosen]
+        some = iter(weights_of(kept))
+        weights = [next(some) if i in chosen else 0.0 for i in range(len(updates))]
+        return optimizer_step(server, head, updates, weights)
+    params = robust_fns.robust_step(
+        head,
+        [u.delta for u in updates],
+        kind=kind,
+        server_lr=server_lr,
+        trim=robust.trim_fraction,
+    )
+    nominal = server_lr / len(updates)
+    return Step(params=params, lineage=tuple(entry(u, nominal) for u in updates))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Self
 
 from aggregator import aggregate
@@ -11,11 +12,11 @@ from aggregator.strategies.base import (
     Step,
     StrategyBase,
     left_out,
-    optimizer_step,
     reweighted,
+    robust_step,
 )
 from common.hashing import LineageEntry
-from common.spec import ServerOptimizerSpec, SyncSettings, TaskSpec
+from common.spec import RobustnessSpec, ServerOptimizerSpec, SyncSettings, TaskSpec
 from common.staleness import staleness_weight
 from common.wire import Tensors
 
@@ -40,7 +41,7 @@ class FedAvg(StrategyBase):
     FedYogi take ``sum_i w_i * delta_i`` as their pseudo-gradient.
     """
 
-    __slots__ = ("_buffer", "_sync", "quorum", "server")
+    __slots__ = ("_buffer", "_robust", "_sync", "quorum", "server")
 
     name = "fedavg"
     dp_linear = True
@@ -48,9 +49,15 @@ class FedAvg(StrategyBase):
     uses_base = False
 
     def __init__(
-        self, sync: SyncSettings, participants: int, server: ServerOptimizerSpec | None = None
+        self,
+        sync: SyncSettings,
+        participants: int,
+        server: ServerOptimizerSpec | None = None,
+        robust: RobustnessSpec | None = None,
     ) -> None:
         self._sync = sync
+        #: How a round is combined (``robustness.aggregator``; ``mean``: FedAvg).
+        self._robust = robust or RobustnessSpec()
         #: The server optimizer and the committed head's state (the service advances it).
         self.server = ServerOptimizer(server)
         #: Updates per round: ``sync.quorum``, or every participant when it is 0.
@@ -60,7 +67,7 @@ class FedAvg(StrategyBase):
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> Self:
         """From ``spec.sync``, the number of participants and ``spec.server``."""
-        return cls(spec.sync, len(spec.participants), spec.server)
+        return cls(spec.sync, len(spec.participants), spec.server, spec.robustness)
 
     @property
     def capacity(self) -> int:
@@ -104,11 +111,15 @@ class FedAvg(StrategyBase):
 
     def _close(self, head: Tensors) -> Step:
         updates = list(self._buffer)
-        raw = [
-            (float(u.num_samples) if self._sync.weighted else 1.0)
-            * staleness_weight(self._sync.staleness, u.staleness)
-            for u in updates
-        ]
-        step = optimizer_step(self.server, head, updates, aggregate.round_weights(raw))
+
+        def weights_of(chosen: Sequence[AcceptedUpdate]) -> list[float]:
+            raw = [
+                (float(u.num_samples) if self._sync.weighted else 1.0)
+                * staleness_weight(self._sync.staleness, u.staleness)
+                for u in chosen
+            ]
+            return aggregate.round_weights(raw)
+
+        step = robust_step(self.server, self._robust, head, updates, weights_of, 1.0)
         self._buffer.clear()
         return step

@@ -12,12 +12,12 @@ from aggregator.strategies.base import (
     Step,
     StrategyBase,
     left_out,
-    optimizer_step,
     reweighted,
+    robust_step,
 )
 from aggregator.weighting import Weighter, Windowed
 from common.hashing import LineageEntry
-from common.spec import AsyncSettings, TaskSpec
+from common.spec import AsyncSettings, RobustnessSpec, TaskSpec
 from common.wire import Tensors
 
 
@@ -43,7 +43,7 @@ class FedBuff(Windowed, StrategyBase):
     move while the buffer fills, so that is also its staleness at the step.
     """
 
-    __slots__ = ("_buffer", "_settings", "_weighter", "server")
+    __slots__ = ("_buffer", "_robust", "_settings", "_weighter", "server")
 
     name = "fedbuff"
     dp_linear = True
@@ -60,6 +60,8 @@ class FedBuff(Windowed, StrategyBase):
         self.server = ServerOptimizer(spec.server if spec is not None else None)
         self._buffer: list[AcceptedUpdate] = []
         self._weighter = Weighter(settings, settings.buffer_size, spec)
+        #: How a buffer is combined (``robustness.aggregator``; ``mean``: the step above).
+        self._robust = spec.robustness if spec is not None else RobustnessSpec()
 
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> Self:
@@ -133,5 +135,9 @@ class FedBuff(Windowed, StrategyBase):
         return [min(w.s(u.staleness) * w.factor(u.participant, u.num_samples), k) for u in updates]
 
     def _step(self, head: Tensors, updates: Sequence[AcceptedUpdate]) -> Step:
-        weights = aggregate.buffer_weights(self._settings.server_lr, self.scaled(updates))
-        return optimizer_step(self.server, head, updates, weights)
+        lr = self._settings.server_lr
+
+        def weights_of(chosen: Sequence[AcceptedUpdate]) -> list[float]:
+            return aggregate.buffer_weights(lr, self.scaled(chosen))
+
+        return robust_step(self.server, self._robust, head, updates, weights_of, lr)
