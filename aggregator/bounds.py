@@ -26,6 +26,7 @@ import torch
 
 from aggregator.robust import clip_factor, cosine, delta_norm, norm_bound_from
 from aggregator.strategies.base import AcceptedUpdate
+from common.hashing import LineageEntry
 from common.refusals import Refusal
 from common.spec import RobustnessSpec, TaskSpec
 from common.wire import Tensors
@@ -43,6 +44,12 @@ class Verdict:
     norm: float
     factor: float = 1.0
     refused: tuple[Refusal, str] | None = None
+
+    @property
+    def accepted_norm(self) -> float:
+        """The norm the strategy got: the bound for a clipped update. The adaptive
+        window keeps it, so a bank's huge updates cannot lift the bound."""
+        return self.norm * self.factor
 
 
 def clipped(delta: Mapping[str, torch.Tensor], factor: float) -> Tensors:
@@ -66,7 +73,9 @@ class Bounds:
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec: RobustnessSpec = spec.robustness
-        self._norms: deque[float] = deque(maxlen=self.spec.norm_window)
+        #: (bank, norm as accepted: at most the bound in force) of the last accepted
+        #: updates, oldest first.
+        self._norms: deque[tuple[str, float]] = deque(maxlen=self.spec.norm_window)
         self._direction: Tensors | None = None
 
     @property
@@ -83,7 +92,13 @@ class Bounds:
         if r.norm_bound is not None:
             bounds.append(r.norm_bound)
         if r.adaptive_norm and len(self._norms) >= r.norm_window:
-            adaptive = norm_bound_from(list(self._norms), r.norm_multiplier)
+            # One vote per bank (the median of its own recent norms), so that no bank
+            # moves the bound by sending many updates, tiny or large.
+            by_bank: dict[str, list[float]] = {}
+            for bank, norm in self._norms:
+                by_bank.setdefault(bank, []).append(norm)
+            votes = [norm_bound_from(v, 1.0) for _, v in sorted(by_bank.items())]
+            adaptive = norm_bound_from([v for v in votes if v is not None], r.norm_multiplier)
             if adaptive is not None:
                 bounds.append(adaptive)
         return min(bounds) if bounds else None
@@ -131,9 +146,10 @@ class Bounds:
             return update
         return dataclasses.replace(update, delta=clipped(update.delta, verdict.factor))
 
-    def committed(self, norms: Iterable[float], old: Tensors, new: Tensors) -> None:
-        """A version was committed: its updates' norms join the window; the step from
-        ``old`` to ``new`` moves the reference direction (FedAsync's check)."""
+    def committed(self, norms: Iterable[tuple[str, float]], old: Tensors, new: Tensors) -> None:
+        """A version was committed: its updates' (bank, norm as accepted) join the window,
+        in lineage order; the step from ``old`` to ``new`` moves the reference direction
+        (FedAsync's check)."""
         self._norms.extend(norms)
         if self.spec.min_cosine is None:
             return
@@ -146,16 +162,19 @@ class Bounds:
                 for k in step
             }
 
-    def restore(self, infos: Iterable[Mapping[str, Any]]) -> None:
-        """Rebuild the norm window from the recorded ``info["robust"]["norms"]`` of the
-        last versions, oldest first."""
+    def restore(self, versions: Iterable[tuple[Sequence[LineageEntry], Mapping[str, Any]]]) -> None:
+        """Rebuild the norm window from the last versions (lineage, info), oldest first:
+        each entry's recorded ``info["robust"]["norms"]``, in lineage order, as the
+        window took them when they were committed."""
         self._norms.clear()
-        for info in infos:
+        for lineage, info in versions:
             robust = info.get("robust")
-            if isinstance(robust, Mapping):
-                norms = robust.get("norms", {})
-                if isinstance(norms, Mapping):
-                    self._norms.extend(float(v) for v in norms.values())
+            norms = robust.get("norms", {}) if isinstance(robust, Mapping) else {}
+            if not isinstance(norms, Mapping):
+                continue
+            for e in lineage:
+                if e.update_id in norms:
+                    self._norms.append((e.participant, float(norms[e.update_id])))
 
     def record(
         self,
@@ -167,7 +186,7 @@ class Bounds:
         update's norm and the clip factor of each clipped one."""
         out: dict[str, Any] = {
             "bound": self.bound(),
-            "norms": {u: verdicts[u].norm for u in lineage_ids if u in verdicts},
+            "norms": {u: verdicts[u].accepted_norm for u in lineage_ids if u in verdicts},
             "clipped": {
                 u: verdicts[u].factor
                 for u in lineage_ids

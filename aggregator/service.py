@@ -603,7 +603,8 @@ class AggregatorService:
     # ------------------------------------------------------------------ refusals
 
     async def _refuse(self, delivery: UpdateDelivery, refused: Refused) -> None:
-        if refused.update_id is not None:
+        if refused.update_id is not None and refused.update_id not in self._pending:
+            # (a refused copy of a held update shares its id: the held one keeps its verdict)
             self._verdicts.pop(refused.update_id, None)
         reason = refused.reason
         await delivery.dead_letter(reason.value, refused.detail)
@@ -808,7 +809,7 @@ class AggregatorService:
         """After a commit: the committed updates' norms join the bounds' window."""
         if self.bounds.active:
             norms = [
-                self._verdicts.pop(e.update_id).norm
+                (e.participant, self._verdicts.pop(e.update_id).accepted_norm)
                 for e in step.lineage
                 if e.update_id in self._verdicts
             ]
@@ -1226,17 +1227,17 @@ class AggregatorService:
         r = self.spec.robustness
         if not r.adaptive_norm:
             return
-        infos: list[Mapping[str, Any]] = []
+        versions: list[tuple[Sequence[LineageEntry], Mapping[str, Any]]] = []
         norms, version = 0, head
         while norms < r.norm_window and version > 0:
             batch = range(version, max(0, version - RESTORE_BATCH), -1)
             for record in await self.store.get_versions(self.task, batch):
                 robust = record.info.get("robust")
-                infos.append(record.info)
+                versions.append((record.lineage, record.info))
                 norms += len(robust.get("norms", {})) if isinstance(robust, dict) else 0
             version = batch[-1] - 1
-        infos.reverse()
-        self.bounds.restore(infos)
+        versions.reverse()
+        self.bounds.restore(versions)
 
     def _count_weights(self, lineage: Sequence[LineageEntry], *, log_changes: bool = True) -> None:
         """Recent weight shares and the ``low_weight`` flags after a committed lineage."""

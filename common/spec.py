@@ -521,6 +521,26 @@ class TaskSpec(_Spec):
                 f"robustness.aggregator {r.aggregator!r} is its own step: it needs "
                 f"server.kind 'sgd', not {self.server.kind!r}"
             )
+        if r.adaptive_norm and r.norm_bound is None:
+            raise ValueError(
+                "robustness.adaptive_norm needs a fixed norm_bound too, as a ceiling: the "
+                "adaptive bound exists only once norm_window updates were accepted"
+            )
+        if r.max_per_bank is not None and not buffered:
+            raise ValueError("robustness.max_per_bank caps a FedBuff buffer; fedasync has none")
+        if r.aggregator == "multi_krum":
+            size = (
+                self.async_.buffer_size
+                if self.mode == "async"
+                else (self.sync.quorum or len(self.participants))
+            )
+            f = r.krum_byzantine if r.krum_byzantine is not None else size // 5
+            if f < 1 or size - f - 2 < 1:
+                raise ValueError(
+                    f"robustness.aggregator 'multi_krum' over {size} updates assumes {f} "
+                    "attackers: it needs at least 1 and size - attackers - 2 >= 1 "
+                    "(a larger buffer or quorum, or krum_byzantine)"
+                )
         if r.krum_select is not None and r.aggregator != "multi_krum":
             raise ValueError("robustness.krum_select is multi_krum's")
         return self

@@ -306,7 +306,8 @@ def test_task_init_takes_the_robustness_options() -> None:
         "outlier": "refuse",
         "max_per_bank": 2,
     }
-    krum = [*TASK_INIT, "--strategy", "fedbuff", "--robust-aggregator", "multi-krum"]
+    krum = [*TASK_INIT, "--strategy", "fedbuff", "--buffer-size", "5"]
+    krum += ["--robust-aggregator", "multi-krum"]
     result = CliRunner().invoke(main, [*krum, "--krum-byzantine", "1", "--krum-select", "3"])
     assert result.exit_code == 0, result.output
     robust = json.loads(result.stdout)["robustness"]
@@ -357,7 +358,16 @@ def test_simulate_takes_the_attack_and_robustness_options(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(fedq.simulate_cli, "run_with_progress", capture)
     args = ["simulate", "--attack", "sign-flip", "--attackers", "2", "--strategy", "fedbuff"]
-    args += ["--robust-aggregator", "multi-krum", "--krum-byzantine", "2", "--norm-bound", "3"]
+    args += [
+        "--buffer-size",
+        "5",
+        "--robust-aggregator",
+        "multi-krum",
+        "--krum-byzantine",
+        "2",
+        "--norm-bound",
+        "3",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (seen["config"].attack, seen["config"].attackers) == ("sign_flip", 2)

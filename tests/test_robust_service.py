@@ -6,6 +6,7 @@ every version bit for bit."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -236,7 +237,12 @@ async def test_the_adaptive_bound_is_restored_after_a_restart() -> None:
     spec = _spec(
         strategy="fedbuff",
         buffer_size=3,
-        robustness={"adaptive_norm": True, "norm_window": 3, "norm_multiplier": 2.0},
+        robustness={
+            "adaptive_norm": True,
+            "norm_bound": 100.0,
+            "norm_window": 3,
+            "norm_multiplier": 2.0,
+        },
     )
     broker = MemoryBroker()
     store = RedisModelStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
@@ -277,6 +283,9 @@ async def test_the_adaptive_bound_is_restored_after_a_restart() -> None:
         ({}, {"aggregator": "median"}, "needs a buffer or a round"),
         ({"strategy": "fedbuff"}, {"min_cosine": 0.5}, "FedAsync's check"),
         ({"strategy": "fedbuff"}, {"krum_select": 2}, "multi_krum's"),
+        ({"strategy": "fedbuff"}, {"adaptive_norm": True}, "needs a fixed norm_bound"),
+        ({}, {"max_per_bank": 1}, "fedasync has none"),
+        ({"strategy": "fedbuff", "buffer_size": 4}, {"aggregator": "multi_krum"}, "assumes 0"),
     ],
 )
 def test_robustness_settings_that_cannot_work_are_refused(
@@ -304,3 +313,63 @@ def test_a_coordinate_wise_aggregator_refuses_bank_level_dp_and_optimizers() -> 
         TaskSpec.parse(
             {**base, "robustness": {"aggregator": "trimmed_mean"}, "server": {"kind": "adam"}}
         )
+
+
+@pytest.mark.parametrize(
+    "rig",
+    [_spec(strategy="fedbuff", buffer_size=3, robustness={"norm_bound": 1.0})],
+    indirect=True,
+)
+async def test_a_refused_copy_of_a_held_update_keeps_its_clip_factor(rig: Rig) -> None:
+    """A bank that publishes again after a lost confirm sends the same id twice: the
+    copy is refused duplicate, and the held update keeps its clip factor for replay."""
+    big = _like(rig.spec, 5.0)
+    uid = await rig.send("bank-c", big)
+    await wait_for(lambda: len(rig.service.strategy.pending()) == 1)
+    await rig.send("bank-c", big, uid=uid)  # the same update again
+    await rig.send("bank-a", _honest(rig.spec, 1))
+    await rig.send("bank-b", _honest(rig.spec, 2))
+    await wait_for(lambda: rig.service.head_version == 1)
+    assert uid in (await rig.store.get_version(rig.spec.task_id, 1)).info["robust"]["clipped"]
+    await rig.replays()
+
+
+def test_one_bank_cannot_move_the_adaptive_bound_by_sending_many_updates() -> None:
+    from aggregator.bounds import Bounds
+
+    spec = _spec(
+        strategy="fedbuff",
+        robustness={
+            "adaptive_norm": True,
+            "norm_bound": 1e6,
+            "norm_window": 10,
+            "norm_multiplier": 3.0,
+        },
+    )
+    bounds = Bounds(spec)
+    head = model_tensors(build_task_model(spec))
+    honest = [("bank-a", 1.0), ("bank-b", 1.2), ("bank-c", 0.9)]
+    flood = [("bank-e", 1e-9)] * 7  # seven tiny updates of one bank, the window's majority
+    bounds.committed([*honest, *flood], head, head)
+    # per bank: a 1.0, b 1.2, c 0.9, e 1e-9 -> median of the four 0.95, bound 2.85
+    assert bounds.bound() == pytest.approx(3.0 * 0.95)
+
+
+def test_multi_krum_counterfactuals_keep_rejected_updates_rejected() -> None:
+    from aggregator.strategies import FedAvg, FedBuff
+    from tests.helpers import lineage_entry
+
+    def entries(weights: list[float]) -> tuple:  # type: ignore[type-arg]
+        return tuple(
+            dataclasses.replace(lineage_entry(f"u{i}", weight=w), participant=f"b{i}")
+            for i, w in enumerate(weights)
+        )
+
+    buffered = entries([0.25, 0.25, 0.25, 0.25, 0.0])
+    assert [e.weight for e in FedBuff.without(buffered, "b4")] == [0.25] * 4
+    assert [e.weight for e in FedBuff.without(buffered, "b0")] == pytest.approx(
+        [1 / 3, 1 / 3, 1 / 3, 0.0]
+    )
+    rounds = entries([0.5, 0.5, 0.0])
+    only_rejected = FedAvg.without(FedAvg.without(rounds, "b0"), "b1")
+    assert [e.weight for e in only_rejected] == [0.0]  # no division by zero: stays put

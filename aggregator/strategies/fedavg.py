@@ -107,6 +107,8 @@ class FedAvg(StrategyBase):
         kept = left_out(lineage, participant)
         if not kept or len(kept) == len(lineage):
             return kept
+        if sum(e.weight for e in kept) == 0.0:
+            return kept  # only multi-Krum's rejected updates are left: the round stays put
         return reweighted(kept, aggregate.normalised([e.weight for e in kept]))
 
     def _close(self, head: Tensors) -> Step:

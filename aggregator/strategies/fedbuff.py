@@ -118,7 +118,13 @@ class FedBuff(Windowed, StrategyBase):
         kept = left_out(lineage, participant)
         if not kept or len(kept) == len(lineage):
             return kept
-        scale = len(lineage) / len(kept)
+        # Counted over the updates that carried weight: multi-Krum's rejected updates
+        # (weight 0) stay rejected, and leaving one out changes nothing.
+        carried = sum(1 for e in lineage if e.weight != 0.0)
+        carried_kept = sum(1 for e in kept if e.weight != 0.0)
+        if carried_kept == 0 or carried == carried_kept:
+            return kept
+        scale = carried / carried_kept
         return reweighted(kept, aggregate.rescaled([e.weight for e in kept], scale))
 
     def scaled(self, updates: Sequence[AcceptedUpdate]) -> list[float]:
