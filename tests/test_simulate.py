@@ -128,7 +128,7 @@ async def test_a_bank_whose_updates_are_all_refused_is_flagged_not_dropped() -> 
             versions=100,
             patience=0,
             seconds=60,
-            spec_overrides={"async": {"max_staleness": 3, "staleness_unit": "versions"}},
+            spec_overrides={"async": {"max_staleness": 8, "staleness_unit": "versions"}},
         )
     )
     slow = result.participants["bank-05"]
