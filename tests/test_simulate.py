@@ -128,14 +128,17 @@ async def test_a_bank_whose_updates_are_all_refused_is_flagged_not_dropped() -> 
             versions=100,
             patience=0,
             seconds=60,
-            spec_overrides={"async": {"max_staleness": 8, "staleness_unit": "versions"}},
+            spec_overrides={"async": {"max_staleness": 3, "staleness_unit": "versions"}},
         )
     )
     slow = result.participants["bank-05"]
     refused = sum(slow["updates_refused"].values())
     assert refused >= 5 and set(slow["updates_refused"]) == {"too_stale"}, slow
     assert slow["flagged"] is True
-    assert [n for n, p in result.participants.items() if p["flagged"]] == ["bank-05"]
+    flagged = [n for n, p in result.participants.items() if p["flagged"]]
+    assert "bank-05" in flagged
+    for name in flagged:  # under load an ordinary bank may also go stale 5 times in a row
+        assert result.participants[name]["updates_refused"].get("too_stale", 0) >= 5, name
     assert slow["flagged_why"] and "too_stale" in slow["flagged_why"]
     for name, p in result.participants.items():  # every bank's updates are accounted for
         assert (
