@@ -23,7 +23,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -35,6 +35,8 @@ from aggregator.admission import (
     Refused,
 )
 from aggregator.announcer import Announcer
+from aggregator.applied import RecentlyApplied
+from aggregator.audit.rebuild import rebuild
 from aggregator.bounds import Bounds, Verdict
 from aggregator.guard import overflowing
 from aggregator.identity import check_signing_key
@@ -45,7 +47,13 @@ from aggregator.receipts import ReceiptSender
 from aggregator.retry import store_retry
 from aggregator.secagg import UNMASK_ROUNDS, Decision, OpenCohort, secure_step
 from aggregator.stats import ServiceStats, Stages, untimed
-from aggregator.store import CommitOutcome, CommitResult, RedisModelStore, VersionRecord
+from aggregator.store import (
+    CommitOutcome,
+    GroupCommitResult,
+    NewVersion,
+    RedisModelStore,
+    VersionRecord,
+)
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
 from aggregator.strategies.base import server_optimizer
 from aggregator.weighting import Remembering
@@ -76,6 +84,7 @@ from common.wire import (
     UnmaskAnswer,
     decode_unmask_answer,
     encode_unmask_request,
+    first_non_finite,
     peek_kind,
     sign_model,
 )
@@ -93,13 +102,35 @@ log = structlog.get_logger("fedq.aggregator")
 #: Called after each commit with the new version's record and parameters.
 VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 
-#: Base versions kept in memory at most (with the head); older ones admission still
-#: admits (``max_staleness`` in rounds may span hundreds of versions) are read from
-#: the store on demand.
+#: Base versions kept in memory (with the head): every version admission still admits
+#: (``max_staleness`` in rounds may span hundreds of versions), within BASE_BYTES of
+#: float32 parameters but at least BASE_CACHE; older ones are read from the store on
+#: demand, or rebuilt from the nearest checkpoint when the store no longer keeps them.
 BASE_CACHE = 32
+BASE_BYTES = 256 * 1024**2
 
 #: Versions read per round trip when the weighting state is rebuilt at start.
 RESTORE_BATCH = 256
+
+#: Versions whose applied update ids are loaded into memory at start at least (see
+#: aggregator/applied.py): an update based on one of them is checked in memory.
+APPLIED_VERSIONS = 256
+
+_T = TypeVar("_T")
+
+
+class _Conflict(FedqError):
+    """The store refused a group commit: an update id in it was applied long ago (a
+    bank re-sent an old id on a newer base). The in-memory state was reloaded from the
+    store; the consumer must return what it holds to the queue and subscribe again."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A step applied to the in-memory head, waiting for the group commit."""
+
+    step: Step
+    info: dict[str, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +139,19 @@ class ServiceConfig:
 
     #: Unacked deliveries at most (bounds memory together with the strategy's buffer).
     prefetch: int = 64
+    #: ... and at most this many bytes of updates at the model's float32 size: a 1M
+    #: parameter model (4 MB per update) gets a prefetch of 32.
+    prefetch_bytes: int = 128 * 1024**2
+    #: Group commit: deliveries already received are admitted and applied in order, and
+    #: their versions committed in one store round trip, acked together, the last one
+    #: announced; at most this many deliveries per group.
+    group_max: int = 64
+    #: CPU work on models with fewer parameters than this runs on the event loop: a
+    #: worker thread costs more than the work.
+    inline_below: int = 1 << 16
+    #: Update ids of recent versions kept in memory to refuse duplicates without a store
+    #: round trip (aggregator/applied.py).
+    applied_memory: int = 200_000
     #: Refuse an update whose broker-validated sender is not the participant it names.
     require_sender_match: bool = True
     limits: DecodeLimits = DEFAULT_LIMITS
@@ -179,10 +223,14 @@ class AggregatorService:
                 f"robustness.aggregator {spec.robustness.aggregator!r} is built into fedbuff "
                 f"and sync rounds; strategy {self.strategy.name!r} does not take it"
             )
+        expected = tensor_specs(model_tensors(build_task_model(spec)))
+        numel = sum(_numel(t.shape) for t in expected.values())
+        self._inline = numel < self.config.inline_below
+        self._base_budget = max(BASE_CACHE, BASE_BYTES // max(1, 4 * numel))
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
-        self.prefetch = max(self.config.prefetch, self.strategy.capacity + 1)
-        expected = tensor_specs(model_tensors(build_task_model(spec)))
+        by_bytes = max(1, self.config.prefetch_bytes // max(1, 4 * numel))
+        self.prefetch = max(min(self.config.prefetch, by_bytes), self.strategy.capacity + 1)
         #: Secure aggregation (aggregator/secagg.py): the open cohort, the answers'
         #: deliveries held until the commit, the banks' keys that sign the answers.
         self.secure = spec.secure_aggregation is not None
@@ -231,8 +279,17 @@ class AggregatorService:
         self._chain: deque[bytes] = deque(maxlen=MAX_ANCESTORS + 1)
         check_signing_key(spec, self.config.signing_key)
         self._bases: OrderedDict[int, Tensors] = OrderedDict()
-        #: Offered updates not yet in a version: their live delivery and the update.
+        #: Offered updates not yet in a committed version: their live delivery and the
+        #: update (those of staged versions too, until the group commit).
         self._pending: dict[str, tuple[UpdateDelivery, AcceptedUpdate]] = {}
+        #: Versions applied to the in-memory head, not yet committed (group commit).
+        self._group: list[_Staged] = []
+        #: The head version and hash in the store (the in-memory head may be ahead).
+        self._committed = -1
+        self._applied = RecentlyApplied(self.config.applied_memory)
+        #: Banks that re-sent an old update id on a newer base: checked in the store.
+        self._suspects: set[str] = set()
+        self._sub: Any = None
         self._consuming = False
         self._halt = asyncio.Event()
         #: Sync mode: when the current round's deadline passes (monotonic seconds).
@@ -289,6 +346,20 @@ class AggregatorService:
             await self.store.register_task(self.spec)
         record = await self.store.get_head(self.task)
         self._check_announced(announced, record.version, record.version_hash)
+        await self._load_head(record)
+        if self.secure:
+            await self._open_cohort(record.version)
+        blob = await self.store.get_blob(self.task, record.version)
+        await self.announcer.send_now(
+            record.version, self._announcement(record, blob), record.version_hash
+        )
+        self.ready.set()
+        self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
+
+    async def _load_head(self, record: VersionRecord, *, count_stats: bool = True) -> None:
+        """Everything the next version depends on, from the store's head ``record``: its
+        parameters, the optimizer's state, the DP record, the weighting and bounds
+        windows, the ancestors' hashes, the ids applied in the last versions."""
         env = await self.store.get_params(self.task, record.version)
         if self.server is not None:
             # Continue from the head's optimizer state, bit for bit (None: it has none).
@@ -297,19 +368,39 @@ class AggregatorService:
             self.privacy.restore(record.info)  # the bound and the count carry on
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
-        await self._restore_weighting(record.version)
+        self._committed = record.version
+        await self._restore_weighting(record.version, count_stats=count_stats)
         await self._restore_bounds(record.version)
-        if self.secure:
-            await self._open_cohort(record.version)
         first = max(0, record.version - MAX_ANCESTORS)
         chain = await self.store.get_versions(self.task, range(first, record.version + 1))
+        self._chain.clear()
         self._chain.extend(r.version_hash for r in chain)
-        blob = await self.store.get_blob(self.task, record.version)
-        await self.announcer.send_now(
-            record.version, self._announcement(record, blob), record.version_hash
+        capacity = max(1, self.strategy.capacity)
+        window = max(self.admission.max_versions_behind + 1, APPLIED_VERSIONS)
+        window = min(record.version, window, max(1, self.config.applied_memory // capacity))
+        applied = await self.store.recent_applied(self.task, record.version, window)
+        self._applied.load(record.version - window, applied)
+
+    async def _reload(self) -> None:
+        """Forget every staged version and held update; start again from the store's head
+        (after a group commit the store refused: the store is the authority)."""
+        self._group.clear()
+        self._pending.clear()
+        self._verdicts.clear()
+        self._bases.clear()
+        self.strategy = strategy_for(self.spec)
+        self.server = server_optimizer(self.strategy)
+        if self.spec.privacy.bank is not None:
+            self.privacy = BankAggregation(self.spec.privacy.bank)
+        self.bounds = Bounds(self.spec)
+        record = await store_retry(
+            "reading the head", lambda: self.store.get_head(self.task), self.log
         )
-        self.ready.set()
-        self.log.info("aggregator ready", version=record.version, strategy=self.strategy.name)
+        await self._load_head(record, count_stats=False)
+        self.log.warning(
+            "in-memory state reloaded from the store; held updates return to the queue",
+            version=record.version,
+        )
 
     def _announcement(self, record: VersionRecord, blob: bytes) -> Callable[[], bytes]:
         """How to make ``record``'s announcement: the stored blob with the spec hash, the
@@ -414,14 +505,29 @@ class AggregatorService:
             self.receipts.start()
             try:
                 while not (stop.is_set() or halt.is_set()):
+                    self._sub = sub
                     delivery = await next_or_none(sub, halt, self._until_deadline())
-                    if delivery is None:
-                        if not (stop.is_set() or halt.is_set()):
-                            await self._deadline_passed()
-                    elif stop.is_set() or halt.is_set():
+                    if delivery is not None and (stop.is_set() or halt.is_set()):
                         break  # not handled: it goes back to the queue unacked
-                    else:
-                        await self._take(delivery)
+                    try:
+                        if delivery is None:
+                            if not (stop.is_set() or halt.is_set()):
+                                await self._deadline_passed()
+                                await self._flush()
+                            continue
+                        batch = [delivery]
+                        ready = getattr(sub, "ready", None)
+                        if ready is not None and not self.secure:
+                            batch.extend(ready(self.config.group_max - 1))
+                        await self._take(batch, stop)
+                    except _Conflict:
+                        # What it held goes back to the queue; the store's view stands.
+                        self._sub = None
+                        await sub.close()
+                        sub = None
+                        sub = await self.transport.consume_updates(
+                            self.task, prefetch=self.prefetch
+                        )
             finally:
                 self._consuming = False
                 poller.cancel()
@@ -432,11 +538,18 @@ class AggregatorService:
             if sub is not None:
                 await sub.close()
 
-    async def _take(self, delivery: UpdateDelivery) -> None:
+    async def _take(self, batch: Sequence[UpdateDelivery], stop: asyncio.Event) -> None:
+        """Handle a group of deliveries in order, then commit what they made at once.
+        Once ``stop`` is set the rest are not handled (they go back to the queue); the
+        versions already made are committed first."""
         self._last_delivery = self._handling_since = time.monotonic()
         try:
             with self.stages("handle"):
-                await self.handle(delivery)
+                for delivery in batch:
+                    if stop.is_set() or self._halt.is_set():
+                        break
+                    await self._handle(delivery)
+                await self._flush()
         finally:
             self._handling_since = None
 
@@ -490,6 +603,11 @@ class AggregatorService:
 
     async def handle(self, delivery: UpdateDelivery) -> None:
         """Admit one delivery and offer it to the strategy; commit when it steps."""
+        await self._handle(delivery)
+        await self._flush()
+
+    async def _handle(self, delivery: UpdateDelivery) -> None:
+        """Admit one delivery and offer it; a step is applied and staged (see _flush)."""
         if self.secure and peek_kind(delivery.body) == KIND_UNMASK_ANSWER:
             await self._take_answer(delivery)
             return
@@ -517,7 +635,7 @@ class AggregatorService:
             await self._offer_masked(delivery, admitted)
             return
         if self.bounds.active:
-            verdict = await asyncio.to_thread(self.bounds.judge, update, self.strategy.pending())
+            verdict = await self._cpu(self.bounds.judge, update, self.strategy.pending())
             if verdict.refused is not None:
                 reason, detail = verdict.refused
                 await self._refuse(
@@ -525,14 +643,12 @@ class AggregatorService:
                 )
                 return
             if verdict.factor < 1.0:
-                update = await asyncio.to_thread(self.bounds.offered, update, verdict)
+                update = await self._cpu(self.bounds.offered, update, verdict)
                 self.log.info("update clipped to the norm bound", factor=verdict.factor)
             self._verdicts[update.update_id] = verdict
         try:
             with self.stages("offer"):
-                step = await asyncio.to_thread(
-                    self.strategy.offer, self.head_params, admitted.base, update
-                )
+                step = await self._cpu(self.strategy.offer, self.head_params, admitted.base, update)
         except ValueError as e:
             await self._refuse(
                 delivery,
@@ -543,7 +659,7 @@ class AggregatorService:
         self.metrics.staleness.labels(self.task).observe(update.staleness)
         if step is None and self._overdue:
             # An overdue round closes as soon as it has its minimum.
-            step = await asyncio.to_thread(self.strategy.flush, self.head_params)
+            step = await self._cpu(self.strategy.flush, self.head_params)
         if step is not None:
             await self._emit(step)
 
@@ -571,8 +687,29 @@ class AggregatorService:
             return tuple(self.cohort.updates.values())
         return self.strategy.pending()
 
-    async def applied_in(self, update_id: str) -> int | None:
-        """The version ``update_id`` went into, if any (waits out a Redis outage)."""
+    async def applied_in(self, update_id: str, base_version: int, participant: str) -> int | None:
+        """The version ``update_id`` went into, if any: from the ids kept in memory when
+        they cover every version after ``base_version`` (aggregator/applied.py), else
+        from the store (waiting out a Redis outage). Secure aggregation, and a bank
+        that re-sent an old id on a newer base, always ask the store."""
+        known = self._applied.get(update_id)
+        if known is not None:
+            return known
+        if (
+            not self.secure
+            and participant not in self._suspects
+            and self._applied.covers(base_version)
+        ):
+            return None
+        return await self._stored_applied_in(update_id)
+
+    async def _applied_version(self, update_id: str) -> int | None:
+        """The version ``update_id`` went into (for a duplicate's receipt): memory first."""
+        known = self._applied.get(update_id)
+        return known if known is not None else await self._stored_applied_in(update_id)
+
+    async def _stored_applied_in(self, update_id: str) -> int | None:
+        """The version ``update_id`` went into, read from the store."""
         with self.stages("applied_in"):
             found = await store_retry(
                 "checking duplicates",
@@ -594,15 +731,24 @@ class AggregatorService:
                 lambda: self.store.get_params(self.task, version),
                 self.log,
             )
-        except (BlobPrunedError, NotFoundError):
+            params = env.tensors
+        except BlobPrunedError:
+            rebuilt = await self._rebuild(version)
+            if rebuilt is None:
+                return None
+            params = rebuilt
+        except NotFoundError:
             return None
-        self._bases[version] = env.tensors
+        self._bases[version] = params
         self._bases.move_to_end(version, last=False)  # older than the head: evicted first
-        return env.tensors
+        return params
 
     # ------------------------------------------------------------------ refusals
 
     async def _refuse(self, delivery: UpdateDelivery, refused: Refused) -> None:
+        # Versions staged before this refusal are committed first: a refusal is recorded
+        # against a head that exists in the store, in the order it was decided.
+        await self._flush()
         if refused.update_id is not None and refused.update_id not in self._pending:
             # (a refused copy of a held update shares its id: the held one keeps its verdict)
             self._verdicts.pop(refused.update_id, None)
@@ -617,7 +763,7 @@ class AggregatorService:
             user_id=delivery.user_id,
             message_id=delivery.message_id,
             held_by=self._held_by,
-            applied_in=self.applied_in,
+            applied_in=self._applied_version,
             lineage_of=self._lineage_of,
         )
         if self.stats.count_refusal(reason, refused.participant):
@@ -656,23 +802,22 @@ class AggregatorService:
     # ------------------------------------------------------------------ steps and commits
 
     async def _emit(self, step: Step) -> None:
-        """Commit a step, unless its parameters are not finite.
+        """Stage a step for the group commit, unless its parameters are not finite.
 
-        A non-finite result is never committed: the store's encoder refuses it before
-        anything is written (one pass over the parameters, the one encoding needs
-        anyway); then the updates that make it so are refused (``non_finite_result``)
+        A non-finite result is never applied nor committed (one numpy pass over the
+        parameters); the updates that make it so are refused (``non_finite_result``)
         and the head stays. In a buffer or a round, an update is a culprit if the head
         plus its own weighted delta is already not finite; the others go back into the
         buffer. If no single update is to blame (the sum overflows), every update of
         the step is refused.
         """
         try:
-            await self._commit(step)
+            await self._stage(step)
             return
         except NonFiniteError as e:
             bad = [e.tensor]
         updates = [self._pending[e.update_id][1] for e in step.lineage]
-        culprits = await asyncio.to_thread(overflowing, self.head_params, step, updates)
+        culprits = await self._cpu(overflowing, self.head_params, step, updates)
         blamed = culprits or {e.update_id for e in step.lineage}
         version = self.head_version + 1
         self.log.error(
@@ -698,9 +843,7 @@ class AggregatorService:
                 continue
             # Back into the buffer or round (only strategies with several updates per
             # step get here, and those apply deltas to the head: no base needed).
-            again = await asyncio.to_thread(
-                self.strategy.offer, self.head_params, self.head_params, update
-            )
+            again = await self._cpu(self.strategy.offer, self.head_params, self.head_params, update)
             if again is not None:
                 await self._emit(again)
 
@@ -710,12 +853,58 @@ class AggregatorService:
         extra: dict[str, object] | None = None,
         private: VersionPrivacy | None = None,
     ) -> None:
-        """Commit a step; ``private``: its bank-level DP record when the caller made the
-        noise (secure aggregation), else :meth:`_private` makes it here."""
+        """Commit a step now, with any versions staged before it; ``private``: its
+        bank-level DP record when the caller made the noise (secure aggregation), else
+        :meth:`_private` makes it here."""
+        await self._stage(step, extra, private)
+        await self._flush()
+
+    async def _stage(
+        self,
+        step: Step,
+        extra: dict[str, object] | None = None,
+        private: VersionPrivacy | None = None,
+    ) -> None:
+        """Apply a step to the in-memory head and stage it for the group commit.
+
+        Raises NonFiniteError, with nothing applied, when its parameters (or the server
+        optimizer's state) hold NaN or Inf. What the next version depends on (the head,
+        the optimizer's state, the DP record, the bounds' window, the weighting window)
+        moves on now, exactly as after a commit, so the versions of a group are the
+        ones single commits would make; nothing leaves the service before the commit.
+        """
         with structlog.contextvars.bound_contextvars(version=self.head_version + 1):
             if private is None:
                 step, private = await self._private(step)
-            await self._commit_step(step, extra, private)
+            bad = first_non_finite(step.params)
+            if bad is None and step.state is not None:
+                bad = first_non_finite(step.state.tensors())
+            if bad is not None:
+                raise NonFiniteError(bad)
+            info = self._version_info(step, private, extra)
+            self._bounded(step)
+            self._set_head(self.head_version + 1, step.params)
+            if self.server is not None:
+                self.server.advance(step.state)
+            if self.privacy is not None and private is not None:
+                self.privacy.advance(private)
+            if isinstance(self.strategy, Remembering):
+                self.strategy.committed(step.lineage)
+            self._group.append(_Staged(step, info))
+
+    async def _rebuild(self, version: int) -> Tensors | None:
+        """A base version the store keeps no parameters of (``--checkpoint-every``):
+        recomputed from the nearest checkpoint and the audit stream, checked against its
+        record (aggregator/audit/rebuild.py). None when it cannot be."""
+        self.log.warning("rebuilding a base version from its checkpoint", base=version)
+        try:
+            rebuilt = await rebuild(
+                self.store, self.task, version, self.transport.read_audit(self.task)
+            )
+        except FedqError as e:  # ReplayError, a store or broker error
+            self.log.error("base version could not be rebuilt", base=version, error=str(e))
+            return None
+        return rebuilt.params
 
     async def _private(self, step: Step) -> tuple[Step, VersionPrivacy | None]:
         """With bank-level DP: the step recomputed from the clipped deltas, with noise
@@ -730,7 +919,7 @@ class AggregatorService:
                 if base is None:
                     raise NotFoundError(f"base version {e.base_version} is no longer stored")
                 bases[e.base_version] = base
-        params, record = await asyncio.to_thread(
+        params, record = await self._cpu(
             self.privacy.apply,
             type(self.strategy),
             self.head_params,
@@ -740,16 +929,35 @@ class AggregatorService:
         )
         return dataclasses.replace(step, params=params), record
 
-    async def _commit_step(
-        self,
-        step: Step,
-        extra: dict[str, object] | None = None,
-        private: VersionPrivacy | None = None,
-    ) -> None:
+    def _version_info(
+        self, step: Step, private: VersionPrivacy | None, extra: dict[str, object] | None
+    ) -> dict[str, object]:
+        """A version's info: how it was made. A private version's record (seed, bound,
+        noise, epsilon) goes in as ``privacy``; the fencing token is added at commit."""
+        return {
+            "strategy": self.strategy.name,
+            "settings": self.strategy.settings(),
+            **({"server": self.server.settings()} if self.server is not None else {}),
+            **({"privacy": private.to_json()} if private is not None else {}),
+            **self._robust_info(step),
+            **(extra or {}),
+            "owner": self.config.owner,
+        }
+
+    async def _flush(self) -> None:
+        """Commit every staged version in one store round trip, then ack their
+        deliveries together, send the receipts and announce the last version.
+
+        Only now is the effect saved. An ack that fails (the channel was lost) is
+        harmless: the redelivery is refused as a duplicate.
+        """
+        if not self._group:
+            return
+        group, self._group = self._group, []
         started = time.perf_counter()
-        parent = self.head_version
+        parent = self._committed
         with self.stages("commit"):
-            result = await self._commit_until_saved(parent, step, private, extra)
+            result = await self._commit_until_saved(parent, group)
         if result.outcome is CommitOutcome.FENCED:
             self.lease.lost.set()
             raise FencedOutError(f"commit on version {parent} refused: the writer lease is gone")
@@ -759,54 +967,95 @@ class AggregatorService:
             raise StoreRegressedError(
                 f"committing version {parent + 1} of {self.task!r} found the head at {result.head}"
             )
-        if not result.committed or result.record is None:
+        if result.outcome is CommitOutcome.DUPLICATE and not self.secure:
+            await self._applied_long_ago(group, result.duplicates)
+        if not result.committed or len(result.records) != len(group):
             raise CommitConflictError(
                 f"commit on version {parent} of {self.task!r} refused ({result.outcome.value}, "
                 f"head {result.head}): another writer committed without the lease"
             )
-        record = result.record
-        self._bounded(step)
-        self._set_head(record.version, step.params)
-        if self.server is not None:
-            self.server.advance(step.state)
-        if self.privacy is not None and private is not None:
-            self.privacy.advance(private)
-        self.head_hash = record.version_hash
-        announcement = self._announcement(record, result.blob)
-        self._chain.append(record.version_hash)
-        # Only now is the effect saved: ack what went into it. An ack that fails (the
-        # channel was lost) is harmless: the redelivery is refused as a duplicate.
-        for entry in step.lineage:
-            delivery, _ = self._pending.pop(entry.update_id)
-            try:
-                await delivery.ack()
-            except FedqError as e:
-                self.log.warning("ack after commit failed", update_id=entry.update_id, error=str(e))
-        self.receipts.accepted(step.lineage, record.version)
+        records = result.records
+        last = records[-1]
+        self._committed = last.version
+        self.head_hash = last.version_hash
+        deliveries: list[UpdateDelivery] = []
+        for record in records:
+            self._chain.append(record.version_hash)
+            self._applied.add(record.version, [e.update_id for e in record.lineage])
+            deliveries.extend(self._pending.pop(e.update_id)[0] for e in record.lineage)
+        await self._ack(deliveries)
         elapsed = time.perf_counter() - started
-        if isinstance(self.strategy, Remembering):
-            self.strategy.committed(step.lineage)
-        for entry in step.lineage:
-            if self.stats.count_accepted(entry.participant, record.version):
-                self.log.info("participant no longer flagged", participant=entry.participant)
-                self._flag_metric(entry.participant)
-        self._count_weights(step.lineage)
-        self.metrics.accepted.labels(self.task).inc(len(step.lineage))
+        for record in records:
+            self.receipts.accepted(record.lineage, record.version)
+            for entry in record.lineage:
+                if self.stats.count_accepted(entry.participant, record.version):
+                    self.log.info("participant no longer flagged", participant=entry.participant)
+                    self._flag_metric(entry.participant)
+            self._count_weights(record.lineage)
+        self.metrics.accepted.labels(self.task).inc(len(deliveries))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
-        self.announcer.announce(record.version, announcement, record.version_hash)
+        self.announcer.announce(
+            last.version, self._announcement(last, result.blobs[-1]), last.version_hash
+        )
+        lineage = [e for r in records for e in r.lineage]
         self.log.info(
-            "version committed",
-            updates=len(step.lineage),
-            participants=[e.participant for e in step.lineage],
-            staleness=[e.staleness for e in step.lineage],
-            weights=[round(e.weight, 6) for e in step.lineage],
+            "version committed" if len(records) == 1 else "versions committed",
+            version=last.version,
+            versions=len(records),
+            updates=len(lineage),
+            participants=[e.participant for e in lineage],
+            staleness=[e.staleness for e in lineage],
+            weights=[round(e.weight, 6) for e in lineage],
             commit_ms=round(elapsed * 1000, 2),
         )
         if self.on_version is not None:
-            await self.on_version(record, step.params)
+            for record, staged in zip(records, group, strict=True):
+                with structlog.contextvars.bound_contextvars(**_context(record)):
+                    await self.on_version(record, staged.step.params)
+
+    async def _ack(self, deliveries: Sequence[UpdateDelivery]) -> None:
+        """Ack committed deliveries: with one multiple ack where the transport can."""
+        ack_all = getattr(self._sub, "ack_all", None)
+        if ack_all is not None:
+            try:
+                await ack_all(deliveries)
+                return
+            except FedqError as e:
+                self.log.warning("ack after commit failed", error=str(e))
+        for delivery in deliveries:
+            if not delivery.live:
+                continue
+            try:
+                await delivery.ack()
+            except FedqError as e:
+                self.log.warning("ack after commit failed", error=str(e))
+
+    async def _applied_long_ago(self, group: Sequence[_Staged], found: Mapping[str, int]) -> None:
+        """The store found update ids of the group applied before (a bank re-sent an old
+        id on a newer base, beyond the ids kept in memory): refuse them, ask the store
+        about that bank from now on, reload from the store and resubscribe."""
+        staged = {e.update_id: e for s in group for e in s.step.lineage}
+        for update_id, version in sorted(found.items()):
+            entry = staged.get(update_id)
+            held = self._pending.pop(update_id, None)
+            self._applied.remember(update_id, version)
+            if entry is None or held is None:
+                continue
+            self._suspects.add(entry.participant)
+            await self._refuse(
+                held[0],
+                Refused(
+                    Refusal.DUPLICATE,
+                    f"already applied in version {version}",
+                    entry.participant,
+                    update_id,
+                ),
+            )
+        await self._reload()
+        raise _Conflict(sorted(found))
 
     def _bounded(self, step: Step) -> None:
-        """After a commit: the committed updates' norms join the bounds' window."""
+        """A staged step's updates' norms join the bounds' window."""
         if self.bounds.active:
             norms = [
                 (e.participant, self._verdicts.pop(e.update_id).accepted_norm)
@@ -822,42 +1071,33 @@ class AggregatorService:
         ids = [e.update_id for e in step.lineage]
         return {"robust": self.bounds.record(ids, self._verdicts)}
 
-    async def _commit_until_saved(
-        self,
-        parent: int,
-        step: Step,
-        private: VersionPrivacy | None = None,
-        extra: dict[str, object] | None = None,
-    ) -> CommitResult:
-        """Commit; while Redis is unreachable, wait and retry (nothing is acked meanwhile).
-
-        A commit whose reply was lost may have been applied: before retrying, a head
-        that already holds exactly this lineage counts as committed. A private
-        version's record (seed, bound, noise, epsilon) goes into its info as ``privacy``.
+    async def _commit_until_saved(self, parent: int, group: Sequence[_Staged]) -> GroupCommitResult:
+        """Commit the group; while Redis is unreachable, wait and retry (nothing is acked
+        meanwhile). A commit whose reply was lost may have been applied: before retrying,
+        a head that already holds exactly this group's last lineage counts as committed.
         """
-        info = {
-            "strategy": self.strategy.name,
-            "settings": self.strategy.settings(),
-            **({"server": self.server.settings()} if self.server is not None else {}),
-            **({"privacy": private.to_json()} if private is not None else {}),
-            **self._robust_info(step),
-            **(extra or {}),
-            "owner": self.config.owner,
-        }
-        ids = [e.update_id for e in step.lineage]
+        last_ids = [e.update_id for e in group[-1].step.lineage]
+        top = parent + len(group)
         delay = 0.2
         while True:
             lease = self.lease.current
+            fence = {"fence": lease.token if lease else None}
+            versions = [
+                NewVersion(
+                    params=s.step.params,
+                    lineage=s.step.lineage,
+                    info={**s.info, **fence},
+                    state=s.step.state,
+                )
+                for s in group
+            ]
             try:
-                result = await self.store.commit(
+                result = await self.store.commit_many(
                     self.task,
                     parent=parent,
-                    params=step.params,
-                    lineage=step.lineage,
-                    info={**info, "fence": lease.token if lease else None},
+                    versions=versions,
                     lease=lease,
                     parent_hash=self.head_hash or None,
-                    state=step.state,
                 )
                 if result.outcome is not CommitOutcome.FENCED or not await self.lease.reclaim(
                     lease
@@ -865,19 +1105,26 @@ class AggregatorService:
                     return result
                 continue  # our own lease had expired (e.g. Redis restarted) and is ours again
             except StoreUnavailableError as e:
-                self.log.warning(
-                    "store unavailable; commit waits", error=str(e), version=parent + 1
-                )
+                self.log.warning("store unavailable; commit waits", error=str(e), version=top)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
-                if await self.store.head(self.task) == parent + 1:
-                    record = await self.store.get_version(self.task, parent + 1)
-                    if [e.update_id for e in record.lineage] == ids:
-                        blob = await self.store.get_blob(self.task, parent + 1)
-                        return CommitResult(CommitOutcome.COMMITTED, record, parent + 1, blob=blob)
+                if await self.store.head(self.task) == top:
+                    records = await self.store.get_versions(self.task, range(parent + 1, top + 1))
+                    if [e.update_id for e in records[-1].lineage] == last_ids:
+                        blob = await self.store.get_blob(self.task, top)
+                        blobs = (b"",) * (len(records) - 1) + (blob,)
+                        return GroupCommitResult(
+                            CommitOutcome.COMMITTED, tuple(records), blobs, head=top
+                        )
             except StoreUnavailableError:
                 continue
+
+    async def _cpu(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run CPU work: on the event loop for small models, else in a worker thread."""
+        if self._inline:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
     # ------------------------------------------------------------------ secure aggregation
 
@@ -1165,7 +1412,7 @@ class AggregatorService:
         if self.cohort is not None:
             await self._cohort_due()
             return
-        step = await asyncio.to_thread(self.strategy.flush, self.head_params)
+        step = await self._cpu(self.strategy.flush, self.head_params)
         if step is not None:
             self.log.info(
                 "round deadline: closing with the updates present", version=self.head_version
@@ -1191,11 +1438,11 @@ class AggregatorService:
         self.metrics.head.labels(self.task).set(version)
         self._bases[version] = params
         # Bases older than the cache are read from the store on demand (see base()).
-        keep = min(self.admission.max_versions_behind + 1, BASE_CACHE)
+        keep = min(self.admission.max_versions_behind + 1, self._base_budget)
         while len(self._bases) > keep:
             self._bases.popitem(last=False)
 
-    async def _restore_weighting(self, head: int) -> None:
+    async def _restore_weighting(self, head: int, *, count_stats: bool = True) -> None:
         """Rebuild what weights depend on (the strategy's window, if it remembers, and
         the stats' recent weights) from the lineages of the last versions in the store,
         so a restarted aggregator weighs exactly as one that never stopped."""
@@ -1216,6 +1463,8 @@ class AggregatorService:
         lineages.reverse()
         if isinstance(self.strategy, Remembering):
             self.strategy.restore(lineages)
+        if not count_stats:  # a reload: the stats counted these versions already
+            return
         for lineage in lineages:
             self._count_weights(lineage, log_changes=False)
         if lineages:
@@ -1273,6 +1522,22 @@ class AggregatorService:
                 self._depth = depth
                 self.metrics.queue_depth.labels(self.task).set(depth)
             await asyncio.sleep(self.config.depth_poll_s)
+
+
+def _context(record: VersionRecord) -> dict[str, object]:
+    """What log lines about a committed version carry: the version and, for a version
+    of one update, the update and its bank."""
+    if len(record.lineage) == 1:
+        e = record.lineage[0]
+        return {"update_id": e.update_id, "participant": e.participant, "version": record.version}
+    return {"version": record.version}
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

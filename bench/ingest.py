@@ -1,10 +1,20 @@
-"""Aggregator ingest against the broker's ceiling, side by side in one run.
+"""Aggregator ingest against the broker's ceiling, side by side in one run, and what
+each update costs inside the aggregator (Redis round trips, thread hops, log lines).
 
-For each model size (about 10 thousand and about 1 million float32 parameters):
+Model sizes, by name (``--sizes``), built by the task spec's own model builder
+(``common.models.build_task_model``):
+
+* ``lr``: logistic regression on 74 inputs (75 parameters), German credit's model;
+* ``mlp``: MLP 74-32-1 (2,433 parameters, about 9 KB per update);
+* ``10k``: MLP 20-455-1 (10,011 parameters);
+* ``1m``: MLP 20-1000-977-1 (999,955 parameters): only when named, or with ``--full``.
+
+For each size, in each run (``--runs N`` repeats all of it):
 
 1. **Ceiling**: raw aio-pika, the same message bodies. Publish N persistent
    messages with publisher confirms (8 in flight) to a fresh quorum queue, then
-   consume them with manual acks (prefetch 64) and no processing.
+   consume them with manual acks (prefetch 64) and no processing. Measured before
+   and after the aggregators; the mean of the two is the ceiling.
 2. **fedq**, per strategy (FedAsync; FedBuff with K = 10): declare the task's
    topology with ``AmqpTransport.declare_task`` (what the service itself calls),
    publish the same number of encoded updates with ``AmqpTransport.publish_update``
@@ -16,7 +26,32 @@ For each model size (about 10 thousand and about 1 million float32 parameters):
 The ratio is aggregator updates/s over raw consume updates/s: both drain a
 backlog of the same bodies from a quorum queue with manual acks.
 
-    python bench/ingest.py [--quick] [--out bench/results/ingest.json] [--profile]
+The aggregator runs as shipped: the updates' codec is the participant's default
+(``WorkerConfig.codec``), the store's blob codec ``StoreConfig()``'s default, the
+prefetch ``ServiceConfig()``'s default (``--codec``, ``--blob-codec``, ``--prefetch``
+set others), logging configured as ``fedq`` does (``configure_logging``: info, JSON
+lines on a non-terminal stderr; ``FEDQ_LOG_LEVEL`` / ``FEDQ_LOG_FORMAT`` as for the
+CLI). On purpose, unlike ``fedq aggregator run``: the sender check is off (the bench
+publishes every bank's updates as one broker user), ``keep_blobs`` is 4 (bounded
+memory on a shared Redis; the pruning rides in the commit's own transaction) and no
+/healthz server is started.
+
+Counted inside the aggregator process during the drain only, reported per update
+drained (accepted + refused):
+
+* **Redis round trips**: calls of redis-py's ``AbstractConnection.send_packed_command``
+  (patched in the subprocess before the service starts): a plain command is one, a
+  pipeline or transaction flush one, a script call one; also by the first command
+  of each request. Cross-check: the server's ``INFO commandstats`` deltas over the
+  drain (commands by name and the server's microseconds), server-wide, so commands
+  of other clients of the same Redis count too.
+* **thread hops**: calls of ``loop.run_in_executor`` (``asyncio.to_thread`` goes
+  through it), with the ``asyncio.to_thread`` calls by the function they run.
+* **log lines**: lines the service's structlog / logging output writes to stderr,
+  by event.
+
+    python bench/ingest.py [--quick] [--sizes lr,mlp,10k] [--full] [--runs N]
+                           [--out bench/results/ingest.json] [--profile]
 
 Everything created (queues, Redis keys under a private prefix) is deleted at the end.
 """
@@ -26,16 +61,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import io
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,42 +99,76 @@ from _profile import py_spy, render, summarize
 from aggregator.stats import Stages
 from common.models import build_task_model, model_tensors
 from common.spec import AsyncSettings, ModelSpec, NumericFeature, TargetSpec, TaskSpec
-from common.transport import TaskTopology
+from common.transport import TaskTopology, names
 from common.transport.amqp import AmqpTransport
-from common.transport.names import audit_stream, dead_queue, model_queue, work_queue
 from common.wire import UpdateEnvelope, decode_update, encode_update
 
-N_FEATURES = 20
-#: Participants named in the task: the service declares one model queue each.
+#: Participants named in the task (receipt queues are declared for each).
 N_PARTICIPANTS = 5
 #: Publishes awaiting their confirm at once (raw and fedq alike).
 WINDOW = 8
-PREFETCH = 64
+#: The raw consumer's prefetch (the ceiling, as it has always been measured).
+CEILING_PREFETCH = 64
 FEDBUFF_K = 10
+#: Stored versions whose parameters are kept (the head and three before it).
+KEEP_BLOBS = 4
 
 
 @dataclass(frozen=True, slots=True)
 class Size:
     label: str
+    title: str
+    features: int
     hidden: tuple[int, ...]
     count: int
     quick_count: int
 
 
+# 74 inputs: 74 + 1 = 75 parameters; 74*32 + 32 + 32 + 1 = 2,433 parameters.
 # 20 inputs: 20*455 + 455 + 455 + 1 = 10,011 parameters;
 # 20*1000 + 1000 + 1000*977 + 977 + 977 + 1 = 999,955 parameters.
 SIZES = (
-    Size("10k", (455,), count=1000, quick_count=300),
-    Size("1M", (1000, 977), count=200, quick_count=50),
+    Size("lr", "logistic regression, 74 inputs", 74, (), count=2000, quick_count=400),
+    Size("mlp", "MLP 74-32-1", 74, (32,), count=2000, quick_count=400),
+    Size("10k", "MLP 20-455-1", 20, (455,), count=1000, quick_count=300),
+    Size("1m", "MLP 20-1000-977-1", 20, (1000, 977), count=200, quick_count=50),
 )
+DEFAULT_SIZES = ("lr", "mlp", "10k")
 STRATEGIES = ("fedasync", "fedbuff")
 
 
+def parse_sizes(value: str) -> list[str]:
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    known = {s.label for s in SIZES}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown size(s) {unknown or value!r}: choose from {', '.join(sorted(known))}"
+        )
+    return names
+
+
+def shipped_defaults() -> dict[str, Any]:
+    """What a deployment runs unless told otherwise: the participant's update codec,
+    the store's blob codec and the service's prefetch (read, never restated here)."""
+    from aggregator.service import ServiceConfig
+    from aggregator.store import StoreConfig
+    from participant.worker import WorkerConfig
+
+    worker = {f.name: f.default for f in dataclasses.fields(WorkerConfig)}
+    return {
+        "update_codec": worker["codec"],
+        "blob_codec": StoreConfig().blob_codec,
+        "prefetch": ServiceConfig().prefetch,
+    }
+
+
 def make_spec(size: Size, strategy: str, tag: str) -> TaskSpec:
+    model = ModelSpec(kind="mlp", hidden=size.hidden) if size.hidden else ModelSpec()
     return TaskSpec(
-        task_id=f"bench-ingest-{size.label.lower()}-{strategy}-{tag}",
-        model=ModelSpec(kind="mlp", hidden=size.hidden),
-        features=tuple(NumericFeature(name=f"x{i:02d}") for i in range(N_FEATURES)),
+        task_id=f"bench-ingest-{size.label}-{strategy}-{tag}",
+        model=model,
+        features=tuple(NumericFeature(name=f"x{i:02d}") for i in range(size.features)),
         target=TargetSpec(name="y"),
         mode="async",
         async_=AsyncSettings(strategy=strategy, buffer_size=FEDBUFF_K),
@@ -120,11 +194,11 @@ def base_of(strategy: str) -> Callable[[int], int]:
 
 
 def make_bodies(
-    spec: TaskSpec, n: int, base: Callable[[int], int], codec: str = "zstd"
+    spec: TaskSpec, n: int, base: Callable[[int], int], codec: str
 ) -> list[tuple[str, str, bytes]]:
     """``n`` encoded updates ``(participant, update id, body)`` for ``spec``'s model.
 
-    Four random deltas (N(0, 1e-3), float32, zstd) are encoded with
+    Four random deltas (N(0, 1e-3), float32, ``codec``) are encoded with
     ``encode_update``; each update re-packs one of them with its own id, participant
     and base version. The content hash covers the tensors only, so a re-packed body
     is byte for byte what ``encode_update`` would give for those fields.
@@ -185,7 +259,7 @@ async def raw_ceiling(amqp_url: str, bodies: list[bytes]) -> dict[str, float]:
         t_pub = time.perf_counter() - t0
 
         sub = await conn.channel()
-        await sub.set_qos(prefetch_count=PREFETCH)
+        await sub.set_qos(prefetch_count=CEILING_PREFETCH)
         q = await sub.declare_queue(name, passive=True)
         done = asyncio.Event()
         got = 0
@@ -221,13 +295,17 @@ async def raw_ceiling(amqp_url: str, bodies: list[bytes]) -> dict[str, float]:
 
 
 def task_queues(spec: TaskSpec) -> list[str]:
+    """Every queue fedq may declare for the task (whichever of them ``names`` defines:
+    the topology changes, the clean-up must not leave any behind)."""
     t = spec.task_id
-    return [
-        work_queue(t),
-        audit_stream(t),
-        dead_queue(t),
-        *(model_queue(t, p) for p in spec.participants),
-    ]
+    out = []
+    for fn in ("work_queue", "audit_stream", "dead_queue", "head_queue", "model_stream"):
+        if callable(name := getattr(names, fn, None)):
+            out.append(name(t))
+    for fn in ("model_queue", "receipt_queue"):
+        if callable(name := getattr(names, fn, None)):
+            out += [name(t, p) for p in spec.participants]
+    return out
 
 
 async def publish_backlog(
@@ -274,45 +352,251 @@ def run_child(cfg: dict[str, Any], profile_to: Path | None) -> dict[str, Any]:
         tail = "\n".join(log_lines[-20:])
         raise RuntimeError(f"aggregator child failed (rc {proc.returncode}):\n{tail}")
     result: dict[str, Any] = json.loads(lines[-1])
-    result["log_lines"] = len(log_lines)
+    result["log_lines_total"] = len(log_lines)
     return result
+
+
+# ------------------------------------------------------------ counters (the child)
+
+
+@dataclass(slots=True)
+class Counts:
+    """What the aggregator process did while ``on`` (the drain)."""
+
+    on: bool = False
+    round_trips: int = 0
+    round_trips_by_command: Counter[str] = field(default_factory=Counter)
+    executor_calls: int = 0
+    to_thread_calls: int = 0
+    to_thread_by_function: Counter[str] = field(default_factory=Counter)
+    log_lines: int = 0
+    log_events: Counter[str] = field(default_factory=Counter)
+
+    def start(self) -> None:
+        """Zero every count and count from now on."""
+        self.round_trips = self.executor_calls = self.to_thread_calls = self.log_lines = 0
+        self.round_trips_by_command = Counter()
+        self.to_thread_by_function = Counter()
+        self.log_events = Counter()
+        self.on = True
+
+    def stop(self) -> None:
+        self.on = False
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "redis_round_trips": self.round_trips,
+            "redis_round_trips_by_command": dict(self.round_trips_by_command.most_common()),
+            "thread_hops": self.executor_calls,
+            "to_thread": self.to_thread_calls,
+            "to_thread_by_function": dict(self.to_thread_by_function.most_common()),
+            "log_lines": self.log_lines,
+            "log_events": dict(self.log_events.most_common()),
+        }
+
+
+COUNTS = Counts()
+
+_COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([^\r]{1,40})\r\n")
+
+
+def _first_command(command: Any) -> str:
+    """The name of the first command of a packed request (a transaction starts MULTI)."""
+    head = command
+    if isinstance(command, list | tuple):
+        head = command[0] if command else b""
+    if isinstance(head, str):
+        head = head.encode()
+    if isinstance(head, memoryview):
+        head = head.tobytes()
+    if not isinstance(head, bytes):
+        return "?"
+    m = _COMMAND.match(head[:64])
+    if not m:
+        return "?"
+    name = m.group(1).decode(errors="replace").upper()
+    return "MULTI ... EXEC" if name == "MULTI" else name
+
+
+def _function_name(func: Any) -> str:
+    inner = getattr(func, "func", func)  # functools.partial
+    return str(getattr(inner, "__qualname__", type(inner).__name__))
+
+
+class _CountingStream(io.TextIOBase):
+    """stderr as the service's loggers see it: every line is counted while ``on``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._partial = ""
+
+    def write(self, s: str) -> int:
+        if COUNTS.on and s:
+            *complete, self._partial = (self._partial + s).split("\n")
+            for line in complete:
+                COUNTS.log_lines += 1
+                COUNTS.log_events[_event_of(line)] += 1
+        elif not COUNTS.on:
+            self._partial = ""
+        self.inner.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.inner.isatty())
+
+    def fileno(self) -> int:
+        return int(self.inner.fileno())
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.inner, "encoding", "utf-8"))
+
+
+def _event_of(line: str) -> str:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return "(not JSON)"
+    event = doc.get("event") if isinstance(doc, dict) else None
+    if not isinstance(event, str):
+        return "(no event)"
+    return event if len(event) <= 60 else event[:57] + "..."
+
+
+def install_counters() -> None:
+    """Counting wrappers, installed before the service's modules are imported.
+
+    ``asyncio.to_thread`` is replaced in ``asyncio`` (the code calls it as
+    ``asyncio.to_thread``) and in any module already holding it under its own name
+    (``from asyncio import to_thread``); ``run_in_executor`` is wrapped on the event
+    loop class, redis-py's ``send_packed_command`` on its async connection class;
+    stderr is wrapped before logging is configured.
+    """
+    import asyncio.base_events
+    import asyncio.threads
+
+    import redis.asyncio.connection as redis_connection
+
+    original_to_thread = asyncio.to_thread
+
+    async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if COUNTS.on:
+            COUNTS.to_thread_calls += 1
+            COUNTS.to_thread_by_function[_function_name(func)] += 1
+        return await original_to_thread(func, *args, **kwargs)
+
+    asyncio.to_thread = to_thread
+    asyncio.threads.to_thread = to_thread
+    for module in list(sys.modules.values()):
+        if getattr(module, "to_thread", None) is original_to_thread:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(module, "to_thread", to_thread)  # noqa: B010
+
+    loop_class = asyncio.base_events.BaseEventLoop
+    original_executor = loop_class.run_in_executor
+
+    def run_in_executor(self: Any, executor: Any, func: Any, *args: Any) -> Any:
+        if COUNTS.on:
+            COUNTS.executor_calls += 1
+        return original_executor(self, executor, func, *args)
+
+    loop_class.run_in_executor = run_in_executor  # type: ignore[assignment,method-assign]
+
+    conn_class = redis_connection.AbstractConnection
+    original_send = conn_class.send_packed_command
+
+    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        if COUNTS.on:
+            COUNTS.round_trips += 1
+            COUNTS.round_trips_by_command[_first_command(command)] += 1
+        await original_send(self, command, check_health)
+
+    conn_class.send_packed_command = send_packed_command  # type: ignore[method-assign]
+
+    sys.stderr = _CountingStream(sys.stderr)
+
+
+def commandstats(client: Any) -> dict[str, tuple[int, int]]:
+    """The server's ``INFO commandstats``: (calls, microseconds) by command."""
+    stats = client.info("commandstats")
+    return {
+        str(k).removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in stats.items()
+    }
+
+
+def commandstats_delta(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
+    """Commands the server ran between two snapshots, less the one INFO in between."""
+    out = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        calls, usec = calls - c0 - (1 if name == "info" else 0), usec - u0
+        if calls > 0:
+            out[name] = (calls, usec)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 
 async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
     """The aggregator: drain the backlog until the head reaches ``target_version``."""
+    import redis
+
     from aggregator.service import AggregatorService, ServiceConfig
     from aggregator.store import RedisModelStore, StoreConfig, connect_redis
     from aggregator.store.records import VersionRecord
     from common.logging import configure_logging
     from common.wire import Tensors
 
-    configure_logging("info", "json")  # what a deployed aggregator does (to stderr)
+    # What `fedq aggregator run` does with its default options (and the same variables).
+    configure_logging(
+        os.environ.get("FEDQ_LOG_LEVEL", "info"),
+        os.environ.get("FEDQ_LOG_FORMAT", "auto"),
+    )
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
     spec = TaskSpec.from_json(cfg["spec"])
     timers, stages = stage_timers()
+    store_options: dict[str, Any] = {"prefix": cfg["prefix"], "keep_blobs": cfg["keep_blobs"]}
+    if cfg.get("blob_codec"):
+        store_options["blob_codec"] = cfg["blob_codec"]
     store = RedisModelStore(
-        connect_redis(cfg["redis_url"]),
-        StoreConfig(
-            prefix=cfg["prefix"], keep_blobs=cfg["keep_blobs"], blob_codec=cfg["blob_codec"]
-        ),
-        stages=stages,
+        connect_redis(cfg["redis_url"]), StoreConfig(**store_options), stages=stages
     )
+    service_options: dict[str, Any] = {"require_sender_match": False}
+    if cfg.get("prefetch"):
+        service_options["prefetch"] = int(cfg["prefetch"])
     transport = await AmqpTransport.connect(cfg["amqp_url"], name="bench-ingest-aggregator")
+    # A synchronous client (another connection class, not counted) for INFO.
+    stats_client = redis.Redis.from_url(cfg["redis_url"])
     target = int(cfg["target_version"])
     stop = asyncio.Event()
     finished: list[float] = []
+    snapshot: dict[str, Any] = {}
+
+    def finish() -> None:
+        if finished:
+            return
+        finished.append(time.perf_counter())
+        COUNTS.stop()
+        snapshot["commandstats_after"] = commandstats(stats_client)
+        snapshot["drained"] = service.stats.accepted + service.stats.refused_total
+        stop.set()
 
     async def on_version(record: VersionRecord, params: Tensors) -> None:
-        if record.version >= target and not finished:
-            finished.append(time.perf_counter())
-            stop.set()
+        if record.version >= target:
+            finish()
 
     service = AggregatorService(
         spec,
         store,
         transport,
-        ServiceConfig(require_sender_match=False, prefetch=PREFETCH),
+        ServiceConfig(**service_options),
         on_version=on_version,
         stages=stages,
     )
@@ -323,28 +607,37 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
     if runner.done():
         runner.result()
     spy = start_profiler(cfg.get("profile_to"))
+    before = commandstats(stats_client)
+    COUNTS.start()
     t0 = time.perf_counter()
     deadline = t0 + float(cfg["timeout_s"])
     while not stop.is_set() and time.perf_counter() < deadline:
         # Refusals would keep the head below the target: stop when all are handled.
         if service.stats.accepted + service.stats.refused_total >= int(cfg["updates"]):
+            finish()
             break
         await asyncio.sleep(0.05)
-    stop.set()
+    finish()
     await runner
     stop_profiler(spy)
     await transport.close()
     await store.close()
-    end = finished[0] if finished else time.perf_counter()
+    stats_client.close()
+    delta = commandstats_delta(before, snapshot["commandstats_after"])
     return {
         "breakdown_s": dict(timers),
-        "seconds": end - t0,
-        "reached_target": bool(finished),
+        "seconds": finished[0] - t0,
+        "reached_target": service.head_version >= target,
         "head": service.head_version,
         "accepted": service.stats.accepted,
+        "drained": snapshot["drained"],
         "refused": dict(service.stats.refused),
         "rss_before_mib": rss_before,
         "peak_rss_mib": peak_rss_mib(),
+        "blob_codec": store.config.blob_codec,
+        "prefetch": service.prefetch,
+        "counts": COUNTS.totals(),
+        "commandstats": {k: {"calls": c, "usec": u} for k, (c, u) in delta.items()},
     }
 
 
@@ -406,6 +699,7 @@ def stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
 
 @dataclass(slots=True)
 class Row:
+    run: int
     size: str
     params: int
     body_bytes: int
@@ -420,18 +714,33 @@ class Row:
     ratio: float
     versions: int
     refused: int
+    drained: int
     peak_rss_mib: float
     rss_before_mib: float
+    #: Per update drained, counted inside the aggregator process during the drain.
+    redis_round_trips_per_update: float
+    thread_hops_per_update: float
+    to_thread_per_update: float
+    log_lines_per_update: float
+    #: Cross-check from the server (INFO commandstats), server-wide.
+    redis_commands_per_update: float
+    redis_server_us_per_update: float
+    blob_codec: str
+    prefetch: int
+
+
+def per_update(counter: dict[str, float], n: int) -> dict[str, float]:
+    return {k: v / max(n, 1) for k, v in counter.items()}
 
 
 async def bench_size(
-    size: Size, n: int, args: argparse.Namespace, profiles: dict[str, Any]
+    size: Size, n: int, run: int, args: argparse.Namespace, profiles: dict[str, Any]
 ) -> tuple[list[Row], dict[str, Any]]:
     """The ceiling before and after (mean of the two), the aggregator per strategy between."""
     tag = uuid.uuid4().hex[:8]
     spec0 = make_spec(size, "fedasync", tag)
     params = n_params(spec0)
-    print(f"\n== {size.label}: {params:,} parameters, {n} updates", flush=True)
+    print(f"\n== {size.label} ({size.title}): {params:,} parameters, {n} updates", flush=True)
     bodies = [
         b
         for _, _, b in await asyncio.to_thread(
@@ -449,7 +758,7 @@ async def bench_size(
     for threads in args.torch_threads:
         for strategy in STRATEGIES:
             results[strategy, threads] = await bench_strategy(
-                size, n, strategy, threads, tag, args, profiles
+                size, n, strategy, threads, tag, run, args, profiles
             )
     after = await raw_ceiling(args.amqp_url, bodies)
     print(
@@ -460,13 +769,18 @@ async def bench_size(
     ceiling = {k: (before[k] + after[k]) / 2 for k in before}
     rows: list[Row] = []
     breakdowns: dict[str, Any] = {}
+    details: dict[str, Any] = {}
     for (strategy, threads), (res, pub_s, total_bytes) in results.items():
         agg_per_s = res["accepted"] / res["seconds"]
+        drained = max(int(res["drained"]), 1)
+        counts = res["counts"]
+        stats = res["commandstats"]
         label = strategy if strategy == "fedasync" else f"fedbuff K={FEDBUFF_K}"
         if threads != "default":
             label += f", torch threads={threads}"
         rows.append(
             Row(
+                run=run,
                 size=size.label,
                 params=params,
                 body_bytes=body_bytes,
@@ -481,15 +795,46 @@ async def bench_size(
                 ratio=agg_per_s / ceiling["consume_per_s"],
                 versions=res["head"],
                 refused=sum(res["refused"].values()),
+                drained=int(res["drained"]),
                 peak_rss_mib=res["peak_rss_mib"],
                 rss_before_mib=res["rss_before_mib"],
+                redis_round_trips_per_update=counts["redis_round_trips"] / drained,
+                thread_hops_per_update=counts["thread_hops"] / drained,
+                to_thread_per_update=counts["to_thread"] / drained,
+                log_lines_per_update=counts["log_lines"] / drained,
+                redis_commands_per_update=sum(s["calls"] for s in stats.values()) / drained,
+                redis_server_us_per_update=sum(s["usec"] for s in stats.values()) / drained,
+                blob_codec=res["blob_codec"],
+                prefetch=res["prefetch"],
             )
         )
-        per_update = {k: 1000 * v / max(res["accepted"], 1) for k, v in res["breakdown_s"].items()}
-        per_update["drain wall (all)"] = 1000 * res["seconds"] / max(res["accepted"], 1)
         key = f"{size.label}/{strategy}" + ("" if threads == "default" else f"/t{threads}")
-        breakdowns[key] = per_update
-    return rows, {"ceiling": ceiling, "before": before, "after": after, "breakdowns": breakdowns}
+        if args.runs > 1:
+            key += f"/run{run}"
+        ms = {k: 1000 * v / max(res["accepted"], 1) for k, v in res["breakdown_s"].items()}
+        ms["drain wall (all)"] = 1000 * res["seconds"] / max(res["accepted"], 1)
+        breakdowns[key] = ms
+        details[key] = {
+            "drained": res["drained"],
+            "totals": {
+                k: counts[k] for k in ("redis_round_trips", "thread_hops", "to_thread", "log_lines")
+            },
+            "redis_round_trips_by_command": per_update(
+                counts["redis_round_trips_by_command"], drained
+            ),
+            "to_thread_by_function": per_update(counts["to_thread_by_function"], drained),
+            "log_events": per_update(counts["log_events"], drained),
+            "commandstats_calls": per_update({k: s["calls"] for k, s in stats.items()}, drained),
+            "commandstats_usec": per_update({k: s["usec"] for k, s in stats.items()}, drained),
+            "log_lines_total": res["log_lines_total"],
+        }
+    return rows, {
+        "ceiling": ceiling,
+        "before": before,
+        "after": after,
+        "breakdowns": breakdowns,
+        "details": details,
+    }
 
 
 async def bench_strategy(
@@ -498,6 +843,7 @@ async def bench_strategy(
     strategy: str,
     threads: str,
     tag: str,
+    run: int,
     args: argparse.Namespace,
     profiles: dict[str, Any],
 ) -> tuple[dict[str, Any], float, int]:
@@ -516,8 +862,10 @@ async def bench_strategy(
             "amqp_url": args.amqp_url,
             "redis_url": args.redis_url,
             "prefix": prefix,
-            "keep_blobs": 4,
+            "keep_blobs": KEEP_BLOBS,
+            # None: the shipped defaults (StoreConfig(), ServiceConfig()).
             "blob_codec": args.blob_codec,
+            "prefetch": args.prefetch,
             "target_version": target,
             "updates": n,
             "timeout_s": 600,
@@ -530,56 +878,71 @@ async def bench_strategy(
         res = await asyncio.to_thread(run_child, cfg, prof)
         if prof is not None and prof.exists():
             summary = summarize(prof)
-            profiles[f"{size.label}/{strategy}/threads={threads}"] = summary
+            profiles[f"run{run}/{size.label}/{strategy}/threads={threads}"] = summary
             print(f"   py-spy, aggregator {size.label} {strategy}:\n{render(summary)}")
     finally:
         await delete_queues(args.amqp_url, task_queues(spec))
         await delete_redis_prefix(args.redis_url, prefix)
     agg_per_s = res["accepted"] / res["seconds"]
+    drained = max(int(res["drained"]), 1)
+    c = res["counts"]
     print(
         f"   {strategy} (torch threads: {threads}): fedq publish {n / pub_s:.1f}/s, "
         f"aggregator {agg_per_s:.1f}/s, "
         f"{res['head']} versions, peak RSS {res['peak_rss_mib']:.0f} MiB "
-        f"(at start {res['rss_before_mib']:.0f}), refused {res['refused'] or 0}",
+        f"(at start {res['rss_before_mib']:.0f}), refused {res['refused'] or 0}; per update: "
+        f"{c['redis_round_trips'] / drained:.2f} Redis round trips, "
+        f"{c['thread_hops'] / drained:.2f} thread hops, {c['log_lines'] / drained:.2f} log lines",
         flush=True,
     )
+    if not res["reached_target"]:
+        print(f"   !! {strategy}: the head stopped at {res['head']} (target {target})")
     return res, pub_s, total_bytes
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    rows: list[Row] = []
-    ceilings: dict[str, Any] = {}
-    breakdowns: dict[str, Any] = {}
-    profiles: dict[str, Any] = {}
-    sizes = [s for s in SIZES if not args.size or s.label in args.size]
-    for size in sizes:
-        n = size.quick_count if args.quick else size.count
-        if args.count:
-            n = args.count
-        size_rows, extra = await bench_size(size, n, args, profiles)
-        rows += size_rows
-        ceilings[size.label] = {k: extra[k] for k in ("ceiling", "before", "after")}
-        breakdowns.update(extra["breakdowns"])
-    headers = [
-        "size",
-        "msg KB",
-        "N",
-        "strategy",
-        "raw consume upd/s",
-        "raw MB/s",
-        "aggregator upd/s",
-        "agg MB/s",
-        "ratio agg/raw",
-        "raw publish upd/s",
-        "fedq publish upd/s",
-        "peak RSS MiB",
-    ]
+def merged_details(details: dict[str, Any], section: str) -> dict[str, dict[str, float]]:
+    """``section`` per update, averaged over runs, keyed by size/strategy."""
+    out: dict[str, Counter[str]] = {}
+    weights: dict[str, int] = {}
+    for key, d in details.items():
+        base = key.split("/run")[0]
+        acc = out.setdefault(base, Counter())
+        for k, v in d[section].items():
+            acc[k] += v * d["drained"]
+        weights[base] = weights.get(base, 0) + d["drained"]
+    return {
+        base: {k: v / max(weights[base], 1) for k, v in acc.most_common()}
+        for base, acc in out.items()
+    }
+
+
+def print_tables(
+    rows: list[Row], breakdowns: dict[str, Any], details: dict[str, Any], runs: int
+) -> dict[str, Any]:
+    """Print every table; returns the ranges over runs (for the JSON)."""
     print(
         table(
-            headers,
+            [
+                "run",
+                "size",
+                "params",
+                "msg KB",
+                "N",
+                "strategy",
+                "raw consume upd/s",
+                "raw MB/s",
+                "aggregator upd/s",
+                "agg MB/s",
+                "ratio agg/raw",
+                "raw publish upd/s",
+                "fedq publish upd/s",
+                "peak RSS MiB",
+            ],
             [
                 [
+                    r.run,
                     r.size,
+                    r.params,
                     r.body_bytes / 1024,
                     r.updates,
                     r.strategy,
@@ -597,6 +960,76 @@ async def main_async(args: argparse.Namespace) -> None:
             title="Ingest: aggregator full path vs raw aio-pika on the same broker, same run",
         )
     )
+    print(
+        table(
+            [
+                "run",
+                "size",
+                "strategy",
+                "Redis round trips",
+                "Redis commands (server)",
+                "Redis server us",
+                "thread hops",
+                "of which to_thread",
+                "log lines",
+                "drain ms",
+            ],
+            [
+                [
+                    r.run,
+                    r.size,
+                    r.strategy,
+                    r.redis_round_trips_per_update,
+                    r.redis_commands_per_update,
+                    r.redis_server_us_per_update,
+                    r.thread_hops_per_update,
+                    r.to_thread_per_update,
+                    r.log_lines_per_update,
+                    1000 / r.agg_per_s if r.agg_per_s else None,
+                ]
+                for r in rows
+            ],
+            title="Per update, inside the aggregator during the drain (Redis commands and "
+            "server us: INFO commandstats, server-wide)",
+        )
+    )
+    ranges: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = ranges.setdefault(r.size, {}).setdefault(
+            r.strategy, {"ratios": [], "agg_per_s": [], "raw_consume_per_s": []}
+        )
+        entry["ratios"].append(r.ratio)
+        entry["agg_per_s"].append(r.agg_per_s)
+        entry["raw_consume_per_s"].append(r.raw_consume_per_s)
+    range_rows = []
+    for size, by_strategy in ranges.items():
+        for strategy, e in by_strategy.items():
+            for k in ("ratios", "agg_per_s", "raw_consume_per_s"):
+                e[f"{k}_min"], e[f"{k}_max"] = min(e[k]), max(e[k])
+            range_rows.append(
+                [
+                    size,
+                    strategy,
+                    ", ".join(f"{x:.3g}" for x in e["ratios"]),
+                    f"{e['ratios_min']:.3g} - {e['ratios_max']:.3g}",
+                    f"{e['agg_per_s_min']:,.0f} - {e['agg_per_s_max']:,.0f}",
+                    f"{e['raw_consume_per_s_min']:,.0f} - {e['raw_consume_per_s_max']:,.0f}",
+                ]
+            )
+    print(
+        table(
+            [
+                "size",
+                "strategy",
+                "ratio per run",
+                "ratio min - max",
+                "aggregator upd/s min - max",
+                "raw consume upd/s min - max",
+            ],
+            range_rows,
+            title=f"Over {runs} run(s)",
+        )
+    )
     steps = sorted({k for b in breakdowns.values() for k in b})
     print(
         table(
@@ -605,26 +1038,100 @@ async def main_async(args: argparse.Namespace) -> None:
             title="Where the aggregator's time goes (timers around the consumer loop's steps)",
         )
     )
+    for section, header, title in (
+        (
+            "redis_round_trips_by_command",
+            "first command",
+            "Redis round trips per update, by the request's first command",
+        ),
+        (
+            "commandstats_calls",
+            "command",
+            "Redis commands per update (INFO commandstats, server-wide; a script's "
+            "commands count too)",
+        ),
+        ("to_thread_by_function", "function", "asyncio.to_thread calls per update, by function"),
+        ("log_events", "event", "Log lines per update, by event"),
+    ):
+        merged = merged_details(details, section)
+        names = sorted({k for m in merged.values() for k in m}, key=lambda k: k.lower())
+        if not names:
+            continue
+        print(
+            table(
+                [header, *merged],
+                [[k, *(m.get(k) for m in merged.values())] for k in names],
+                title=title + (f" (mean over {runs} runs)" if runs > 1 else ""),
+            )
+        )
+    return ranges
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    defaults = shipped_defaults()
+    args.codec = args.codec or defaults["update_codec"]
+    rows: list[Row] = []
+    ceilings: dict[str, list[dict[str, Any]]] = {}
+    breakdowns: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
+    wanted = args.sizes or ([s.label for s in SIZES] if args.full else list(DEFAULT_SIZES))
+    sizes = [s for s in SIZES if s.label in wanted]
+    print(
+        f"sizes {', '.join(s.label for s in sizes)}; {args.runs} run(s); update codec "
+        f"{args.codec}; store blob codec {args.blob_codec or defaults['blob_codec']}"
+        f"{'' if args.blob_codec else ' (StoreConfig default)'}; prefetch "
+        f"{args.prefetch or defaults['prefetch']}"
+        f"{'' if args.prefetch else ' (ServiceConfig default)'}",
+        flush=True,
+    )
+    for run in range(1, args.runs + 1):
+        if args.runs > 1:
+            print(f"\n##### run {run} of {args.runs}", flush=True)
+        for size in sizes:
+            n = size.quick_count if args.quick else size.count
+            if args.count:
+                n = args.count
+            size_rows, extra = await bench_size(size, n, run, args, profiles)
+            rows += size_rows
+            ceilings.setdefault(size.label, []).append(
+                {"run": run, **{k: extra[k] for k in ("ceiling", "before", "after")}}
+            )
+            breakdowns.update(extra["breakdowns"])
+            details.update(extra["details"])
+    ranges = print_tables(rows, breakdowns, details, args.runs)
+    for r in rows:
+        for k, v in asdict(r).items():
+            if isinstance(v, float) and not math.isfinite(v):
+                print(f"   !! run {r.run} {r.size} {r.strategy}: {k} is {v}")
     doc = envelope(
         "ingest",
         args.quick,
         {
             "rows": [asdict(r) for r in rows],
+            "ranges": ranges,
             "ceilings": ceilings,
             "breakdown_ms_per_update": breakdowns,
+            "counters_per_update": details,
             "profiles": profiles,
         },
         settings={
+            "sizes": [s.label for s in sizes],
+            "runs": args.runs,
             "window": WINDOW,
-            "prefetch": PREFETCH,
+            "ceiling_prefetch": CEILING_PREFETCH,
+            "prefetch": args.prefetch or defaults["prefetch"],
+            "prefetch_source": "--prefetch" if args.prefetch else "ServiceConfig() default",
             "fedbuff_k": FEDBUFF_K,
             "participants": N_PARTICIPANTS,
-            "features": N_FEATURES,
-            "store_keep_blobs": 4,
+            "store_keep_blobs": KEEP_BLOBS,
+            "sender_check": False,
             "torch_threads": args.torch_threads,
             "child_env": args.child_env,
             "update_codec": args.codec,
-            "blob_codec": args.blob_codec,
+            "blob_codec": args.blob_codec or defaults["blob_codec"],
+            "blob_codec_source": "--blob-codec" if args.blob_codec else "StoreConfig() default",
+            "shipped_defaults": defaults,
             "torch_default_threads": torch.get_num_threads(),
             "amqp_url": args.amqp_url,
             "redis_url": args.redis_url,
@@ -635,11 +1142,20 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer updates (about 20 s)")
+    p.add_argument("--quick", action="store_true", help="fewer updates per size")
     p.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     p.add_argument("--amqp-url", default=os.environ.get("FEDQ_TEST_AMQP_URL", DEFAULT_AMQP))
     p.add_argument("--redis-url", default=os.environ.get("FEDQ_TEST_REDIS_URL", DEFAULT_REDIS))
-    p.add_argument("--size", action="append", choices=[s.label for s in SIZES])
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        help=f"comma-separated, of {', '.join(s.label for s in SIZES)} "
+        f"(default: {','.join(DEFAULT_SIZES)}; every size with --full)",
+    )
+    p.add_argument("--full", action="store_true", help="every size, 1m included")
+    p.add_argument(
+        "--runs", type=int, default=1, help="repeat the whole comparison N times (default 1)"
+    )
     p.add_argument("--count", type=int, help="updates per size (overrides the defaults)")
     p.add_argument(
         "--torch-threads",
@@ -651,8 +1167,20 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="run each aggregator under py-spy, print hot spots"
     )
-    p.add_argument("--codec", default="zstd", help="codec of the updates (zstd, raw)")
-    p.add_argument("--blob-codec", default="zstd", help="codec of stored versions (zstd, raw)")
+    p.add_argument(
+        "--codec", default=None, help="codec of the updates (default: the participant's)"
+    )
+    p.add_argument(
+        "--blob-codec",
+        default=None,
+        help="codec of stored versions (default: StoreConfig()'s, what the service ships)",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="the aggregator's prefetch (default: ServiceConfig()'s, what the service ships)",
+    )
     p.add_argument(
         "--child-env",
         action="append",
@@ -663,9 +1191,13 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        result = asyncio.run(child_main(json.loads(sys.stdin.read())))
+        cfg = json.loads(sys.stdin.read())
+        install_counters()  # before the service's modules are imported (in child_main)
+        result = asyncio.run(child_main(cfg))
         print(json.dumps(result), flush=True)
         return
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
     asyncio.run(main_async(args))
 
 

@@ -221,6 +221,22 @@ def privacy_options(f: F) -> F:
     return f
 
 
+#: ``--checkpoint-every K`` (``aggregator run``, ``simulate``): a store setting, not
+#: the task spec's (it changes no version, only which parameters are kept).
+def checkpoint_option(also: str = "") -> Callable[[F], F]:
+    """``--checkpoint-every K``; ``also`` names what else this command keeps."""
+    return click.option(
+        "--checkpoint-every",
+        "checkpoint_every",
+        default=None,
+        type=click.IntRange(min=1),
+        metavar="K",
+        help=f"Keep the parameters of every K-th version (0, K, 2K, ...) and of the head{also} "
+        "only; the others are rebuilt on demand from the nearest kept version and the "
+        "retained updates, each checked (default: every version's are kept).",
+    )
+
+
 def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     """A task-spec option of ``fedq simulate``: its default is the simulation's."""
     return spec_option(spec_field, *decls, simulation=True, **attrs)
@@ -416,6 +432,7 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
     "masks [default: a majority of the banks].",
 )
 @redis_option("Keep versions in this Redis instead of an in-process one.", default=None)
+@checkpoint_option()
 @file_option("--report", help="Write the JSON report here.")
 @file_option("--plot", help="Write the AUC-over-time plot (PNG) here.")
 def simulate(**opts: Any) -> None:
@@ -492,6 +509,7 @@ def simulate(**opts: Any) -> None:
             delta=opts["dp_delta"],
         ),
         redis_url=opts["redis_url"],
+        checkpoint_every=opts["checkpoint_every"],
         report=opts["report"],
         plot=opts["plot"],
         attack=opts["attack"],
@@ -529,6 +547,7 @@ def aggregator() -> None:
 @limit_option(
     "--keep-blobs", help="Keep the parameters of the newest N versions only (default: all)."
 )
+@checkpoint_option(" (and those of the --keep-blobs newest)")
 @seconds_option(
     "--lease-ttl",
     "lease_ttl_s",
@@ -587,6 +606,7 @@ def aggregator_run(
     amqp_url: str,
     redis_url: str,
     keep_blobs: int | None,
+    checkpoint_every: int | None,
     http_host: str,
     http_port: int,
     **service: Any,
@@ -598,7 +618,7 @@ def aggregator_run(
     from aggregator.store import StoreConfig
     from fedq.services import AggregatorRunConfig, load_spec, run_aggregator
 
-    store = StoreConfig(keep_blobs=keep_blobs)
+    store = StoreConfig(keep_blobs=keep_blobs, checkpoint_every=checkpoint_every)
     config = AggregatorRunConfig(
         load_spec(spec_path),
         amqp_url,

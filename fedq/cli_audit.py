@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,19 @@ if TYPE_CHECKING:
     from aggregator.store import RedisModelStore
 
 store_option = redis_option("The model store (read-only access is enough).")
+
+
+async def audit_stream(amqp_url: str, task: str, name: str) -> AsyncGenerator[bytes, None]:
+    """The task's audit stream, oldest first; the broker is reached only once it is read
+    (a command that may not need it never connects)."""
+    from common.transport.amqp import AmqpTransport
+
+    transport = await AmqpTransport.connect(amqp_url, name=name)
+    try:
+        async for body in transport.read_audit(task):
+            yield body
+    finally:
+        await transport.close()
 
 
 @asynccontextmanager
@@ -164,7 +177,8 @@ async def _replay(
             "cohort_problems": report.cohort_problems,
         }
         if exclude is not None:
-            result.update(await _counterfactual(store, task, report, evaluation, out))
+            retained = (updates, answers)
+            result.update(await _counterfactual(store, task, report, retained, evaluation, out))
         if report.note:
             result["note"] = report.note
     if as_json:
@@ -203,13 +217,17 @@ async def _counterfactual(
     store: RedisModelStore,
     task: str,
     report: ReplayReport,
+    retained: tuple[Mapping[str, bytes], Mapping[str, Sequence[bytes]]],
     evaluation: tuple[Path | None, str | None, str | None],
     out: Path | None,
 ) -> dict[str, Any]:
     """What ``--exclude`` adds to the result: hashes, scores on ``--data``, ``--out``."""
     from aggregator.audit.counterfactual import Counterfactual
+    from aggregator.audit.rebuild import rebuild
 
-    real = (await store.get_params(task, report.to_version)).tensors
+    updates, answers = retained
+    # The real model: stored, or rebuilt when retention pruned it (checkpoints).
+    real = (await rebuild(store, task, report.to_version, updates, answers=answers)).params
     counterfactual = Counterfactual(task, report, real)
     result = counterfactual.summary()
     data, target, positive = evaluation
@@ -543,9 +561,16 @@ def _failed_lines(failed: Any) -> str:
 @file_option(
     "--out", required=True, help="model.safetensors (the spec goes to model.spec.json beside it)."
 )
+@amqp_option(
+    "The broker holding the audit stream: read only to rebuild a version whose "
+    "parameters retention pruned (checkpoints)."
+)
 @store_option
-def export(task: str, version: int | None, out: Path, redis_url: str) -> None:
-    """Export a version for serving: safetensors plus the spec to rebuild the module."""
+def export(task: str, version: int | None, out: Path, amqp_url: str, redis_url: str) -> None:
+    """Export a version for serving: safetensors plus the spec to rebuild the module.
+
+    A version whose parameters were pruned (``--checkpoint-every``) is rebuilt from the
+    nearest kept version and the retained updates, every version checked."""
     from aggregator.audit.export import export_version, spec_path
 
     async def run() -> dict[str, str]:
@@ -553,7 +578,11 @@ def export(task: str, version: int | None, out: Path, redis_url: str) -> None:
             v = version if version is not None else await store.head(task)
             if v is None:
                 raise FedqError(f"task {task!r} has no versions")
-            return await export_version(store, task, v, out)
+            stream = audit_stream(amqp_url, task, "fedq-export")
+            try:
+                return await export_version(store, task, v, out, updates=stream)
+            finally:
+                await stream.aclose()
 
     meta = asyncio.run(run())
     Console().print(

@@ -180,6 +180,9 @@ class SimulationConfig:
     #: banks are named after its keys and the aggregator checks every sender.
     bank_urls: Mapping[str, str] | None = None
     redis_url: str | None = None
+    #: The store's checkpoints (``StoreConfig.checkpoint_every``): keep the parameters
+    #: of every K-th version and of the head only; None: every version's.
+    checkpoint_every: int | None = None
     report: Path | None = None
     plot: Path | None = None
     #: Hostile banks (fedq.simulate_attacks): the attack the last ``attackers`` banks
@@ -1104,7 +1107,7 @@ async def run_simulation(
     agg_transport, bank_transports = await _transports(config, names)
     store = RedisModelStore(
         connect_redis(config.redis_url or "memory://"),
-        StoreConfig(prefix="fedq"),
+        StoreConfig(prefix="fedq", checkpoint_every=config.checkpoint_every),
         stages=config.stages,
     )
     progress = Progress()

@@ -350,7 +350,7 @@ async def test_health_turns_unhealthy_when_the_consumer_makes_no_progress(
     async def leak(delivery: UpdateDelivery) -> None:  # a consumer bug: never settles
         held.append(delivery)
 
-    monkeypatch.setattr(service, "handle", leak)
+    monkeypatch.setattr(service, "_handle", leak)
     for _ in range(5):
         await rig.publish()
     await _until(lambda: len(held) == 2)  # the prefetch is full; three wait
@@ -367,13 +367,13 @@ async def test_health_turns_unhealthy_while_one_update_hangs(
     service = await rig.start(ServiceConfig(require_sender_match=False, stall_s=0.5))
     await _healthy(service)
     release = asyncio.Event()
-    real = service.handle
+    real = service._handle
 
     async def hang(delivery: UpdateDelivery) -> None:
         await release.wait()
         await real(delivery)
 
-    monkeypatch.setattr(service, "handle", hang)
+    monkeypatch.setattr(service, "_handle", hang)
     await rig.publish()
     async with asyncio.timeout(10):
         while (health := await service.health())["ok"]:

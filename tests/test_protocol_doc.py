@@ -240,7 +240,7 @@ class _State:
     def pending(self) -> Sequence[AcceptedUpdate]:
         return self.round
 
-    async def applied_in(self, update_id: str) -> int | None:
+    async def applied_in(self, update_id: str, base_version: int, participant: str) -> int | None:
         return self.applied.get(update_id)
 
     async def base(self, version: int) -> Tensors | None:
@@ -328,7 +328,8 @@ def test_names_match_the_code() -> None:
         names.update_key("<task>", "<participant>"),
         names.model_key("<task>"),
         names.model_key("<task>", "<participant>"),
-        names.model_queue("<task>", "<participant>"),
+        names.model_stream("<task>"),
+        names.model_binding("<task>"),
         names.work_queue("<task>"),
         names.audit_stream("<task>"),
         names.dead_key("<task>"),

@@ -64,7 +64,7 @@ class State:
     def pending(self) -> Sequence[AcceptedUpdate]:
         return self.round
 
-    async def applied_in(self, update_id: str) -> int | None:
+    async def applied_in(self, update_id: str, base_version: int, participant: str) -> int | None:
         return self.applied.get(update_id)
 
     async def base(self, version: int) -> Tensors | None:

@@ -139,7 +139,7 @@ class TestModelStore:
     async def test_racing_writers_on_separate_connections(
         self, redis_client: aioredis.Redis, prefix: str, task_spec: TaskSpec
     ) -> None:
-        """Two stores (two aggregators) on one Redis: the WATCH guard decides."""
+        """Two stores (two aggregators) on one Redis: the commit script decides."""
         a = RedisModelStore(redis_client, StoreConfig(prefix=prefix))
         b = RedisModelStore(redis_client, StoreConfig(prefix=prefix))
         await init_task(a, task_spec)

@@ -1,5 +1,8 @@
 """Export a version for serving: safetensors parameters plus the spec to rebuild the module.
 
+Any version can be exported: one whose parameters retention pruned (checkpoints) is
+rebuilt from the retained updates first (:mod:`aggregator.audit.rebuild`).
+
 The file's metadata names the task, the version and both hashes, so the deployed
 model can be traced to the audited version; :func:`load_exported` checks the
 parameter hash on load.
@@ -8,13 +11,16 @@ parameter hash on load.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aggregator.audit.rebuild import Retained, rebuild
+from aggregator.audit.replay import stored_start
 from aggregator.store import RedisModelStore
-from common.errors import FedqError
+from common.errors import BlobPrunedError, FedqError
 from common.models import build_task_model
 from common.spec import TaskSpec
 from common.wire import Tensors, tensors_hash
@@ -38,15 +44,35 @@ def save_model(path: Path, tensors: Tensors, metadata: dict[str, str]) -> dict[s
 
 
 async def export_version(
-    store: RedisModelStore, task: str, version: int, path: Path
+    store: RedisModelStore,
+    task: str,
+    version: int,
+    path: Path,
+    *,
+    updates: Retained | None = None,
+    answers: Mapping[str, Sequence[bytes]] | None = None,
 ) -> dict[str, str]:
-    """Write ``path`` (safetensors) and its spec; returns the metadata written."""
+    """Write ``path`` (safetensors) and its spec; returns the metadata written.
+
+    The parameters are the stored ones, checked against the version's record; when
+    retention pruned them (checkpoints) they are rebuilt from the nearest kept version
+    below and the retained ``updates`` (:func:`aggregator.audit.rebuild.rebuild`, every
+    version checked), which are then needed: without them that is an error.
+    """
     record = await store.get_version(task, version)
-    env = await store.get_params(task, version)
+    if updates is None:
+        try:
+            tensors = (await stored_start(store, task, version)).params
+        except BlobPrunedError as err:
+            raise FedqError(
+                f"{err}: rebuilding them needs the retained updates (the audit stream)"
+            ) from err
+    else:
+        tensors = (await rebuild(store, task, version, updates, answers=answers)).params
     spec = await store.get_spec(task)
     metadata = save_model(
         path,
-        env.tensors,
+        tensors,
         {
             "task": task,
             "version": str(version),

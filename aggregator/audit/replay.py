@@ -43,13 +43,18 @@ unmask its update), that every secure version had at least the minimum cohort an
 that only survivors answered (:func:`check_cohorts`). Such a version has no
 counterfactual without one of its survivors: the aggregator never saw that bank's
 update on its own.
+
+The recomputation of consecutive versions is :class:`Chain`, which
+:mod:`aggregator.audit.rebuild` shares: with checkpoints
+(``StoreConfig.checkpoint_every``) a version whose parameters were dropped is rebuilt
+from the nearest kept one below it, and a replay that starts at one rebuilds it first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aggregator import privacy, server_opt
@@ -261,6 +266,12 @@ async def replay(
     ReplayError: that counterfactual cannot be computed (:func:`refuse_secure_exclusion`).
     ``exclude`` names one participant or a collection of them (left out in turn, in
     name order); an empty collection excludes nobody: the chain is replayed and checked.
+
+    The parameters of ``from_version`` (and of a base version before it) that
+    retention dropped are rebuilt from the nearest kept version below it
+    (:func:`aggregator.audit.rebuild.rebuild`, every version checked): a failed
+    rebuild of ``from_version`` is reported as the first bad version; of a base
+    version, it raises RebuildError.
     """
     left = excluded_names(exclude)
     spec = await store.get_spec(task)
@@ -268,64 +279,167 @@ async def replay(
     named = exclude if isinstance(exclude, str) else ", ".join(left) or None
     report = ReplayReport(task, from_version, last, excluded=named)
     answers = answers or {}
-    start = await store.get_version(task, from_version)
-    try:
-        env = await store.get_params(task, from_version)
-        state = await store.get_state(task, from_version)
-    except BlobPrunedError as err:
-        raise ReplayError(f"{err}; start from a version whose parameters are kept") from err
-    except StoreError as err:
-        report.first_bad_version, report.reason = from_version, str(err)
-        return report
-    if env.content_hash != start.param_hash:
-        report.first_bad_version, report.reason = (
-            from_version,
-            "stored parameters differ from their recorded hash",
-        )
+    start = await _replay_start(store, updates, answers, task, from_version, report)
+    if start is None:
         return report
     expected = tensor_specs(model_tensors(build_task_model(spec)))
-    masked_expected = masked_specs(expected)
     identities = Identities(await store.spec_history(task), spec)
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
     if left:
         refuse_secure_exclusion(records, left)
     else:
         await check_cohorts(store, task, answers, identities, records, report)
-    bases = _Bases(store, task, records, from_version, env.tensors, bool(left))
-    run = _Run(store, updates, answers, identities, expected, masked_expected, bases, report, left)
-    parent, parent_hash = env.tensors, start.version_hash
-    try:
-        private = _privacy_of(start)
-    except ReplayError as err:
-        report.first_bad_version, report.reason = from_version, str(err)
+    chain = Chain(store, updates, answers, identities, expected, _Loader(store, updates, answers))
+    parent, state = await chain.run(records, start, report, left=left, on_version=on_version)
+    if report.first_bad_version is not None:
         return report
-    for rec in records:
-        if "secagg_failed" in rec.info:
-            params, private, problem, parent_hash = await run.failed(
-                rec, parent, private, parent_hash
-            )
-            state = None
-        elif _is_secure(rec, identities.spec(rec.version)):
-            params, private, problem, parent_hash = await run.secure(
-                rec, parent, private, parent_hash
-            )
-            state = None
-        else:
-            params, state, private, problem, parent_hash = await run.plain(
-                rec, parent, state, private, parent_hash
-            )
-        if problem is not None:
-            report.first_bad_version, report.reason = rec.version, problem
-            return report
-        bases.keep(rec.version, params)
-        parent = params
-        report.checked += 1
-        report.private_versions += int(private is not None)
-        if on_version is not None:
-            on_version(rec.version)
     report.params, report.state = parent, state
     report.param_hash = tensors_hash(parent)
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a replay starts: a version's record, its parameters and the server
+    optimizer's state after it (None when it has none), checked against the record."""
+
+    record: VersionRecord
+    params: Tensors
+    state: ServerState | None
+
+
+async def stored_start(store: RedisModelStore, task: str, version: int) -> Start:
+    """A version's stored parameters and optimizer state, checked against its record:
+    BlobPrunedError when retention dropped them, StoreError when they are unreadable,
+    ReplayError when they differ from the recorded hashes."""
+    record = await store.get_version(task, version)
+    env = await store.get_params(task, version)
+    state = await store.get_state(task, version)
+    if env.content_hash != record.param_hash:
+        raise ReplayError("stored parameters differ from their recorded hash")
+    if env.version_hash != record.version_hash or env.version != version:
+        raise ReplayError("stored parameters name another version or version hash")
+    return Start(record, env.tensors, state)
+
+
+async def _replay_start(
+    store: RedisModelStore,
+    updates: Mapping[str, bytes],
+    answers: Mapping[str, Sequence[bytes]],
+    task: str,
+    version: int,
+    report: ReplayReport,
+) -> Start | None:
+    """The start of a replay: stored, or rebuilt when retention pruned it; None (with
+    the problem in ``report``) when it cannot be had."""
+    from aggregator.audit.rebuild import RebuildError, rebuild
+
+    try:
+        return await stored_start(store, task, version)
+    except BlobPrunedError:
+        pass
+    except (StoreError, ReplayError) as err:
+        report.first_bad_version, report.reason = version, str(err)
+        return None
+    try:
+        rebuilt = await rebuild(store, task, version, updates, answers=answers)
+    except RebuildError as err:
+        report.first_bad_version, report.reason = err.bad_version, err.reason
+        return None
+    return Start(rebuilt.record, rebuilt.params, rebuilt.state)
+
+
+@dataclass(frozen=True, slots=True)
+class _Loader:
+    """A base version's parameters for a replay that starts after it: stored, or
+    rebuilt when retention pruned them (RebuildError when that fails)."""
+
+    store: RedisModelStore
+    updates: Mapping[str, bytes]
+    answers: Mapping[str, Sequence[bytes]]
+
+    async def __call__(self, task: str, version: int) -> Tensors:
+        from aggregator.audit.rebuild import rebuild
+
+        try:
+            return (await self.store.get_params(task, version)).tensors
+        except BlobPrunedError:
+            rebuilt = await rebuild(self.store, task, version, self.updates, answers=self.answers)
+            return rebuilt.params
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """Replay's recomputation of consecutive versions, shared by :func:`replay` and
+    :func:`aggregator.audit.rebuild.rebuild`: the retained messages (updates by id,
+    unmask answers by id), the spec history, the model's tensor layout and how a base
+    version before the start is read."""
+
+    store: RedisModelStore
+    updates: Mapping[str, bytes]
+    answers: Mapping[str, Sequence[bytes]]
+    identities: Identities
+    expected: Mapping[str, TensorSpec]
+    load: Callable[[str, int], Awaitable[Tensors]]
+
+    async def run(
+        self,
+        records: Sequence[VersionRecord],
+        start: Start,
+        report: ReplayReport,
+        *,
+        left: tuple[str, ...] = (),
+        on_version: Callable[[int], None] | None = None,
+    ) -> tuple[Tensors, ServerState | None]:
+        """Recompute ``records`` (the versions after ``start``, in order) from
+        ``start``, each by the strategy, server optimizer, bank-level DP or secure
+        aggregation that made it, and (not excluding: ``left`` empty) check each
+        against its record and the store. Stops at the first problem, which goes to
+        ``report`` (``first_bad_version``, ``reason``); returns the last parameters
+        and optimizer state recomputed."""
+        bases = _Bases(self.load, start.record.task, records, start, bool(left))
+        run = _Run(
+            self.store,
+            self.updates,
+            self.answers,
+            self.identities,
+            self.expected,
+            masked_specs(self.expected),
+            bases,
+            report,
+            left,
+        )
+        parent, parent_hash, state = start.params, start.record.version_hash, start.state
+        try:
+            private = _privacy_of(start.record)
+        except ReplayError as err:
+            report.first_bad_version, report.reason = start.record.version, str(err)
+            return parent, state
+        for rec in records:
+            if "secagg_failed" in rec.info:
+                params, private, problem, parent_hash = await run.failed(
+                    rec, parent, private, parent_hash
+                )
+                state = None
+            elif _is_secure(rec, self.identities.spec(rec.version)):
+                params, private, problem, parent_hash = await run.secure(
+                    rec, parent, private, parent_hash
+                )
+                state = None
+            else:
+                params, state, private, problem, parent_hash = await run.plain(
+                    rec, parent, state, private, parent_hash
+                )
+            if problem is not None:
+                report.first_bad_version, report.reason = rec.version, problem
+                return parent, state
+            bases.keep(rec.version, params)
+            parent = params
+            report.checked += 1
+            report.private_versions += int(private is not None)
+            if on_version is not None:
+                on_version(rec.version)
+        return parent, state
 
 
 @dataclass(slots=True)
@@ -371,7 +485,11 @@ class _Run:
         # Updates over the norm bound were offered clipped by the recorded factors.
         deltas = apply_clips(deltas, _clip_factors(rec))
         robust = _robust_kind(self.identities.spec(rec.version), strategy)
-        of = {x.base_version: await self.bases.get(x.base_version) for x in entries}
+        # A strategy that reads no base is offered the head as its base by the service.
+        of = {
+            x.base_version: await self.bases.get(x.base_version) if strategy.uses_base else parent
+            for x in entries
+        }
         params, state, private, problem = await asyncio.to_thread(
             _recompute_version, strategy, rec, parent, state, of, entries, deltas, private, robust
         )
@@ -596,35 +714,45 @@ async def _last_version(
 
 
 class _Bases:
-    """Replayed parameters kept while a later update still names them as its base."""
+    """Replayed parameters kept while a later update still names them as its base
+    (only updates of a strategy that reads its base, :func:`uses_base`)."""
 
     def __init__(
         self,
-        store: RedisModelStore,
+        load: Callable[[str, int], Awaitable[Tensors]],
         task: str,
         records: Sequence[VersionRecord],
-        from_version: int,
-        start: Tensors,
+        start: Start,
         exclude: bool,
     ) -> None:
-        self.store, self.task, self.exclude = store, task, exclude
+        self.load, self.task, self.exclude = load, task, exclude
         self.last_use: dict[int, int] = {}
         for rec in records:
-            for e in rec.lineage:
-                self.last_use[e.base_version] = rec.version
-        self.history: dict[int, Tensors] = {from_version: start}
+            if uses_base(rec):
+                for e in rec.lineage:
+                    self.last_use[e.base_version] = rec.version
+        self.history: dict[int, Tensors] = {start.record.version: start.params}
 
     async def get(self, v: int) -> Tensors:
         if v in self.history:
             return self.history[v]
         if self.exclude:
             raise ReplayError(f"base version {v} precedes --from-version; start earlier")
-        return (await self.store.get_params(self.task, v)).tensors
+        return await self.load(self.task, v)
 
     def keep(self, v: int, params: Tensors) -> None:
         self.history[v] = params
         for old in [k for k in self.history if k != v and self.last_use.get(k, -1) <= v]:
             del self.history[old]
+
+
+def uses_base(rec: VersionRecord) -> bool:
+    """Whether the strategy that made ``rec`` reads its updates' base versions (an
+    unknown strategy counts as one that does: its replay names the problem)."""
+    try:
+        return strategy_class(str(rec.info.get("strategy", ""))).uses_base
+    except SpecError:
+        return True
 
 
 @dataclass(frozen=True, slots=True)

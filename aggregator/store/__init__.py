@@ -4,7 +4,9 @@ from aggregator.store.keys import Keys
 from aggregator.store.records import (
     CommitOutcome,
     CommitResult,
+    GroupCommitResult,
     Lease,
+    NewVersion,
     VerifyReport,
     VersionRecord,
 )
@@ -13,8 +15,10 @@ from aggregator.store.redis_store import RedisModelStore, StoreConfig, connect_r
 __all__ = [
     "CommitOutcome",
     "CommitResult",
+    "GroupCommitResult",
     "Keys",
     "Lease",
+    "NewVersion",
     "RedisModelStore",
     "StoreConfig",
     "VerifyReport",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aggregator.server_opt import ServerState
 from common.errors import StoreError
 from common.hashing import LineageEntry, optimizer_bytes
 from common.spec import ServerOptimizerSpec
+from common.wire import Tensors
 
 #: Free-form, JSON-serialisable facts about how a version was made (strategy, settings).
 Info = Mapping[str, Any]
@@ -150,6 +152,38 @@ class CommitResult:
     @property
     def committed(self) -> bool:
         """Whether the version was written."""
+        return self.outcome is CommitOutcome.COMMITTED
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """One version to commit in a group (:meth:`RedisModelStore.commit_many`): its
+    parameters, lineage and info, and the server optimizer's state after it, if any."""
+
+    params: Tensors
+    lineage: Sequence[LineageEntry]
+    info: Info
+    state: ServerState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCommitResult:
+    """The outcome of committing a group of consecutive versions: all or none."""
+
+    outcome: CommitOutcome
+    #: The committed versions' records, oldest first (COMMITTED).
+    records: tuple[VersionRecord, ...] = ()
+    #: Their parameters as stored (model envelopes, ready to announce), in the same order.
+    blobs: tuple[bytes, ...] = ()
+    #: The head after the commit (COMMITTED), or the head seen when it was refused
+    #: (LOST_RACE, DUPLICATE; None when the task has no head). None when FENCED.
+    head: int | None = None
+    #: update id -> version it was already applied in (DUPLICATE).
+    duplicates: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def committed(self) -> bool:
+        """Whether the versions were written."""
         return self.outcome is CommitOutcome.COMMITTED
 
 

@@ -1,9 +1,11 @@
 """The model store on Redis (redis.asyncio), or in-process on fakeredis.
 
-Writes are optimistic transactions (WATCH/MULTI/EXEC): a commit names its parent
-version and succeeds only if the parent is still the head and none of its update
-ids was applied before. A lost race is an expected outcome, returned, not raised.
-Redis errors are converted to :class:`~common.errors.StoreError` here.
+A commit is one Lua script (aggregator/store/commit_script.py), one round trip for a
+group of consecutive versions: it names its parent version and succeeds only if the
+writer still holds its lease, the parent is still the head and none of its update ids
+was applied before. A lost race is an expected outcome, returned, not raised. Other
+writes are optimistic transactions (WATCH/MULTI/EXEC). Redis errors are converted to
+:class:`~common.errors.StoreError` here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fakeredis
@@ -27,12 +29,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aggregator.server_opt import ServerState
 from aggregator.stats import Stages, untimed
+from aggregator.store.commit_script import COMMIT_LUA, ScriptVersion, commit_call, read_reply
 from aggregator.store.keys import Keys
 from aggregator.store.records import (
-    CommitOutcome,
     CommitResult,
+    GroupCommitResult,
     Info,
     Lease,
+    NewVersion,
     VerifyReport,
     VersionRecord,
 )
@@ -63,9 +67,6 @@ from common.wire import (
     pack_model,
 )
 
-#: Optimistic transactions a commit tries before it reports a lost race.
-_COMMIT_ATTEMPTS = 16
-
 #: Blobs are our own, written by us: allow large models, keep every other check.
 _BLOB_LIMITS = DecodeLimits(max_message_bytes=4 * 1024**3, max_tensor_bytes=16 * 1024**3)
 #: Optimizer states: float64 moments, one (momentum) or two (adam, yogi) per parameter.
@@ -81,15 +82,56 @@ class StoreConfig:
     #: (and always version 0, where replay starts); None keeps all. Metadata and
     #: lineage are never dropped.
     keep_blobs: int | None = None
+    #: Checkpoints: keep the parameters (and server optimizer states) of every K-th
+    #: version only (0, K, 2K, ...), of the head, and of the newest ``keep_blobs``
+    #: versions when that is set too; the others are rebuilt on demand from the
+    #: nearest checkpoint below them and the retained updates
+    #: (:func:`aggregator.audit.rebuild.rebuild`). None: as ``keep_blobs`` says.
+    checkpoint_every: int | None = None
     #: Codec of stored parameter blobs (also what participants receive). raw: float32
     #: parameters compress by only a few percent, so zstd would cost CPU for little.
     blob_codec: str = "raw"
     #: Decisions kept per task (a Redis stream, trimmed approximately past this).
     max_decisions: int = 10_000_000
+    #: A commit encodes and hashes a group of fewer parameter elements than this on the
+    #: event loop (a thread hand-off would cost more); larger groups in one thread.
+    inline_below: int = 1 << 16
 
     def __post_init__(self) -> None:
         if self.keep_blobs is not None and self.keep_blobs < 1:
             raise ValueError("keep_blobs must be at least 1 (the head) or None")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1 or None")
+
+    def keeps(self, version: int, head: int) -> bool:
+        """Whether ``version``'s parameters (and optimizer state) are kept while
+        ``head`` is the head: always version 0 and the head; with neither
+        ``checkpoint_every`` nor ``keep_blobs``, every version; else every multiple of
+        ``checkpoint_every`` (when set) and the newest ``keep_blobs`` versions,
+        ``head - keep_blobs + 1 .. head`` (when set)."""
+        if version in (0, head):
+            return True
+        k, n = self.checkpoint_every, self.keep_blobs
+        if k is None and n is None:
+            return True
+        return (k is not None and version % k == 0) or (n is not None and version > head - n)
+
+    def dropped_by(self, parent: int, head: int) -> list[int]:
+        """The versions up to ``parent`` whose parameters a commit moving the head from
+        ``parent`` to ``head`` drops: kept under :meth:`keeps` with ``parent`` the head,
+        not with ``head``: the old head unless it is kept anyway, and the versions
+        leaving the ``keep_blobs`` window. (The committed versions ``parent + 1 ..
+        head - 1`` that :meth:`keeps` does not keep are never written.)"""
+        candidates = {parent}
+        if self.keep_blobs is not None:
+            candidates.update(
+                range(max(1, parent - self.keep_blobs + 1), head - self.keep_blobs + 1)
+            )
+        return sorted(
+            v
+            for v in candidates
+            if 0 <= v <= parent and self.keeps(v, parent) and not self.keeps(v, head)
+        )
 
 
 def connect_redis(url: str) -> aioredis.Redis:
@@ -157,6 +199,8 @@ class RedisModelStore:
         self.keys = Keys(self.config.prefix)
         #: A named hook around the commit's stages (benchmarks time them).
         self.stages = stages
+        #: The commit: EVALSHA, loaded on NOSCRIPT (aggregator/store/commit_script.py).
+        self._commit_script = redis.register_script(COMMIT_LUA)
 
     async def close(self) -> None:
         """Close the Redis connection pool."""
@@ -292,6 +336,26 @@ class RedisModelStore:
             raise NotFoundError(f"task {task!r} has no version {version}")
         return _as_bytes(blob)
 
+    async def kept_below(self, task: str, version: int, *, batch: int = 64) -> int | None:
+        """The newest version up to ``version`` whose parameters are stored (not pruned
+        by retention), or None when there is none; read-only, ``batch`` EXISTS per round
+        trip, newest first."""
+        top = version
+        while top >= 0:
+            numbers = range(top, max(-1, top - batch), -1)
+            async with (
+                _redis_errors("looking for kept parameters"),
+                self._r.pipeline(transaction=False) as p,
+            ):
+                for v in numbers:
+                    p.exists(self.keys.blob(task, v))
+                found = await p.execute()
+            for v, exists in zip(numbers, found, strict=True):
+                if exists:
+                    return v
+            top -= batch
+        return None
+
     async def get_state_blob(self, task: str, version: int) -> bytes | None:
         """A version's server optimizer state as stored (a model envelope of float64
         tensors); None when the version has none (made without a stateful optimizer)."""
@@ -339,6 +403,22 @@ class RedisModelStore:
         async with _redis_errors("reading applied update ids"):
             found = await self._r.hmget(self.keys.applied(task), list(update_ids))
         return {u: int(v) for u, v in zip(update_ids, found, strict=True) if v is not None}
+
+    async def recent_applied(self, task: str, head: int, versions: int) -> dict[str, int]:
+        """The update ids applied in the newest ``versions`` versions up to ``head``
+        (``max(1, head - versions + 1) .. head``), each with its version, in one round
+        trip (to seed a service's memory of recently applied ids at start). A version
+        without lineage (none written yet) contributes nothing."""
+        numbers = range(max(1, head - versions + 1), head + 1)
+        if not numbers:
+            return {}
+        async with _redis_errors("reading recent lineage"):
+            found = await self._r.mget([self.keys.lineage(task, v) for v in numbers])
+        applied: dict[str, int] = {}
+        for v, doc in zip(numbers, found, strict=True):
+            if doc is not None:
+                applied.update(dict.fromkeys(_lineage_ids(_as_bytes(doc)), v))
+        return applied
 
     # ------------------------------------------------------------------ writes
 
@@ -390,97 +470,113 @@ class RedisModelStore:
 
         Returns LOST_RACE when ``parent`` is not the head (another writer won),
         DUPLICATE when an update id was applied before, and FENCED when ``lease`` is
-        no longer the task's lease (the check and the write are one transaction);
-        nothing is written then.
+        no longer the task's lease (the checks and the writes are one script);
+        nothing is written then. :meth:`commit_many` with one version.
         """
-        entries = tuple(lineage)
-        ids = [e.update_id for e in entries]
-        if len(set(ids)) != len(ids):
-            raise StoreError("a version's lineage lists the same update id twice")
-        if parent_hash is None:  # the caller may know it (the service keeps its head)
-            parent_hash = (await self.get_version(task, parent)).version_hash
-        with self.stages("store: encode and hash (thread)"):
-            prepared = await asyncio.to_thread(
-                self._prepare, task, parent + 1, parent_hash, params, entries, state
-            )
-        record = VersionRecord(
-            task=task,
-            version=parent + 1,
+        group = await self.commit_many(
+            task,
             parent=parent,
-            param_hash=prepared.param_hash,
-            version_hash=prepared.version_hash,
-            created_at=time.time(),
-            lineage=entries,
-            info=dict(info or {}),
-            optimizer=None if state is None else state.spec,
-            state_hash=prepared.state_hash,
+            versions=[NewVersion(params, lineage, info or {}, state)],
+            lease=lease,
+            parent_hash=parent_hash,
         )
-        # A watched key touched by anyone aborts the transaction: check again and
-        # retry. The checks decide: a moved head is a lost race, a changed lease is
-        # fencing, an applied id a duplicate; a lease merely renewed is none of these.
-        for _ in range(_COMMIT_ATTEMPTS):
-            with self.stages("store: transaction (Redis)"):
-                outcome = await self._try_commit(task, parent, record, prepared, entries, lease)
-            if outcome is not None:
-                return outcome
-        return CommitResult(CommitOutcome.LOST_RACE, head=await self.head(task))
+        if group.committed:
+            return CommitResult(
+                group.outcome, record=group.records[0], head=group.head, blob=group.blobs[0]
+            )
+        return CommitResult(group.outcome, head=group.head, duplicates=group.duplicates)
 
-    async def _try_commit(
+    async def commit_many(
         self,
         task: str,
+        *,
         parent: int,
-        record: VersionRecord,
-        prepared: _Prepared,
-        entries: tuple[LineageEntry, ...],
-        lease: Lease | None,
-    ) -> CommitResult | None:
-        """One optimistic transaction; None when a watched key changed meanwhile."""
-        ids = [e.update_id for e in entries]
-        head_key, applied_key = self.keys.head(task), self.keys.applied(task)
-        lease_key = self.keys.lease(task)
-        async with _redis_errors("committing a version"), self._r.pipeline() as pipe:
-            try:
-                await pipe.watch(head_key, applied_key, lease_key)
-                if lease is not None:
-                    held = await pipe.get(lease_key)
-                    if held is None or _as_bytes(held).decode() != lease.value:
-                        return CommitResult(CommitOutcome.FENCED)
-                raw_head = await pipe.get(head_key)
-                head = None if raw_head is None else int(raw_head)
-                if head != parent:
-                    return CommitResult(CommitOutcome.LOST_RACE, head=head)
-                if ids:
-                    found = await pipe.hmget(applied_key, ids)
-                    dups = {u: int(v) for u, v in zip(ids, found, strict=True) if v is not None}
-                    if dups:
-                        return CommitResult(CommitOutcome.DUPLICATE, head=head, duplicates=dups)
-                pipe.multi()  # type: ignore[no-untyped-call]
-                self._queue_version(pipe, record, prepared.blob, prepared.state_blob)
-                if ids:
-                    pipe.hset(applied_key, mapping=dict.fromkeys(ids, record.version))
-                for e in entries:
-                    self._queue_decision(
-                        pipe,
-                        task,
-                        {
-                            "decision": "accepted",
-                            "version": record.version,
-                            "head": parent,
-                            "update_id": e.update_id,
-                            "participant": e.participant,
-                            "base_version": e.base_version,
-                            "staleness": e.staleness,
-                            "weight": repr(e.weight),
-                            "content_hash": e.content_hash.hex(),
-                        },
-                    )
-                self._queue_prune(pipe, task, record.version)
-                await pipe.execute()
-            except WatchError:
-                return None
-        return CommitResult(
-            CommitOutcome.COMMITTED, record=record, head=record.version, blob=prepared.blob
+        versions: Sequence[NewVersion],
+        lease: Lease | None = None,
+        parent_hash: bytes | None = None,
+    ) -> GroupCommitResult:
+        """Commit versions ``parent + 1 .. parent + len(versions)``, all or none, in one
+        round trip: each chained to the one before, with its lineage, applied ids,
+        decisions and optimizer state, as :meth:`commit` would one after another.
+
+        The checks (``lease`` still the task's lease, ``parent`` still the head, none of
+        the update ids applied before) and the writes are one Lua script; when a check
+        fails nothing is written and the result says which (FENCED, LOST_RACE,
+        DUPLICATE). ``parent_hash`` is the parent's version hash when the caller knows
+        it (else it is read). An update id listed twice in the group is a StoreError.
+        """
+        if not versions:
+            raise StoreError("a commit needs at least one version")
+        _check_unique_ids(versions)
+        if parent_hash is None:  # the caller may know it (the service keeps its head)
+            parent_hash = (await self.get_version(task, parent)).version_hash
+        prepared = await self._prepare_group(task, parent, parent_hash, versions)
+        now, head = time.time(), parent + len(versions)
+        records = tuple(
+            VersionRecord(
+                task=task,
+                version=p.version,
+                parent=p.version - 1,
+                param_hash=p.param_hash,
+                version_hash=p.version_hash,
+                created_at=now,
+                lineage=tuple(v.lineage),
+                info=dict(v.info),
+                optimizer=None if v.state is None else v.state.spec,
+                state_hash=p.state_hash,
+            )
+            for v, p in zip(versions, prepared, strict=True)
         )
+        call = commit_call(
+            self.keys,
+            task,
+            parent=parent,
+            versions=[
+                ScriptVersion(
+                    r.version,
+                    p.blob if self.config.keeps(r.version, head) else None,
+                    p.state_blob if self.config.keeps(r.version, head) else None,
+                    r.meta_json(),
+                    VersionRecord.lineage_json(r.lineage),
+                    r.lineage,
+                )
+                for r, p in zip(records, prepared, strict=True)
+            ],
+            lease=None if lease is None else lease.value,
+            max_decisions=self.config.max_decisions,
+            drop=self.config.dropped_by(parent, head),
+            at=now,
+        )
+        with self.stages("store: transaction (Redis)"):
+            async with _redis_errors("committing a version"):
+                reply = await self._commit_script(keys=call.keys, args=call.args)
+        result = read_reply(reply)
+        if not result.committed:
+            return result
+        return replace(result, records=records, blobs=tuple(p.blob for p in prepared))
+
+    async def _prepare_group(
+        self, task: str, parent: int, parent_hash: bytes, versions: Sequence[NewVersion]
+    ) -> list[_Prepared]:
+        """Encode and hash every version of a group, each chained to the one before: on
+        the event loop when the group is small, else in one thread."""
+        elements = sum(t.numel() for v in versions for t in v.params.values())
+        if elements < self.config.inline_below:
+            with self.stages("store: encode and hash (inline)"):
+                return self._prepare_chain(task, parent, parent_hash, versions)
+        with self.stages("store: encode and hash (thread)"):
+            return await asyncio.to_thread(self._prepare_chain, task, parent, parent_hash, versions)
+
+    def _prepare_chain(
+        self, task: str, parent: int, parent_hash: bytes, versions: Sequence[NewVersion]
+    ) -> list[_Prepared]:
+        """:meth:`_prepare` each version; version k's parent hash is version k-1's hash."""
+        out: list[_Prepared] = []
+        for k, v in enumerate(versions, start=1):
+            p = self._prepare(task, parent + k, parent_hash, v.params, tuple(v.lineage), v.state)
+            out.append(p)
+            parent_hash = p.version_hash
+        return out
 
     # ------------------------------------------------------------------ writer lease
 
@@ -541,7 +637,7 @@ class RedisModelStore:
         lineage: tuple[LineageEntry, ...],
         state: ServerState | None = None,
     ) -> _Prepared:
-        """Encode and hash once, off the event loop (CPU work)."""
+        """Encode and hash one version (CPU work: in a thread unless it is small)."""
         encoded = encode_tensors(params, self.config.blob_codec)
         param_hash = encoded.digest
         opt: bytes | None = None
@@ -646,11 +742,6 @@ class RedisModelStore:
             for _, fields in rows or []
         ]
 
-    def _queue_prune(self, pipe: Any, task: str, version: int) -> None:
-        keep = self.config.keep_blobs
-        if keep is not None and (old := version - keep) > 0:
-            pipe.delete(self.keys.blob(task, old), self.keys.state(task, old))
-
     # ------------------------------------------------------------------ audit
 
     async def verify_chain(self, task: str, *, to_version: int | None = None) -> VerifyReport:
@@ -744,6 +835,24 @@ def same_model(a: TaskSpec, b: TaskSpec) -> bool:
         b.target,
         b.seed,
     )
+
+
+def _check_unique_ids(versions: Sequence[NewVersion]) -> None:
+    """StoreError when an update id is listed twice in the lineage of a group."""
+    seen: set[str] = set()
+    for v in versions:
+        for e in v.lineage:
+            if e.update_id in seen:
+                raise StoreError(f"the lineage lists update id {e.update_id!r} twice")
+            seen.add(e.update_id)
+
+
+def _lineage_ids(doc: bytes) -> list[str]:
+    """The update ids of a stored lineage document."""
+    try:
+        return [str(e["update_id"]) for e in json.loads(doc)]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"stored lineage is unreadable: {e}") from e
 
 
 def _as_bytes(value: bytes | str) -> bytes:
