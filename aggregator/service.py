@@ -152,6 +152,9 @@ class ServiceConfig:
     #: Update ids of recent versions kept in memory to refuse duplicates without a store
     #: round trip (aggregator/applied.py).
     applied_memory: int = 200_000
+    #: Make no version after this one (None: no limit): deliveries that would are not
+    #: handled and stay in the queue (a simulation's version budget).
+    last_version: int | None = None
     #: Refuse an update whose broker-validated sender is not the participant it names.
     require_sender_match: bool = True
     limits: DecodeLimits = DEFAULT_LIMITS
@@ -271,7 +274,10 @@ class AggregatorService:
             metrics=self.metrics,
         )
         self.stats = ServiceStats.for_task(spec, flag_after=self.config.flag_after)
-        self.head_version = -1
+        #: The head in memory: ahead of the store's by the versions staged for the group
+        #: commit (the committed head is :attr:`head_version`).
+        self.tip_version = -1
+        self._tip = _Tip(self)
         self.head_params: Tensors = {}
         self.head_hash = b""
         self.spec_hash = spec.spec_hash()
@@ -304,6 +310,11 @@ class AggregatorService:
         self._handling_since: float | None = None
         self._depth = 0
         self.log = log.bind(task=self.task)
+
+    @property
+    def head_version(self) -> int:
+        """The head version in the store (committed)."""
+        return self._committed
 
     @property
     def unacked(self) -> int:
@@ -369,6 +380,7 @@ class AggregatorService:
         self._set_head(record.version, env.tensors)
         self.head_hash = record.version_hash
         self._committed = record.version
+        self.metrics.head.labels(self.task).set(record.version)
         await self._restore_weighting(record.version, count_stats=count_stats)
         await self._restore_bounds(record.version)
         first = max(0, record.version - MAX_ANCESTORS)
@@ -545,9 +557,12 @@ class AggregatorService:
         self._last_delivery = self._handling_since = time.monotonic()
         try:
             with self.stages("handle"):
+                last = self.config.last_version
                 for delivery in batch:
                     if stop.is_set() or self._halt.is_set():
                         break
+                    if last is not None and self.tip_version >= last:
+                        break  # not handled: it goes back to the queue unacked
                     await self._handle(delivery)
                 await self._flush()
         finally:
@@ -612,7 +627,7 @@ class AggregatorService:
             await self._take_answer(delivery)
             return
         with self.stages("admit"):
-            outcome = await self.admission.admit(delivery.body, delivery.user_id, self)
+            outcome = await self.admission.admit(delivery.body, delivery.user_id, self._tip)
         if isinstance(outcome, Redelivered):
             # The broker redelivered an update we hold (its channel was lost): the new
             # delivery is the live one; the buffered update itself is unchanged.
@@ -819,7 +834,7 @@ class AggregatorService:
         updates = [self._pending[e.update_id][1] for e in step.lineage]
         culprits = await self._cpu(overflowing, self.head_params, step, updates)
         blamed = culprits or {e.update_id for e in step.lineage}
-        version = self.head_version + 1
+        version = self.tip_version + 1
         self.log.error(
             "aggregate not finite; refusing the updates that cause it",
             version=version,
@@ -873,7 +888,7 @@ class AggregatorService:
         moves on now, exactly as after a commit, so the versions of a group are the
         ones single commits would make; nothing leaves the service before the commit.
         """
-        with structlog.contextvars.bound_contextvars(version=self.head_version + 1):
+        with structlog.contextvars.bound_contextvars(version=self.tip_version + 1):
             if private is None:
                 step, private = await self._private(step)
             bad = first_non_finite(step.params)
@@ -883,7 +898,7 @@ class AggregatorService:
                 raise NonFiniteError(bad)
             info = self._version_info(step, private, extra)
             self._bounded(step)
-            self._set_head(self.head_version + 1, step.params)
+            self._set_head(self.tip_version + 1, step.params)
             if self.server is not None:
                 self.server.advance(step.state)
             if self.privacy is not None and private is not None:
@@ -977,6 +992,7 @@ class AggregatorService:
         records = result.records
         last = records[-1]
         self._committed = last.version
+        self.metrics.head.labels(self.task).set(last.version)
         self.head_hash = last.version_hash
         deliveries: list[UpdateDelivery] = []
         for record in records:
@@ -1368,7 +1384,7 @@ class AggregatorService:
             dropped=len(record.decision.dropped),
             answers=len(record.answers),
         )
-        await self._open_cohort(self.head_version)
+        await self._open_cohort(self.tip_version)
 
     async def _cohort_failed(self, oc: OpenCohort, reason: str) -> None:
         """A cohort given up (a wrong share, values beyond the bounds, too few answers):
@@ -1395,7 +1411,7 @@ class AggregatorService:
             )
         for delivery in self._answer_deliveries.values():
             await self._settle(delivery)
-        await self._open_cohort(self.head_version)
+        await self._open_cohort(self.tip_version)
 
     # ------------------------------------------------------------------ sync rounds
 
@@ -1415,13 +1431,13 @@ class AggregatorService:
         step = await self._cpu(self.strategy.flush, self.head_params)
         if step is not None:
             self.log.info(
-                "round deadline: closing with the updates present", version=self.head_version
+                "round deadline: closing with the updates present", version=self.tip_version
             )
             await self._emit(step)
             return
         self.log.warning(
             "round deadline passed below the minimum; waiting",
-            version=self.head_version,
+            version=self.tip_version,
             updates=len(self.strategy.pending()),
             minimum=self.spec.sync.min_updates,
         )
@@ -1431,11 +1447,10 @@ class AggregatorService:
     # ------------------------------------------------------------------ head and queue
 
     def _set_head(self, version: int, params: Tensors) -> None:
-        self.head_version, self.head_params = version, params
+        self.tip_version, self.head_params = version, params
         if self.spec.mode == "sync" and self.spec.sync.deadline_s is not None:
             self._deadline = time.monotonic() + self.spec.sync.deadline_s
         self._overdue = False
-        self.metrics.head.labels(self.task).set(version)
         self._bases[version] = params
         # Bases older than the cache are read from the store on demand (see base()).
         keep = min(self.admission.max_versions_behind + 1, self._base_budget)
@@ -1538,6 +1553,30 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+class _Tip:
+    """What admission reads (aggregator.admission.AdmissionState): the head in memory,
+    with the versions staged for the group commit, and the service's answers."""
+
+    def __init__(self, service: AggregatorService) -> None:
+        self._service = service
+
+    @property
+    def head_version(self) -> int:
+        return self._service.tip_version
+
+    def held(self, update_id: str) -> bool | None:
+        return self._service.held(update_id)
+
+    def pending(self) -> Sequence[AcceptedUpdate]:
+        return self._service.pending()
+
+    async def applied_in(self, update_id: str, base_version: int, participant: str) -> int | None:
+        return await self._service.applied_in(update_id, base_version, participant)
+
+    async def base(self, version: int) -> Tensors | None:
+        return await self._service.base(version)
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

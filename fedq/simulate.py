@@ -1134,7 +1134,9 @@ async def run_simulation(
         agg_transport,
         # Every bank is its own broker user (or its own in-process sender): the sender
         # check is on, and the spec requires signatures (prepare made the keys).
-        ServiceConfig(depth_poll_s=1.0, signing_key=prep.aggregator_key),
+        ServiceConfig(
+            depth_poll_s=1.0, signing_key=prep.aggregator_key, last_version=config.max_versions
+        ),
         AggregatorMetrics(),
         on_version,
         stages=config.stages,

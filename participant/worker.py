@@ -61,7 +61,10 @@ class WorkerConfig:
     #: After publishing, how long to wait for a newer model before training again on the
     #: one it has (a version usually follows soon: waiting keeps staleness low).
     wait_for_model_s: float = 5.0
-    codec: str = "zstd"
+    #: How update tensors are compressed (docs/wire-format.md): ``raw`` by default, since
+    #: zstd saves about 7% of a float32 delta's bytes for several times the CPU on both
+    #: sides; ``zstd`` stays available (it pays on sparse or low-entropy tensors).
+    codec: str = "raw"
     #: This bank's Ed25519 key: signs every update (the task spec holds its public key).
     signing_key: SigningKey | None = None
     #: Seed of the privacy noise (DP-SGD's sampling and noise, Laplace's noise) of update

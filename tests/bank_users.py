@@ -4,9 +4,9 @@
 sender check on, so tests that simulate on the shared broker first give it users
 ``bank-01``, ``bank-02``, ... with the permissions broker_config/definitions.json gives
 a bank (nothing to configure, write only ``fedq.updates`` under its own routing key,
-read only its own model and receipt queues), on the vhost of :data:`AMQP_URL`. One
-``rabbitmqctl import_definitions`` per test process; users already there are reset to
-the same password, so a run never depends on an earlier one.
+read only the tasks' model streams and its own receipt queues), on the vhost of
+:data:`AMQP_URL`. One ``rabbitmqctl import_definitions`` per test process; users
+already there are reset to the same password, so a run never depends on an earlier one.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _definitions(names: list[str]) -> dict[str, object]:
                 "vhost": vhost,
                 "configure": "^$",
                 "write": "^fedq\\.updates$",
-                "read": f"^fedq\\.(model|receipt)\\.[^.]+\\.{n}$",
+                "read": f"^fedq\\.(model\\.[^.]+|receipt\\.[^.]+\\.{n})$",
             }
             for n in names
         ],

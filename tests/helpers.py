@@ -35,7 +35,7 @@ from common.transport.names import (
     audit_stream,
     dead_queue,
     head_queue,
-    model_queue,
+    model_stream,
     receipt_queue,
     work_queue,
 )
@@ -95,22 +95,22 @@ def secagg_identity(
 
 
 async def delete_queues(task: str, participants: tuple[str, ...]) -> None:
-    """Delete a task's queues on the shared RabbitMQ: work, audit, dead, head, models,
-    receipts."""
+    """Delete a task's queues on the shared RabbitMQ: work, audit, dead, head, the
+    model stream, receipts."""
     conn = await aio_pika.connect(AMQP_URL)
     try:
         names = [work_queue(task), audit_stream(task), dead_queue(task), head_queue(task)]
-        names += [model_queue(task, p) for p in participants]
+        names.append(model_stream(task))
         names += [receipt_queue(task, p) for p in participants]
+        ch = await conn.channel()
         for name in names:
-            ch = await conn.channel()
             try:
                 await ch.queue_delete(name)
             except aio_pika.exceptions.AMQPError:
-                pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
+                if ch.is_closed:  # the broker closed it on this one: go on with another
+                    ch = await conn.channel()
+        if not ch.is_closed:
+            await ch.close()
     finally:
         await conn.close()
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from aggregator.store import RedisModelStore, connect_redis
 from common.errors import TransportError
 from common.transport.amqp import AmqpTransport
-from common.transport.names import UPDATES_EXCHANGE, dead_queue, model_queue, work_queue
+from common.transport.names import UPDATES_EXCHANGE, dead_queue, model_stream, work_queue
 from fedq.cli_audit import audit
 from tests.servers import (  # noqa: F401
     AUDITOR,
@@ -134,7 +134,7 @@ async def _rabbit_refuses_the_auditor(node: PrivateRabbit, task: str, bank: str)
     await _refused(url, lambda ch: _publish(ch, "fedq.models", f"model.{task}.all"))
     await _refused(url, lambda ch: _publish(ch, "", work_queue(task)))  # amq.default
     await _refused(url, lambda ch: _consume(ch, work_queue(task)))
-    await _refused(url, lambda ch: _consume(ch, model_queue(task, bank)))
+    await _refused(url, lambda ch: _consume(ch, model_stream(task)))
     await _refused(url, lambda ch: ch.declare_queue(f"fedq.audit.{task}-copy", durable=True))
     # The dead-letter queue may be read (consumed; acking would remove a dead letter).
     conn = await aio_pika.connect(url, timeout=10)

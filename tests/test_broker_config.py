@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from common.transport import TaskTopology
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_CONFIG = ROOT / "broker_config"
 DEFINITIONS = BROKER_CONFIG / "definitions.json"
@@ -172,7 +174,12 @@ def bind_mounts(service: str) -> dict[str, Path]:
     }
 
 
-def model_queue(task: str, bank: str) -> str:
+def model_stream(task: str) -> str:
+    return f"fedq.model.{task}"
+
+
+def legacy_model_queue(task: str, bank: str) -> str:
+    """A bank's own model queue before the model stream: no longer declared."""
     return f"fedq.model.{task}.{bank}"
 
 
@@ -269,7 +276,7 @@ def test_participant_cannot_configure_anything(bank: str) -> None:
     assert_denies(
         configure,
         [
-            model_queue("credit", bank),
+            model_stream("credit"),
             "fedq.updates",
             "fedq.models",
             "fedq.work.credit",
@@ -297,27 +304,25 @@ def test_participant_writes_only_to_updates_exchange(bank: str) -> None:
             "fedq.audit.credit",
             "fedq.dead.credit",
             "fedq.receipts",
-            model_queue("credit", bank),
-            model_queue("credit", other_bank(bank)),
+            model_stream("credit"),
             receipt_queue("credit", bank),
         ],
     )
 
 
 @pytest.mark.parametrize("bank", BANKS)
-def test_participant_reads_only_its_own_model_queue(bank: str) -> None:
+def test_participant_reads_the_model_streams_only(bank: str) -> None:
     read = permissions(bank)["read"]
-    assert_allows(read, [model_queue(task, bank) for task in TASKS])
-    other = other_bank(bank)
+    assert_allows(read, [model_stream(task) for task in TASKS])
     assert_denies(
         read,
         [
-            *(model_queue(task, other) for task in TASKS),
-            f"fedq.model.credit.{bank}x",
-            f"fedq.model.credit.x{bank}",
-            f"fedq.model.credit.{bank}.extra",
-            f"fedq.model.a.b.{bank}",
-            f"fedq.model..{bank}",
+            *(legacy_model_queue(task, b) for task in TASKS for b in BANKS),
+            "fedq.model.credit.x",
+            "fedq.model.",
+            "fedq.model..credit",
+            "xfedq.model.credit",
+            "fedq.modelx.credit",
             "fedq.work.credit",
             "fedq.audit.credit",
             "fedq.dead.credit",
@@ -391,7 +396,7 @@ def test_aggregator_can_declare_what_it_needs() -> None:
             *(f"fedq.work.{task}" for task in TASKS),
             *(f"fedq.audit.{task}" for task in TASKS),
             *(f"fedq.dead.{task}" for task in TASKS),
-            *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *(model_stream(task) for task in TASKS),
             *(receipt_queue(task, bank) for task in TASKS for bank in BANKS),
         ],
     )
@@ -408,7 +413,7 @@ def test_aggregator_can_bind_and_publish() -> None:
             *(f"fedq.work.{task}" for task in TASKS),
             *(f"fedq.audit.{task}" for task in TASKS),
             *(f"fedq.dead.{task}" for task in TASKS),
-            *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *(model_stream(task) for task in TASKS),
             *(receipt_queue(task, bank) for task in TASKS for bank in BANKS),
         ],
     )
@@ -455,7 +460,7 @@ def test_auditor_reads_only_audit_streams_and_dead_letters() -> None:
         read,
         [
             *(f"fedq.work.{task}" for task in TASKS),
-            *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+            *(model_stream(task) for task in TASKS),
             *(receipt_queue(task, bank) for task in TASKS for bank in BANKS),
             *EXCHANGES,
             "fedq.audit.credit.x",
@@ -474,7 +479,7 @@ def test_auditor_cannot_configure_or_write_anything() -> None:
         "amq.default",
         "amq.topic",
         *(f"fedq.{kind}.{task}" for kind in ("work", "audit", "dead") for task in TASKS),
-        *(model_queue(task, bank) for task in TASKS for bank in BANKS),
+        *(model_stream(task) for task in TASKS),
         "anything",
     ]
     assert_denies(perm["configure"], everything)
@@ -487,9 +492,17 @@ def test_auditor_cannot_configure_or_write_anything() -> None:
 POLICY_EXAMPLES = {
     "fedq-work-delivery-limit": ["fedq.work.credit", "fedq.work.fraud-v2"],
     "fedq-audit-retention": ["fedq.audit.credit", "fedq.audit.fraud-v2"],
-    "fedq-model-latest-only": [model_queue(task, bank) for task in TASKS for bank in BANKS],
+    "fedq-model-retention": [model_stream(task) for task in TASKS],
 }
-OTHER_QUEUES = ["fedq.dead.credit", "fedq.updates", "fedq.models", "amq.gen-x", "work.credit"]
+OTHER_QUEUES = [
+    "fedq.dead.credit",
+    "fedq.updates",
+    "fedq.models",
+    "amq.gen-x",
+    "work.credit",
+    receipt_queue("credit", "bank-a"),
+    legacy_model_queue("credit", "bank-a"),
+]
 
 
 def test_policy_names() -> None:
@@ -538,9 +551,18 @@ def test_audit_retention_policy() -> None:
     assert 0 < segment < definition["max-length-bytes"]
 
 
-def test_model_queue_keeps_latest_only() -> None:
-    definition = policy("fedq-model-latest-only")["definition"]
-    assert definition == {"max-length": 1, "overflow": "drop-head"}
+def test_model_stream_retention_policy_matches_what_the_aggregator_declares() -> None:
+    # For a stream the policy's values win over the declared arguments: keep them equal.
+    definition = policy("fedq-model-retention")["definition"]
+    topology = TaskTopology("credit")
+    assert definition == {
+        "max-age": topology.models_max_age,
+        "max-length-bytes": topology.models_max_bytes,
+        "stream-max-segment-size-bytes": topology.models_segment_bytes,
+    }
+    assert re.fullmatch(r"[1-9][0-9]*[YMDhms]", definition["max-age"])
+    # Retention drops whole segments: several must fit in the size limit.
+    assert 0 < 4 * definition["stream-max-segment-size-bytes"] <= definition["max-length-bytes"]
 
 
 # --------------------------------------------------------------------------- rabbitmq.conf

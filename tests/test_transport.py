@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import aio_pika
+import aiormq
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from common.errors import PublishRefusedError, TransportError
-from common.transport import DeadLetter, TaskTopology, Transport
+from common.transport import (
+    DeadLetter,
+    TaskTopology,
+    Transport,
+    UpdateDelivery,
+    UpdateSubscription,
+)
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
+from common.transport.names import model_queue, model_stream
 from tests.helpers import AMQP_URL, delete_queues
 
 T = TypeVar("T")
@@ -57,6 +68,71 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
 async def _within(aw: Awaitable[T], seconds: float = 5.0) -> T:
     async with asyncio.timeout(seconds):
         return await aw
+
+
+async def _ready(sub: UpdateSubscription, count: int) -> list[UpdateDelivery]:
+    """``count`` deliveries from ``sub.ready``, polling until the client has them."""
+    got: list[UpdateDelivery] = []
+    async with asyncio.timeout(5):
+        while True:
+            got += sub.ready(count - len(got))
+            if len(got) >= count:
+                return got
+            await asyncio.sleep(0.02)
+
+
+async def _spy_acks(sub: UpdateSubscription) -> list[tuple[int, bool]] | None:
+    """The basic.ack frames ``sub`` sends from now on, as (delivery tag, multiple);
+    None on the in-process broker (it has no frames)."""
+    channel = getattr(sub, "_channel", None)
+    if channel is None:
+        return None
+    raw = await channel.get_underlay_channel()
+    sent: list[tuple[int, bool]] = []
+    send = raw.basic_ack
+
+    async def spy(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        sent.append((delivery_tag, multiple))
+        await send(delivery_tag, multiple=multiple, wait=wait)
+
+    raw.basic_ack = spy
+    return sent
+
+
+async def _stream_length(pair: Pair) -> int:
+    """Messages the task's model stream has taken so far (its next offset)."""
+    if isinstance(pair.agg, MemoryTransport):
+        return pair.agg.broker.task(pair.task).models.next_offset
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        await channel.set_qos(prefetch_count=10)
+        stream = await channel.get_queue(model_stream(pair.task), ensure=True)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await stream.consume(inbox.put, arguments={"x-stream-offset": "last"})
+        offset: object = -1
+        with contextlib.suppress(TimeoutError):
+            while True:
+                msg = await _within(inbox.get(), 0.5)
+                offset = (msg.headers or {})["x-stream-offset"]
+                await msg.ack()
+        assert isinstance(offset, int)
+        return offset + 1
+    finally:
+        await conn.close()
+
+
+async def _queue_exists(name: str) -> bool:
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        try:
+            await channel.get_queue(name, ensure=True)  # a passive declare
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+    finally:
+        await conn.close()
 
 
 class TestTransport:
@@ -194,11 +270,86 @@ class TestTransport:
         await back.ack()
         await again.close()
 
-    async def test_model_queue_keeps_only_the_latest(self, pair: Pair) -> None:
+    async def test_ready_hands_out_what_was_prefetched_in_order(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for i in range(5):
+            await pair.bank.publish_update(
+                pair.task, "bank-a", f"m{i}".encode(), message_id=f"u{i}"
+            )
+        sub = await pair.agg.consume_updates(pair.task, prefetch=3)
+        first = await _within(sub.get())
+        rest = await _ready(sub, 2)
+        assert [d.body for d in (first, *rest)] == [b"m0", b"m1", b"m2"]
+        await asyncio.sleep(0.3)
+        assert sub.ready(10) == []  # the prefetch is used up: nothing more was sent
+        await sub.ack_all([first, *rest])
+        nxt = await _within(sub.get())
+        assert nxt.body == b"m3"  # not one that ready() handed out before
+        (last,) = await _ready(sub, 1)
+        assert last.body == b"m4"
+        assert sub.ready(10) == []
+        await sub.ack_all([nxt, last])
+        await sub.close()
+        again = await pair.agg.consume_updates(pair.task, prefetch=5)
+        with pytest.raises(TimeoutError):
+            await _within(again.get(), 0.5)  # every one was acked once
+        await again.close()
+
+    async def test_ack_all_of_a_contiguous_batch_is_one_multiple_ack(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for i in range(4):
+            await pair.bank.publish_update(
+                pair.task, "bank-a", f"m{i}".encode(), message_id=f"u{i}"
+            )
+        sub = await pair.agg.consume_updates(pair.task, prefetch=10)
+        batch = [await _within(sub.get()), *await _ready(sub, 3)]
+        acks = await _spy_acks(sub)
+        await sub.ack_all(batch)
+        assert [d.live for d in batch] == [False] * 4
+        if acks is not None:
+            assert acks == [(4, True)]  # one frame: up to and including the fourth
+        await sub.ack_all(batch)  # settled already: skipped
+        with pytest.raises(TransportError):
+            await batch[0].ack()
+        with pytest.raises(TransportError):
+            await batch[1].dead_letter("malformed", "after its ack")
+        if acks is not None:
+            assert acks == [(4, True)]  # nothing was acked twice
+        await sub.close()
+        again = await pair.agg.consume_updates(pair.task, prefetch=10)
+        with pytest.raises(TimeoutError):
+            await _within(again.get(), 0.5)  # none was left unacked
+        await again.close()
+        assert await pair.agg.queue_depth(pair.task) == 0
+        assert await pair.agg.dead_letters(pair.task) == []
+
+    async def test_ack_all_with_an_older_delivery_still_held_acks_each(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for i in range(3):
+            await pair.bank.publish_update(
+                pair.task, "bank-a", f"m{i}".encode(), message_id=f"u{i}"
+            )
+        sub = await pair.agg.consume_updates(pair.task, prefetch=10)
+        held = await _within(sub.get())
+        batch = await _ready(sub, 2)
+        acks = await _spy_acks(sub)
+        await sub.ack_all(batch)
+        assert [d.live for d in (held, *batch)] == [True, False, False]
+        if acks is not None:
+            assert acks == [(2, False), (3, False)]  # a multiple ack would take m0 too
+        await sub.close()
+        again = await pair.agg.consume_updates(pair.task, prefetch=10)
+        back = await _within(again.get())
+        assert (back.body, back.redelivered) == (b"m0", True)
+        with pytest.raises(TimeoutError):
+            await _within(again.get(), 0.5)  # m1 and m2 do not come back
+        await back.ack()
+        await again.close()
+
+    async def test_a_held_model_does_not_stop_newer_ones(self, pair: Pair) -> None:
         await pair.agg.declare_task(pair.topology())
         for v in (1, 2, 3):
             await pair.agg.announce_model(pair.task, v, f"model-{v}".encode())
-        await asyncio.sleep(0.2)
         sub = await pair.bank.consume_models(pair.task, "bank-a")
         m3 = await _within(sub.get())
         assert (m3.version, m3.body) == (3, b"model-3")
@@ -209,15 +360,63 @@ class TestTransport:
         m4 = await _within(sub.get())
         assert m4.version == 4
         await m3.ack()
-        await sub.close()  # m4 not acked: a restarted participant gets it again
+        await sub.close()  # m4 not acked: a restarted participant starts at it again
         sub = await pair.bank.consume_models(pair.task, "bank-a")
         again = await _within(sub.get())
         assert again.version == 4
         await again.ack()
+        with pytest.raises(TransportError):
+            await again.ack()  # settled once
         await sub.close()
         other = await pair.bank.consume_models(pair.task, "bank-b")
         assert (await _within(other.get())).version == 4
         await other.close()
+
+    async def test_a_late_subscriber_gets_the_newest_version_first(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        for v in range(1, 6):
+            await pair.agg.announce_model(pair.task, v, f"model-{v}".encode())
+        sub = await pair.bank.consume_models(pair.task, "bank-b")
+        first = await _within(sub.get())
+        assert (first.version, first.body) == (5, b"model-5")
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.3)  # not the older four after it
+        await first.ack()
+        await sub.close()
+
+    async def test_a_slow_consumer_gets_the_newest_not_the_backlog(self, pair: Pair) -> None:
+        await pair.agg.declare_task(pair.topology())
+        await pair.agg.announce_model(pair.task, 1, b"model-1")
+        sub = await pair.bank.consume_models(pair.task, "bank-a")
+        held = await _within(sub.get())
+        assert held.version == 1
+        for v in range(2, 12):  # ten announcements while it trains on version 1
+            await pair.agg.announce_model(pair.task, v, f"model-{v}".encode())
+        await asyncio.sleep(0.5)  # all ten have reached it
+        newest = await _within(sub.get())
+        assert (newest.version, newest.body) == (11, b"model-11")
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.3)  # versions 2 to 10 are not handed out after it
+        await held.ack()
+        await newest.ack()
+        await sub.close()
+
+    async def test_one_announcement_is_one_message_whatever_the_participants(
+        self, pair: Pair
+    ) -> None:
+        pair.participants = tuple(f"bank-{i:04d}" for i in range(1000))
+        await pair.agg.declare_task(pair.topology())
+        await pair.agg.announce_model(pair.task, 1, b"model-1")
+        before = await _stream_length(pair)
+        await pair.agg.announce_model(pair.task, 2, b"model-2")
+        assert await _stream_length(pair) == before + 1
+        if isinstance(pair.agg, AmqpTransport):  # and no per-participant model queue
+            for p in pair.participants[::97]:
+                assert not await _queue_exists(model_queue(pair.task, p))
+            assert await _queue_exists(model_stream(pair.task))
+        sub = await pair.bank.consume_models(pair.task, pair.participants[-1])
+        assert (await _within(sub.get())).version == 2
+        await sub.close()
 
     async def test_publishing_to_an_undeclared_task_fails_after_retrying(self, pair: Pair) -> None:
         if isinstance(pair.bank, AmqpTransport):
@@ -225,10 +424,11 @@ class TestTransport:
         with pytest.raises(TransportError):
             await pair.bank.publish_update(pair.task, "bank-a", b"x", message_id="u1")
 
-    async def test_unknown_model_queue_is_an_error(self, pair: Pair) -> None:
-        await pair.agg.declare_task(pair.topology())
+    async def test_models_of_an_undeclared_task_are_an_error(self, pair: Pair) -> None:
         with pytest.raises(TransportError):
-            await pair.bank.consume_models(pair.task, "bank-zz")
+            await pair.bank.consume_models(pair.task, "bank-a")
+        with pytest.raises(TransportError):
+            await pair.agg.last_announcement(pair.task)
 
 
 async def test_audit_stream_keeps_every_update_and_reading_does_not_consume(pair: Pair) -> None:

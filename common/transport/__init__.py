@@ -9,6 +9,7 @@ from common.transport.base import (
     TaskTopology,
     Transport,
     UpdateDelivery,
+    UpdateSubscription,
     next_or_none,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "TaskTopology",
     "Transport",
     "UpdateDelivery",
+    "UpdateSubscription",
     "next_or_none",
 ]

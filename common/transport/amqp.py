@@ -3,16 +3,18 @@
 Publishing uses publisher confirms and mandatory routing, persistent messages,
 and retries with backoff until the broker confirms. Consumers use manual acks
 with a bounded prefetch; each subscription has its own channel, so closing it
-returns its unacked deliveries to the queue. aio-pika and aiormq errors are
-converted to :class:`~common.errors.TransportError` here.
+returns its unacked deliveries to the queue. Models go through one stream per
+task, read from its last announcement. aio-pika and aiormq errors are converted
+to :class:`~common.errors.TransportError` here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import aio_pika
@@ -28,7 +30,7 @@ from yarl import URL
 
 from common.errors import PublishRefusedError, TransportError
 from common.tls import url_problem
-from common.transport.base import Announcement, DeadLetter, TaskTopology
+from common.transport.base import Announcement, DeadLetter, TaskTopology, UpdateDelivery
 from common.transport.names import (
     CONTENT_TYPE,
     DEAD_LETTER_EXCHANGE,
@@ -44,8 +46,9 @@ from common.transport.names import (
     dead_key,
     dead_queue,
     head_queue,
+    model_binding,
     model_key,
-    model_queue,
+    model_stream,
     receipt_key,
     receipt_queue,
     update_binding,
@@ -85,6 +88,11 @@ _NEVER_HEALS: dict[type[BaseException], int] = {
     aiormq.exceptions.ChannelPreconditionFailed: 406,
 }
 
+#: Unacked deliveries of a model stream consumer: the model a participant holds (at
+#: times two), the newest waiting to be handed out, and room for the next to arrive (an
+#: arrival acks the one it supersedes, so a backlog streams through in the background).
+_MODEL_PREFETCH = 4
+
 T = TypeVar("T")
 
 
@@ -98,11 +106,14 @@ class AmqpTransport:
         user_id: str | None,
         publish_timeout: float = 300.0,
         confirm_timeout: float = 30.0,
+        declare_channels: int = 8,
     ) -> None:
         self._conn = connection
         self.user_id = user_id
         self.publish_timeout = publish_timeout
         self.confirm_timeout = confirm_timeout
+        #: Channels :meth:`declare_task` declares the participants' queues over.
+        self.declare_channels = declare_channels
         self._pub: AbstractChannel | None = None
         self._pub_lock = asyncio.Lock()
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -243,45 +254,87 @@ class AmqpTransport:
                     dead_queue(task), durable=True, arguments={"x-queue-type": "quorum"}
                 )
                 await dead.bind(dlx, dead_key(task))
+                stream = await ch.declare_queue(
+                    model_stream(task),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "stream",
+                        "x-max-age": topology.models_max_age,
+                        "x-max-length-bytes": topology.models_max_bytes,
+                        "x-stream-max-segment-size-bytes": topology.models_segment_bytes,
+                    },
+                )
+                await stream.bind(models, model_binding(task))
                 head = await ch.declare_queue(
                     head_queue(task),
                     durable=True,
                     arguments={"x-max-length": 1, "x-overflow": "drop-head"},
                 )
                 await head.bind(models, model_key(task))
-                receipts = await ch.declare_exchange(
+                await ch.declare_exchange(
                     RECEIPTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
                 )
-                for p in topology.participants:
-                    q = await ch.declare_queue(
-                        model_queue(task, p),
-                        durable=True,
-                        arguments={"x-max-length": 1, "x-overflow": "drop-head"},
-                    )
-                    await q.bind(models, model_key(task))
-                    await q.bind(models, model_key(task, p))
-                    r = await ch.declare_queue(
-                        receipt_queue(task, p),
-                        durable=True,
-                        arguments={
-                            "x-max-length": topology.receipts_max_length,
-                            "x-overflow": "drop-head",
-                        },
-                    )
-                    await r.bind(receipts, receipt_key(task, p))
+            finally:
+                with contextlib.suppress(*_RETRYABLE):
+                    await ch.close()
+            await self._declare_receipt_queues(topology)
+
+        await self._guard(f"declaring the topology of task {task!r}", declare)
+
+    async def _declare_receipt_queues(self, topology: TaskTopology) -> None:
+        """Each participant's receipt queue and its binding, over several channels at once.
+
+        A channel sends its declarations without waiting for each reply (``nowait``),
+        then one call that has a reply: the broker handles a channel's methods in order
+        and closes the channel at the first that fails, so that reply confirms them all.
+        """
+        task, participants = topology.task, list(topology.participants)
+        arguments: dict[str, Any] = {
+            "x-max-length": topology.receipts_max_length,
+            "x-overflow": "drop-head",
+        }
+
+        async def lane(names: Sequence[str]) -> None:
+            ch = await self._conn.channel()
+            try:
+                raw = await ch.get_underlay_channel()
+                try:
+                    for p in names:
+                        queue = receipt_queue(task, p)
+                        await raw.queue_declare(
+                            queue, durable=True, arguments=arguments, nowait=True
+                        )
+                        await raw.queue_bind(
+                            queue, RECEIPTS_EXCHANGE, receipt_key(task, p), nowait=True
+                        )
+                    await raw.basic_qos(prefetch_count=0)
+                except aiormq.exceptions.ChannelInvalidStateError as e:
+                    # Closed by the broker at a failed declaration: raise its reason.
+                    raise await _close_reason(raw) or e from e
             finally:
                 with contextlib.suppress(*_RETRYABLE):
                     await ch.close()
 
-        await self._guard(f"declaring the topology of task {task!r}", declare)
+        lanes = min(max(1, self.declare_channels), len(participants))
+        done = await asyncio.gather(
+            *(lane(participants[i::lanes]) for i in range(lanes)), return_exceptions=True
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
-    async def consume_updates(
-        self, task: str, *, prefetch: int
-    ) -> _AmqpSubscription[_UpdateDelivery]:
-        async def wrap(msg: AbstractIncomingMessage) -> _UpdateDelivery:
-            return _UpdateDelivery(self, task, msg)
+    async def consume_updates(self, task: str, *, prefetch: int) -> _AmqpUpdateSubscription:
+        async def subscribe() -> _AmqpUpdateSubscription:
+            ch = await self._conn.channel()
+            await ch.set_qos(prefetch_count=prefetch)
+            queue = await ch.declare_queue(work_queue(task), passive=True)
+            sub = _AmqpUpdateSubscription(self, task, ch, queue)
+            await sub.start()
+            return sub
 
-        return await self._subscribe(work_queue(task), prefetch, wrap)
+        sub = await self._guard(f"consuming {work_queue(task)}", subscribe)
+        self._subs.append(sub)
+        return sub
 
     async def announce_model(
         self,
@@ -410,61 +463,62 @@ class AmqpTransport:
     async def consume_receipts(
         self, task: str, participant: str
     ) -> _AmqpSubscription[_ReceiptDelivery]:
-        async def wrap(msg: AbstractIncomingMessage) -> _ReceiptDelivery:
-            return _ReceiptDelivery(msg)
-
-        return await self._subscribe(receipt_queue(task, participant), 64, wrap)
-
-    async def consume_models(
-        self, task: str, participant: str
-    ) -> _AmqpSubscription[_ModelDelivery]:
-        async def wrap(msg: AbstractIncomingMessage) -> _ModelDelivery:
-            return _ModelDelivery(msg)
-
-        return await self._subscribe(model_queue(task, participant), 2, wrap)
-
-    async def _subscribe(
-        self,
-        queue_name: str,
-        prefetch: int,
-        wrap: Callable[[AbstractIncomingMessage], Awaitable[T]],
-    ) -> _AmqpSubscription[T]:
-        async def subscribe() -> _AmqpSubscription[T]:
+        async def subscribe() -> _AmqpSubscription[_ReceiptDelivery]:
             ch = await self._conn.channel()
-            await ch.set_qos(prefetch_count=prefetch)
-            queue = await ch.declare_queue(queue_name, passive=True)
-            sub: _AmqpSubscription[T] = _AmqpSubscription(self, ch, queue, wrap)
+            await ch.set_qos(prefetch_count=64)
+            queue = await ch.declare_queue(receipt_queue(task, participant), passive=True)
+            sub = _AmqpSubscription(self, ch, queue, _ReceiptDelivery)
             await sub.start()
             return sub
 
-        sub = await self._guard(f"consuming {queue_name}", subscribe)
+        sub = await self._guard(f"consuming {receipt_queue(task, participant)}", subscribe)
+        self._subs.append(sub)
+        return sub
+
+    async def consume_models(self, task: str, participant: str) -> _AmqpModelSubscription:
+        async def subscribe() -> _AmqpModelSubscription:
+            ch = await self._conn.channel()
+            await ch.set_qos(prefetch_count=_MODEL_PREFETCH)
+            queue = await ch.declare_queue(model_stream(task), passive=True)
+            sub = _AmqpModelSubscription(self, ch, queue)
+            await sub.start()
+            return sub
+
+        sub = await self._guard(f"consuming {model_stream(task)}", subscribe)
         self._subs.append(sub)
         return sub
 
 
 class _AmqpSubscription(Generic[T]):
+    """A consumer on one queue, on a channel of its own; a delivery is wrapped on arrival."""
+
     def __init__(
         self,
         transport: AmqpTransport,
         channel: AbstractChannel,
         queue: AbstractQueue,
-        wrap: Callable[[AbstractIncomingMessage], Awaitable[T]],
+        wrap: Callable[[AbstractIncomingMessage], T],
+        arguments: Mapping[str, Any] | None = None,
     ) -> None:
         self._transport = transport
         self._channel = channel
         self._queue = queue
         self._wrap = wrap
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._arguments = dict(arguments or {})
+        self._inbox: asyncio.Queue[T] = asyncio.Queue()
         self._tag: str | None = None
         self._closed = False
 
     async def start(self) -> None:
-        self._tag = await self._queue.consume(self._inbox.put)
+        self._tag = await self._queue.consume(self._on_message, arguments=self._arguments)
+
+    async def _on_message(self, msg: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(self._wrap(msg))
 
     async def get(self) -> T:
         if self._closed:
             raise TransportError("subscription is closed")
-        return await self._wrap(await self._inbox.get())
+        return await self._inbox.get()
 
     async def close(self) -> None:
         """Cancel the consumer and close the channel: unacked deliveries return to the queue."""
@@ -478,6 +532,111 @@ class _AmqpSubscription(Generic[T]):
             await self._channel.close()
         if self in self._transport._subs:
             self._transport._subs.remove(self)
+
+
+class _Ledger:
+    """The deliveries of one channel that are not settled yet, by delivery tag."""
+
+    __slots__ = ("channel", "unsettled")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel | None) -> None:
+        self.channel = channel
+        self.unsettled: set[int] = set()
+
+    @property
+    def open(self) -> bool:
+        return self.channel is not None and not self.channel.is_closed
+
+
+class _AmqpUpdateSubscription(_AmqpSubscription["_UpdateDelivery"]):
+    """The work queue's consumer: settles a batch with one multiple ack where it can."""
+
+    def __init__(
+        self, transport: AmqpTransport, task: str, channel: AbstractChannel, queue: AbstractQueue
+    ) -> None:
+        super().__init__(transport, channel, queue, self._delivery)
+        self._task = task
+        self._ledger = _Ledger(None)
+
+    def _delivery(self, msg: AbstractIncomingMessage) -> _UpdateDelivery:
+        try:
+            channel: aiormq.abc.AbstractChannel | None = msg.channel
+        except aiormq.exceptions.ChannelInvalidStateError:  # closed already
+            channel = None
+        if channel is None or self._ledger.channel is not channel:  # a reopened channel
+            self._ledger = _Ledger(channel)
+        return _UpdateDelivery(self._transport, self._task, msg, self._ledger)
+
+    def ready(self, limit: int) -> list[UpdateDelivery]:
+        if self._closed:
+            raise TransportError("subscription is closed")
+        out: list[UpdateDelivery] = []
+        while len(out) < limit and not self._inbox.empty():
+            out.append(self._inbox.get_nowait())
+        return out
+
+    async def ack_all(self, deliveries: Sequence[UpdateDelivery]) -> None:
+        batches: dict[_Ledger, dict[int, _UpdateDelivery]] = {}
+        for d in deliveries:
+            if not isinstance(d, _UpdateDelivery):
+                raise TransportError(f"not a delivery of this transport: {d!r}")
+            if d.live:
+                batches.setdefault(d._ledger, {})[d.tag] = d
+        for ledger, batch in batches.items():
+            top = max(batch)
+            if len(batch) > 1 and all(t in batch for t in ledger.unsettled if t <= top):
+                # Every unsettled delivery up to ``top`` is in the batch: one ack for all.
+                await self._transport._guard(
+                    "acking updates", functools.partial(batch[top]._msg.ack, multiple=True)
+                )
+                for d in batch.values():
+                    d._settle()
+            else:
+                for tag in sorted(batch):
+                    await batch[tag].ack()
+
+
+class _AmqpModelSubscription(_AmqpSubscription["_ModelDelivery"]):
+    """A consumer on a task's model stream from its last announcement.
+
+    Of the announcements received, only the newest waits to be handed out: an older
+    one is acked (giving the stream its credit back) as soon as a newer one arrives.
+    """
+
+    def __init__(
+        self, transport: AmqpTransport, channel: AbstractChannel, queue: AbstractQueue
+    ) -> None:
+        super().__init__(
+            transport, channel, queue, _ModelDelivery, arguments={"x-stream-offset": "last"}
+        )
+        self._newest: AbstractIncomingMessage | None = None
+        self._arrived = asyncio.Event()
+
+    async def _on_message(self, msg: AbstractIncomingMessage) -> None:
+        kept, skipped = msg, self._newest
+        if skipped is not None and _version(skipped) > _version(msg):
+            kept, skipped = skipped, msg
+        self._newest = kept
+        self._arrived.set()
+        if skipped is not None:
+            # Its channel may be gone (a reconnect): then there is nothing to give back.
+            with contextlib.suppress(*_RETRYABLE):
+                await skipped.ack()
+
+    async def get(self) -> _ModelDelivery:
+        while True:
+            if self._closed:
+                raise TransportError("subscription is closed")
+            newest, self._newest = self._newest, None
+            self._arrived.clear()
+            if newest is not None:
+                return _ModelDelivery(newest)
+            await self._arrived.wait()
+
+    async def close(self) -> None:
+        """Cancel the consumer and close the channel (the stream keeps every message)."""
+        await super().close()
+        self._arrived.set()  # a get() waiting raises
 
 
 def _dead_letter(msg: AbstractIncomingMessage) -> DeadLetter:
@@ -513,9 +672,29 @@ def _announcement(headers: Mapping[str, Any]) -> Announcement | None:
     return Announcement(version, fence if isinstance(fence, int) else None, version_hash)
 
 
+def _version(msg: AbstractIncomingMessage) -> int:
+    """The version an announcement names in its header (-1 if absent)."""
+    v = (msg.headers or {}).get(VERSION_HEADER)
+    return v if isinstance(v, int) else -1
+
+
+async def _close_reason(channel: aiormq.abc.AbstractChannel) -> BaseException | None:
+    """The error the broker closed ``channel`` with (waiting a moment for it), if any."""
+    closing = channel.closing
+    await asyncio.wait({closing}, timeout=1.0)
+    if not closing.done() or closing.cancelled():
+        return None
+    return closing.exception()
+
+
 class _UpdateDelivery:
-    def __init__(self, transport: AmqpTransport, task: str, msg: AbstractIncomingMessage) -> None:
-        self._t, self._task, self._msg = transport, task, msg
+    def __init__(
+        self, transport: AmqpTransport, task: str, msg: AbstractIncomingMessage, ledger: _Ledger
+    ) -> None:
+        self._t, self._task, self._msg, self._ledger = transport, task, msg, ledger
+        self.tag: int = msg.delivery_tag or 0
+        self._settled = False
+        ledger.unsettled.add(self.tag)
 
     @property
     def body(self) -> bytes:
@@ -535,18 +714,22 @@ class _UpdateDelivery:
 
     @property
     def live(self) -> bool:
-        if self._msg.processed:
-            return False
-        try:
-            return not self._msg.channel.is_closed
-        except aiormq.exceptions.ChannelInvalidStateError:  # raised once it is closed
-            return False
+        return not self._settled and self._ledger.open
+
+    def _settle(self) -> None:
+        self._settled = True
+        self._ledger.unsettled.discard(self.tag)
 
     async def ack(self) -> None:
+        if self._settled:
+            raise TransportError("acking an update: already settled")
         await self._t._guard("acking an update", self._msg.ack)
+        self._settle()
 
     async def dead_letter(self, reason: str, detail: str = "") -> None:
         """Publish to the dead-letter exchange with the reason (confirmed), then ack."""
+        if self._settled:
+            raise TransportError("dead-lettering an update: already settled")
         headers: dict[str, Any] = dict(self._msg.headers or {})
         headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:1024]})
         if self._msg.user_id:
@@ -572,8 +755,7 @@ class _ModelDelivery:
 
     @property
     def version(self) -> int:
-        v = (self._msg.headers or {}).get(VERSION_HEADER)
-        return v if isinstance(v, int) else -1
+        return _version(self._msg)
 
     async def ack(self) -> None:
         try:

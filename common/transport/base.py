@@ -33,6 +33,12 @@ class TaskTopology:
     audit_max_bytes: int = 20 * 1024**3
     #: Receipts each participant's receipt queue keeps at most (oldest dropped first).
     receipts_max_length: int = RECEIPT_QUEUE_MAX_LENGTH
+    #: Model stream retention: age (RabbitMQ duration) and size in bytes. The broker
+    #: drops whole segments of ``models_segment_bytes``, never the one being written,
+    #: so the last announcement is always kept.
+    models_max_age: str = "1D"
+    models_max_bytes: int = 256 * 1024**2
+    models_segment_bytes: int = 16 * 1024**2
 
 
 class UpdateDelivery(Protocol):
@@ -68,7 +74,8 @@ class UpdateDelivery(Protocol):
 
 
 class ModelDelivery(Protocol):
-    """A model announced to a participant."""
+    """A model announced to a participant; ack it once done with it (flow control:
+    a model stream never redelivers, a new consumer starts at the last announcement)."""
 
     @property
     def body(self) -> bytes: ...
@@ -104,6 +111,27 @@ class Subscription(Protocol[T_co]):
         ...
 
 
+class UpdateSubscription(Subscription[UpdateDelivery], Protocol):
+    """The aggregator's consumer on a task's work queue, with batch settlement."""
+
+    def ready(self, limit: int) -> list[UpdateDelivery]:
+        """Up to ``limit`` deliveries already received and not yet handed out, in order.
+
+        Never waits (possibly empty); what it returns :meth:`get` does not return again.
+        """
+        ...
+
+    async def ack_all(self, deliveries: Sequence[UpdateDelivery]) -> None:
+        """Ack every delivery of ``deliveries`` that is still :attr:`~UpdateDelivery.live`.
+
+        The others (settled already, or their channel lost) are skipped. Where the
+        batch holds every unsettled delivery of its channel up to its highest, that is
+        one acknowledgement for all. Raises TransportError if the broker cannot be told:
+        those not acked stay live, or come again once their channel is gone.
+        """
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Announcement:
     """The last model announced for a task, as the broker keeps it."""
@@ -135,7 +163,7 @@ class Transport(Protocol):
         """Declare the exchanges and the task's queues (idempotent)."""
         ...
 
-    async def consume_updates(self, task: str, *, prefetch: int) -> Subscription[UpdateDelivery]:
+    async def consume_updates(self, task: str, *, prefetch: int) -> UpdateSubscription:
         """Consume the task's work queue with at most ``prefetch`` unacked deliveries."""
         ...
 
@@ -148,10 +176,9 @@ class Transport(Protocol):
         fence: int | None = None,
         version_hash: bytes | None = None,
     ) -> None:
-        """Send a model version to every participant's model queue (confirmed).
-
-        The task's head queue keeps the last announcement with ``fence`` and
-        ``version_hash``, for :meth:`last_announcement`.
+        """Publish a model version once, confirmed: it lands in the task's model stream,
+        which every participant reads, and in the task's head queue, which keeps the
+        last announcement with ``fence`` and ``version_hash`` for :meth:`last_announcement`.
         """
         ...
 
@@ -192,7 +219,13 @@ class Transport(Protocol):
         ...
 
     async def consume_models(self, task: str, participant: str) -> Subscription[ModelDelivery]:
-        """Consume the participant's model queue (latest model only)."""
+        """Consume the task's model stream from its last announcement.
+
+        :meth:`Subscription.get` returns the newest model of those received meanwhile
+        (the highest version; of equals, the later) and acks the older ones unseen, so
+        a slow participant never works through a backlog. The stream is the task's, not
+        the participant's: ``participant`` names the reader only.
+        """
         ...
 
     async def consume_receipts(self, task: str, participant: str) -> Subscription[ReceiptDelivery]:

@@ -2,9 +2,10 @@
 
 Manual acks; unacked deliveries return to their queue when a subscription
 closes; a delivery limit dead-letters poison messages; single active consumer on
-work queues; per-participant model queues that keep only the latest model; an
-append-only audit log of every update. Used by the embedded simulation and by the
-shared transport tests, next to the RabbitMQ implementation.
+work queues; one model stream per task, read from its last announcement, of which a
+subscription hands out only the newest; an append-only audit log of every update.
+Used by the embedded simulation and by the shared transport tests, next to the
+RabbitMQ implementation.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from common.errors import TransportError
-from common.transport.base import Announcement, DeadLetter, TaskTopology
-from common.transport.names import DETAIL_HEADER, REASON_HEADER
+from common.transport.base import Announcement, DeadLetter, TaskTopology, UpdateDelivery
+from common.transport.names import (
+    DETAIL_HEADER,
+    FENCE_HEADER,
+    REASON_HEADER,
+    VERSION_HASH_HEADER,
+    VERSION_HEADER,
+)
 
 _ids = itertools.count()
 
@@ -106,6 +113,16 @@ class _Subscription(Generic[T]):
                 raise TransportError("delivery already settled or its subscription closed")
             self._q.changed.notify_all()
 
+    def _take_ready(self, limit: int) -> list[_Message]:
+        """Up to ``limit`` messages this consumer may take now (no waiting)."""
+        taken: list[_Message] = []
+        while len(taken) < limit and not self.closed and self._may_take():
+            msg = self._q.ready.popleft()
+            msg.deliveries += 1
+            self.unacked[msg.tag] = msg
+            taken.append(msg)
+        return taken
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -115,6 +132,34 @@ class _Subscription(Generic[T]):
         if self in self._q.consumers:
             self._q.consumers.remove(self)  # type: ignore[arg-type]
         await self._q.requeue(pending)
+
+
+class _UpdateSubscription(_Subscription["_UpdateDelivery"]):
+    """The work queue's consumer, with batch settlement."""
+
+    def __init__(self, queue: _Queue, prefetch: int) -> None:
+        super().__init__(queue, prefetch, _UpdateDelivery)
+
+    def ready(self, limit: int) -> list[UpdateDelivery]:
+        """What the broker would have sent already (within the prefetch), no waiting."""
+        if self.closed:
+            raise TransportError("subscription is closed")
+        return [_UpdateDelivery(self, msg) for msg in self._take_ready(limit)]
+
+    async def ack_all(self, deliveries: Sequence[UpdateDelivery]) -> None:
+        """Ack the live ones at once; the others are skipped."""
+        live: list[_UpdateDelivery] = []
+        for d in deliveries:
+            if not isinstance(d, _UpdateDelivery):
+                raise TransportError(f"not a delivery of this transport: {d!r}")
+            if d.live:
+                live.append(d)
+        for sub in {id(d._sub): d._sub for d in live}.values():
+            async with sub._q.changed:
+                for d in live:
+                    if d._sub is sub:
+                        sub.unacked.pop(d._msg.tag, None)
+                sub._q.changed.notify_all()
 
 
 class _UpdateDelivery:
@@ -168,8 +213,86 @@ class _ReceiptDelivery:
         await self._sub.settle(self._msg)
 
 
+class _ModelStream:
+    """A task's model stream: announcements with offsets.
+
+    Like the broker's, it drops the oldest announcements once they hold more than
+    ``max_bytes``, never the last one. It also drops those that no reader can be
+    handed any more (older than every open reader's position): a reader starts at the
+    last announcement, so nobody could tell.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: deque[tuple[int, _Message]] = deque()
+        self.next_offset = 0
+        self.size = 0
+        self.readers: set[_ModelSubscription] = set()
+        self.changed = asyncio.Condition()
+
+    async def append(self, msg: _Message) -> None:
+        async with self.changed:
+            self.entries.append((self.next_offset, msg))
+            self.next_offset += 1
+            self.size += len(msg.body)
+            needed = min((r.cursor for r in self.readers), default=self.next_offset)
+            while len(self.entries) > 1 and (
+                self.size > self.max_bytes or self.entries[0][0] < needed
+            ):
+                self.size -= len(self.entries.popleft()[1].body)
+            self.changed.notify_all()
+
+
+def _version(msg: _Message) -> int:
+    v = msg.headers.get(VERSION_HEADER)
+    return v if isinstance(v, int) else -1
+
+
+class _ModelSubscription:
+    """Reads a model stream from its last announcement; hands out the newest of those
+    that arrived since the last :meth:`get` (the highest version; of equals, the later)."""
+
+    def __init__(self, stream: _ModelStream) -> None:
+        self._stream = stream
+        #: The next offset to read: the last announcement's, or the next one's if none.
+        self.cursor = stream.entries[-1][0] if stream.entries else stream.next_offset
+        self.unacked: set[int] = set()
+        self.closed = False
+        stream.readers.add(self)
+
+    async def get(self) -> _ModelDelivery:
+        stream = self._stream
+        async with stream.changed:
+            await stream.changed.wait_for(lambda: self.closed or stream.next_offset > self.cursor)
+            if self.closed:
+                raise TransportError("subscription is closed")
+            fresh: list[_Message] = []  # newest first; the last one is never dropped
+            for offset, msg in reversed(stream.entries):
+                if offset < self.cursor:
+                    break
+                fresh.append(msg)
+            newest = max(fresh, key=_version)  # of equals, the first: the later
+            self.cursor = stream.next_offset
+        self.unacked.add(newest.tag)
+        return _ModelDelivery(self, newest)
+
+    async def settle(self, msg: _Message) -> None:
+        if msg.tag not in self.unacked:
+            raise TransportError("delivery already settled or its subscription closed")
+        self.unacked.discard(msg.tag)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.unacked.clear()
+        self._stream.readers.discard(self)
+        async with self._stream.changed:
+            self._stream.changed.notify_all()
+
+
 class _ModelDelivery:
-    def __init__(self, sub: _Subscription[_ModelDelivery], msg: _Message) -> None:
+    def __init__(self, sub: _ModelSubscription, msg: _Message) -> None:
         self._sub, self._msg = sub, msg
 
     @property
@@ -178,8 +301,7 @@ class _ModelDelivery:
 
     @property
     def version(self) -> int:
-        v = self._msg.headers.get("version")
-        return v if isinstance(v, int) else -1
+        return _version(self._msg)
 
     async def ack(self) -> None:
         await self._sub.settle(self._msg)
@@ -190,9 +312,8 @@ class _TaskQueues:
     work: _Queue
     dead: list[DeadLetter]
     audit: list[bytes]
-    models: dict[str, _Queue]
+    models: _ModelStream
     receipts: dict[str, _Queue] = field(default_factory=dict)
-    head: Announcement | None = None
 
 
 class MemoryBroker:
@@ -214,7 +335,7 @@ class MemoryTransport:
     def __init__(self, broker: MemoryBroker, user: str | None = None) -> None:
         self.broker = broker
         self.user = user
-        self._subs: list[_Subscription[object]] = []
+        self._subs: list[_Subscription[object] | _ModelSubscription] = []
 
     async def close(self) -> None:
         for sub in self._subs:
@@ -229,15 +350,14 @@ class MemoryTransport:
                 work=_Queue(delivery_limit=topology.delivery_limit, dead=dead, single_active=True),
                 dead=dead,
                 audit=[],
-                models={},
+                models=_ModelStream(topology.models_max_bytes),
             )
             self.broker.tasks[topology.task] = tq
         for p in topology.participants:
-            tq.models.setdefault(p, _Queue(max_length=1))
             tq.receipts.setdefault(p, _Queue(max_length=topology.receipts_max_length))
 
-    async def consume_updates(self, task: str, *, prefetch: int) -> _Subscription[_UpdateDelivery]:
-        sub = _Subscription(self.broker.task(task).work, prefetch, _UpdateDelivery)
+    async def consume_updates(self, task: str, *, prefetch: int) -> _UpdateSubscription:
+        sub = _UpdateSubscription(self.broker.task(task).work, prefetch)
         self._subs.append(sub)  # type: ignore[arg-type]
         return sub
 
@@ -250,13 +370,25 @@ class MemoryTransport:
         fence: int | None = None,
         version_hash: bytes | None = None,
     ) -> None:
-        tq = self.broker.task(task)
-        for q in tq.models.values():
-            await q.put(_Message(body, {"version": version}, self.user, f"model-{version}"))
-        tq.head = Announcement(version, fence, version_hash)
+        headers: dict[str, object] = {VERSION_HEADER: version}
+        if fence is not None:
+            headers[FENCE_HEADER] = fence
+        if version_hash is not None:
+            headers[VERSION_HASH_HEADER] = version_hash
+        stream = self.broker.task(task).models
+        await stream.append(_Message(body, headers, self.user, f"{task}-model-{version}"))
 
     async def last_announcement(self, task: str) -> Announcement | None:
-        return self.broker.task(task).head
+        entries = self.broker.task(task).models.entries
+        if not entries:
+            return None
+        headers = entries[-1][1].headers
+        fence, digest = headers.get(FENCE_HEADER), headers.get(VERSION_HASH_HEADER)
+        return Announcement(
+            _version(entries[-1][1]),
+            fence if isinstance(fence, int) else None,
+            digest if isinstance(digest, bytes) else None,
+        )
 
     async def queue_depth(self, task: str) -> int:
         return len(self.broker.task(task).work.ready)
@@ -279,12 +411,9 @@ class MemoryTransport:
         tq.audit.append(body)
         await tq.work.put(_Message(body, {}, self.user, message_id))
 
-    async def consume_models(self, task: str, participant: str) -> _Subscription[_ModelDelivery]:
-        q = self.broker.task(task).models.get(participant)
-        if q is None:
-            raise TransportError(f"no model queue for participant {participant!r} of {task!r}")
-        sub = _Subscription(q, 2, _ModelDelivery)
-        self._subs.append(sub)  # type: ignore[arg-type]
+    async def consume_models(self, task: str, participant: str) -> _ModelSubscription:
+        sub = _ModelSubscription(self.broker.task(task).models)
+        self._subs.append(sub)
         return sub
 
     async def publish_receipt(

@@ -38,8 +38,18 @@ def update_binding(task: str) -> str:
 
 
 def model_key(task: str, participant: str | None = None) -> str:
-    """Routing key of a model announcement: to one participant, or to all."""
+    """Routing key of a model announcement: to all participants, or addressed to one.
+
+    Either lands in the task's model stream (bound with :func:`model_binding`), which
+    every participant of the task reads: addressing one changes who is meant, not who
+    receives it.
+    """
     return f"model.{task}.{participant or 'all'}"
+
+
+def model_binding(task: str) -> str:
+    """Binding of the task's model stream: every announcement of the task."""
+    return f"model.{task}.*"
 
 
 def dead_key(task: str) -> str:
@@ -62,9 +72,13 @@ def dead_queue(task: str) -> str:
     return f"fedq.dead.{task}"
 
 
-def model_queue(task: str, participant: str) -> str:
-    """A participant's model queue: keeps only the latest announced model."""
-    return f"fedq.model.{task}.{participant}"
+def model_stream(task: str) -> str:
+    """The task's model stream: every announcement, read by every participant.
+
+    One message per announcement, whatever the number of participants. A consumer
+    starts at the last announcement; retention drops old ones.
+    """
+    return f"fedq.model.{task}"
 
 
 def head_queue(task: str) -> str:
@@ -72,8 +86,18 @@ def head_queue(task: str) -> str:
 
     The store's head is cross-checked against it at start: a store that went
     backwards (data lost on a restart) is caught by something the store does not hold.
+    It is read with one ``basic.get``, which tells an empty queue at once; a stream
+    consumer cannot tell an empty stream from a slow one.
     """
     return f"fedq.head.{task}"
+
+
+def model_queue(task: str, participant: str) -> str:
+    """The per-participant model queue of fedq before the model stream; no longer declared.
+
+    Named so that tools can find and delete the ones a broker still holds.
+    """
+    return f"fedq.model.{task}.{participant}"
 
 
 def receipt_key(task: str, participant: str) -> str:
