@@ -1,8 +1,9 @@
 """Announcing new models off the commit path: the newest version only, retried.
 
-Model queues keep only the latest model, so a version superseded before it was sent
-need not be published. Each announcement carries the version hash and the writer's
-fencing token; the broker keeps the last one for the store check at start.
+Participants take only the newest model they received from the task's model stream,
+so a version superseded before it was sent need not be published. Each announcement
+carries the version hash and the writer's fencing token; the broker keeps the last one
+(the head queue) for the store check at start.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Announcer:
         self.retry_s = retry_s
         self.flush_timeout_s = flush_timeout_s
         #: Announce the last version again after this long without a new one (None:
-        #: never), so that a participant whose queue lost it (it refused or acked the
-        #: head, or its queue was just declared) gets the head without a new commit.
+        #: never), so that a participant that refused the head (e.g. signed under a spec
+        #: it did not have yet) gets it again without a new commit.
         self.repeat_s = repeat_s
         self.stages = stages
         self._slot: _Slot | None = None

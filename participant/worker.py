@@ -300,7 +300,7 @@ class ParticipantWorker:
 
     async def _take(self, newest: ModelDelivery) -> None:
         """Make ``newest`` the model trained on if it is newer and passes the checks;
-        hold its delivery unacked (so a restart finds the head queued), ack the rest."""
+        hold its delivery unacked until a newer one replaces it, ack the rest."""
         with self.stages("worker: decode the model"):
             model = await self._decode(newest)
         current = self._current
@@ -309,8 +309,8 @@ class ParticipantWorker:
             and current is not None
             and (model.version, model.version_hash) == (current.version, current.version_hash)
         ):
-            # The model we hold, redelivered (our channel was lost, or the broker's
-            # consumer timeout passed): hold this copy, so the queue keeps the head.
+            # The model we hold, delivered again (the head re-announced, or our channel
+            # was lost and the stream read again from its last): hold this copy.
             if self._held is not None:
                 await self._ack(self._held)
             self._held = newest
@@ -330,7 +330,8 @@ class ParticipantWorker:
         )
 
     async def _subscribe(self, stop: asyncio.Event) -> Subscription[ModelDelivery] | None:
-        """Subscribe to the model queue; until the aggregator has declared it, wait and retry."""
+        """Subscribe to the task's model stream; until the aggregator has declared it,
+        wait and retry."""
         delay = 0.1
         while not stop.is_set():
             try:
@@ -338,7 +339,7 @@ class ParticipantWorker:
                     self.spec.task_id, self.config.participant
                 )
             except TransportError as e:
-                self.log.warning("model queue not available yet; retrying", error=str(e))
+                self.log.warning("model stream not available yet; retrying", error=str(e))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await stop.wait()

@@ -5,6 +5,7 @@ refused from memory; the store stays the authority on conflict."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -97,6 +98,10 @@ async def _service(spec: TaskSpec, **config: Any) -> tuple[AggregatorService, li
     return service, calls
 
 
+def _at(service: AggregatorService, version: int) -> bool:
+    return service.head_version == version
+
+
 def _inputs(spec: TaskSpec, n: int) -> list[tuple[bytes, str]]:
     """``n`` updates from three banks on bases 0, 0, 0, 0, 1, ... (stale ones too)."""
     return [(_body(spec, BANKS[i % 3], i // 4, i), BANKS[i % 3]) for i in range(n)]
@@ -177,7 +182,7 @@ async def test_a_copy_of_an_applied_update_is_refused_from_memory() -> None:
         asked.append(ids)
         return {}
 
-    service.store.applied_in = applied_in  # type: ignore[method-assign]
+    service.store.applied_in = applied_in  # type: ignore[method-assign,assignment]
     again = Delivery(body, "bank-a")
     await service.handle(again)
     assert again.settled == [f"dead:{Refusal.DUPLICATE.value}"]
@@ -212,7 +217,7 @@ async def test_an_old_id_resent_on_a_newer_base_is_refused_by_the_store_and_noth
         who = BANKS[i % 3]
         body = _body(spec, who, i, i, uid=f"old{i}")
         await MemoryTransport(broker, who).publish_update(task, who, body, message_id=f"old{i}")
-        await wait_for(lambda i=i: service.head_version == i + 1)
+        await wait_for(functools.partial(_at, service, i + 1))
     assert service._applied.get("old0") is None  # only the newest version's ids are kept
     replayed = _body(spec, "bank-a", 5, 50, uid="old0")
     await bank.publish_update(task, "bank-a", replayed, message_id="again")

@@ -254,8 +254,8 @@ async def test_forged_updates_and_models_are_refused_and_counted_on_both_sides(
                 ancestors=(rig.service.head_hash,),
                 signing_key=key,
             )
-            # The model queue keeps the latest only: a real announcement right after the
-            # forged one drops it. Send it again until the worker has seen it.
+            # A worker takes only the newest announcement it received: a real one right
+            # after the forged one supersedes it. Send it again until the worker saw it.
             async with asyncio.timeout(30):
                 while worker.stats.models_refused[why] == 0:
                     await rig.agg.announce_model(spec.task_id, forged_version, body)
