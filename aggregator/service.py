@@ -74,7 +74,14 @@ from common.models import build_task_model, model_tensors, tensor_specs
 from common.refusals import Refusal
 from common.signing import MAX_ANCESTORS, PublicKey, SigningKey
 from common.spec import TaskSpec
-from common.transport import Announcement, TaskTopology, Transport, UpdateDelivery, next_or_none
+from common.transport import (
+    Announcement,
+    TaskTopology,
+    Transport,
+    UpdateDelivery,
+    UpdateSubscription,
+    next_or_none,
+)
 from common.wire import (
     DEFAULT_LIMITS,
     KIND_UNMASK_ANSWER,
@@ -295,7 +302,8 @@ class AggregatorService:
         self._applied = RecentlyApplied(self.config.applied_memory)
         #: Banks that re-sent an old update id on a newer base: checked in the store.
         self._suspects: set[str] = set()
-        self._sub: Any = None
+        #: The work queue's consumer while serving (None when handle() is called directly).
+        self._sub: UpdateSubscription | None = None
         self._consuming = False
         self._halt = asyncio.Event()
         #: Sync mode: when the current round's deadline passes (monotonic seconds).
@@ -528,9 +536,8 @@ class AggregatorService:
                                 await self._flush()
                             continue
                         batch = [delivery]
-                        ready = getattr(sub, "ready", None)
-                        if ready is not None and not self.secure:
-                            batch.extend(ready(self.config.group_max - 1))
+                        if not self.secure:
+                            batch.extend(sub.ready(self.config.group_max - 1))
                         await self._take(batch, stop)
                     except _Conflict:
                         # What it held goes back to the queue; the store's view stands.
@@ -1031,10 +1038,9 @@ class AggregatorService:
 
     async def _ack(self, deliveries: Sequence[UpdateDelivery]) -> None:
         """Ack committed deliveries: with one multiple ack where the transport can."""
-        ack_all = getattr(self._sub, "ack_all", None)
-        if ack_all is not None:
+        if self._sub is not None:
             try:
-                await ack_all(deliveries)
+                await self._sub.ack_all(deliveries)
                 return
             except FedqError as e:
                 self.log.warning("ack after commit failed", error=str(e))

@@ -207,3 +207,107 @@ async def delete_redis_prefix(redis_url: str, prefix: str) -> int:
     finally:
         await r.aclose()
     return n
+
+
+#: The password of the per-bank broker users on the shared test broker: the one
+#: tests/bank_users.py gives them (bank-01, ... are shared with the tests, so it must
+#: stay the same or a test process that created them earlier could not log in).
+BANK_PASSWORD = "fedq-test-bank"  # noqa: S105 - a test broker's, as in tests/
+
+
+def _rabbitmqctl(*args: str, timeout: float = 120.0) -> Any:
+    import shutil
+    import subprocess
+
+    # The shared broker's CLI needs its Erlang cookie: root's (sudo where not root).
+    sudo = ["sudo", "-n"] if os.geteuid() != 0 and shutil.which("sudo") else []
+    return subprocess.run(  # noqa: S603 - fixed arguments
+        [*sudo, "rabbitmqctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def broker_users() -> set[str]:
+    """The user names the broker has (``rabbitmqctl list_users``)."""
+    done = _rabbitmqctl("list_users", "--quiet", "--formatter", "json")
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl list_users failed: {done.stderr.strip()}")
+    return {u["user"] for u in json.loads(done.stdout or "[]")}
+
+
+def ensure_bank_users(amqp_url: str, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Broker users for banks, as tests/bank_users.py makes them: one per bank name,
+    password :data:`BANK_PASSWORD`, a bank's permissions (broker_config/definitions.json:
+    configure nothing, write only ``fedq.updates`` under its own routing key, read the
+    model streams and its own receipt queues). Returns each bank's AMQP URL and the
+    names that did not exist before (for :func:`delete_broker_users`)."""
+    import base64
+    import hashlib
+    import tempfile
+    from urllib.parse import quote, urlsplit
+
+    parts = urlsplit(amqp_url)
+    vhost = "/" if parts.path in ("", "/") else parts.path.lstrip("/")
+    created = [n for n in names if n not in broker_users()]
+
+    def password_hash() -> str:
+        salt = os.urandom(4)
+        digest = hashlib.sha256(salt + BANK_PASSWORD.encode()).digest()
+        return base64.b64encode(salt + digest).decode()
+
+    doc = {
+        "users": [
+            {
+                "name": n,
+                "password_hash": password_hash(),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }
+            for n in names
+        ],
+        "permissions": [
+            {
+                "user": n,
+                "vhost": vhost,
+                "configure": "^$",
+                "write": "^fedq\\.updates$",
+                "read": f"^fedq\\.(model\\.[^.]+|receipt\\.[^.]+\\.{n})$",
+            }
+            for n in names
+        ],
+        "topic_permissions": [
+            {
+                "user": n,
+                "vhost": vhost,
+                "exchange": "fedq.updates",
+                "write": f"^update\\.[^.]+\\.{n}$",
+                "read": "^$",
+            }
+            for n in names
+        ],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(doc, f)
+    os.chmod(f.name, 0o644)  # the broker (its own OS user) reads the file
+    try:
+        done = _rabbitmqctl("import_definitions", f.name)
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl import_definitions failed: {done.stderr.strip()}")
+    host = parts.hostname or "127.0.0.1"
+    port = f":{parts.port}" if parts.port else ""
+    path = quote(vhost, safe="")
+    urls = {n: f"amqp://{n}:{BANK_PASSWORD}@{host}{port}/{path}" for n in names}
+    return urls, created
+
+
+def delete_broker_users(names: Sequence[str]) -> None:
+    """Delete broker users this benchmark created (never ones that were there before)."""
+    for n in names:
+        done = _rabbitmqctl("delete_user", n)
+        if done.returncode != 0:
+            print(f"   (broker user {n} not deleted: {done.stderr.strip()})")
