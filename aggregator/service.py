@@ -1060,7 +1060,6 @@ class AggregatorService:
         for update_id, version in sorted(found.items()):
             entry = staged.get(update_id)
             held = self._pending.pop(update_id, None)
-            self._applied.remember(update_id, version)
             if entry is None or held is None:
                 continue
             self._suspects.add(entry.participant)
@@ -1074,6 +1073,8 @@ class AggregatorService:
                 ),
             )
         await self._reload()
+        for update_id, version in found.items():  # a copy is refused at once from now on
+            self._applied.remember(update_id, version)
         raise _Conflict(sorted(found))
 
     def _bounded(self, step: Step) -> None:
