@@ -114,7 +114,7 @@ VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 #: float32 parameters but at least BASE_CACHE; older ones are read from the store on
 #: demand, or rebuilt from the nearest checkpoint when the store no longer keeps them.
 BASE_CACHE = 32
-BASE_BYTES = 256 * 1024**2
+BASE_BYTES = 64 * 1024**2
 
 #: Versions read per round trip when the weighting state is rebuilt at start.
 RESTORE_BATCH = 256

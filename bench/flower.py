@@ -280,13 +280,10 @@ async def _bank_main(job: BankJob, ready: Any, go: Any, said: list[bool]) -> dic
             job.shard,
             stages=timeline if job.profile else _untimed,
         )
-        # Warm torch up outside the timed rounds (its first call is slow), and time one
-        # local training alone (a private generator: no seed of the run is touched).
+        # Warm torch up outside the timed rounds (its first call is slow); a private
+        # generator: no seed of the run is touched.
         initial = model_tensors(build_task_model(spec))
         train_local(spec, initial, worker.x_train, worker.y_train, seed=1)
-        t = time.perf_counter()
-        train_local(spec, initial, worker.x_train, worker.y_train, seed=2)
-        alone = time.perf_counter() - t
         ready.put((job.name, None))
         said.append(True)
         await asyncio.to_thread(go.wait)
@@ -299,7 +296,6 @@ async def _bank_main(job: BankJob, ready: Any, go: Any, said: list[bool]) -> dic
         "accepted": stats.accepted,
         "refused": dict(stats.refused),
         "models_refused": dict(stats.models_refused),
-        "train_alone_s": alone,
         "train_rows": len(worker.x_train),
         "spans": timeline.spans,
         "cpu": timed.cpu,
@@ -552,13 +548,35 @@ async def run_fedq_processes(
         "sender_check": bank_urls is not None,
         "task": spec.task_id,
         "redis_prefix": prefix,
-        "train_alone_ms": statistics.median(1000 * r["train_alone_s"] for r in results.values()),
+        "train_local_alone_ms": await asyncio.to_thread(train_alone_ms, spec, prep, config.seed),
         "evaluation": "after the run (on_version records time and parameters only)",
     }
     if profile:
         out["profile"] = critical_path(ends, timeline.spans, results)
         out["profile"]["cpu_ms_per_round"] = cpu_per_round(cpu, results)
+        out["profile"]["train_local_alone_ms"] = out["train_local_alone_ms"]
     return out
+
+
+def train_alone_ms(spec: TaskSpec, prep: Any, seed: int, calls: int = 15) -> float:
+    """Milliseconds of one ``train_local`` on bank-01's training rows in this process,
+    one torch thread, after the run (nothing else of the benchmark running): median."""
+    name = spec.participants[0]
+    x, y = encode(prep.shards[name], spec)
+    idx, _ = train_val_split(len(x), VAL_FRACTION, seed)
+    params = model_tensors(build_task_model(spec))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_local(spec, params, x[idx], y[idx], seed=1)
+        times = []
+        for k in range(calls):
+            t = time.perf_counter()
+            train_local(spec, params, x[idx], y[idx], seed=2 + k)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * statistics.median(times)
 
 
 async def _first(what: Any, agg_task: asyncio.Task[None], within: float | None = None) -> None:
@@ -713,9 +731,6 @@ def critical_path(
         "rounds_profiled": len(rows),
         "critical_path_ms_median": med,
         "other_ms_median": {k: 1000 * statistics.median(v) for k, v in extra.items() if v},
-        "train_alone_ms_median": statistics.median(
-            1000 * b["train_alone_s"] for b in banks.values()
-        ),
         "segments": dict(SEGMENTS),
         "bank_cpu_ms_per_round": bank_cpu(banks, len(ends)),
         "aggregator_cpu_ms_per_round": aggregator_cpu(ends, agg_spans),
@@ -763,9 +778,6 @@ def bank_cpu(banks: dict[str, dict[str, Any]], rounds: int) -> dict[str, float]:
     if "total (publish to publish)" in out:
         staged = sum(v for k, v in out.items() if k != "total (publish to publish)")
         out["outside the stages"] = out["total (publish to publish)"] - staged
-    out["train_local alone (no contention, one call)"] = statistics.median(
-        1000 * b["train_alone_s"] for b in banks.values()
-    )
     return out
 
 
@@ -1007,7 +1019,9 @@ def print_profile(banks: int, prof: dict[str, Any]) -> None:
         )
     )
     other = [[k, v] for k, v in prof["other_ms_median"].items()]
-    other.append(["train_local alone, one bank (median)", prof["train_alone_ms_median"]])
+    other.append(
+        ["train_local alone, after the run (bank-01, 1 thread)", prof["train_local_alone_ms"]]
+    )
     print(table(["also measured", "ms (median)"], other))
     cpu = prof.get("cpu_ms_per_round") or {}
     if cpu:

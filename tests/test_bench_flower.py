@@ -81,7 +81,7 @@ def _synthetic(rounds: int) -> tuple[list[float], list[Span], dict[str, dict[str
         cpu.append((t + 0.55, t + 0.55))
         agg += [span("admit", t + 0.7, t + 0.72), span("commit", t + 0.8, t + 0.85)]
     ends = [float(r + 1) for r in range(rounds)]
-    banks = {"bank-01": {"spans": bank, "cpu": cpu, "train_alone_s": 0.004}}
+    banks = {"bank-01": {"spans": bank, "cpu": cpu}}
     return ends, agg, banks
 
 
