@@ -1014,13 +1014,14 @@ class AggregatorService:
                 if self.stats.count_accepted(entry.participant, record.version):
                     self.log.info("participant no longer flagged", participant=entry.participant)
                     self._flag_metric(entry.participant)
-            self._count_weights(record.lineage)
+        lineage = [e for r in records for e in r.lineage]
+        # Shares and low-weight flags once per group: each pass visits every bank.
+        self._count_weights(lineage)
         self.metrics.accepted.labels(self.task).inc(len(deliveries))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
         self.announcer.announce(
             last.version, self._announcement(last, result.blobs[-1]), last.version_hash
         )
-        lineage = [e for r in records for e in r.lineage]
         self.log.info(
             "version committed" if len(records) == 1 else "versions committed",
             version=last.version,
