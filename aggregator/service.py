@@ -517,15 +517,17 @@ class AggregatorService:
         try:
             await self.prepare()
             if self.prefetch != self.config.prefetch:
-                self.log.info("prefetch raised above the buffer", prefetch=self.prefetch)
-            sub = await self.transport.consume_updates(self.task, prefetch=self.prefetch)
+                # raised above the strategy's buffer, or lowered to the bytes bound
+                self.log.info("prefetch adjusted", prefetch=self.prefetch)
+            sub = self._sub = await self.transport.consume_updates(
+                self.task, prefetch=self.prefetch
+            )
             self._consuming = True
             poller = asyncio.create_task(self._poll_depth(halt))
             self.announcer.start()
             self.receipts.start()
             try:
                 while not (stop.is_set() or halt.is_set()):
-                    self._sub = sub
                     delivery = await next_or_none(sub, halt, self._until_deadline())
                     if delivery is not None and (stop.is_set() or halt.is_set()):
                         break  # not handled: it goes back to the queue unacked
@@ -544,11 +546,12 @@ class AggregatorService:
                         self._sub = None
                         await sub.close()
                         sub = None
-                        sub = await self.transport.consume_updates(
+                        sub = self._sub = await self.transport.consume_updates(
                             self.task, prefetch=self.prefetch
                         )
             finally:
                 self._consuming = False
+                self._sub = None
                 poller.cancel()
                 await self.announcer.close()
                 await self.receipts.close()
