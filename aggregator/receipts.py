@@ -43,6 +43,8 @@ log = structlog.get_logger("fedq.aggregator")
 
 #: Receipts waiting to be sent at most; when full, the newest is dropped and logged.
 QUEUE_LIMIT = 100_000
+#: Receipts published at once, each awaiting its confirm.
+BATCH = 64
 
 #: The participant of the update the aggregator holds under an id (None if not held).
 HeldBy = Callable[[str], "str | None"]
@@ -75,7 +77,8 @@ def recipient(
 
 
 class ReceiptSender:
-    """Builds the receipts of one task and sends them in the background, in order."""
+    """Builds the receipts of one task and sends them in the background: in order, up to
+    ``BATCH`` in flight at once; one that failed is retried before newer ones."""
 
     def __init__(
         self,
@@ -228,26 +231,43 @@ class ReceiptSender:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            receipt, body = self._queue[0]
-            try:
-                await self.transport.publish_receipt(
-                    self.task,
-                    receipt.participant,
-                    body,
-                    message_id=f"{receipt.update_id}-{receipt.outcome}",
-                )
-            except PublishRefusedError as e:  # never heals: drop it, keep the others going
-                self._queue.popleft()
-                self.dropped += 1
-                self.log.error("receipt refused by the broker; dropped", error=str(e))
-                continue
-            except Exception as e:  # noqa: BLE001 - the sender must outlive any failure
+            # Up to BATCH publishes in flight at once, each waiting for its own confirm:
+            # one confirm round trip per batch rather than per receipt.
+            batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+            results = await asyncio.gather(
+                *(self._publish(receipt, body) for receipt, body in batch),
+                return_exceptions=True,
+            )
+            retry: list[tuple[Receipt, bytes]] = []
+            error: Exception | None = None
+            for (receipt, body), result in zip(batch, results, strict=True):
+                if result is None:
+                    self.sent += 1
+                    if self.metrics is not None:
+                        self.metrics.receipts_sent.labels(self.task, receipt.outcome).inc()
+                elif isinstance(result, PublishRefusedError):  # never heals: drop it
+                    self.dropped += 1
+                    self.log.error("receipt refused by the broker; dropped", error=str(result))
+                elif isinstance(result, Exception):
+                    retry.append((receipt, body))
+                    error = error or result
+                else:  # CancelledError and other BaseExceptions: not ours to swallow
+                    self._queue.extendleft(reversed(batch))
+                    raise result
+            if retry:
                 self.log.warning(
-                    "receipt not sent; will retry", update_id=receipt.update_id, error=str(e)
+                    "receipts not sent; will retry",
+                    receipts=len(retry),
+                    update_id=retry[0][0].update_id,
+                    error=str(error),
                 )
+                self._queue.extendleft(reversed(retry))  # in their order, before newer ones
                 await asyncio.sleep(self.retry_s)
-                continue
-            self._queue.popleft()
-            self.sent += 1
-            if self.metrics is not None:
-                self.metrics.receipts_sent.labels(self.task, receipt.outcome).inc()
+
+    async def _publish(self, receipt: Receipt, body: bytes) -> None:
+        await self.transport.publish_receipt(
+            self.task,
+            receipt.participant,
+            body,
+            message_id=f"{receipt.update_id}-{receipt.outcome}",
+        )

@@ -371,3 +371,54 @@ def test_a_refusal_goes_only_to_the_broker_validated_sender_while_senders_are_ch
     # Sender check off (one shared broker user): the envelope's participant.
     assert recipient("guest", "bank-a", banks, sender_match=False) == "bank-a"
     assert recipient(None, "bank-z", banks, sender_match=False) is None
+
+
+class _FlakyReceipts:
+    """A transport whose receipt publishes fail as told: to see the sender retry,
+    drop and keep several publishes in flight."""
+
+    def __init__(self, fail_once: set[str], refuse: set[str]) -> None:
+        self.fail_once, self.refuse = set(fail_once), set(refuse)
+        self.sent: list[str] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def publish_receipt(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        from common.errors import PublishRefusedError, TransportError
+
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)  # the confirm's round trip
+            uid = message_id.rsplit("-", 1)[0]
+            if uid in self.refuse:
+                raise PublishRefusedError("no route", 312)
+            if uid in self.fail_once:
+                self.fail_once.discard(uid)
+                raise TransportError("connection lost")
+            self.sent.append(uid)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_receipt_sender_keeps_many_in_flight_retries_failures_and_drops_refusals() -> None:
+    """Receipts go out many at once (one confirm wait per batch, not per receipt); one
+    whose publish failed is sent again, before newer ones; one the broker refuses for
+    good is dropped and counted, and the others still go out."""
+    from aggregator.receipts import ReceiptSender
+    from common.hashing import LineageEntry
+
+    ids = [f"u{i:03d}" for i in range(100)]
+    transport = _FlakyReceipts(fail_once={"u005", "u070"}, refuse={"u050"})
+    sender = ReceiptSender(transport, "t", BANKS, retry_s=0.01)  # type: ignore[arg-type]
+    sender.start()
+    lineage = [LineageEntry(uid, "bank-a", 0, 0, 1.0, bytes(32)) for uid in ids]
+    sender.accepted(lineage, 1)
+    await sender.close()
+    assert transport.most_in_flight > 1
+    assert sorted(transport.sent) == sorted(set(ids) - {"u050"})  # each once
+    assert (sender.sent, sender.dropped, sender.waiting) == (99, 1, 0)
+    # The failed ones went out after their own batch, ahead of the next batch's.
+    assert transport.sent.index("u005") < transport.sent.index("u064")
