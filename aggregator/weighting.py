@@ -25,11 +25,19 @@ An async update's weight is its strategy's base weight times ``s(.)`` (staleness
   tenth of the mass and gets a factor ten times larger. At the start (empty window)
   ``q_j = d_j`` and every factor is 1, and the measured rates take over as the
   window fills; equal banks at equal speed stay near 1. ``c``
-  keeps the factors' ratios within the bounds when it can: over the banks in the
-  window and ``i``, ``lo = (1/B) / min r_j``, ``hi = B / max r_j``; ``c = 1`` when
+  keeps the factors' ratios within the bounds when it can: over ``r_i`` and the
+  ``r_j`` of the banks ``j != i`` in the window that have a data share,
+  ``lo = (1/B) / min r``, ``hi = B / max r``; ``c = 1`` when
   ``lo <= 1 <= hi`` (the mass-weighted mean factor stays 1: the total step is
   kept), the nearer end of ``[lo, hi]`` otherwise, and ``sqrt(lo * hi)`` when no
   ``c`` fits (the ratios are then compressed at both ends).
+
+  Exactly, in binary64: ``m_j`` (the masses of bank ``j``'s entries) and ``M`` (all
+  the window's masses) are *exactly rounded* sums, the float nearest the exact sum
+  (ties to even; what :func:`math.fsum` gives), so they do not depend on the order of
+  the entries; ``r_j`` is then ``d_j / ((m_j + P * d_j) / (M + P))`` evaluated as
+  written, one rounding per operation (:func:`balanced_factor`, the reference), and
+  ``min r`` and ``max r`` are the extremes of these floats.
 
 Data shares. When every participant declared its samples (``spec.declared_samples``),
 ``d_j = bound_j / sum_k bound_k`` and an update's ``p_i = min(n_i, bound_i) / sum_k
@@ -39,14 +47,28 @@ reference: ``samples`` gives ``f = 1`` and ``balanced`` takes equal shares
 participant list has neither: every factor is 1.
 
 The window's state is a pure function of the committed lineages (participant and
-recorded ``t - v`` of each entry), all sums taken afresh in window order, so an
-aggregator that restarts and :meth:`Weighter.restore`\\ s it from the last ``W``
-entries in the store weighs exactly as one that never stopped. Replay never needs
-it: each version's lineage records the weight actually used.
+recorded ``t - v`` of each entry), its sums exactly rounded whatever the order they
+were added and removed in, so an aggregator that restarts and
+:meth:`Weighter.restore`\\ s it from the last ``W`` entries in the store weighs exactly
+as one that never stopped. Replay never needs it: each version's lineage records the
+weight actually used.
+
+Cost. :class:`Weighter` does not walk the window: it keeps each bank's mass and the
+total as exact integers in units of ``2**-1074`` (every finite float is a multiple of
+it), rounded to a float once per change, and the banks with a data share in two heaps
+ordered by ``m_j / d_j``. As ``r_j = d_j (M + P) / (m_j + P d_j)`` falls as ``m_j / d_j``
+grows, ``max r`` and ``min r`` are among the banks whose ``m_j / d_j + P`` lies within a
+relative ``NEAR_TIE`` (``2**-36``) of the smallest (the largest), far wider than the
+few rounding errors of ``r_j``'s formula; ``r_j`` is evaluated for those alone (banks
+with the same ``m_j`` and ``d_j`` once), so the extremes are the definition's, bit for
+bit. A factor costs ``O(log N)``, a committed entry ``O(log N)`` (amortized: the
+heaps drop stale entries lazily and are rebuilt when half stale), a restore
+``O(W + N)``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,6 +79,7 @@ from common.spec import AsyncSettings, TaskSpec
 from common.staleness import in_unit, staleness_weight
 
 __all__ = [
+    "NEAR_TIE",
     "PRIOR_MASS",
     "WINDOW_ROUNDS",
     "Remembering",
@@ -65,6 +88,7 @@ __all__ = [
     "balanced_factor",
     "clip",
     "data_shares",
+    "exact_units",
     "participant_count",
     "samples_factor",
     "window_size",
@@ -155,6 +179,12 @@ def _scale(ratios: Sequence[float], max_boost: float) -> float:
     return clip(1.0, lo, hi)
 
 
+def _ratio(p: float, mass: float, share: float, prior: float, denominator: float) -> float:
+    """``r = p / q`` with ``q = (mass + prior * share) / denominator`` (``M + P``), as
+    written: every ``r`` of the module goes through here."""
+    return p / ((mass + prior * share) / denominator)
+
+
 def balanced_factor(
     participant: str,
     p_i: float,
@@ -164,29 +194,212 @@ def balanced_factor(
     prior: float = PRIOR_MASS,
 ) -> float:
     """``f_i = clip(c * p_i / q_i, 1/B, B)`` over ``window`` (participant, mass) entries,
-    with a prior of mass ``prior > 0`` spread by ``shares`` (see the module)."""
-    masses: dict[str, float] = {}
-    total = 0.0
-    for name, mass in window:
-        masses[name] = masses.get(name, 0.0) + mass
-        total += mass
+    with a prior of mass ``prior > 0`` spread by ``shares`` (see the module).
 
-    def ratio(name: str, p: float) -> float:
-        q = (masses.get(name, 0.0) + prior * shares.get(name, 0.0)) / (total + prior)
-        return p / q
-
-    r_i = ratio(participant, p_i)
-    others = [ratio(j, shares[j]) for j in masses if j != participant and j in shares]
+    The reference definition: it walks the whole window (``O(W)``);
+    :meth:`Weighter.factor` gives the same float without doing so."""
+    entries = list(window)
+    by_bank: dict[str, list[float]] = {}
+    for name, mass in entries:
+        by_bank.setdefault(name, []).append(mass)
+    masses = {name: math.fsum(values) for name, values in by_bank.items()}
+    denominator = math.fsum(mass for _, mass in entries) + prior
+    r_i = _ratio(
+        p_i, masses.get(participant, 0.0), shares.get(participant, 0.0), prior, denominator
+    )
+    others = [
+        _ratio(shares[j], m, shares[j], prior, denominator)
+        for j, m in masses.items()
+        if j != participant and j in shares
+    ]
     c = _scale([r_i, *others], max_boost)
     b = float(max_boost)
     return clip(c * r_i, 1.0 / b, b)
+
+
+#: Banks whose ``m_j / d_j + P`` is within this relative distance of the extreme one
+#: are near-ties: their ``r_j`` is evaluated (rounding could order them either way).
+#: ``r_j``'s four operations and ``m_j / d_j + P``'s two err by a relative ``2**-53``
+#: each (``P >= PRIOR_MASS`` and shares, ratios of sample counts, are far from
+#: underflow), so rounding can swap two banks only within ``2**-49``: ample margin.
+NEAR_TIE = 2.0**-36
+
+#: ``2**1074``: a float ``x`` is the integer ``x * _ONE``, an integer ``n`` rounds to
+#: ``n / _ONE`` (Python's int division is correctly rounded, subnormals included).
+_ONE = 1 << 1074
+
+#: A group of banks in the window with the same mass and data share: ``(m_j, d_j)``.
+_Pair = tuple[float, float]
+#: A heap entry: ``(m_j / d_j, m_j, d_j)``, the key negated in the high heap.
+_Entry = tuple[float, float, float]
+
+
+def exact_units(x: float) -> int:
+    """``x`` (finite) as an exact integer number of ``2**-1074``."""
+    num, den = x.as_integer_ratio()  # den is a power of two, at most 2**1074
+    return num << (1075 - den.bit_length())
+
+
+class _Balance:
+    """``balanced``'s state of a window: each bank's mass and the total as exact
+    integers (so every sum is exactly rounded, in any order of change), and the banks
+    with a data share grouped by ``(m_j, d_j)`` in two heaps by ``m_j / d_j``, with
+    lazy deletion: an entry whose group is gone is dropped when met (see the module)."""
+
+    __slots__ = ("_count", "_groups", "_high", "_low", "_mass", "_shares", "_sum", "_total")
+
+    def __init__(self, shares: Mapping[str, float]) -> None:
+        self._shares = shares
+        self._total = 0
+        self._sum: dict[str, int] = {}  # bank -> its masses, in units of 2**-1074
+        self._count: dict[str, int] = {}  # bank -> its entries in the window
+        self._mass: dict[str, float] = {}  # bank -> m_j (its sum, rounded)
+        self._groups: dict[_Pair, int] = {}  # (m_j, d_j) -> banks with a share there
+        self._low: list[_Entry] = []  # min-heap on m_j / d_j
+        self._high: list[_Entry] = []  # min-heap on -(m_j / d_j)
+
+    def reset(self, entries: Iterable[tuple[str, int]]) -> None:
+        """The state of a window of these (participant, units) entries, built in one go."""
+        self._total = 0
+        self._sum, self._count = {}, {}
+        for name, units in entries:
+            self._total += units
+            self._sum[name] = self._sum.get(name, 0) + units
+            self._count[name] = self._count.get(name, 0) + 1
+        self._mass = {name: units / _ONE for name, units in self._sum.items()}
+        self._groups = {}
+        for name, mass in self._mass.items():
+            share = self._shares.get(name)
+            if share is not None:
+                pair = (mass, share)
+                self._groups[pair] = self._groups.get(pair, 0) + 1
+        self._reheap()
+
+    def _reheap(self) -> None:
+        """Both heaps afresh from the live groups (no stale entries)."""
+        self._low = [(m / d, m, d) for m, d in self._groups]
+        self._high = [(-(m / d), m, d) for m, d in self._groups]
+        heapq.heapify(self._low)
+        heapq.heapify(self._high)
+
+    def add(self, name: str, units: int) -> None:
+        """An entry of ``name`` of ``units`` joined the window."""
+        self._total += units
+        old = self._mass.get(name)
+        self._count[name] = self._count.get(name, 0) + 1
+        self._sum[name] = total = self._sum.get(name, 0) + units
+        self._mass[name] = mass = total / _ONE
+        self._regroup(name, old, mass)
+
+    def remove(self, name: str, units: int) -> None:
+        """An entry of ``name`` of ``units`` left the window."""
+        self._total -= units
+        old = self._mass[name]
+        count = self._count[name] - 1
+        if count:
+            self._count[name] = count
+            self._sum[name] = total = self._sum[name] - units
+            self._mass[name] = mass = total / _ONE
+            self._regroup(name, old, mass)
+        else:
+            del self._count[name], self._sum[name], self._mass[name]
+            self._regroup(name, old, None)
+
+    def _regroup(self, name: str, old: float | None, new: float | None) -> None:
+        """Bank ``name``'s mass went from ``old`` to ``new`` (None: not in the window)."""
+        share = self._shares.get(name)
+        if share is None or old == new:
+            return
+        groups = self._groups
+        if old is not None:
+            pair = (old, share)
+            left = groups[pair] - 1
+            if left:
+                groups[pair] = left
+            else:
+                del groups[pair]
+        if new is not None:
+            pair = (new, share)
+            banks = groups.get(pair, 0)
+            groups[pair] = banks + 1
+            if not banks:
+                key = new / share
+                heapq.heappush(self._low, (key, new, share))
+                heapq.heappush(self._high, (-key, new, share))
+                if len(self._low) + len(self._high) > 4 * len(groups) + 128:
+                    self._reheap()
+
+    def mass(self, name: str) -> float:
+        """``m_j``: 0 for a bank absent from the window."""
+        return self._mass.get(name, 0.0)
+
+    def total(self) -> float:
+        """``M``."""
+        return self._total / _ONE
+
+    def candidates(self, participant: str, prior: float) -> list[_Pair]:
+        """The groups, bank ``participant`` left out, among which ``min r`` and ``max r``
+        of the banks ``j != participant`` lie: the near-ties at each end."""
+        alone: _Pair | None = None
+        share = self._shares.get(participant)
+        mass = self._mass.get(participant)
+        if share is not None and mass is not None and self._groups[(mass, share)] == 1:
+            alone = (mass, share)
+        return [
+            *self._end(self._low, alone, prior, 1.0),
+            *self._end(self._high, alone, prior, -1.0),
+        ]
+
+    def _end(
+        self, heap: list[_Entry], alone: _Pair | None, prior: float, sign: float
+    ) -> list[_Pair]:
+        """The near-ties at the front of ``heap`` (low: ``sign = 1``; high: ``-1``), the
+        group ``alone`` left out. Stale entries met at the front are dropped."""
+        groups = self._groups
+        while heap and (heap[0][1], heap[0][2]) not in groups:
+            heapq.heappop(heap)
+        if not heap:
+            return []
+        if (heap[0][1], heap[0][2]) == alone:
+            # Set it aside: the front is then the first group to count.
+            entry = heapq.heappop(heap)
+            rest = self._end(heap, alone, prior, sign)
+            heapq.heappush(heap, entry)
+            return rest
+        first = sign * heap[0][0] + prior  # m / d + P of the first group
+        widest = first * (1.0 + NEAR_TIE)
+        found: list[_Pair] = []
+        # Every entry within NEAR_TIE of the first: a subtree at the heap's root.
+        stack = [0]
+        while stack:
+            at = stack.pop()
+            key, m, d = heap[at]
+            near = sign * key + prior
+            if (near > widest) if sign > 0 else (near * (1.0 + NEAR_TIE) < first):
+                continue
+            pair = (m, d)
+            if pair in groups and pair != alone and pair not in found:
+                found.append(pair)
+            stack.extend(i for i in (2 * at + 1, 2 * at + 2) if i < len(heap))
+        return found
 
 
 class Weighter:
     """The staleness and the factor of an async strategy's updates, and the window
     ``balanced`` measures banks' rates over (see the module). Pure, no I/O."""
 
-    __slots__ = ("_bounds", "_n", "_settings", "_shares", "_total", "_upv", "_window")
+    __slots__ = (
+        "_balance",
+        "_bounds",
+        "_n",
+        "_settings",
+        "_shares",
+        "_size",
+        "_total",
+        "_units",
+        "_upv",
+        "_window",
+    )
 
     def __init__(
         self, settings: AsyncSettings, updates_per_version: int, spec: TaskSpec | None = None
@@ -197,7 +410,11 @@ class Weighter:
         self._bounds = declared_bounds(spec)
         self._total = float(sum(self._bounds.values()))
         self._shares = data_shares(spec)
-        self._window: deque[tuple[str, float]] = deque(maxlen=window_size(settings, self._n))
+        self._size = window_size(settings, self._n)
+        self._window: deque[tuple[str, float]] = deque()
+        # balanced only: each entry's mass in units of 2**-1074, and the sums.
+        self._units: deque[int] = deque()
+        self._balance = _Balance(self._shares) if settings.weighting == "balanced" else None
 
     @property
     def participants(self) -> int:
@@ -207,7 +424,7 @@ class Weighter:
     @property
     def history(self) -> int:
         """``W``: the entries the window holds."""
-        return self._window.maxlen or 0
+        return self._size
 
     def staleness(self, versions_behind: int) -> float:
         """``t - v`` in the settings' unit (:func:`common.staleness.in_unit`)."""
@@ -233,12 +450,19 @@ class Weighter:
         p_i = self.share(participant, num_samples)
         if kind == "samples":
             return samples_factor(p_i, self._n, self._settings.max_boost)
-        if p_i is None:
+        if p_i is None or self._balance is None:
             return 1.0
-        prior = float(self.history - len(self._window)) + PRIOR_MASS
-        return balanced_factor(
-            participant, p_i, self._shares, self._window, self._settings.max_boost, prior
+        balance = self._balance
+        prior = float(self._size - len(self._window)) + PRIOR_MASS
+        denominator = balance.total() + prior
+        r_i = _ratio(
+            p_i, balance.mass(participant), self._shares.get(participant, 0.0), prior, denominator
         )
+        ratios = [r_i]
+        for m, d in balance.candidates(participant, prior):
+            ratios.append(_ratio(d, m, d, prior, denominator))
+        b = float(self._settings.max_boost)
+        return clip(_scale(ratios, b) * r_i, 1.0 / b, b)
 
     def recent(self) -> tuple[tuple[str, float], ...]:
         """The window: (participant, mass ``s(.)``) of the last ``W`` entries, oldest first."""
@@ -246,14 +470,31 @@ class Weighter:
 
     def committed(self, lineage: Sequence[LineageEntry]) -> None:
         """Add a committed version's entries to the window (mass ``s`` of their ``t - v``)."""
-        for e in lineage:
-            self._window.append((e.participant, self.s(e.staleness)))
+        self._extend([(e.participant, self.s(e.staleness)) for e in lineage])
+
+    def _extend(self, entries: Iterable[tuple[str, float]]) -> None:
+        """Add (participant, mass) entries to the window, the oldest leaving when full."""
+        window, units, balance = self._window, self._units, self._balance
+        for name, mass in entries:
+            window.append((name, mass))
+            if balance is not None:
+                u = exact_units(mass)
+                units.append(u)
+                balance.add(name, u)
+            if len(window) > self._size:
+                gone, _ = window.popleft()
+                if balance is not None:
+                    balance.remove(gone, units.popleft())
 
     def restore(self, lineages: Iterable[Sequence[LineageEntry]]) -> None:
         """Empty the window, then add these committed lineages, oldest first."""
-        self._window.clear()
+        window: deque[tuple[str, float]] = deque(maxlen=self._size)
         for lineage in lineages:
-            self.committed(lineage)
+            window.extend((e.participant, self.s(e.staleness)) for e in lineage)
+        self._window = deque(window)
+        if self._balance is not None:
+            self._units = deque(exact_units(mass) for _, mass in window)
+            self._balance.reset(zip((name for name, _ in window), self._units, strict=True))
 
 
 class Windowed:
