@@ -116,6 +116,10 @@ VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 BASE_CACHE = 32
 BASE_BYTES = 64 * 1024**2
 
+#: Weight shares and low-weight flags are re-evaluated (a pass over every bank) once per
+#: ``banks // WEIGHT_PASS_BANKS`` committed entries: O(WEIGHT_PASS_BANKS) per update.
+WEIGHT_PASS_BANKS = 100
+
 #: Versions read per round trip when the weighting state is rebuilt at start.
 RESTORE_BATCH = 256
 
@@ -228,6 +232,8 @@ class AggregatorService:
         #: update's verdict (its norm, its clip factor) until its version is committed.
         self.bounds = Bounds(spec)
         self._verdicts: dict[str, Verdict] = {}
+        #: Committed lineage entries since every bank's weight share was evaluated.
+        self._weights_due = 0
         if spec.robustness.aggregator != "mean" and self.strategy.name not in ("fedbuff", "fedavg"):
             raise ConfigError(
                 f"robustness.aggregator {spec.robustness.aggregator!r} is built into fedbuff "
@@ -1492,7 +1498,8 @@ class AggregatorService:
         if not count_stats:  # a reload: the stats counted these versions already
             return
         for lineage in lineages:
-            self._count_weights(lineage, log_changes=False)
+            self.stats.count_weights(lineage, evaluate=False)
+        self._count_weights((), log_changes=False, now=True)  # one pass over every bank
         if lineages:
             self.log.info("weighting state restored", versions=len(lineages), entries=entries)
 
@@ -1514,9 +1521,20 @@ class AggregatorService:
         versions.reverse()
         self.bounds.restore(versions)
 
-    def _count_weights(self, lineage: Sequence[LineageEntry], *, log_changes: bool = True) -> None:
-        """Recent weight shares and the ``low_weight`` flags after a committed lineage."""
-        for name, low in self.stats.count_weights(lineage):
+    def _count_weights(
+        self, lineage: Sequence[LineageEntry], *, log_changes: bool = True, now: bool = False
+    ) -> None:
+        """Count a committed lineage in the recent weight shares; re-evaluate every bank's
+        share and ``low_weight`` flag (a pass over every bank) once per ``banks //
+        WEIGHT_PASS_BANKS`` entries (every group up to 2 x WEIGHT_PASS_BANKS banks), or
+        ``now``: the cost per update stays flat as banks are added."""
+        self._weights_due += len(lineage)
+        due = now or self._weights_due >= len(self.stats.banks) // WEIGHT_PASS_BANKS
+        changed = self.stats.count_weights(lineage, evaluate=due)
+        if not due:
+            return
+        self._weights_due = 0
+        for name, low in changed:
             if low and log_changes:
                 bank = self.stats.banks[name]
                 self.log.warning(

@@ -149,9 +149,12 @@ class ServiceStats:
         bank.last_version = version
         return was_flagged
 
-    def count_weights(self, lineage: Sequence[LineageEntry]) -> list[tuple[str, bool]]:
-        """Add a committed version's entries to the window; update every bank's recent
-        weight share; return the banks whose ``low_weight`` flag changed (and its value)."""
+    def count_weights(
+        self, lineage: Sequence[LineageEntry], *, evaluate: bool = True
+    ) -> list[tuple[str, bool]]:
+        """Add a committed version's entries to the window; with ``evaluate``, update
+        every bank's recent weight share (O(banks)) and return the banks whose
+        ``low_weight`` flag changed (and its value)."""
         totals, counts = self._totals, self._counts
         for e in lineage:  # O(entries) per commit, not O(W): the window is kept summed
             self._recent.append((e.participant, float(e.weight)))
@@ -164,6 +167,8 @@ class ServiceStats:
                 del counts[name], totals[name]  # exactly 0, no rounding left over
             else:
                 totals[name] -= weight
+        if not evaluate:
+            return []
         grand = sum(totals.values())
         changed: list[tuple[str, bool]] = []
         for name in sorted(set(self.banks) | set(totals)):

@@ -249,3 +249,57 @@ def test_recently_applied_covers_exactly_the_versions_it_holds() -> None:
     assert kept.get("f") == 7 and kept.get("d") is None and kept.since == 6
     kept.remember("old", 1)
     assert kept.get("old") == 1
+
+
+async def test_weight_shares_are_evaluated_once_per_banks_over_100_and_once_at_restore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every bank's weight share and low-weight flag is a pass over every bank: with
+    many banks it runs once per ``banks // 100`` committed entries (not per commit), and
+    a restart restores the window and makes ONE pass (not one per restored version),
+    ending with the shares of the aggregator that never stopped."""
+    from aggregator import service as service_module
+    from aggregator.stats import ServiceStats
+
+    calls: list[tuple[int, bool, int]] = []  # (stats object, evaluate, banks seen)
+    count = ServiceStats.count_weights
+
+    def counted(self: ServiceStats, lineage: Any, *, evaluate: bool = True) -> Any:
+        calls.append((id(self), evaluate, len(self.banks)))
+        return count(self, lineage, evaluate=evaluate)
+
+    monkeypatch.setattr(ServiceStats, "count_weights", counted)
+
+    banks = tuple(f"bank-{i:03d}" for i in range(450))
+    task = f"grp{uuid.uuid4().hex[:8]}"
+    spec = TaskSpec(
+        task_id=task,
+        features=tuple(NumericFeature(name=f"x{i}") for i in range(3)),
+        target=TargetSpec(name="y"),
+        participants=banks,
+        **{
+            "async": AsyncSettings.model_validate(
+                {"max_staleness": 50, "staleness_unit": "versions"}
+            )
+        },
+    )
+    service, _ = await _service(spec)
+    for i, bank in enumerate(banks):
+        await service.handle(Delivery(_body(spec, bank, i, i), bank))
+    assert service.head_version == len(banks)
+    passes = [n for who, evaluate, n in calls if who == id(service.stats) and evaluate]
+    # Every commit while there were fewer than 200 banks, then every banks // 100.
+    assert 200 <= len(passes) < 200 + (len(banks) - 200) // 2 + 1
+    assert passes[-1] >= 400
+
+    service._count_weights((), now=True)
+    before = {n: (b.weight_share, b.recent_updates) for n, b in service.stats.banks.items()}
+    restarted = AggregatorService(
+        spec, service.store, MemoryTransport(MemoryBroker(), "agg"), ServiceConfig()
+    )
+    await restarted.prepare()
+    restored = [evaluate for who, evaluate, _ in calls if who == id(restarted.stats)]
+    assert restored.count(True) == 1 and len(restored) == len(banks) + 1
+    after = {n: (b.weight_share, b.recent_updates) for n, b in restarted.stats.banks.items()}
+    assert after == before
+    assert service_module.WEIGHT_PASS_BANKS == 100
