@@ -1,7 +1,7 @@
 """Admission: every rule that decides whether an update may reach the strategy.
 
 One place, one order (docs/wire-format.md, sections 10 and 11): decode with hard
-limits and the task's shapes; a copy of an update already held; the task, the
+limits, the task's shapes and codecs; a copy of an update already held; the task, the
 participant, the sender, the signature, the spec hash, the claimed sample count;
 the base version (from the future, an older round, a second update in the round, too
 stale); already applied;
@@ -22,6 +22,7 @@ from typing import Protocol
 import structlog
 
 from aggregator.strategies import AcceptedUpdate
+from common.codecs import accepted_codecs
 from common.errors import DecodeError, EncodeError
 from common.refusals import Refusal
 from common.signing import SIGNATURE_BYTES, PublicKey
@@ -128,6 +129,11 @@ class Admission:
         #: The unit ``max_staleness`` is in: a sync version is a round already.
         self.unit: StalenessUnit = "versions" if self.sync else spec.async_.staleness_unit
         self.spec_hash = spec.spec_hash()
+        #: The lossless codecs, and the task's lossy one (``compression``): any other
+        #: codec is refused ``unknown_codec`` before a payload is decoded.
+        self.codecs = accepted_codecs(
+            spec.compression.wire_codec if spec.compression is not None else None
+        )
         self.keys = {p: PublicKey.parse(text) for p, text in spec.identity.participant_keys.items()}
         self.updates_per_version = max(1, updates_per_version)
         self.participants = max(1, len(spec.participants))
@@ -259,7 +265,7 @@ class Admission:
 
     def _decode(self, body: bytes) -> tuple[UpdateEnvelope, bool | None]:
         """Decode, and verify the signature when there is one and a key to check it."""
-        env = decode_update(body, self.config.limits, self.expected)
+        env = decode_update(body, self.config.limits, self.expected, codecs=self.codecs)
         key = self.keys.get(env.participant)
         verified = None if env.signature is None or key is None else _verifies(env, key)
         return env, verified

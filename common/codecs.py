@@ -1,41 +1,67 @@
 """Codecs for tensor payloads.
 
-A codec turns the raw little-endian bytes of one tensor into the bytes carried in
-the envelope and back. The decoder is told the exact size the tensor must have,
-so it can refuse a payload before it expands it (decompression bombs).
+A codec turns one tensor into the bytes carried in the envelope (``b``) and back.
+The decoder is told the tensor's wire dtype and shape, hence the exact size it must
+have, so it can refuse a payload before it expands it (decompression bombs).
 
-``zstd`` is lossless and the default; ``raw`` carries the bytes as they are.
-Lossy codecs join by registering under a new name: the envelope names its codec.
+``raw`` carries the raw little-endian bytes as they are; ``zstd`` compresses them
+(lossless). The lossy codecs (``f16``, ``bf16``, ``int8``, ``int8c``, ``topk``, each
+also ``+zstd``) quantize or sparsify ``f32`` tensors; the envelope's dtype stays
+``f32`` and the decoded tensor is the dequantized float32 tensor, computed with
+single float32 operations so every decoder gets the same bits. A tensor of any other
+dtype is carried exactly under a lossy codec, by its lossless stage (``raw``, or
+``zstd`` for ``+zstd``). Each name fully determines the decoding; what an encoder
+may choose (the top-k fraction, stochastic rounding) is not in the name. Layouts:
+docs/wire-format.md, section 6.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from common.errors import DecodeError, EncodeError
 from common.refusals import Refusal
 
+Shape = tuple[int, ...]
+
 
 class Codec(Protocol):
-    """Encodes one tensor's raw bytes for the wire and decodes them into a buffer."""
+    """Encodes one tensor for the wire and decodes it into a buffer."""
 
     @property
     def name(self) -> str:
         """The codec's name in the envelope."""
         ...
 
-    def encode(self, raw: bytes | memoryview) -> bytes:
-        """Encode raw tensor bytes."""
+    @property
+    def lossless(self) -> bool:
+        """Whether decoding gives back exactly the bytes encoded."""
         ...
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
-        """Decode ``data`` into ``out``, which has exactly the expected size.
+    def encode_tensor(
+        self,
+        raw: bytes | memoryview,
+        dtype: str,
+        shape: Shape,
+        rng: np.random.Generator | None = None,
+    ) -> bytes:
+        """Encode one tensor's raw bytes (wire ``dtype``, ``shape``). ``rng``: the
+        encoder's own randomness (stochastic rounding); decoding never needs it."""
+        ...
 
-        Raises DecodeError when ``data`` does not decode to exactly ``len(out)`` bytes;
-        never writes past ``out`` and never allocates more than ``out`` holds.
+    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+        """Decode ``data`` into ``out``, the tensor's raw bytes (exactly the size the
+        dtype and shape need).
+
+        Raises DecodeError when ``data`` is not a valid payload for that tensor; never
+        writes past ``out``, and its working memory is bounded by the tensor's size.
         """
         ...
 
@@ -46,6 +72,10 @@ class RawCodec:
 
     name: str = "raw"
 
+    @property
+    def lossless(self) -> bool:
+        return True
+
     def encode(self, raw: bytes | memoryview) -> bytes:
         return bytes(raw)
 
@@ -55,6 +85,18 @@ class RawCodec:
                 Refusal.SIZE_MISMATCH, f"raw payload has {len(data)} bytes, shape needs {len(out)}"
             )
         out[:] = data
+
+    def encode_tensor(
+        self,
+        raw: bytes | memoryview,
+        dtype: str,
+        shape: Shape,
+        rng: np.random.Generator | None = None,
+    ) -> bytes:
+        return self.encode(raw)
+
+    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+        self.decode_into(data, out)
 
 
 #: Largest zstd window a decoder accepts (bounds the decoder's own memory).
@@ -68,6 +110,10 @@ class ZstdCodec:
     #: Level 1: float32 weights barely compress (about 7%), so speed matters more.
     level: int = 1
     name: str = "zstd"
+
+    @property
+    def lossless(self) -> bool:
+        return True
 
     def encode(self, raw: bytes | memoryview) -> bytes:
         try:
@@ -87,35 +133,59 @@ class ZstdCodec:
                 Refusal.SIZE_MISMATCH,
                 f"zstd frame declares {declared} bytes, shape needs {expected}",
             )
-        size = _frame_size(data)
-        if size != len(data):
-            raise DecodeError(
-                Refusal.CODEC_ERROR,
-                "payload is not exactly one zstd frame"
-                + (f" ({len(data) - size} bytes after it)" if size >= 0 else " (truncated)"),
-            )
-        got = 0
-        extra = b""
-        try:
-            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-            # Read straight into the tensor's memory, never more than it holds; then
-            # one more byte: a frame that expands past the shape is refused.
-            with dctx.stream_reader(data, read_across_frames=False) as reader:
-                while got < expected:
-                    n = reader.readinto(out[got:])
-                    if n == 0:
-                        break
-                    got += n
-                if got == expected:
-                    extra = reader.read(1)
-        except zstandard.ZstdError as e:
-            raise DecodeError(Refusal.CODEC_ERROR, f"zstd payload does not decode: {e}") from e
+        _check_one_frame(data)
+        got, extra = _read_frame(data, out)
         if got != expected or extra:
             more = "more than " if extra else ""
             raise DecodeError(
                 Refusal.SIZE_MISMATCH,
                 f"zstd payload decodes to {more}{got} bytes, shape needs {expected}",
             )
+
+    def encode_tensor(
+        self,
+        raw: bytes | memoryview,
+        dtype: str,
+        shape: Shape,
+        rng: np.random.Generator | None = None,
+    ) -> bytes:
+        return self.encode(raw)
+
+    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+        self.decode_into(data, out)
+
+
+def _check_one_frame(data: bytes) -> None:
+    """CODEC_ERROR unless ``data`` is exactly one whole zstd frame."""
+    size = _frame_size(data)
+    if size != len(data):
+        raise DecodeError(
+            Refusal.CODEC_ERROR,
+            "payload is not exactly one zstd frame"
+            + (f" ({len(data) - size} bytes after it)" if size >= 0 else " (truncated)"),
+        )
+
+
+def _read_frame(data: bytes, out: memoryview) -> tuple[int, bool]:
+    """Decompress one frame into ``out``, never more than it holds; returns the bytes
+    written and whether the frame holds more than that."""
+    got = 0
+    extra = b""
+    try:
+        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+        # Read straight into the tensor's memory, never more than it holds; then
+        # one more byte: a frame that expands past the shape is refused.
+        with dctx.stream_reader(data, read_across_frames=False) as reader:
+            while got < len(out):
+                n = reader.readinto(out[got:])
+                if n == 0:
+                    break
+                got += n
+            if got == len(out):
+                extra = reader.read(1)
+    except zstandard.ZstdError as e:
+        raise DecodeError(Refusal.CODEC_ERROR, f"zstd payload does not decode: {e}") from e
+    return got, bool(extra)
 
 
 def _frame_size(data: bytes) -> int:
@@ -139,7 +209,409 @@ def _frame_size(data: bytes) -> int:
     return -1
 
 
-CODECS: Final[dict[str, Codec]] = {c.name: c for c in (ZstdCodec(), RawCodec())}
+_RAW: Final = RawCodec()
+_ZSTD: Final = ZstdCodec()
+
+F32 = npt.NDArray[np.float32]
+
+
+# --------------------------------------------------------------------------- lossy
+
+
+class _Lossy:
+    """What every lossy codec shares: only ``f32`` tensors are quantized; any other
+    dtype is carried exactly by the lossless stage (``raw``, or ``zstd`` with
+    ``+zstd``); with ``+zstd`` the quantized payload is one zstd frame."""
+
+    zstd: bool
+
+    @property
+    def base(self) -> str:
+        """The name without ``+zstd``."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def name(self) -> str:
+        return self.base + ("+zstd" if self.zstd else "")
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    def encode_tensor(
+        self,
+        raw: bytes | memoryview,
+        dtype: str,
+        shape: Shape,
+        rng: np.random.Generator | None = None,
+    ) -> bytes:
+        if dtype != "f32":
+            return (_ZSTD if self.zstd else _RAW).encode(raw)
+        x = np.frombuffer(raw, dtype="<f4")
+        payload = self._encode_f32(x, shape, rng)
+        if not self.zstd:
+            return payload
+        return _ZSTD.encode(self._shuffle(payload))
+
+    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+        if dtype != "f32":
+            (_ZSTD if self.zstd else _RAW).decode_into(data, out)
+            return
+        n = math.prod(shape)
+        payload = self._unwrap(data, shape, n)
+        self._decode_f32(payload, shape, n, np.frombuffer(out, dtype=np.float32))
+
+    def _unwrap(self, data: bytes, shape: Shape, n: int) -> bytes | bytearray:
+        """The quantized payload: ``data`` itself, or the content of its zstd frame."""
+        size = self._payload_size(shape, n)
+        if not self.zstd:
+            if size is not None and len(data) != size:
+                raise DecodeError(
+                    Refusal.SIZE_MISMATCH,
+                    f"{self.name} payload has {len(data)} bytes, the shape needs {size}",
+                )
+            return data
+        if size is not None:
+            buf = bytearray(size)
+            _ZSTD.decode_into(data, memoryview(buf))
+            return self._unshuffle(buf)
+        return _zstd_upto(data, self._payload_bound(n))
+
+    # Subclasses fill these in.
+    def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
+        raise NotImplementedError  # pragma: no cover
+
+    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def _payload_size(self, shape: Shape, n: int) -> int | None:
+        """The exact payload size for ``shape``; None when it varies (topk)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _payload_bound(self, n: int) -> int:
+        """The largest valid payload for ``n`` elements (codecs of varying size)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _shuffle(self, payload: bytes) -> bytes:
+        return payload
+
+    def _unshuffle(self, payload: bytearray) -> bytes | bytearray:
+        return payload
+
+
+def _zstd_upto(data: bytes, bound: int) -> bytes:
+    """The content of one zstd frame of at most ``bound`` bytes (CODEC_ERROR or
+    SIZE_MISMATCH otherwise, checked before and while decompressing)."""
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise DecodeError(Refusal.CODEC_ERROR, f"not a zstd frame: {e}") from e
+    if declared > bound:
+        raise DecodeError(
+            Refusal.SIZE_MISMATCH,
+            f"zstd frame declares {declared} bytes, at most {bound} are possible",
+        )
+    _check_one_frame(data)
+    buf = bytearray(bound if declared == -1 else declared)
+    got, extra = _read_frame(data, memoryview(buf))
+    if extra or (declared != -1 and got != declared):
+        raise DecodeError(
+            Refusal.SIZE_MISMATCH,
+            f"zstd payload decodes to {'more than ' if extra else ''}{got} bytes, "
+            + (f"at most {bound} are possible" if extra else f"its frame declares {declared}"),
+        )
+    return bytes(buf[:got])
+
+
+HalfKind = Literal["f16", "bf16"]
+
+#: The largest finite binary16 value; the f16 encoder saturates to it.
+F16_MAX: Final = 65504.0
+
+
+@dataclass(frozen=True)
+class HalfCodec(_Lossy):
+    """``f16`` (IEEE binary16) or ``bf16`` (bfloat16), round to nearest even,
+    saturating at the largest finite value; ``+zstd`` compresses the byte planes
+    (every element's low byte, then every high byte)."""
+
+    kind: HalfKind = "f16"
+    zstd: bool = False
+
+    @property
+    def base(self) -> str:
+        return self.kind
+
+    def _payload_size(self, shape: Shape, n: int) -> int | None:
+        return 2 * n
+
+    def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
+        if self.kind == "f16":
+            return np.clip(x, -F16_MAX, F16_MAX).astype("<f2").tobytes()
+        u = x.view(np.uint32)
+        half = (
+            (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        ).astype(np.uint16)
+        # Rounding up from the largest finite values gives infinity: saturate instead.
+        over = (half & np.uint16(0x7FFF)) == np.uint16(0x7F80)
+        half[over] = (half[over] & np.uint16(0x8000)) | np.uint16(0x7F7F)
+        return half.astype("<u2").tobytes()
+
+    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+        if self.kind == "f16":
+            out[:] = np.frombuffer(payload, dtype="<f2")
+        else:
+            bits = np.frombuffer(payload, dtype="<u2").astype(np.uint32) << np.uint32(16)
+            out.view(np.uint32)[:] = bits
+
+    def _shuffle(self, payload: bytes) -> bytes:
+        return np.frombuffer(payload, dtype=np.uint8).reshape(-1, 2).T.tobytes()
+
+    def _unshuffle(self, payload: bytearray) -> bytes:
+        return np.frombuffer(payload, dtype=np.uint8).reshape(2, -1).T.tobytes()
+
+
+#: int8 codecs carry values in [-INT8_LEVELS, INT8_LEVELS] (symmetric: -128 is refused).
+INT8_LEVELS: Final = 127
+
+
+@dataclass(frozen=True)
+class Int8Codec(_Lossy):
+    """Symmetric 8-bit quantization: float32 scales, then one int8 per element.
+
+    ``int8``: one scale per tensor; ``int8c``: one scale per row (the first
+    dimension) of a tensor of two or more dimensions. The encoder's scale is
+    ``max |x| / 127`` and it rounds ``x / scale`` to the nearest integer (ties to
+    even), or, with ``stochastic``, down or up with the probabilities that make the
+    rounding unbiased (from the ``rng`` it is given). Decoding: ``q * scale``.
+    """
+
+    per_channel: bool = False
+    zstd: bool = False
+    #: Encoder only: stochastic rounding (the payload decodes the same way).
+    stochastic: bool = False
+
+    @property
+    def base(self) -> str:
+        return "int8c" if self.per_channel else "int8"
+
+    def rows(self, shape: Shape, n: int) -> int:
+        """How many scales a tensor of ``shape`` (``n`` elements) has."""
+        if self.per_channel and len(shape) >= 2 and n > 0:
+            return shape[0]
+        return 1
+
+    def _payload_size(self, shape: Shape, n: int) -> int | None:
+        return 4 * self.rows(shape, n) + n
+
+    def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
+        rows = self.rows(shape, x.size)
+        grid = x.reshape(rows, -1)
+        top = np.abs(grid).max(axis=1) if x.size else np.zeros(rows, dtype=np.float32)
+        scale = (top / np.float32(INT8_LEVELS)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            y = np.where(scale[:, None] > 0, grid / scale[:, None], np.float32(0))
+        if self.stochastic:
+            rng = rng if rng is not None else np.random.default_rng()
+            q = np.floor(y + rng.random(y.shape, dtype=np.float32))
+        else:
+            q = np.rint(y)
+        q = np.clip(q, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+        return scale.astype("<f4").tobytes() + q.tobytes()
+
+    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+        rows = self.rows(shape, n)
+        scale = np.frombuffer(payload, dtype="<f4", count=rows)
+        bad = ~np.isfinite(scale) | ((scale.view(np.uint32) >> np.uint32(31)) == 1)
+        if bad.any():
+            raise DecodeError(
+                Refusal.CODEC_ERROR,
+                f"{self.name} scale {float(scale[bad][0])!r} is not a finite number >= 0",
+            )
+        q = np.frombuffer(payload, dtype=np.int8, offset=4 * rows)
+        if n and int(q.min()) < -INT8_LEVELS:
+            raise DecodeError(Refusal.CODEC_ERROR, f"{self.name} value -128 is not allowed")
+        np.multiply(
+            q.reshape(rows, -1).astype(np.float32), scale[:, None], out=out.reshape(rows, -1)
+        )
+
+
+@dataclass(frozen=True)
+class TopKCodec(_Lossy):
+    """The ``k`` entries of largest magnitude, zeros elsewhere: ``k`` (u32), their
+    float32 values in index order, then their indices as LEB128 varints of the gaps
+    (the first index, then each index minus the previous one minus 1).
+
+    The encoder keeps ``k = round(fraction * n)`` entries (at least 1, at most ``n``)
+    of each ``f32`` tensor, ties broken by the lower index.
+    """
+
+    #: Encoder only: the share of each tensor's entries kept, in (0, 1].
+    fraction: float | None = None
+    zstd: bool = False
+
+    @property
+    def base(self) -> str:
+        return "topk"
+
+    def _payload_size(self, shape: Shape, n: int) -> int | None:
+        return None
+
+    def _payload_bound(self, n: int) -> int:
+        # k <= n values of 4 bytes; the gaps add up to at most n - k, so their varints
+        # take fewer than k + (n - k) / 127 bytes: no valid payload is longer than this.
+        return 4 + 5 * n
+
+    def keep(self, n: int) -> int:
+        """How many entries of a tensor of ``n`` elements the encoder keeps."""
+        if self.fraction is None or not 0.0 < self.fraction <= 1.0:
+            raise EncodeError(f"codec {self.name!r} needs a fraction in (0, 1] to encode")
+        return min(n, max(1, round(self.fraction * n))) if n else 0
+
+    def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
+        n = x.size
+        if n >= 2**32:
+            raise EncodeError(f"codec {self.name!r} takes tensors of fewer than 2^32 elements")
+        k = self.keep(n)
+        magnitude = np.abs(x)
+        if k == n:
+            index = np.arange(n, dtype=np.int64)
+        else:
+            threshold = np.partition(magnitude, n - k)[n - k]
+            above = np.flatnonzero(magnitude > threshold)
+            ties = np.flatnonzero(magnitude == threshold)[: k - above.size]
+            index = np.sort(np.concatenate((above, ties))).astype(np.int64)
+        gaps = np.diff(index, prepend=np.int64(-1)) - 1
+        return struct.pack("<I", k) + x[index].astype("<f4").tobytes() + varints(gaps)
+
+    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+        if len(payload) < 4:
+            raise DecodeError(Refusal.SIZE_MISMATCH, f"{self.name} payload has no count")
+        (k,) = struct.unpack_from("<I", payload)
+        if k > n:
+            raise DecodeError(
+                Refusal.CODEC_ERROR, f"{self.name} keeps {k} entries of a tensor of {n}"
+            )
+        if len(payload) < 4 + 4 * k:
+            raise DecodeError(
+                Refusal.SIZE_MISMATCH,
+                f"{self.name} payload has {len(payload)} bytes, {k} values need {4 + 4 * k}",
+            )
+        values = np.frombuffer(payload, dtype="<f4", count=k, offset=4)
+        gaps = read_varints(np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * k), k)
+        if k and int(gaps.sum(dtype=np.uint64)) + k > n:
+            raise DecodeError(
+                Refusal.CODEC_ERROR, f"{self.name} index out of range for {n} entries"
+            )
+        index = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        out[:] = 0
+        out[index] = values
+
+
+#: A varint holds at most this many bytes (a gap below 2^32).
+MAX_VARINT_BYTES: Final = 5
+
+
+def varints(values: npt.NDArray[np.int64]) -> bytes:
+    """Unsigned LEB128 of each value (>= 0, < 2^32): 7 bits a byte, low bits first,
+    the high bit set on every byte but the last; the shortest form."""
+    v = values.astype(np.uint64)
+    lengths = np.ones(v.size, dtype=np.int64)
+    for b in range(1, MAX_VARINT_BYTES):
+        lengths += v >= np.uint64(1 << (7 * b))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    out = np.empty(int(ends[-1]) if v.size else 0, dtype=np.uint8)
+    for b in range(MAX_VARINT_BYTES):
+        has = lengths > b
+        low = (v[has] >> np.uint64(7 * b)) & np.uint64(0x7F)
+        more = (lengths[has] > b + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[has] + b] = (low | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def read_varints(data: npt.NDArray[np.uint8], count: int) -> npt.NDArray[np.uint64]:
+    """Exactly ``count`` shortest-form varints filling ``data`` (CODEC_ERROR otherwise)."""
+    if not count <= data.size <= MAX_VARINT_BYTES * count:
+        raise DecodeError(
+            Refusal.CODEC_ERROR, f"{data.size} index bytes cannot hold exactly {count} varints"
+        )
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.flatnonzero(data < 0x80)
+    if ends.size != count or ends[-1] != data.size - 1:
+        raise DecodeError(
+            Refusal.CODEC_ERROR, f"the index bytes hold {ends.size} varints, not {count}"
+        )
+    starts = np.empty(count, dtype=np.int64)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
+    lengths = ends - starts + 1
+    last = data[ends]
+    if (
+        int(lengths.max()) > MAX_VARINT_BYTES
+        or ((lengths > 1) & (last == 0)).any()
+        or ((lengths == MAX_VARINT_BYTES) & (last > 0x0F)).any()
+    ):
+        raise DecodeError(
+            Refusal.CODEC_ERROR, "an index varint is too long, not shortest, or >= 2^32"
+        )
+    out = np.zeros(count, dtype=np.uint64)
+    for b in range(MAX_VARINT_BYTES):
+        has = lengths > b
+        out[has] |= (data[starts[has] + b] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * b)
+    return out
+
+
+# --------------------------------------------------------------------------- registry
+
+#: The lossy codecs by the base name a task spec chooses (``compression.codec``).
+LOSSY_BASES: Final = ("f16", "bf16", "int8", "int8c", "topk")
+#: Codecs whose decoding gives back exactly what was encoded.
+LOSSLESS_CODECS: Final = frozenset({"raw", "zstd"})
+
+
+def lossy_codec(
+    base: str,
+    *,
+    zstd: bool = False,
+    stochastic: bool = False,
+    topk_fraction: float | None = None,
+) -> Codec:
+    """The encoder of lossy codec ``base`` (``+zstd`` with ``zstd``) with the
+    encoder-only choices; EncodeError for an unknown base or a choice it lacks."""
+    if stochastic and base not in ("int8", "int8c"):
+        raise EncodeError(f"stochastic rounding is int8's and int8c's, not {base!r}'s")
+    if topk_fraction is not None and base != "topk":
+        raise EncodeError(f"a top-k fraction is topk's, not {base!r}'s")
+    if base in ("f16", "bf16"):
+        return HalfCodec("f16" if base == "f16" else "bf16", zstd)
+    if base in ("int8", "int8c"):
+        return Int8Codec(per_channel=base == "int8c", zstd=zstd, stochastic=stochastic)
+    if base == "topk":
+        codec = TopKCodec(topk_fraction, zstd)
+        codec.keep(1)  # refuses a missing or out-of-range fraction now
+        return codec
+    raise EncodeError(f"no lossy codec {base!r}; one of {', '.join(LOSSY_BASES)}")
+
+
+CODECS: Final[dict[str, Codec]] = {
+    c.name: c
+    for c in (
+        _ZSTD,
+        _RAW,
+        *(
+            codec
+            for zstd in (False, True)
+            for codec in (
+                HalfCodec("f16", zstd),
+                HalfCodec("bf16", zstd),
+                Int8Codec(zstd=zstd),
+                Int8Codec(per_channel=True, zstd=zstd),
+                TopKCodec(zstd=zstd),
+            )
+        ),
+    )
+}
 
 
 def get_codec(name: str) -> Codec:
@@ -150,3 +622,9 @@ def get_codec(name: str) -> Codec:
         raise DecodeError(
             Refusal.UNKNOWN_CODEC, f"codec {name!r} is not one of {sorted(CODECS)}"
         ) from None
+
+
+def accepted_codecs(lossy: str | None) -> frozenset[str]:
+    """What an aggregator accepts in updates: the lossless codecs always, and the
+    task's lossy codec (its wire name, e.g. ``int8+zstd``) when it chose one."""
+    return LOSSLESS_CODECS | ({lossy} if lossy is not None else set())

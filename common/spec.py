@@ -8,14 +8,16 @@ built, so a bad spec fails with a reason at the edge, never deep in a run.
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -390,6 +392,52 @@ class RobustnessSpec(_Spec):
         return self.norm_bound is not None or self.adaptive_norm
 
 
+class CompressionSpec(_Spec):
+    """Lossy compression of the banks' updates (docs/wire-format.md, section 6).
+
+    - ``codec``: ``f16`` (IEEE half), ``bf16`` (bfloat16), ``int8`` (one float32 scale
+      per tensor, one byte per value), ``int8c`` (one scale per row of the first
+      dimension) or ``topk`` (only the ``topk_fraction`` largest-magnitude entries of
+      each tensor, zeros elsewhere). Only float32 tensors are compressed.
+    - ``lossless``: ``zstd`` compresses the lossy payload too (wire codec
+      ``<codec>+zstd``); None: it is sent as it is.
+    - ``stochastic_rounding``: ``int8`` and ``int8c`` round down or up at random
+      (unbiased) instead of to the nearest level; the decoding is the same.
+    - ``topk_fraction``: ``topk``'s share of each tensor's entries kept, in (0, 1].
+    - ``error_feedback``: each bank adds what compression lost from its previous
+      update (its residual: the delta plus the previous residual minus what the
+      aggregator decodes) to its next delta before compressing it. The residual is
+      kept in the worker's memory: a restart starts again from none.
+
+    The aggregator accepts updates in this codec and the lossless ``raw`` and ``zstd``;
+    another lossy codec is refused ``unknown_codec``. Secure aggregation needs exact
+    integers: the two exclude each other.
+    """
+
+    codec: Literal["f16", "bf16", "int8", "int8c", "topk"]
+    lossless: Literal["zstd"] | None = None
+    stochastic_rounding: bool = False
+    topk_fraction: float | None = Field(default=None, gt=0, le=1)
+    error_feedback: bool = True
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> Self:
+        if self.codec == "topk" and self.topk_fraction is None:
+            raise ValueError("compression.codec 'topk' needs compression.topk_fraction")
+        if self.codec != "topk" and self.topk_fraction is not None:
+            raise ValueError(f"compression.topk_fraction is topk's, not {self.codec!r}'s")
+        if self.stochastic_rounding and self.codec not in ("int8", "int8c"):
+            raise ValueError(
+                f"compression.stochastic_rounding is int8's and int8c's, not {self.codec!r}'s"
+            )
+        return self
+
+    @property
+    def wire_codec(self) -> str:
+        """The codec the updates name (``c``): ``codec``, or ``codec+zstd``."""
+        return self.codec + (f"+{self.lossless}" if self.lossless else "")
+
+
 #: ``--class-weight auto`` weighs positives only below this positive rate.
 AUTO_WEIGHT_BELOW = 0.1
 
@@ -442,6 +490,9 @@ class TaskSpec(_Spec):
     secure_aggregation: SecureAggregationSpec | None = None
     #: Bounded influence and robust aggregation (aggregator/robust.py).
     robustness: RobustnessSpec = RobustnessSpec()
+    #: Lossy compression of the updates; None: the banks choose a lossless codec. Left
+    #: out of the canonical JSON when None (see :meth:`_without_unset`).
+    compression: CompressionSpec | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
     max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
@@ -457,6 +508,15 @@ class TaskSpec(_Spec):
         return dict(sorted(declared.items()))  # canonical: see to_json
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Every field, except ``compression`` when it is None: a spec that does not
+        use it keeps the canonical JSON, and the spec hash, it had before it existed."""
+        data: dict[str, Any] = handler(self)
+        if self.compression is None:
+            data.pop("compression", None)
+        return data
 
     @model_validator(mode="after")
     def _columns_unique(self) -> Self:
@@ -543,6 +603,15 @@ class TaskSpec(_Spec):
                 )
         if r.krum_select is not None and r.aggregator != "multi_krum":
             raise ValueError("robustness.krum_select is multi_krum's")
+        return self
+
+    @model_validator(mode="after")
+    def _compression_fits(self) -> Self:
+        if self.compression is not None and self.secure_aggregation is not None:
+            raise ValueError(
+                f"compression.codec {self.compression.codec!r} is lossy and secure_aggregation "
+                "masks exact integers: choose one"
+            )
         return self
 
     @model_validator(mode="after")

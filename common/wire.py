@@ -12,7 +12,7 @@ import hashlib
 import math
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -20,7 +20,7 @@ import msgpack
 import numpy as np
 import torch
 
-from common.codecs import get_codec
+from common.codecs import CODECS, LOSSLESS_CODECS, Codec, get_codec
 from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES, itemsize, wire_name
 from common.errors import DecodeError, EncodeError, NonFiniteError
 from common.hashing import HASH_SIZE, TensorHasher
@@ -141,12 +141,17 @@ class ModelEnvelope:
 
 
 def encode_update(
-    env: UpdateEnvelope, signing_key: SigningKey | None = None
+    env: UpdateEnvelope,
+    signing_key: SigningKey | None = None,
+    *,
+    encoded: EncodedTensors | None = None,
 ) -> tuple[bytes, bytes]:
     """Encode an update; returns ``(message bytes, content hash)``.
 
     With ``signing_key`` the update is signed (``sg``, section 15) after its tensors are
-    encoded and hashed; ``env.signature`` is then ignored.
+    encoded and hashed; ``env.signature`` is then ignored. ``encoded``: the tensors
+    already encoded (:func:`encode_tensors`, e.g. with a lossy codec's encoder
+    settings); ``env.tensors`` is then not read, and ``env.codec`` must be its codec.
     """
     _check_name("task", env.task)
     _check_name("participant", env.participant)
@@ -163,7 +168,7 @@ def encode_update(
         raise EncodeError("spec_hash must be empty or a 32-byte SHA-256 digest")
     if signing_key is not None and not env.spec_hash:
         raise EncodeError("a signed update must name its spec hash")
-    tensors, digest = _encode_tensors(env.tensors, env.codec)
+    tensors, digest = _update_tensors(env, encoded)
     doc: dict[str, Any] = {
         "fv": FORMAT_VERSION,
         "k": KIND_UPDATE,
@@ -189,6 +194,19 @@ def encode_update(
     if signature is not None:
         doc["sg"] = bytes(signature)
     return _pack(doc), digest
+
+
+def _update_tensors(
+    env: UpdateEnvelope, encoded: EncodedTensors | None
+) -> tuple[list[dict[str, Any]], bytes]:
+    """The update's tensor entries and content hash: ``encoded``'s, or ``env``'s encoded."""
+    if encoded is None:
+        encoded = encode_tensors(env.tensors, env.codec)
+    elif encoded.codec != env.codec:
+        raise EncodeError(
+            f"tensors encoded with {encoded.codec!r}, the envelope names {env.codec!r}"
+        )
+    return encoded.entries, encoded.digest
 
 
 def update_signing_message(env: UpdateEnvelope) -> bytes:
@@ -290,8 +308,18 @@ def _pack_value(value: Any) -> bytes:
 
 def encode_model(env: ModelEnvelope) -> tuple[bytes, bytes]:
     """Encode a model version; returns ``(message bytes, parameter hash)``."""
+    _check_exact(env.codec)
     encoded = encode_tensors(env.tensors, env.codec)
     return pack_model(env.task, env.version, env.version_hash, encoded), encoded.digest
+
+
+def _check_exact(codec: str) -> None:
+    """Model envelopes carry a version's exact parameters: lossless codecs only."""
+    if codec not in LOSSLESS_CODECS and codec in CODECS:
+        raise EncodeError(
+            f"codec {codec!r} is lossy: a model envelope carries exact parameters "
+            f"({' or '.join(sorted(LOSSLESS_CODECS))})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,16 +329,33 @@ class EncodedTensors:
     entries: list[dict[str, Any]]
     digest: bytes
     codec: str
+    #: Lossy codecs: the tensors as a decoder rebuilds them (what ``digest`` covers).
+    #: None for a lossless codec: the tensors encoded, exactly.
+    decoded: Tensors | None = None
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor], codec: str = "zstd") -> EncodedTensors:
-    """Encode tensors and hash them in one pass (e.g. to compute a version hash first)."""
-    entries, digest = _encode_tensors(tensors, codec)
-    return EncodedTensors(entries, digest, codec)
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor], codec: str | Codec = "zstd", *, seed: int | None = None
+) -> EncodedTensors:
+    """Encode tensors and hash them in one pass (e.g. to compute a version hash first).
+
+    ``codec``: a registered name, or an encoder (``common.codecs.lossy_codec``) with
+    its encoder-only settings. A lossy codec's content hash covers the tensors its
+    payloads decode to (docs/wire-format.md, section 8): they are decoded here, hashed
+    and returned as ``decoded``. ``seed``: the encoder's randomness (stochastic
+    rounding); None: fresh from the operating system.
+    """
+    try:
+        chosen = get_codec(codec) if isinstance(codec, str) else codec
+    except DecodeError as e:
+        raise EncodeError(str(e)) from e
+    entries, digest, decoded = _encode_tensors(tensors, chosen, seed)
+    return EncodedTensors(entries, digest, chosen.name, decoded)
 
 
 def pack_model(task: str, version: int, version_hash: bytes, encoded: EncodedTensors) -> bytes:
     """A model envelope from already encoded tensors."""
+    _check_exact(encoded.codec)
     _check_name("task", task)
     _check_count("version", version, minimum=0)
     if version_hash and len(version_hash) != HASH_SIZE:
@@ -338,13 +383,12 @@ def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> bytes:
 
 
 def _encode_tensors(
-    tensors: Mapping[str, torch.Tensor], codec_name: str
-) -> tuple[list[dict[str, Any]], bytes]:
-    try:
-        codec = get_codec(codec_name)
-    except DecodeError as e:
-        raise EncodeError(str(e)) from e
+    tensors: Mapping[str, torch.Tensor], codec: Codec, seed: int | None
+) -> tuple[list[dict[str, Any]], bytes, Tensors | None]:
     limits = DEFAULT_LIMITS
+    lossy = not codec.lossless
+    rng = np.random.default_rng(seed) if lossy else None
+    decoded: Tensors = {}
     if len(tensors) > limits.max_tensors:
         raise EncodeError(f"{len(tensors)} tensors, the wire carries at most {limits.max_tensors}")
     hasher = TensorHasher()
@@ -363,9 +407,35 @@ def _encode_tensors(
             raise NonFiniteError(name)
         shape = tuple(int(d) for d in t.shape)
         raw = _raw_view(t)
+        payload = codec.encode_tensor(raw, dtype, shape, rng)
+        if lossy:
+            # The hash covers what a decoder rebuilds: decode our own payload.
+            t = _decoded(name, dtype, shape, payload, codec)
+            decoded[name] = t
+            raw = _raw_view(t)
         hasher.add(name, dtype, shape, raw)
-        out.append({"n": name, "d": dtype, "s": list(shape), "b": codec.encode(raw)})
-    return out, hasher.digest()
+        out.append({"n": name, "d": dtype, "s": list(shape), "b": payload})
+    return out, hasher.digest(), decoded if lossy else None
+
+
+def _decoded(
+    name: str, dtype: str, shape: tuple[int, ...], payload: bytes, codec: Codec
+) -> torch.Tensor:
+    """What a decoder makes of ``payload``; EncodeError if it would refuse it."""
+    t = torch.empty(shape, dtype=WIRE_DTYPES[dtype])
+    try:
+        codec.decode_tensor_into(
+            payload, dtype, shape, t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+        )
+    except DecodeError as e:  # pragma: no cover - our encoders write what they decode
+        raise EncodeError(
+            f"tensor {name!r}: codec {codec.name!r} cannot decode its own payload: {e}"
+        ) from e
+    if dtype in FLOAT_WIRE_DTYPES and not all_finite(t):
+        raise EncodeError(
+            f"tensor {name!r} does not fit codec {codec.name!r}: it decodes to NaN or Inf"
+        )
+    return t
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -462,11 +532,15 @@ def decode_update(
     data: bytes,
     limits: DecodeLimits = DEFAULT_LIMITS,
     expected: Mapping[str, TensorSpec] | None = None,
+    *,
+    codecs: Collection[str] | None = None,
 ) -> UpdateEnvelope:
     """Decode and validate an update envelope.
 
     ``expected`` (from the task's model) fixes the tensor names, order, shapes and
-    dtypes; without it only the generic limits apply.
+    dtypes; without it only the generic limits apply. ``codecs``: the codecs the
+    reader accepts (the task's: ``common.codecs.accepted_codecs``); another one is
+    refused ``unknown_codec`` before any payload is decoded. None: every known codec.
     """
     doc = _unpack(data, limits, KIND_UPDATE, _UPDATE_KEYS, _UPDATE_REQUIRED)
     task = _get_name(doc, "t", "task")
@@ -491,7 +565,7 @@ def decode_update(
     spec_hash = _get_digest(doc, "sh")
     secagg = _decode_block(doc["sa"], limits) if "sa" in doc else None
     codec = _get_str(doc, "c")
-    tensors, digest = _decode_tensors(doc, codec, limits, expected)
+    tensors, digest = _decode_tensors(doc, codec, limits, expected, codecs, "this task")
     return UpdateEnvelope(
         task=task,
         participant=participant,
@@ -545,7 +619,9 @@ def decode_model(
     ):
         raise DecodeError(Refusal.INVALID_FIELD, "sg: not a byte string of bounded size")
     codec = _get_str(doc, "c")
-    tensors, digest = _decode_tensors(doc, codec, limits, expected)
+    tensors, digest = _decode_tensors(
+        doc, codec, limits, expected, LOSSLESS_CODECS, "a model envelope"
+    )
     return ModelEnvelope(
         task=task,
         version=version,
@@ -681,8 +757,16 @@ def _decode_tensors(
     codec_name: str,
     limits: DecodeLimits,
     expected: Mapping[str, TensorSpec] | None,
+    accepted: Collection[str] | None,
+    where: str,
 ) -> tuple[Tensors, bytes]:
     codec = get_codec(codec_name)
+    if accepted is not None and codec_name not in accepted:
+        raise DecodeError(
+            Refusal.UNKNOWN_CODEC,
+            f"codec {codec_name!r} is not accepted in {where} "
+            f"(accepted: {', '.join(sorted(accepted))})",
+        )
     claimed = doc["h"]
     if not isinstance(claimed, bytes) or len(claimed) != HASH_SIZE:
         raise DecodeError(Refusal.INVALID_FIELD, "h: not a 32-byte digest")
@@ -758,7 +842,7 @@ def _match_expected(
         )
 
 
-def _decode_payloads(headers: list[_Header], codec: Any) -> tuple[Tensors, bytes]:
+def _decode_payloads(headers: list[_Header], codec: Codec) -> tuple[Tensors, bytes]:
     """Second pass: each payload decoded into its own tensor, hashed as it goes."""
     hasher = TensorHasher()
     tensors: Tensors = {}
@@ -766,7 +850,7 @@ def _decode_payloads(headers: list[_Header], codec: Any) -> tuple[Tensors, bytes
         t = torch.empty(shape, dtype=WIRE_DTYPES[dtype])
         buf = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         try:
-            codec.decode_into(payload, buf)
+            codec.decode_tensor_into(payload, dtype, shape, buf)
         except DecodeError as e:
             raise DecodeError(e.reason, f"tensor {name!r}: {e.detail}") from e
         hasher.add(name, dtype, shape, buf)

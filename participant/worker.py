@@ -31,7 +31,15 @@ from common.refusals import Refusal
 from common.signing import SigningKey
 from common.spec import TaskSpec
 from common.transport import ModelDelivery, Subscription, Transport, next_or_none
-from common.wire import ModelEnvelope, Tensors, UpdateEnvelope, decode_model, encode_update
+from common.wire import (
+    EncodedTensors,
+    ModelEnvelope,
+    Tensors,
+    UpdateEnvelope,
+    decode_model,
+    encode_update,
+)
+from participant.compression import Compressor
 from participant.data import encode, train_val_split
 from participant.identity import ModelChecker, check_participant_key
 from participant.metrics import ParticipantMetrics
@@ -63,7 +71,8 @@ class WorkerConfig:
     wait_for_model_s: float = 5.0
     #: How update tensors are compressed (docs/wire-format.md): ``raw`` by default, since
     #: zstd saves about 7% of a float32 delta's bytes for several times the CPU on both
-    #: sides; ``zstd`` stays available (it pays on sparse or low-entropy tensors).
+    #: sides; ``zstd`` stays available (it pays on sparse or low-entropy tensors). A task
+    #: whose spec chooses a lossy ``compression`` gets that codec instead.
     codec: str = "raw"
     #: This bank's Ed25519 key: signs every update (the task spec holds its public key).
     signing_key: SigningKey | None = None
@@ -154,6 +163,13 @@ class ParticipantWorker:
                 aggregator_key(spec),
                 config.secagg_state,
             )
+        #: The task's lossy compression and its error-feedback residual (in memory:
+        #: a restart starts again from none); None: updates go out in ``config.codec``.
+        self.compressor = (
+            Compressor(spec.compression)
+            if spec.compression is not None and self.masker is None
+            else None
+        )
         self.receipts = ReceiptTracker(
             transport,
             spec.task_id,
@@ -272,6 +288,13 @@ class ParticipantWorker:
             return secrets.randbits(63)
         key = f"{cfg.privacy_seed}:{cfg.participant}:{self.stats.published}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    def _compression_seed(self) -> int:
+        """The seed of this update's stochastic rounding (not a secret: it only picks
+        which way each value rounds): ``SHA-256("<seed>:<participant>:<k>:compression")``."""
+        cfg = self.config
+        key = f"{cfg.seed}:{cfg.participant}:{self.stats.published}:compression".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
     def _train(self, model: ModelEnvelope, seed: int) -> tuple[Tensors, dict[str, float], int]:
         """Local training under the task's local privacy mechanism, if any: the delta,
@@ -451,6 +474,8 @@ class ParticipantWorker:
             metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
         update_id = uuid.uuid4().hex
         tensors, block, codec = delta, None, cfg.codec
+        encoded: EncodedTensors | None = None
+        residual: Tensors = {}
         if self.masker is not None and self.revealer is not None:
             cohort = await self._open_cohort(model, sub, stop)
             if cohort <= self._cohort:
@@ -462,6 +487,14 @@ class ParticipantWorker:
             )
             codec = "raw"  # masked values are uniformly random: nothing to compress
             self._cohort = cohort
+        elif self.compressor is not None:
+            # After training and any privacy mechanism, before signing; the content
+            # hash covers what the aggregator will decode (encoded.decoded).
+            compressed, residual = await asyncio.to_thread(
+                self.compressor.compress, delta, self._compression_seed()
+            )
+            encoded, codec = compressed, compressed.codec
+            tensors = compressed.decoded or delta
         body, _ = await asyncio.to_thread(
             encode_update,
             UpdateEnvelope(
@@ -478,10 +511,13 @@ class ParticipantWorker:
                 secagg=block,
             ),
             cfg.signing_key,
+            encoded=encoded,
         )
         await self.transport.publish_update(
             self.spec.task_id, cfg.participant, body, message_id=update_id
         )
+        if self.compressor is not None and encoded is not None:
+            self.compressor.keep(residual)  # what this update lost goes into the next
         self.stats.published += 1
         if self.ledger.active:
             self.ledger.spend(steps)  # counted once it has left the bank

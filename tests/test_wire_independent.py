@@ -1,14 +1,15 @@
 """A second implementation of docs/wire-format.md, checked against fedq's.
 
 Everything above the tests is written from the document alone, with msgpack,
-zstandard, hashlib and struct (never fedq's encoders); torch only compares values.
-If the code and the document drift apart, these tests fail.
+zstandard, hashlib and struct (never fedq's encoders, never common.codecs); torch only
+compares values. If the code and the document drift apart, these tests fail.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +23,17 @@ import zstandard
 
 from common.errors import DecodeError
 from common.hashing import LineageEntry, lineage_bytes, version_hash
-from common.wire import ModelEnvelope, UpdateEnvelope, decode_model, decode_update, encode_model
+from common.spec import CompressionSpec
+from common.wire import (
+    EncodedTensors,
+    ModelEnvelope,
+    UpdateEnvelope,
+    decode_model,
+    decode_update,
+    encode_model,
+)
 from common.wire import encode_update as fedq_encode_update
+from participant.compression import Compressor
 
 DOC: Final = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 
@@ -220,6 +230,186 @@ def encode_update(
     return encode_envelope(head, tensors, codec, tail, content_size=content_size)
 
 
+# ----------------------------------------------------------------- lossy codecs (6.1)
+
+LOSSY_BASES: Final = ("f16", "bf16", "int8", "int8c", "topk")
+LOSSY: Final = tuple(b + z for z in ("", "+zstd") for b in LOSSY_BASES)
+
+
+def split_codec(codec: str) -> tuple[str, bool]:
+    """A lossy codec's base name and whether its payload is one zstd frame."""
+    if codec not in LOSSY:
+        raise Refused("unknown_codec")
+    base, _, zstd = codec.partition("+")
+    return base, zstd == "zstd"
+
+
+def to_f32(x: float) -> float:
+    """``x`` rounded once to binary32 (round to nearest, ties to even)."""
+    value: float = struct.unpack("<f", struct.pack("<f", x))[0]
+    return value
+
+
+def int8c_rows(base: str, shape: Sequence[int]) -> int:
+    n = math.prod(shape)
+    return shape[0] if base == "int8c" and len(shape) >= 2 and n > 0 else 1
+
+
+def payload_size(base: str, shape: Sequence[int]) -> int | None:
+    """The exact size of ``P``, or None for topk."""
+    n = math.prod(shape)
+    if base in ("f16", "bf16"):
+        return 2 * n
+    if base in ("int8", "int8c"):
+        return 4 * int8c_rows(base, shape) + n
+    return None
+
+
+def read_varints(data: bytes, count: int) -> list[int]:
+    """Exactly ``count`` shortest-form LEB128 varints of at most 5 bytes, < 2^32."""
+    out: list[int] = []
+    value = shift = used = 0
+    for byte in data:
+        used += 1
+        if used > 5:
+            raise Refused("codec_error")
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            if (used > 1 and byte == 0) or value >= 2**32:
+                raise Refused("codec_error")
+            out.append(value)
+            value = shift = used = 0
+    if used or len(out) != count:
+        raise Refused("codec_error")
+    return out
+
+
+def write_varints(values: Sequence[int]) -> bytes:
+    out = bytearray()
+    for v in values:
+        while v >= 0x80:
+            out.append(0x80 | (v & 0x7F))
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def zstd_content(payload: bytes, bound: int) -> bytes:
+    """Section 6.1: one zstd frame of at most ``bound`` bytes (topk+zstd)."""
+    try:
+        declared = int(zstandard.frame_content_size(payload))
+    except zstandard.ZstdError as e:
+        raise Refused("codec_error") from e
+    if declared > bound:
+        raise Refused("size_mismatch")
+    dobj = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).decompressobj()
+    try:
+        out = bytes(dobj.decompress(payload))
+    except zstandard.ZstdError as e:
+        raise Refused("codec_error") from e
+    if not dobj.eof or dobj.unused_data:
+        raise Refused("codec_error")
+    if len(out) > bound or (declared != -1 and len(out) != declared):
+        raise Refused("size_mismatch")
+    return out
+
+
+def decode_lossy(payload: bytes, codec: str, dtype: str, shape: Sequence[int]) -> bytes:
+    """Section 6.1: the decoded tensor's raw bytes."""
+    base, zstd = split_codec(codec)
+    if dtype != "f32":  # carried exactly by the lossless stage
+        return decode_payload(payload, "zstd" if zstd else "raw", nbytes(dtype, shape))
+    n, size = math.prod(shape), payload_size(base, shape)
+    if not zstd:
+        if size is not None and len(payload) != size:
+            raise Refused("size_mismatch")
+        p = payload
+    elif size is None:
+        p = zstd_content(payload, 4 + 5 * n)
+    else:
+        p = decode_payload(payload, "zstd", size)
+        if base in ("f16", "bf16"):  # the byte planes back in place
+            p = bytes(b for pair in zip(p[:n], p[n:], strict=True) for b in pair)
+    values = decode_values(base, p, shape)
+    return struct.pack(f"<{n}f", *values)
+
+
+def decode_values(base: str, p: bytes, shape: Sequence[int]) -> list[float]:
+    n = math.prod(shape)
+    if base == "f16":
+        return list(struct.unpack(f"<{n}e", p))
+    if base == "bf16":
+        halves = struct.unpack(f"<{n}H", p)
+        return [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+    if base in ("int8", "int8c"):
+        r = int8c_rows(base, shape)
+        scales = struct.unpack(f"<{r}f", p[: 4 * r])
+        if any(not math.isfinite(s) or math.copysign(1.0, s) < 0 for s in scales):
+            raise Refused("codec_error")
+        q = struct.unpack(f"<{n}b", p[4 * r :])
+        if -128 in q:
+            raise Refused("codec_error")
+        per_row = n // r if n else 1
+        return [to_f32(q[i] * scales[i // per_row]) for i in range(n)]
+    # topk
+    if len(p) < 4:
+        raise Refused("size_mismatch")
+    (k,) = struct.unpack("<I", p[:4])
+    if k > n:
+        raise Refused("codec_error")
+    if len(p) < 4 + 4 * k:
+        raise Refused("size_mismatch")
+    kept = struct.unpack(f"<{k}f", p[4 : 4 + 4 * k])
+    out = [0.0] * n
+    index = -1
+    for value, gap in zip(kept, read_varints(p[4 + 4 * k :], k), strict=True):
+        index += 1 + gap
+        if index >= n:
+            raise Refused("codec_error")
+        out[index] = value
+    return out
+
+
+def encode_lossy(raw: bytes, base: str, shape: Sequence[int], fraction: float = 0.5) -> bytes:
+    """The document's table of what fedq's encoder chooses, for an ``f32`` tensor."""
+    n = math.prod(shape)
+    x = list(struct.unpack(f"<{n}f", raw))
+    if base == "f16":
+        return struct.pack(f"<{n}e", *(min(max(v, -65504.0), 65504.0) for v in x))
+    if base == "bf16":
+        out = []
+        for (u,) in struct.iter_unpack("<I", raw):
+            h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            out.append(((h & 0x8000) | 0x7F7F) if (h & 0x7FFF) == 0x7F80 else h)
+        return struct.pack(f"<{n}H", *out)
+    if base in ("int8", "int8c"):
+        r = int8c_rows(base, shape)
+        per_row = n // r if n else 0
+        scales, q = [], []
+        for row in range(r):
+            values = x[row * per_row : (row + 1) * per_row]
+            s = to_f32(max((abs(v) for v in values), default=0.0) / 127)
+            scales.append(s)
+            q += [0 if s == 0 else max(-127, min(127, round(to_f32(v / s)))) for v in values]
+        return struct.pack(f"<{r}f", *scales) + struct.pack(f"<{n}b", *q)
+    k = min(n, max(1, round(fraction * n))) if n else 0
+    index = sorted(sorted(range(n), key=lambda i: (-abs(x[i]), i))[:k])
+    gaps = [i - prev - 1 for prev, i in zip([-1, *index], index, strict=False)]
+    return struct.pack(f"<I{k}f", k, *(x[i] for i in index)) + write_varints(gaps)
+
+
+def encode_lossy_payload(raw: bytes, codec: str, dtype: str, shape: Sequence[int]) -> bytes:
+    """``b`` of one tensor under a lossy codec (zstd frames by this module's zstd)."""
+    base, zstd = split_codec(codec)
+    if dtype != "f32":
+        return encode_payload(raw, "zstd" if zstd else "raw")
+    p = encode_lossy(raw, base, shape)
+    if zstd and base in ("f16", "bf16"):
+        p = p[0::2] + p[1::2]
+    return encode_payload(p, "zstd") if zstd else p
+
+
 def decode_tensor(entry: object, codec: str) -> Tensor:
     """Section 5: one tensor entry, checked field by field, its payload decoded."""
     if not isinstance(entry, dict) or set(entry) != {"n", "d", "s", "b"}:
@@ -235,6 +425,8 @@ def decode_tensor(entry: object, codec: str) -> Tensor:
         raise Refused("bad_shape")
     if not isinstance(payload, bytes):
         raise Refused("invalid_tensor")
+    if codec in LOSSY:
+        return Tensor(name, dtype, tuple(shape), decode_lossy(payload, codec, dtype, shape))
     raw = decode_payload(payload, codec, nbytes(dtype, shape))
     return Tensor(name, dtype, tuple(shape), raw)
 
@@ -267,8 +459,8 @@ def decode(data: bytes, kind: str) -> Envelope:
     codec, claimed, entries = doc["c"], doc["h"], doc["ts"]
     if not isinstance(codec, str) or not isinstance(claimed, bytes) or len(claimed) != 32:
         raise Refused("invalid_field")
-    if codec not in ("raw", "zstd"):
-        raise Refused("unknown_codec")
+    if codec not in ("raw", "zstd") and (kind == "m" or codec not in LOSSY):
+        raise Refused("unknown_codec")  # lossy codecs: updates only (section 6.1)
     if not isinstance(entries, list):
         raise Refused("invalid_field")
     tensors = [decode_tensor(entry, codec) for entry in entries]
@@ -658,3 +850,225 @@ def test_documented_zstd_refusals(payload: bytes, reason: str) -> None:
     assert info.value.reason == reason
     with pytest.raises(Refused):
         decode(data, "u")
+
+
+# ----------------------------------------------------------------- lossy codecs (section 6.1)
+
+
+def _codec_vectors() -> dict[str, str]:
+    found = re.findall(
+        r"^```codec-vector\n(.*?)^```$", DOC.read_text(encoding="utf-8"), re.M | re.S
+    )
+    assert len(found) == 1, "docs/wire-format.md needs exactly one codec-vector block"
+    lines = found[0].strip().splitlines()
+    return {label: value for label, _, value in (line.partition(": ") for line in lines)}
+
+
+CODEC_VECTORS: Final = _codec_vectors()
+W_VALUES: Final = [0.5, -1.25, 3.0, 0.001, -0.0, 7.5]
+
+
+def _fedq_encoded(
+    tensors: dict[str, torch.Tensor], codec: str, *, fraction: float = 0.5, stochastic: bool = False
+) -> EncodedTensors:
+    """fedq's encoding, through the participant's own path (no residual)."""
+    base, zstd = split_codec(codec)
+    spec = CompressionSpec(
+        codec=base,
+        lossless="zstd" if zstd else None,
+        topk_fraction=fraction if base == "topk" else None,
+        stochastic_rounding=stochastic,
+        error_feedback=False,
+    )
+    encoded, residual = Compressor(spec).compress(tensors, seed=7)
+    assert residual == {}
+    return encoded
+
+
+def _v_tensor() -> torch.Tensor:
+    v = torch.zeros(300)
+    v[0], v[200], v[299] = 1.0, -2.0, 0.5
+    return v
+
+
+@pytest.mark.parametrize("base", LOSSY_BASES)
+def test_documented_codec_vectors(base: str) -> None:
+    w_raw = to_raw("f32", W_VALUES)
+    assert content_hash([Tensor("w", "f32", (2, 3), w_raw)]).hex() == CODEC_VECTORS["w raw hash"]
+    payload = bytes.fromhex(CODEC_VECTORS[f"w {base} payload"])
+    # This module, from the document alone: the encoder's table, then the decoding.
+    assert encode_lossy(w_raw, base, (2, 3)) == payload
+    decoded = decode_lossy(payload, base, "f32", (2, 3))
+    expected = [float(x) for x in CODEC_VECTORS[f"w {base} decoded"].split()]
+    assert from_raw("f32", decoded) == expected
+    assert decoded == to_raw("f32", expected)  # -0.0 included
+    digest = content_hash([Tensor("w", "f32", (2, 3), decoded)])
+    assert digest.hex() == CODEC_VECTORS[f"w {base} hash"]
+    # fedq's encoder writes the same bytes and hash.
+    w = torch.tensor(W_VALUES, dtype=torch.float32).reshape(2, 3)
+    encoded = _fedq_encoded({"w": w}, base)
+    assert encoded.entries[0]["b"] == payload
+    assert encoded.digest == digest
+
+
+def test_documented_topk_vector_with_a_two_byte_varint() -> None:
+    v = _v_tensor()
+    payload = bytes.fromhex(CODEC_VECTORS["v topk payload"])
+    assert payload.endswith(bytes.fromhex("00c70162"))  # gaps 0, 199, 98
+    assert encode_lossy(raw_of(v), "topk", (300,), fraction=0.01) == payload
+    decoded = decode_lossy(payload, "topk", "f32", (300,))
+    assert decoded == raw_of(v)
+    assert content_hash([Tensor("v", "f32", (300,), decoded)]).hex() == CODEC_VECTORS["v topk hash"]
+    encoded = _fedq_encoded({"v": v}, "topk", fraction=0.01)
+    assert (encoded.entries[0]["b"], encoded.digest.hex()) == (
+        payload,
+        CODEC_VECTORS["v topk hash"],
+    )
+
+
+def _lossy_sample() -> dict[str, torch.Tensor]:
+    """float32 tensors of several shapes (ties, zeros, a scalar, an empty one, a large
+    value) and tensors of other dtypes, which lossy codecs carry exactly."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 50, generator=g) * 0.01
+    w[2] = 0.0  # a row of zeros: scale 0
+    w[4, :5] = torch.tensor([0.25, -0.25, 0.25, -0.25, 0.125])  # ties in magnitude
+    sparse = torch.zeros(700)
+    sparse[[3, 150, 151, 699]] = torch.tensor([1.0, -3.0, 2.0, 1e-3])
+    return {
+        "net.0.weight": w,
+        "net.0.bias": torch.randn(6, generator=g),
+        "big": torch.tensor([70000.0, -1e6, 1.5]),
+        "sparse": sparse,
+        "scalar": torch.tensor(0.375),
+        "empty": torch.zeros(0, 4),
+        "double": torch.tensor([math.pi, -1e300], dtype=torch.float64),
+        "steps": torch.tensor([-(2**63), 2**63 - 1], dtype=torch.int64),
+        "half": torch.tensor([0.5, -2.0], dtype=torch.float16),
+    }
+
+
+@pytest.mark.parametrize(
+    ("codec", "stochastic"),
+    [(c, False) for c in LOSSY] + [(c, True) for c in LOSSY if c.startswith("int8")],
+)
+def test_fedq_lossy_update_decodes_with_independent_decoder(codec: str, stochastic: bool) -> None:
+    params = _lossy_sample()
+    encoded = _fedq_encoded(params, codec, fraction=0.3, stochastic=stochastic)
+    assert encoded.decoded is not None
+    data, digest = fedq_encode_update(
+        UpdateEnvelope(
+            task="credit",
+            participant="bank-a",
+            update_id="u-9",
+            base_version=1,
+            num_samples=10,
+            tensors=params,
+            codec=codec,
+        ),
+        encoded=encoded,
+    )
+    env = decode(data, "u")
+    assert env.fields["c"] == codec
+    assert env.content_hash == digest == encoded.digest  # the hash of the decoded values
+    assert_same_values(env.tensors, encoded.decoded)
+    for t in env.tensors:
+        if t.dtype != "f32":  # carried exactly
+            assert t.raw == raw_of(params[t.name]), t.name
+    # fedq's own decoder agrees, and refuses the codec in a model envelope, as this one does.
+    assert decode_update(data).content_hash == digest
+    doc = msgpack.unpackb(data)
+    model = {"fv": 1, "k": "m", "t": "credit", "v": 1, "c": codec, "ts": doc["ts"], "h": digest}
+    body = msgpack.packb(model, use_bin_type=True)
+    with pytest.raises(DecodeError) as info:
+        decode_model(body)
+    assert info.value.reason == "unknown_codec"
+    with pytest.raises(Refused, match="unknown_codec"):
+        decode(body, "m")
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_independent_lossy_encoder_is_fedqs(codec: str) -> None:
+    params = _lossy_sample()
+    zstd = split_codec(codec)[1]
+    fedq = _fedq_encoded(params, codec)
+    tensors = []
+    entries = []
+    for entry, (name, t) in zip(fedq.entries, params.items(), strict=True):
+        dtype, shape = entry["d"], tuple(entry["s"])
+        payload = encode_lossy_payload(raw_of(t), codec, dtype, shape)
+        if not zstd:  # the same bytes; zstd frames differ between encoders
+            assert payload == entry["b"], name
+        entries.append({"n": name, "d": dtype, "s": list(shape), "b": payload})
+        tensors.append(Tensor(name, dtype, shape, decode_lossy(payload, codec, dtype, shape)))
+    doc = {
+        "fv": 1,
+        "k": "u",
+        "t": "credit",
+        "p": "bank-a",
+        "id": "u-10",
+        "bv": 0,
+        "n": 1,
+        "c": codec,
+        "ts": entries,
+        "h": content_hash(tensors),
+    }
+    env = decode_update(msgpack.packb(doc, use_bin_type=True))
+    assert env.content_hash == content_hash(tensors) == fedq.digest
+    assert_same_values(tensors, env.tensors)
+
+
+def _w_payload(codec: str) -> bytes:
+    """The vector tensor ``w`` under ``codec`` (this module's encoder)."""
+    return encode_lossy_payload(to_raw("f32", W_VALUES), codec, "f32", (2, 3))
+
+
+def _zstd_frame(content: bytes) -> bytes:
+    return encode_payload(content, "zstd")
+
+
+_TOPK_W = _w_payload("topk")  # k 3, values -1.25 3.0 7.5, gaps 01 00 02
+_TOPK_HEAD = _TOPK_W[:16]
+
+
+@pytest.mark.parametrize(
+    ("codec", "payload", "reason"),
+    [
+        ("f16", _w_payload("f16")[:-2], "size_mismatch"),
+        ("bf16", _w_payload("bf16") + b"\x00\x00", "size_mismatch"),
+        ("int8", _w_payload("int8")[:-1], "size_mismatch"),
+        ("int8", struct.pack("<f", math.nan) + bytes(6), "codec_error"),
+        ("int8", struct.pack("<f", math.inf) + bytes(6), "codec_error"),
+        ("int8", struct.pack("<f", -0.5) + bytes(6), "codec_error"),
+        ("int8", struct.pack("<f", 0.5) + b"\x80" + bytes(5), "codec_error"),
+        ("int8c", _w_payload("int8")[:-1] + b"\x00", "size_mismatch"),  # needs 2 scales
+        ("int8c", struct.pack("<2f", 0.5, math.nan) + bytes(6), "codec_error"),
+        ("topk", b"\x03\x00", "size_mismatch"),
+        ("topk", struct.pack("<I", 7) + bytes(40), "codec_error"),  # k above n = 6
+        ("topk", _TOPK_W[:12], "size_mismatch"),  # 3 values need 12 bytes after k
+        ("topk", _TOPK_HEAD + b"\x01\x00", "codec_error"),  # 2 varints, not 3
+        ("topk", _TOPK_HEAD + b"\x01\x00\x02\x00", "codec_error"),  # one left over
+        ("topk", _TOPK_HEAD + b"\x01\x00\x82", "codec_error"),  # cut short
+        ("topk", _TOPK_HEAD + b"\x01\x00\x82\x00", "codec_error"),  # not the shortest
+        ("topk", _TOPK_HEAD + b"\x01\x00\x80\x80\x80\x80\x80\x01", "codec_error"),
+        ("topk", _TOPK_HEAD + b"\x01\x00\xff\xff\xff\xff\x1f", "codec_error"),  # >= 2^32
+        ("topk", _TOPK_HEAD + b"\x01\x00\x03", "codec_error"),  # index 6 of 6
+        ("int8+zstd", _zstd_frame(_w_payload("int8")[:-1]), "size_mismatch"),
+        ("f16+zstd", _zstd_frame(bytes(14)), "size_mismatch"),
+        ("topk+zstd", _zstd_frame(bytes(4 + 5 * 6 + 1)), "size_mismatch"),  # over 4 + 5n
+        ("topk+zstd", _zstd_frame(_TOPK_W) + b"\x00", "codec_error"),
+        ("int8+zstd", _w_payload("int8"), "codec_error"),  # not a frame
+    ],
+)
+def test_documented_lossy_refusals(codec: str, payload: bytes, reason: str) -> None:
+    t = Tensor("w", "f32", (2, 3), to_raw("f32", W_VALUES))
+    doc = msgpack.unpackb(encode_update(**EXAMPLE_FIELDS, tensors=[t], codec="raw"))
+    doc["c"] = codec
+    doc["ts"][0] = {"n": "w", "d": "f32", "s": [2, 3], "b": payload}
+    data = msgpack.packb(doc, use_bin_type=True)
+    with pytest.raises(DecodeError) as info:
+        decode_update(data)
+    assert info.value.reason == reason, info.value.detail
+    with pytest.raises(Refused) as mine:
+        decode(data, "u")
+    assert mine.value.reason == reason
