@@ -13,7 +13,7 @@ import math
 import struct
 import sys
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import msgpack
@@ -67,6 +67,25 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS: Final = DecodeLimits()
+
+
+def limits_for(
+    expected: Mapping[str, TensorSpec], base: DecodeLimits = DEFAULT_LIMITS
+) -> DecodeLimits:
+    """``base`` raised to let a task's own messages through: an update or a model of
+    ``expected`` tensors (raw, plus 1/64 and 1 MiB for the envelope and any codec's
+    overhead), its tensors decoded. A model larger than the broker's message limit
+    travels in chunks (docs/chunking.md) and is decoded whole; nothing larger than the
+    task's model is ever accepted beyond ``base``."""
+    sizes = [math.prod(t.shape) * itemsize(t.dtype) for t in expected.values()]
+    if not sizes:
+        return base
+    total = sum(sizes)
+    return replace(
+        base,
+        max_message_bytes=max(base.max_message_bytes, total + total // 64 + (1 << 20)),
+        max_tensor_bytes=max(base.max_tensor_bytes, total),
+    )
 
 
 @dataclass(frozen=True, slots=True)

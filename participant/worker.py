@@ -38,6 +38,7 @@ from common.wire import (
     UpdateEnvelope,
     decode_model,
     encode_update,
+    limits_for,
 )
 from participant.compression import Compressor
 from participant.data import encode, train_val_split
@@ -400,7 +401,9 @@ class ParticipantWorker:
 
     async def _decode(self, delivery: ModelDelivery) -> ModelEnvelope | None:
         try:
-            model = await asyncio.to_thread(decode_model, delivery.body, expected=self.expected)
+            model = await asyncio.to_thread(
+                decode_model, delivery.body, limits_for(self.expected), self.expected
+            )
         except DecodeError as e:
             self._refuse_model(e.reason, e.detail, delivery.version)
             return None

@@ -396,3 +396,33 @@ def test_peek_header_reads_small_fields_only() -> None:
     head = peek_header(encode_update(_update({"w": torch.ones(4)}))[0])
     assert head["t"] == "credit" and head["p"] == "bank-a" and head["bv"] == 7
     assert "ts" not in head and "h" not in head
+
+
+def test_limits_for_a_task_let_its_own_model_through_and_nothing_larger() -> None:
+    """A model larger than the default message limit (it travels chunked) decodes under
+    the task's limits; the default limits refuse it; a larger body is still refused."""
+    from common.refusals import Refusal
+    from common.wire import DEFAULT_LIMITS, limits_for
+
+    small = DecodeLimits(max_message_bytes=1024, max_tensor_bytes=512)
+    expected = {"w": TensorSpec((40, 25), "f32"), "b": TensorSpec((25,), "f32")}
+    tensors = {"w": torch.ones(40, 25), "b": torch.zeros(25)}
+    body, _ = encode_update(
+        UpdateEnvelope(
+            task="t",
+            participant="bank-a",
+            update_id="u1",
+            base_version=0,
+            num_samples=1,
+            tensors=tensors,
+            codec="raw",
+        )
+    )
+    with pytest.raises(DecodeError) as err:
+        decode_update(body, small, expected)
+    assert err.value.reason is Refusal.TOO_LARGE
+    limits = limits_for(expected, small)
+    assert limits.max_tensor_bytes == 4100 and limits.max_message_bytes >= 4100 + (1 << 20)
+    assert torch.equal(decode_update(body, limits, expected).tensors["w"], tensors["w"])
+    assert limits_for({}, small) == small
+    assert limits_for({"w": TensorSpec((2,), "f32")}) == DEFAULT_LIMITS  # never lowered

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aggregator.audit.replay import (
+    READ_LIMITS,
     Chain,
     Identities,
     ReplayError,
@@ -52,7 +53,6 @@ from common.errors import (
 )
 from common.models import build_task_model, model_tensors, tensor_specs
 from common.wire import (
-    DEFAULT_LIMITS,
     KIND_UNMASK_ANSWER,
     Tensors,
     peek_header,
@@ -210,7 +210,7 @@ async def _collect(
             kept.append(body)
             return
         try:
-            uid = peek_header(body, DEFAULT_LIMITS).get("id")
+            uid = peek_header(body, READ_LIMITS).get("id")
         except DecodeError:
             return
         if uid in wanted:

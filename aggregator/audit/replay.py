@@ -82,11 +82,11 @@ from common.secagg import Cohort
 from common.signing import PublicKey
 from common.spec import IdentitySpec, TaskSpec
 from common.wire import (
-    DEFAULT_LIMITS,
     KIND_MODEL,
     KIND_RECEIPT,
     KIND_UNMASK_ANSWER,
     KIND_UNMASK_REQUEST,
+    DecodeLimits,
     Tensors,
     TensorSpec,
     UnmaskAnswer,
@@ -94,6 +94,7 @@ from common.wire import (
     decode_model,
     decode_unmask_answer,
     decode_update,
+    limits_for,
     peek_header,
     peek_kind,
     tensors_hash,
@@ -186,6 +187,10 @@ class ReplayReport:
 
 #: Kinds of message that are never updates (the audit stream holds updates and, with
 #: secure aggregation, unmask answers; the others are listed for safety).
+#: Reading the header of a retained message: it passed the broker, and a task's model
+#: may be larger than a message (chunked): only the header is decoded.
+READ_LIMITS = DecodeLimits(max_message_bytes=1 << 32, max_tensor_bytes=1 << 32)
+
 _NOT_UPDATES = frozenset({KIND_UNMASK_ANSWER, KIND_UNMASK_REQUEST, KIND_MODEL, KIND_RECEIPT})
 
 
@@ -199,7 +204,7 @@ def index_updates(bodies: Sequence[bytes]) -> dict[str, bytes]:
         if peek_kind(body) in _NOT_UPDATES:
             continue
         try:
-            head = peek_header(body, DEFAULT_LIMITS)
+            head = peek_header(body, READ_LIMITS)
         except DecodeError:
             continue
         uid = head.get("id")
@@ -217,7 +222,7 @@ def index_answers(bodies: Sequence[bytes]) -> dict[str, list[bytes]]:
         if peek_kind(body) != KIND_UNMASK_ANSWER:
             continue
         try:
-            aid = peek_header(body, DEFAULT_LIMITS).get("id")
+            aid = peek_header(body, READ_LIMITS).get("id")
         except DecodeError:
             continue
         if isinstance(aid, str):
@@ -857,7 +862,7 @@ def _retained(
     if body is None:
         return None, f"update {e.update_id} ({e.participant}) is not in the audit stream"
     try:
-        env = decode_update(body, DEFAULT_LIMITS, expected)
+        env = decode_update(body, limits_for(expected), expected)
     except DecodeError as err:
         return None, f"retained update {e.update_id} does not decode ({err.reason}: {err.detail})"
     if env.content_hash != e.content_hash:
