@@ -57,6 +57,7 @@ from aggregator.store import (
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
 from aggregator.strategies.base import server_optimizer
 from aggregator.weighting import Remembering
+from common.dtypes import itemsize
 from common.errors import (
     BlobPrunedError,
     CommitConflictError,
@@ -81,6 +82,7 @@ from common.transport import (
     UpdateDelivery,
     UpdateSubscription,
     next_or_none,
+    refusal_of,
 )
 from common.wire import (
     DEFAULT_LIMITS,
@@ -92,6 +94,7 @@ from common.wire import (
     decode_unmask_answer,
     encode_unmask_request,
     first_non_finite,
+    limits_for,
     peek_kind,
     sign_model,
 )
@@ -111,10 +114,16 @@ VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 
 #: Base versions kept in memory (with the head): every version admission still admits
 #: (``max_staleness`` in rounds may span hundreds of versions), within BASE_BYTES of
-#: float32 parameters but at least BASE_CACHE; older ones are read from the store on
-#: demand, or rebuilt from the nearest checkpoint when the store no longer keeps them.
+#: float32 parameters; older ones are read from the store on demand. When the store
+#: prunes parameters (``keep_blobs``, ``checkpoint_every``) at least BASE_CACHE are kept,
+#: since a pruned base is rebuilt from the nearest checkpoint; a strategy that reads no
+#: base keeps the head only (a 100M-parameter head is 400 MB).
 BASE_CACHE = 32
 BASE_BYTES = 64 * 1024**2
+
+#: The model stream's retention in bytes at least (TaskTopology's default); more for a
+#: model larger than a quarter of it.
+MODELS_MAX_BYTES = 256 * 1024**2
 
 #: Weight shares and low-weight flags are re-evaluated (a pass over every bank) once per
 #: ``banks // WEIGHT_PASS_BANKS`` committed entries: O(WEIGHT_PASS_BANKS) per update.
@@ -239,10 +248,17 @@ class AggregatorService:
                 f"robustness.aggregator {spec.robustness.aggregator!r} is built into fedbuff "
                 f"and sync rounds; strategy {self.strategy.name!r} does not take it"
             )
-        expected = tensor_specs(model_tensors(build_task_model(spec)))
+        expected = model_specs = tensor_specs(model_tensors(build_task_model(spec)))
         numel = sum(_numel(t.shape) for t in expected.values())
         self._inline = numel < self.config.inline_below
-        self._base_budget = max(BASE_CACHE, BASE_BYTES // max(1, 4 * numel))
+        by_bytes = BASE_BYTES // max(1, 4 * numel)
+        prunes = store.config.keep_blobs is not None or store.config.checkpoint_every is not None
+        if not self.strategy.uses_base:
+            self._base_budget = 1
+        elif prunes:
+            self._base_budget = max(BASE_CACHE, by_bytes)
+        else:
+            self._base_budget = max(2, by_bytes)
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
         by_bytes = max(1, self.config.prefetch_bytes // max(1, 4 * numel))
@@ -260,9 +276,17 @@ class AggregatorService:
             # a cohort's answers come on top of its updates
             expected = {k: TensorSpec(v.shape, "i64") for k, v in expected.items()}
             self.prefetch += len(spec.participants)
+        limits = limits_for(expected, self.config.limits)
+        update_bytes = _raw_bytes(expected)
+        #: The largest update expected (its tensors, the envelope's share): sizes the broker
+        #: prefetch of chunked updates (common/transport/base.py Chunking).
+        self._update_bytes = update_bytes + update_bytes // 64 + 64 * 1024
+        #: The model stream keeps at least 4 models (a late reader finds the last one's
+        #: first chunk), and never less than the default.
+        self._models_max_bytes = max(MODELS_MAX_BYTES, 4 * _raw_bytes(model_specs))
         self.admission = Admission(
             spec,
-            AdmissionConfig(self.config.limits, self.config.require_sender_match),
+            AdmissionConfig(limits, self.config.require_sender_match),
             expected,
             uses_base=self.strategy.uses_base,
             updates_per_version=self.strategy.capacity,
@@ -352,6 +376,7 @@ class AggregatorService:
                 self.spec.participants,
                 audit_max_age=self.config.audit_max_age,
                 audit_max_bytes=self.config.audit_max_bytes,
+                models_max_bytes=self._models_max_bytes,
             )
         )
         announced = await self.transport.last_announcement(self.task)
@@ -526,7 +551,7 @@ class AggregatorService:
                 # raised above the strategy's buffer, or lowered to the bytes bound
                 self.log.info("prefetch adjusted", prefetch=self.prefetch)
             sub = self._sub = await self.transport.consume_updates(
-                self.task, prefetch=self.prefetch
+                self.task, prefetch=self.prefetch, update_bytes=self._update_bytes
             )
             self._consuming = True
             poller = asyncio.create_task(self._poll_depth(halt))
@@ -553,7 +578,7 @@ class AggregatorService:
                         await sub.close()
                         sub = None
                         sub = self._sub = await self.transport.consume_updates(
-                            self.task, prefetch=self.prefetch
+                            self.task, prefetch=self.prefetch, update_bytes=self._update_bytes
                         )
             finally:
                 self._consuming = False
@@ -639,6 +664,10 @@ class AggregatorService:
 
     async def _handle(self, delivery: UpdateDelivery) -> None:
         """Admit one delivery and offer it; a step is applied and staged (see _flush)."""
+        refusal = refusal_of(delivery)
+        if refusal is not None:  # a chunk set the transport could not reassemble
+            await self._refuse(delivery, Refused(refusal.reason, refusal.detail))
+            return
         if self.secure and peek_kind(delivery.body) == KIND_UNMASK_ANSWER:
             await self._take_answer(delivery)
             return
@@ -1575,6 +1604,11 @@ def _context(record: VersionRecord) -> dict[str, object]:
         e = record.lineage[0]
         return {"update_id": e.update_id, "participant": e.participant, "version": record.version}
     return {"version": record.version}
+
+
+def _raw_bytes(specs: Mapping[str, TensorSpec]) -> int:
+    """Bytes of tensors of these shapes and dtypes, raw."""
+    return sum(_numel(t.shape) * itemsize(t.dtype) for t in specs.values())
 
 
 def _numel(shape: Sequence[int]) -> int:

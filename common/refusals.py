@@ -57,6 +57,8 @@ class Refusal(StrEnum):
     # --- secure aggregation (docs/wire-format.md section 16)
     NOT_MASKED = "not_masked"
     COHORT_CLOSED = "cohort_closed"
+    # --- the transport: a chunk set that cannot be reassembled (docs/chunking.md)
+    CHUNKS_INCOMPLETE = "chunks_incomplete"
     # --- set by the broker, never by fedq
     DELIVERY_LIMIT = "delivery_limit"
     # --- a participant refusing a model announcement (besides unsigned, bad_signature,

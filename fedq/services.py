@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     # run_aggregator alone: a bank's participant worker installs none of them.
     from aggregator.service import ServiceConfig
     from aggregator.store import StoreConfig
+    from common.transport import Chunking
     from participant.worker import WorkerConfig
 
 log = structlog.get_logger("fedq")
@@ -63,6 +64,22 @@ class AggregatorRunConfig:
     http_port: int = 9108
 
 
+def chunking_for(spec: TaskSpec) -> Chunking:
+    """The transport's chunking for a task: the default chunk size, and a largest body
+    that lets the task's own updates and models through (a masked update under secure
+    aggregation is i64: twice the float32 size)."""
+    from common.chunks import DEFAULT_MAX_TOTAL, ChunkLimits
+    from common.models import build_task_model, model_tensors, tensor_specs
+    from common.transport import Chunking
+    from common.wire import limits_for
+
+    expected = tensor_specs(model_tensors(build_task_model(spec)))
+    largest = limits_for(expected).max_message_bytes
+    if spec.secure_aggregation is not None:
+        largest *= 2
+    return Chunking(limits=ChunkLimits(max_total=max(DEFAULT_MAX_TOTAL, largest)))
+
+
 async def run_aggregator(config: AggregatorRunConfig) -> None:
     """Serve until SIGTERM: the commit in flight finishes, unacked updates go back."""
     from aggregator.http import start_http
@@ -74,7 +91,9 @@ async def run_aggregator(config: AggregatorRunConfig) -> None:
     stop = _stop_on_signals()
     store = RedisModelStore(connect_redis(config.redis_url), config.store)
     transport = await AmqpTransport.connect(
-        config.amqp_url, name=f"fedq-aggregator-{config.spec.task_id}"
+        config.amqp_url,
+        name=f"fedq-aggregator-{config.spec.task_id}",
+        chunking=chunking_for(config.spec),
     )
     metrics = AggregatorMetrics()
     service = AggregatorService(config.spec, store, transport, config.service, metrics)
@@ -109,7 +128,9 @@ async def run_participant(config: ParticipantRunConfig) -> int:
     stop = _stop_on_signals()
     df = await asyncio.to_thread(load_table, config.data)
     transport = await AmqpTransport.connect(
-        config.amqp_url, name=f"fedq-participant-{config.worker.participant}"
+        config.amqp_url,
+        name=f"fedq-participant-{config.worker.participant}",
+        chunking=chunking_for(config.spec),
     )
     try:
         worker = ParticipantWorker(config.spec, config.worker, transport, df)

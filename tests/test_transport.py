@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -14,13 +15,17 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from common.chunks import MAGIC, ChunkLimits, split
 from common.errors import PublishRefusedError, TransportError
+from common.refusals import Refusal
 from common.transport import (
+    Chunking,
     DeadLetter,
     TaskTopology,
     Transport,
     UpdateDelivery,
     UpdateSubscription,
+    refusal_of,
 )
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker, MemoryTransport
@@ -43,17 +48,25 @@ class Pair:
         return TaskTopology(self.task, self.participants, delivery_limit=delivery_limit)
 
 
-@pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
-async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+@contextlib.asynccontextmanager
+async def _pair(kind: str, chunking: Chunking | None = None) -> AsyncIterator[Pair]:
     task = f"t{uuid.uuid4().hex[:10]}"
-    if request.param == "memory":
+    if kind == "memory":
         broker = MemoryBroker()
-        p = Pair(MemoryTransport(broker, "fedq-aggregator"), MemoryTransport(broker, "guest"), task)
+        p = Pair(
+            MemoryTransport(broker, "fedq-aggregator", chunking=chunking),
+            MemoryTransport(broker, "guest", chunking=chunking),
+            task,
+        )
         yield p
     else:
         try:
-            agg = await AmqpTransport.connect(AMQP_URL, name="test-aggregator", publish_timeout=1.0)
-            bank = await AmqpTransport.connect(AMQP_URL, name="test-bank", publish_timeout=1.0)
+            agg = await AmqpTransport.connect(
+                AMQP_URL, name="test-aggregator", publish_timeout=1.0, chunking=chunking
+            )
+            bank = await AmqpTransport.connect(
+                AMQP_URL, name="test-bank", publish_timeout=1.0, chunking=chunking
+            )
         except TransportError as e:
             pytest.fail(f"real RabbitMQ at {AMQP_URL} does not answer ({e}); see .ci/run")
         p = Pair(agg, bank, task)
@@ -63,6 +76,23 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
             await delete_queues(task, p.participants)
     await p.agg.close()
     await p.bank.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    async with _pair(request.param) as p:
+        yield p
+
+
+#: Small chunks and a short timeout, so that chunk sets are cheap to make and to expire.
+CHUNKING = Chunking(chunk_size=1024, limits=ChunkLimits(timeout_s=1.0))
+
+
+@pytest.fixture(params=["memory", pytest.param("real", marks=pytest.mark.real)])
+async def chunked(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    """A pair whose transports split bodies over 1 KiB (docs/chunking.md)."""
+    async with _pair(request.param, CHUNKING) as p:
+        yield p
 
 
 async def _within(aw: Awaitable[T], seconds: float = 5.0) -> T:
@@ -443,6 +473,284 @@ async def test_audit_stream_keeps_every_update_and_reading_does_not_consume(pair
     again = [b async for b in pair.agg.read_audit(pair.task, idle_s=0.5)]
     assert first == [b"u0", b"u1", b"u2"]
     assert again == first
+
+
+def _big(chunks: float, seed: int) -> bytes:
+    """A body of ``chunks`` chunks' worth of random bytes (not beginning like a chunk)."""
+    body = random.Random(seed).randbytes(int(CHUNKING.chunk_size * chunks))
+    assert not body.startswith(MAGIC)
+    return body
+
+
+def _pieces(body: bytes, set_id: str) -> list[bytes]:
+    return list(split(body, id=set_id, chunk_size=CHUNKING.chunk_size))
+
+
+async def _raw(pair: Pair, pieces: list[bytes], message_id: str, order: list[int]) -> None:
+    """Publish chunk messages one by one, as a misbehaving or retrying publisher would."""
+    bank = pair.bank
+    assert isinstance(bank, MemoryTransport | AmqpTransport)
+    for i in order:
+        await bank.publish_raw(pair.task, "bank-a", pieces[i], message_id=message_id)
+
+
+async def _depth(pair: Pair, expected: int) -> None:
+    """Wait until the work queue's depth is ``expected`` (the broker counts lazily)."""
+    depth = -1
+    async with asyncio.timeout(5):
+        while (depth := await pair.agg.queue_depth(pair.task)) != expected:
+            await asyncio.sleep(0.05)
+    assert depth == expected
+
+
+async def _dead(pair: Pair, count: int) -> list[DeadLetter]:
+    dead: list[DeadLetter] = []
+    async with asyncio.timeout(5):
+        while len(dead) < count:
+            dead += await pair.agg.dead_letters(pair.task)
+            if len(dead) < count:
+                await asyncio.sleep(0.05)
+    assert len(dead) == count
+    return dead
+
+
+async def _nothing_left(pair: Pair) -> None:
+    """A new consumer gets nothing: every message was settled once."""
+    await _depth(pair, 0)
+    again = await pair.agg.consume_updates(pair.task, prefetch=10)
+    with pytest.raises(TimeoutError):
+        await _within(again.get(), 0.5)
+    await again.close()
+
+
+class TestChunks:
+    """Bodies larger than the chunk size, over both transports (docs/chunking.md)."""
+
+    async def test_a_large_update_is_one_delivery(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        body = _big(4.5, 1)
+        await p.bank.publish_update(p.task, "bank-a", body, message_id="u-big")
+        await _depth(p, 5)  # five chunk messages wait in the queue
+        sub = await p.agg.consume_updates(p.task, prefetch=1)
+        d = await _within(sub.get())
+        assert (d.body, d.message_id, d.user_id, d.redelivered) == (body, "u-big", "guest", False)
+        assert refusal_of(d) is None
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.3)  # one update, not five
+        await d.ack()
+        assert d.live is False
+        with pytest.raises(TransportError):
+            await d.ack()
+        await sub.close()
+        await _nothing_left(p)
+
+    async def test_small_updates_stay_single_messages(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        small = _big(1.0, 2)  # exactly the chunk size: not split
+        await p.bank.publish_update(p.task, "bank-a", small, message_id="u-small")
+        await _depth(p, 1)
+        audit = [b async for b in p.agg.read_audit(p.task, idle_s=0.5)]
+        assert audit == [small]
+
+    async def test_chunks_out_of_order_and_copied_make_one_delivery(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        body = _big(3.5, 3)
+        pieces = _pieces(body, "u-mixed")
+        await _raw(p, pieces, "u-mixed", [2, 0, 3, 0, 2, 1])
+        sub = await p.agg.consume_updates(p.task, prefetch=4)
+        d = await _within(sub.get())
+        assert (d.body, d.message_id) == (body, "u-mixed")
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.5)  # the copies make no second delivery
+        acks = await _spy_acks(sub)
+        await sub.ack_all([d])
+        if acks is not None:
+            assert acks == [(6, True)]  # its six messages, copies included, in one frame
+        # A publisher that retries a chunk after the set was settled: acked, not delivered.
+        await _raw(p, pieces, "u-mixed", [1])
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.5)
+        await sub.close()
+        await _nothing_left(p)
+
+    async def test_an_incomplete_set_expires_and_is_dead_lettered(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        pieces = _pieces(_big(4.5, 4), "u-cut")
+        await _raw(p, pieces, "u-cut", [0, 1, 3])
+        sub = await p.agg.consume_updates(p.task, prefetch=4)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        d = await _within(sub.get())
+        assert loop.time() - started > 0.5  # not before the timeout (1 s)
+        refusal = refusal_of(d)
+        assert refusal is not None
+        assert refusal.reason is Refusal.CHUNKS_INCOMPLETE
+        assert "3 of 5 chunks" in refusal.detail
+        assert (d.body, d.message_id, d.user_id) == (b"", "u-cut", "guest")
+        await d.dead_letter(refusal.reason.value, refusal.detail)
+        await sub.close()
+        dead = await _dead(p, 3)
+        assert sorted(x.body for x in dead) == sorted(pieces[i] for i in (0, 1, 3))
+        assert {x.reason for x in dead} == {"chunks_incomplete"}
+        await _nothing_left(p)
+
+    async def test_redelivered_chunks_reassemble_after_a_restart(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        body = _big(4.5, 5)
+        pieces = _pieces(body, "u-restart")
+        await _raw(p, pieces, "u-restart", [0, 1, 2])
+        sub = await p.agg.consume_updates(p.task, prefetch=2)
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.3)  # incomplete
+        await sub.close()  # its three chunks go back to the queue
+        await _raw(p, pieces, "u-restart", [3, 4])
+        sub = await p.agg.consume_updates(p.task, prefetch=2)
+        d = await _within(sub.get())
+        assert (d.body, d.redelivered) == (body, True)
+        await sub.close()  # a whole delivery, not acked: every chunk goes back
+        sub = await p.agg.consume_updates(p.task, prefetch=2)
+        d = await _within(sub.get())
+        assert (d.body, d.redelivered) == (body, True)
+        await d.ack()
+        await sub.close()
+        await _nothing_left(p)
+
+    async def test_interleaved_updates_are_acked_apart(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        a, b = _big(2.5, 6), _big(2.5, 7)
+        pa, pb = _pieces(a, "u-a"), _pieces(b, "u-b")
+        for i in range(3):  # a0 b0 a1 b1 a2 b2: delivery tags 1 to 6
+            await _raw(p, pa, "u-a", [i])
+            await _raw(p, pb, "u-b", [i])
+        sub = await p.agg.consume_updates(p.task, prefetch=4)
+        first = await _within(sub.get())
+        (second,) = await _ready(sub, 1)
+        assert [first.body, second.body] == [a, b]
+        acks = await _spy_acks(sub)
+        await sub.ack_all([first])
+        if acks is not None:
+            assert acks == [(1, False), (3, False), (5, False)]  # never over b's chunks
+        assert (first.live, second.live) == (False, True)
+        await sub.close()
+        await _depth(p, 3)  # b's three chunks are back; a's are gone
+        sub = await p.agg.consume_updates(p.task, prefetch=4)
+        back = await _within(sub.get())
+        assert (back.body, back.redelivered) == (b, True)
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.5)  # a does not come back
+        acks = await _spy_acks(sub)
+        await sub.ack_all([back])
+        if acks is not None:
+            assert acks == [(3, True)]  # alone on its channel now: one multiple ack
+        await sub.close()
+        await _nothing_left(p)
+
+    async def test_dead_lettering_a_chunked_update_keeps_it_whole(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        body = _big(3.5, 8)
+        await p.bank.publish_update(p.task, "bank-a", body, message_id="u-dead")
+        sub = await p.agg.consume_updates(p.task, prefetch=1)
+        d = await _within(sub.get())
+        await d.dead_letter("too_stale", "refused whole")
+        with pytest.raises(TransportError):
+            await d.ack()
+        await sub.close()
+        dead = await _dead(p, 1)
+        assert [(x.body, x.reason, x.detail) for x in dead] == [
+            (body, "too_stale", "refused whole")
+        ]
+        await _nothing_left(p)
+
+    async def test_a_corrupted_chunk_is_refused_alone(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        body = _big(2.5, 9)
+        pieces = _pieces(body, "u-bad")
+        bad = bytearray(pieces[1])
+        bad[-1] ^= 0xFF
+        await _raw(p, [*pieces, bytes(bad)], "u-bad", [0, 3, 1, 2])
+        sub = await p.agg.consume_updates(p.task, prefetch=4)
+        refused = await _within(sub.get())
+        problem = refusal_of(refused)
+        assert problem is not None and problem.reason is Refusal.HASH_MISMATCH
+        await refused.dead_letter(problem.reason.value, problem.detail)
+        whole = await _within(sub.get())  # the good copy completes the set
+        assert whole.body == body
+        await whole.ack()
+        await sub.close()
+        dead = await _dead(p, 1)
+        assert [(x.body, x.reason) for x in dead] == [(bytes(bad), "hash_mismatch")]
+        await _nothing_left(p)
+
+    async def test_the_prefetch_counts_updates_not_messages(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        bodies = [_big(2.5, 10 + i) for i in range(3)]
+        for i, body in enumerate(bodies):
+            await p.bank.publish_update(p.task, "bank-a", body, message_id=f"u{i}")
+        sub = await p.agg.consume_updates(p.task, prefetch=2)
+        x, y = await _within(sub.get()), await _within(sub.get())
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.3)  # two unsettled: the third waits...
+        await _depth(p, 1)  # ...and counts as waiting
+        assert sub.ready(5) == []
+        await x.ack()
+        z = await _within(sub.get())
+        assert [d.body for d in (x, y, z)] == bodies
+        await sub.ack_all([y, z])
+        await sub.close()
+        await _nothing_left(p)
+
+    async def test_a_chunked_model_is_announced_and_received(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        models = {v: _big(3.5, 20 + v) for v in range(1, 5)}
+        for v in (1, 2, 3):
+            await p.agg.announce_model(p.task, v, models[v], fence=7, version_hash=bytes([v]) * 32)
+        async with asyncio.timeout(5):
+            while (last := await p.agg.last_announcement(p.task)) is None or last.version != 3:
+                await asyncio.sleep(0.05)
+        assert (last.fence, last.version_hash) == (7, b"\x03" * 32)
+        sub = await p.bank.consume_models(p.task, "bank-a")
+        m3 = await _within(sub.get())  # it joined after the last chunk was written
+        assert (m3.version, m3.body) == (3, models[3])
+        with pytest.raises(TimeoutError):
+            await _within(sub.get(), 0.5)
+        await p.agg.announce_model(p.task, 4, models[4])
+        m4 = await _within(sub.get())
+        assert (m4.version, m4.body) == (4, models[4])
+        await m3.ack()
+        await m4.ack()
+        with pytest.raises(TransportError):
+            await m4.ack()
+        await sub.close()
+        other = await p.bank.consume_models(p.task, "bank-b")
+        late = await _within(other.get())
+        assert (late.version, late.body) == (4, models[4])
+        await other.close()
+
+    async def test_read_audit_returns_whole_bodies(self, chunked: Pair) -> None:
+        p = chunked
+        await p.agg.declare_task(p.topology())
+        big = _big(3.5, 30)
+        cut = _pieces(_big(2.5, 31), "u-cut")
+        await p.bank.publish_update(p.task, "bank-a", b"small-1", message_id="s1")
+        await p.bank.publish_update(p.task, "bank-a", big, message_id="big")
+        await _raw(p, cut, "u-cut", [0])
+        await p.bank.publish_update(p.task, "bank-a", b"small-2", message_id="s2")
+        await _raw(p, _pieces(big, "big"), "big", [1])  # a late copy of a chunk of big
+        first = [b async for b in p.agg.read_audit(p.task, idle_s=0.5)]
+        again = [b async for b in p.agg.read_audit(p.task, idle_s=0.5)]
+        # big whole where it completed; the set that never completed as it was sent.
+        assert first == [b"small-1", big, b"small-2", cut[0]]
+        assert again == first
 
 
 class TestReceipts:

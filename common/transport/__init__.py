@@ -2,26 +2,32 @@
 
 from common.transport.base import (
     Announcement,
+    Chunking,
     DeadLetter,
     ModelDelivery,
     ReceiptDelivery,
     Subscription,
     TaskTopology,
     Transport,
+    TransportRefusal,
     UpdateDelivery,
     UpdateSubscription,
     next_or_none,
+    refusal_of,
 )
 
 __all__ = [
     "Announcement",
+    "Chunking",
     "DeadLetter",
     "ModelDelivery",
     "ReceiptDelivery",
     "Subscription",
     "TaskTopology",
     "Transport",
+    "TransportRefusal",
     "UpdateDelivery",
     "UpdateSubscription",
     "next_or_none",
+    "refusal_of",
 ]

@@ -5,20 +5,47 @@ closes; a delivery limit dead-letters poison messages; single active consumer on
 work queues; one model stream per task, read from its last announcement, of which a
 subscription hands out only the newest; an append-only audit log of every update.
 Used by the embedded simulation and by the shared transport tests, next to the
-RabbitMQ implementation.
+RabbitMQ implementation. Bodies larger than the chunk size travel as chunk messages,
+reassembled by the receiving side, exactly as over RabbitMQ (docs/chunking.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from common.chunks import (
+    Added,
+    ChunkError,
+    Complete,
+    Failed,
+    Part,
+    Reassembler,
+    SetKey,
+    is_chunk,
+    needs_chunks,
+    parse,
+    split,
+)
 from common.errors import TransportError
-from common.transport.base import Announcement, DeadLetter, TaskTopology, UpdateDelivery
+from common.transport.base import (
+    SENDER_HEADER,
+    Announcement,
+    Chunking,
+    DeadLetter,
+    StreamJoiner,
+    TaskTopology,
+    TransportRefusal,
+    UpdateDelivery,
+    merge_dead_letters,
+)
 from common.transport.names import (
     DETAIL_HEADER,
     FENCE_HEADER,
@@ -135,16 +162,103 @@ class _Subscription(Generic[T]):
 
 
 class _UpdateSubscription(_Subscription["_UpdateDelivery"]):
-    """The work queue's consumer, with batch settlement."""
+    """The work queue's consumer: takes up to the message prefetch from the queue,
+    reassembles chunk sets, hands out at most ``prefetch`` unsettled deliveries."""
 
-    def __init__(self, queue: _Queue, prefetch: int) -> None:
-        super().__init__(queue, prefetch, _UpdateDelivery)
+    def __init__(
+        self, queue: _Queue, prefetch: int, chunking: Chunking, update_bytes: int | None
+    ) -> None:
+        super().__init__(queue, chunking.prefetch_messages(prefetch, update_bytes), _UpdateDelivery)
+        self.hand_out = prefetch
+        self._reasm: Reassembler[_Message] = Reassembler(chunking.limits)
+        #: Received whole (or refused), not handed out yet, in arrival order.
+        self.waiting: deque[_UpdateDelivery] = deque()
+        self._out: list[_UpdateDelivery] = []
+        #: Chunked deliveries not settled yet, by set: a late copy of a chunk joins them.
+        self._done: dict[SetKey, _UpdateDelivery] = {}
+
+    async def get(self) -> _UpdateDelivery:
+        q = self._q
+        async with q.changed:
+            while True:
+                if self.closed:
+                    raise TransportError("subscription is closed")
+                self._pull()
+                found = self._next()
+                if found is not None:
+                    return found
+                deadline = self._reasm.next_deadline()
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.01
+                try:
+                    async with asyncio.timeout(wait):
+                        await q.changed.wait()
+                except TimeoutError:
+                    pass
 
     def ready(self, limit: int) -> list[UpdateDelivery]:
         """What the broker would have sent already (within the prefetch), no waiting."""
         if self.closed:
             raise TransportError("subscription is closed")
-        return [_UpdateDelivery(self, msg) for msg in self._take_ready(limit)]
+        self._pull()
+        out: list[UpdateDelivery] = []
+        while len(out) < limit:
+            found = self._next()
+            if found is None:
+                break
+            out.append(found)
+        return out
+
+    def _pull(self) -> None:
+        """Take what the prefetch allows off the queue; collect expired chunk sets."""
+        for msg in self._take_ready(self._prefetch):
+            self._absorb(msg)
+        for failed in self._reasm.expire():
+            self.waiting.append(_refused(self, failed))
+
+    def _next(self) -> _UpdateDelivery | None:
+        self._out = [d for d in self._out if d.live]
+        if not self.waiting or len(self._out) >= self.hand_out:
+            return None
+        found = self.waiting.popleft()
+        self._out.append(found)
+        return found
+
+    def _absorb(self, msg: _Message) -> None:
+        body = msg.body
+        if not is_chunk(body):
+            self.waiting.append(_UpdateDelivery(self, [Part(msg, b"", 0, len(body))], body))
+            return
+        try:
+            chunk = parse(body)
+            added = self._reasm.add(chunk, msg, msg.user_id)
+        except ChunkError as e:
+            alone: Failed[_Message] = Failed(
+                (msg.user_id or "", ""), e.reason, e.detail, body, [Part(msg, b"", 0, len(body))]
+            )
+            self.waiting.append(_refused(self, e.failed or alone))
+            return
+        if isinstance(added, Complete):
+            whole = _UpdateDelivery(self, added.parts, added.body)
+            self._done[added.key] = whole
+            self.waiting.append(whole)
+        elif added is Added.LATE:
+            held = self._done.get((msg.user_id or "", chunk.header.id))
+            if held is not None and held.live and not held.settling:
+                held.parts.append(Part(msg, chunk.prefix, chunk.header.start, chunk.header.end))
+            else:  # a copy of a chunk of an update settled already: acked at once
+                self.unacked.pop(msg.tag, None)
+
+    def forget(self, delivery: _UpdateDelivery) -> None:
+        """A delivery was settled: it no longer takes a late chunk."""
+        for key, held in list(self._done.items()):
+            if held is delivery:
+                del self._done[key]
+
+    async def close(self) -> None:
+        await super().close()
+        self._reasm.forget()
+        self.waiting.clear()
+        self._done.clear()
 
     async def ack_all(self, deliveries: Sequence[UpdateDelivery]) -> None:
         """Ack the live ones at once; the others are skipped."""
@@ -152,49 +266,85 @@ class _UpdateSubscription(_Subscription["_UpdateDelivery"]):
         for d in deliveries:
             if not isinstance(d, _UpdateDelivery):
                 raise TransportError(f"not a delivery of this transport: {d!r}")
-            if d.live:
+            if d.live and not d.settling:
                 live.append(d)
         for sub in {id(d._sub): d._sub for d in live}.values():
             async with sub._q.changed:
                 for d in live:
                     if d._sub is sub:
-                        sub.unacked.pop(d._msg.tag, None)
+                        d._settle_locked()
                 sub._q.changed.notify_all()
 
 
+def _refused(sub: _UpdateSubscription, failed: Failed[_Message]) -> _UpdateDelivery:
+    return _UpdateDelivery(sub, failed.parts, b"", TransportRefusal(failed.reason, failed.detail))
+
+
 class _UpdateDelivery:
-    def __init__(self, sub: _Subscription[_UpdateDelivery], msg: _Message) -> None:
-        self._sub, self._msg = sub, msg
+    """One update: one message, or every chunk message of a chunked one."""
+
+    def __init__(
+        self,
+        sub: _UpdateSubscription,
+        parts: list[Part[_Message]],
+        body: bytes,
+        refusal: TransportRefusal | None = None,
+    ) -> None:
+        self._sub, self.parts, self._body, self.refusal = sub, parts, body, refusal
+        self._settled = False
+        self.settling = False
 
     @property
     def body(self) -> bytes:
-        return self._msg.body
+        return self._body
 
     @property
     def user_id(self) -> str | None:
-        return self._msg.user_id
+        return self.parts[0].handle.user_id
 
     @property
     def message_id(self) -> str | None:
-        return self._msg.message_id
+        return self.parts[0].handle.message_id
 
     @property
     def redelivered(self) -> bool:
-        return self._msg.deliveries > 1
+        return any(p.handle.deliveries > 1 for p in self.parts)
 
     @property
     def live(self) -> bool:
-        return not self._sub.closed and self._msg.tag in self._sub.unacked
+        return not self._settled and not self._sub.closed
+
+    def _settle_locked(self) -> None:
+        """Take every message of it off the unacked (the queue's lock held)."""
+        if not self.live or any(p.handle.tag not in self._sub.unacked for p in self.parts):
+            raise TransportError("delivery already settled or its subscription closed")
+        for p in self.parts:
+            del self._sub.unacked[p.handle.tag]
+        self._settled = True
+        self._sub.forget(self)
+
+    async def _settle(self) -> None:
+        async with self._sub._q.changed:
+            self._settle_locked()
+            self._sub._q.changed.notify_all()
 
     async def ack(self) -> None:
-        await self._sub.settle(self._msg)
+        await self._settle()
 
     async def dead_letter(self, reason: str, detail: str = "") -> None:
         dead = self._sub._q.dead
-        await self._sub.settle(self._msg)
+        self.settling = True
+        try:
+            await self._settle()
+        finally:
+            self.settling = False
         if dead is not None:
-            headers = {**self._msg.headers, REASON_HEADER: reason, DETAIL_HEADER: detail}
-            dead.append(DeadLetter(self._msg.body, reason, detail, headers))
+            for p in self.parts:
+                msg = p.handle
+                headers = {**msg.headers, REASON_HEADER: reason, DETAIL_HEADER: detail}
+                if msg.user_id:
+                    headers[SENDER_HEADER] = msg.user_id
+                dead.append(DeadLetter(msg.body, reason, detail, headers))
 
 
 class _ReceiptDelivery:
@@ -214,12 +364,13 @@ class _ReceiptDelivery:
 
 
 class _ModelStream:
-    """A task's model stream: announcements with offsets.
+    """A task's model stream: announcement messages (chunk messages of a chunked one)
+    with offsets.
 
-    Like the broker's, it drops the oldest announcements once they hold more than
-    ``max_bytes``, never the last one. It also drops those that no reader can be
-    handed any more (older than every open reader's position): a reader starts at the
-    last announcement, so nobody could tell.
+    Like the broker's, it drops the oldest messages once they hold more than
+    ``max_bytes``, never those of the last announcement. It also drops those that no
+    reader can be handed any more (older than every open reader's position): a reader
+    starts at the last announcement, so nobody could tell.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -230,17 +381,43 @@ class _ModelStream:
         self.readers: set[_ModelSubscription] = set()
         self.changed = asyncio.Condition()
 
+    def last_start(self) -> int:
+        """The offset of the last announcement's first message (its chunk 0, when
+        chunked); :attr:`next_offset` if the stream is empty."""
+        if not self.entries:
+            return self.next_offset
+        offset, last = self.entries[-1]
+        set_id = _set_id(last)
+        if set_id is None:
+            return offset
+        for earlier, msg in reversed(self.entries):
+            if _set_id(msg) != set_id:
+                break
+            offset = earlier
+        return offset
+
     async def append(self, msg: _Message) -> None:
         async with self.changed:
             self.entries.append((self.next_offset, msg))
             self.next_offset += 1
             self.size += len(msg.body)
+            keep = self.last_start()
             needed = min((r.cursor for r in self.readers), default=self.next_offset)
-            while len(self.entries) > 1 and (
+            while self.entries[0][0] < keep and (
                 self.size > self.max_bytes or self.entries[0][0] < needed
             ):
                 self.size -= len(self.entries.popleft()[1].body)
             self.changed.notify_all()
+
+
+def _set_id(msg: _Message) -> str | None:
+    """The chunk set id of a chunk message; None for a whole one (or a bad chunk)."""
+    if not is_chunk(msg.body):
+        return None
+    try:
+        return parse(msg.body).header.id
+    except ChunkError:
+        return None
 
 
 def _version(msg: _Message) -> int:
@@ -250,36 +427,71 @@ def _version(msg: _Message) -> int:
 
 class _ModelSubscription:
     """Reads a model stream from its last announcement; hands out the newest of those
-    that arrived since the last :meth:`get` (the highest version; of equals, the later)."""
+    that arrived whole since the last :meth:`get` (the highest version; of equals, the
+    later). Chunk messages are reassembled as they are read."""
 
-    def __init__(self, stream: _ModelStream) -> None:
+    def __init__(self, stream: _ModelStream, chunking: Chunking) -> None:
         self._stream = stream
         #: The next offset to read: the last announcement's, or the next one's if none.
-        self.cursor = stream.entries[-1][0] if stream.entries else stream.next_offset
+        self.cursor = stream.last_start()
         self.unacked: set[int] = set()
         self.closed = False
+        self._reasm: Reassembler[int] = Reassembler(dataclasses.replace(chunking.limits, recent=0))
+        self._fresh: list[_ModelDelivery] = []
         stream.readers.add(self)
 
     async def get(self) -> _ModelDelivery:
         stream = self._stream
         async with stream.changed:
-            await stream.changed.wait_for(lambda: self.closed or stream.next_offset > self.cursor)
-            if self.closed:
-                raise TransportError("subscription is closed")
-            fresh: list[_Message] = []  # newest first; the last one is never dropped
-            for offset, msg in reversed(stream.entries):
-                if offset < self.cursor:
-                    break
-                fresh.append(msg)
-            newest = max(fresh, key=_version)  # of equals, the first: the later
-            self.cursor = stream.next_offset
-        self.unacked.add(newest.tag)
-        return _ModelDelivery(self, newest)
+            while True:
+                if self.closed:
+                    raise TransportError("subscription is closed")
+                self._read()
+                if self._fresh:
+                    newest = self._fresh[0]
+                    for d in self._fresh[1:]:  # of equals, the later
+                        if d.version >= newest.version:
+                            newest = d
+                    self._fresh.clear()
+                    self.unacked.add(newest.token)
+                    return newest
+                deadline = self._reasm.next_deadline()
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.01
+                try:
+                    async with asyncio.timeout(wait):
+                        await stream.changed.wait()
+                except TimeoutError:
+                    pass
 
-    async def settle(self, msg: _Message) -> None:
-        if msg.tag not in self.unacked:
+    def _read(self) -> None:
+        """Take the messages from the cursor on; whole models (and refused sets) go to
+        ``_fresh``."""
+        for offset, msg in self._stream.entries:
+            if offset < self.cursor:
+                continue
+            self._take(msg)
+        self.cursor = self._stream.next_offset
+        for failed in self._reasm.expire():
+            self._fresh.append(_failed_model(self, failed))
+
+    def _take(self, msg: _Message) -> None:
+        if not is_chunk(msg.body):
+            self._fresh.append(_ModelDelivery(self, msg.body, _version(msg)))
+            return
+        try:
+            added = self._reasm.add(parse(msg.body), _version(msg), msg.user_id)
+        except ChunkError as e:
+            self._fresh.append(
+                _ModelDelivery(self, b"", _version(msg), TransportRefusal(e.reason, e.detail))
+            )
+            return
+        if isinstance(added, Complete):
+            self._fresh.append(_ModelDelivery(self, added.body, added.parts[0].handle))
+
+    async def settle(self, token: int) -> None:
+        if token not in self.unacked:
             raise TransportError("delivery already settled or its subscription closed")
-        self.unacked.discard(msg.tag)
+        self.unacked.discard(token)
 
     async def close(self) -> None:
         if self.closed:
@@ -291,27 +503,40 @@ class _ModelSubscription:
             self._stream.changed.notify_all()
 
 
+def _failed_model(sub: _ModelSubscription, failed: Failed[int]) -> _ModelDelivery:
+    refusal = TransportRefusal(failed.reason, failed.detail)
+    return _ModelDelivery(sub, b"", failed.parts[0].handle, refusal)
+
+
 class _ModelDelivery:
-    def __init__(self, sub: _ModelSubscription, msg: _Message) -> None:
-        self._sub, self._msg = sub, msg
+    def __init__(
+        self,
+        sub: _ModelSubscription,
+        body: bytes,
+        version: int,
+        refusal: TransportRefusal | None = None,
+    ) -> None:
+        self._sub, self._body, self._version, self.refusal = sub, body, version, refusal
+        self.token = next(_ids)
 
     @property
     def body(self) -> bytes:
-        return self._msg.body
+        return self._body
 
     @property
     def version(self) -> int:
-        return _version(self._msg)
+        return self._version
 
     async def ack(self) -> None:
-        await self._sub.settle(self._msg)
+        await self._sub.settle(self.token)
 
 
 @dataclass
 class _TaskQueues:
     work: _Queue
     dead: list[DeadLetter]
-    audit: list[bytes]
+    #: Every update message published (body and sender), as the audit stream keeps them.
+    audit: list[tuple[bytes, str | None]]
     models: _ModelStream
     receipts: dict[str, _Queue] = field(default_factory=dict)
 
@@ -330,11 +555,17 @@ class MemoryBroker:
 
 
 class MemoryTransport:
-    """A client of a :class:`MemoryBroker`; ``user`` plays the broker-validated user id."""
+    """A client of a :class:`MemoryBroker`; ``user`` plays the broker-validated user id.
 
-    def __init__(self, broker: MemoryBroker, user: str | None = None) -> None:
+    ``chunking``: the chunk size and reassembly limits (docs/chunking.md).
+    """
+
+    def __init__(
+        self, broker: MemoryBroker, user: str | None = None, *, chunking: Chunking | None = None
+    ) -> None:
         self.broker = broker
         self.user = user
+        self.chunking = chunking or Chunking()
         self._subs: list[_Subscription[object] | _ModelSubscription] = []
 
     async def close(self) -> None:
@@ -356,10 +587,24 @@ class MemoryTransport:
         for p in topology.participants:
             tq.receipts.setdefault(p, _Queue(max_length=topology.receipts_max_length))
 
-    async def consume_updates(self, task: str, *, prefetch: int) -> _UpdateSubscription:
-        sub = _UpdateSubscription(self.broker.task(task).work, prefetch)
+    async def consume_updates(
+        self, task: str, *, prefetch: int, update_bytes: int | None = None
+    ) -> _UpdateSubscription:
+        sub = _UpdateSubscription(
+            self.broker.task(task).work, prefetch, self.chunking, update_bytes
+        )
         self._subs.append(sub)  # type: ignore[arg-type]
         return sub
+
+    def _pieces(self, body: bytes, set_id: str) -> list[bytes]:
+        """``body`` as the messages that carry it: itself, or its chunk messages."""
+        size = self.chunking.chunk_size
+        if not needs_chunks(body, size):
+            return [body]
+        try:
+            return list(split(body, id=set_id, chunk_size=size))
+        except ValueError as e:
+            raise TransportError(f"cannot split a body of {len(body)} bytes: {e}") from e
 
     async def announce_model(
         self,
@@ -376,7 +621,9 @@ class MemoryTransport:
         if version_hash is not None:
             headers[VERSION_HASH_HEADER] = version_hash
         stream = self.broker.task(task).models
-        await stream.append(_Message(body, headers, self.user, f"{task}-model-{version}"))
+        message_id = f"{task}-model-{version}"
+        for piece in self._pieces(body, f"{message_id}-{uuid.uuid4().hex[:12]}"):
+            await stream.append(_Message(piece, dict(headers), self.user, message_id))
 
     async def last_announcement(self, task: str) -> Announcement | None:
         entries = self.broker.task(task).models.entries
@@ -391,16 +638,22 @@ class MemoryTransport:
         )
 
     async def queue_depth(self, task: str) -> int:
-        return len(self.broker.task(task).work.ready)
+        work = self.broker.task(task).work
+        held = sum(len(s.waiting) for s in work.consumers if isinstance(s, _UpdateSubscription))
+        return len(work.ready) + held
 
     async def dead_letters(self, task: str, limit: int = 1000) -> list[DeadLetter]:
         dead = self.broker.task(task).dead
         taken, dead[:limit] = dead[:limit], []
-        return taken
+        return merge_dead_letters(taken)
 
     async def read_audit(self, task: str, *, idle_s: float = 1.0) -> AsyncIterator[bytes]:
-        for body in list(self.broker.task(task).audit):
-            yield body
+        joiner = StreamJoiner(self.chunking.limits)
+        for body, sender in list(self.broker.task(task).audit):
+            for whole in joiner.feed(body, sender):
+                yield whole
+        for rest in joiner.finish():
+            yield rest
 
     async def publish_update(
         self, task: str, participant: str, body: bytes, *, message_id: str
@@ -408,11 +661,22 @@ class MemoryTransport:
         tq = self.broker.tasks.get(task)
         if tq is None:  # unroutable: like a mandatory publish to an exchange with no binding
             raise TransportError(f"update for task {task!r} was not routed to any queue")
-        tq.audit.append(body)
+        for piece in self._pieces(body, message_id):
+            await self.publish_raw(task, participant, piece, message_id=message_id)
+
+    async def publish_raw(
+        self, task: str, participant: str, body: bytes, *, message_id: str
+    ) -> None:
+        """Publish one message as it is to the task's work queue and audit stream (a
+        chunk message made elsewhere: tests of misbehaving publishers)."""
+        tq = self.broker.tasks.get(task)
+        if tq is None:
+            raise TransportError(f"update for task {task!r} was not routed to any queue")
+        tq.audit.append((body, self.user))
         await tq.work.put(_Message(body, {}, self.user, message_id))
 
     async def consume_models(self, task: str, participant: str) -> _ModelSubscription:
-        sub = _ModelSubscription(self.broker.task(task).models)
+        sub = _ModelSubscription(self.broker.task(task).models, self.chunking)
         self._subs.append(sub)
         return sub
 
