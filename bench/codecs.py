@@ -3,16 +3,17 @@ final AUC against raw on German credit, and encode/decode time for a 1M-paramete
 
 Quality: embedded ``fedq simulate`` runs (in-process broker and store, signed updates),
 German credit, 5 banks, sync rounds (FedAvg), the logistic regression (75 parameters)
-and an MLP (one hidden layer of 32: 2,465 parameters), over several split seeds; per
+and an MLP (one hidden layer of 32: 2,433 parameters), over several split seeds; per
 seed the split and the baselines are made once and every variant runs on them, the
 task spec's ``compression`` set to the variant's (docs/wire-format.md, section 6.1).
 Patience 0: every run stops at the same round. Every update the banks publish is
 counted: the whole message and its tensor payloads (the ``b`` of each tensor), against
 the raw float32 payload (4 bytes a parameter) and the raw run's mean message. ``zstd``
 (lossless, the same values as raw) is not run: the raw run's updates are re-encoded
-with it, signatures kept. Raw and top-k at 3% and 1% also run for ``--long`` (3) times
-the rounds, each compared with raw over as many rounds: whether top-k with error
-feedback catches up when given more (much smaller) updates.
+with it, signatures kept. Top-k runs with float32 values (``topk``) and with int8
+values (``topk8``: a byte a kept entry). Raw and top-k at 3% and 1% also run for
+``--long`` (3) times the rounds, each compared with raw over as many rounds: whether
+top-k with error feedback catches up when given more (much smaller) updates.
 
 Speed: one delta of about 1M parameters (a 1000 x 999 weight and a 1000 bias, N(0,
 1e-3)), ``encode_update`` (with the lossy encoding and the decode of its own payload
@@ -68,11 +69,15 @@ class Variant:
         return c["codec"] + ("+zstd" if c.get("lossless") else "")
 
 
-def _topk(fraction: float, *, zstd: bool = False, feedback: bool = True) -> Variant:
+def _topk(
+    fraction: float, *, zstd: bool = False, feedback: bool = True, codec: str = "topk"
+) -> Variant:
     label = (
-        f"topk {100 * fraction:g}%" + (" +zstd" if zstd else "") + ("" if feedback else ", no EF")
+        f"{codec} {100 * fraction:g}%"
+        + (" +zstd" if zstd else "")
+        + ("" if feedback else ", no EF")
     )
-    comp: dict[str, Any] = {"codec": "topk", "topk_fraction": fraction, "error_feedback": feedback}
+    comp: dict[str, Any] = {"codec": codec, "topk_fraction": fraction, "error_feedback": feedback}
     if zstd:
         comp["lossless"] = "zstd"
     return Variant(label, comp)
@@ -96,8 +101,13 @@ VARIANTS: tuple[Variant, ...] = (
     _topk(0.01, zstd=True),
     _topk(0.1, feedback=False),
     _topk(0.01, feedback=False),
+    _topk(0.02, codec="topk8"),
+    _topk(0.03, codec="topk8"),
+    _topk(0.05, codec="topk8"),
+    _topk(0.08, codec="topk8"),
+    _topk(0.05, codec="topk8", zstd=True),
 )
-QUICK_VARIANTS = ("raw", "int8", "topk 10%")
+QUICK_VARIANTS = ("raw", "int8", "topk 10%", "topk8 5%")
 #: Also run for ``--long`` times the rounds: does top-k with error feedback catch up?
 LONG_VARIANTS = ("raw", "topk 3%", "topk 1%")
 
@@ -106,6 +116,9 @@ TARGETS: tuple[tuple[str, float, float], ...] = (
     ("int8", 0.26, 0.005),
     ("topk 1%", 0.03, 0.01),
     ("topk 3%", 0.03, 0.01),
+    ("topk8 3%", 0.03, 0.01),
+    ("topk8 5%", 0.03, 0.01),
+    ("topk8 8%", 0.03, 0.01),
     ("f16", 0.5, 0.001),
 )
 

@@ -5,8 +5,8 @@ The decoder is told the tensor's wire dtype and shape, hence the exact size it m
 have, so it can refuse a payload before it expands it (decompression bombs).
 
 ``raw`` carries the raw little-endian bytes as they are; ``zstd`` compresses them
-(lossless). The lossy codecs (``f16``, ``bf16``, ``int8``, ``int8c``, ``topk``, each
-also ``+zstd``) quantize or sparsify ``f32`` tensors; the envelope's dtype stays
+(lossless). The lossy codecs (``f16``, ``bf16``, ``int8``, ``int8c``, ``topk``,
+``topk8``, each also ``+zstd``) quantize or sparsify ``f32`` tensors; the envelope's dtype stays
 ``f32`` and the decoded tensor is the dequantized float32 tensor, computed with
 single float32 operations so every decoder gets the same bits. A tensor of any other
 dtype is carried exactly under a lossy codec, by its lossless stage (``raw``, or
@@ -375,6 +375,38 @@ class HalfCodec(_Lossy):
 INT8_LEVELS: Final = 127
 
 
+def _int8_levels(
+    y: F32, scale: F32, stochastic: bool, rng: np.random.Generator | None
+) -> npt.NDArray[np.int8]:
+    """``y / scale`` (``scale`` broadcast against ``y``) as int8 levels in [-127, 127]:
+    rounded to nearest, ties to even, or with ``stochastic`` ``floor(y / scale + u)``,
+    ``u`` uniform in [0, 1) from ``rng``; 0 where the scale is 0."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        levels = np.where(scale > 0, y / scale, np.float32(0))
+    if stochastic:
+        rng = rng if rng is not None else np.random.default_rng()
+        q = np.floor(levels + rng.random(levels.shape, dtype=np.float32))
+    else:
+        q = np.rint(levels)
+    return np.clip(q, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+
+
+def _check_scales(name: str, scale: F32) -> None:
+    """CODEC_ERROR unless every scale is a finite binary32 without its sign bit."""
+    bad = ~np.isfinite(scale) | ((scale.view(np.uint32) >> np.uint32(31)) == 1)
+    if bad.any():
+        raise DecodeError(
+            Refusal.CODEC_ERROR,
+            f"{name} scale {float(scale[bad][0])!r} is not a finite number >= 0",
+        )
+
+
+def _check_levels(name: str, q: npt.NDArray[np.int8]) -> None:
+    """CODEC_ERROR if a level is -128 (the int8 codecs are symmetric)."""
+    if q.size and int(q.min()) < -INT8_LEVELS:
+        raise DecodeError(Refusal.CODEC_ERROR, f"{name} value -128 is not allowed")
+
+
 @dataclass(frozen=True)
 class Int8Codec(_Lossy):
     """Symmetric 8-bit quantization: float32 scales, then one int8 per element.
@@ -409,31 +441,19 @@ class Int8Codec(_Lossy):
         grid = x.reshape(rows, -1)
         top = np.abs(grid).max(axis=1) if x.size else np.zeros(rows, dtype=np.float32)
         scale = (top / np.float32(INT8_LEVELS)).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            y = np.where(scale[:, None] > 0, grid / scale[:, None], np.float32(0))
-        if self.stochastic:
-            rng = rng if rng is not None else np.random.default_rng()
-            q = np.floor(y + rng.random(y.shape, dtype=np.float32))
-        else:
-            q = np.rint(y)
-        q = np.clip(q, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+        q = _int8_levels(grid, scale[:, None], self.stochastic, rng)
         return scale.astype("<f4").tobytes() + q.tobytes()
 
     def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
         rows = self.rows(shape, n)
         scale = np.frombuffer(payload, dtype="<f4", count=rows)
-        bad = ~np.isfinite(scale) | ((scale.view(np.uint32) >> np.uint32(31)) == 1)
-        if bad.any():
-            raise DecodeError(
-                Refusal.CODEC_ERROR,
-                f"{self.name} scale {float(scale[bad][0])!r} is not a finite number >= 0",
-            )
+        _check_scales(self.name, scale)
         q = np.frombuffer(payload, dtype=np.int8, offset=4 * rows)
-        if n and int(q.min()) < -INT8_LEVELS:
-            raise DecodeError(Refusal.CODEC_ERROR, f"{self.name} value -128 is not allowed")
-        np.multiply(
-            q.reshape(rows, -1).astype(np.float32), scale[:, None], out=out.reshape(rows, -1)
-        )
+        _check_levels(self.name, q)
+        with np.errstate(over="ignore"):  # a product past float32: non_finite, after the hash
+            np.multiply(
+                q.reshape(rows, -1).astype(np.float32), scale[:, None], out=out.reshape(rows, -1)
+            )
 
 
 @dataclass(frozen=True)
@@ -469,20 +489,36 @@ class TopKCodec(_Lossy):
         return min(n, max(1, round(self.fraction * n))) if n else 0
 
     def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
+        index = self._select(x)
+        return struct.pack("<I", index.size) + x[index].astype("<f4").tobytes() + _gaps(index)
+
+    def _select(self, x: F32) -> npt.NDArray[np.int64]:
+        """The indices, increasing, of the ``keep(n)`` entries of largest magnitude,
+        ties broken by the lower index."""
         n = x.size
         if n >= 2**32:
             raise EncodeError(f"codec {self.name!r} takes tensors of fewer than 2^32 elements")
         k = self.keep(n)
         magnitude = np.abs(x)
         if k == n:
-            index = np.arange(n, dtype=np.int64)
-        else:
-            threshold = np.partition(magnitude, n - k)[n - k]
-            above = np.flatnonzero(magnitude > threshold)
-            ties = np.flatnonzero(magnitude == threshold)[: k - above.size]
-            index = np.sort(np.concatenate((above, ties))).astype(np.int64)
-        gaps = np.diff(index, prepend=np.int64(-1)) - 1
-        return struct.pack("<I", k) + x[index].astype("<f4").tobytes() + varints(gaps)
+            return np.arange(n, dtype=np.int64)
+        threshold = np.partition(magnitude, n - k)[n - k]
+        above = np.flatnonzero(magnitude > threshold)
+        ties = np.flatnonzero(magnitude == threshold)[: k - above.size]
+        return np.sort(np.concatenate((above, ties))).astype(np.int64)
+
+    def _indices(
+        self, payload: bytes | bytearray, offset: int, k: int, n: int
+    ) -> npt.NDArray[np.int64]:
+        """The ``k`` indices the varints from ``offset`` to the end give (CODEC_ERROR
+        unless exactly ``k`` varints whose last index is below ``n``)."""
+        gaps = read_varints(np.frombuffer(payload, dtype=np.uint8, offset=offset), k)
+        if k and int(gaps.sum(dtype=np.uint64)) + k > n:
+            raise DecodeError(
+                Refusal.CODEC_ERROR, f"{self.name} index out of range for {n} entries"
+            )
+        index: npt.NDArray[np.int64] = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        return index
 
     def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
         if len(payload) < 4:
@@ -498,14 +534,74 @@ class TopKCodec(_Lossy):
                 f"{self.name} payload has {len(payload)} bytes, {k} values need {4 + 4 * k}",
             )
         values = np.frombuffer(payload, dtype="<f4", count=k, offset=4)
-        gaps = read_varints(np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * k), k)
-        if k and int(gaps.sum(dtype=np.uint64)) + k > n:
-            raise DecodeError(
-                Refusal.CODEC_ERROR, f"{self.name} index out of range for {n} entries"
-            )
-        index = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        index = self._indices(payload, 4 + 4 * k, k, n)
         out[:] = 0
         out[index] = values
+
+
+@dataclass(frozen=True)
+class TopK8Codec(TopKCodec):
+    """``topk`` with int8 values: ``k`` (u32), a float32 scale ``S``, the ``k`` kept
+    entries as int8 levels ``q`` in [-127, 127] in index order, then their indices as
+    ``topk``'s gap varints. Decoding: ``q * S`` at each index, zeros elsewhere.
+
+    The encoder keeps the entries ``topk`` keeps, then quantizes them as ``int8``
+    does: ``S = max |kept| / 127``, levels rounded to nearest (ties to even) or, with
+    ``stochastic``, down or up at random, unbiased.
+    """
+
+    #: Encoder only: stochastic rounding (the payload decodes the same way).
+    stochastic: bool = False
+
+    @property
+    def base(self) -> str:
+        return "topk8"
+
+    def _payload_bound(self, n: int) -> int:
+        # 8 bytes of count and scale, k <= n levels of one byte, and fewer than
+        # k + (n - k) / 127 bytes of varints (as for topk): at most 8 + 2n.
+        return 8 + 2 * n
+
+    def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
+        index = self._select(x)
+        kept = x[index]
+        top = np.abs(kept).max() if kept.size else np.float32(0)
+        scale = np.array([top], dtype=np.float32) / np.float32(INT8_LEVELS)
+        q = _int8_levels(kept, scale, self.stochastic, rng)
+        return (
+            struct.pack("<I", index.size)
+            + scale.astype("<f4").tobytes()
+            + q.tobytes()
+            + _gaps(index)
+        )
+
+    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+        if len(payload) < 8:
+            raise DecodeError(Refusal.SIZE_MISMATCH, f"{self.name} payload has no count and scale")
+        (k,) = struct.unpack_from("<I", payload)
+        if k > n:
+            raise DecodeError(
+                Refusal.CODEC_ERROR, f"{self.name} keeps {k} entries of a tensor of {n}"
+            )
+        if len(payload) < 8 + k:
+            raise DecodeError(
+                Refusal.SIZE_MISMATCH,
+                f"{self.name} payload has {len(payload)} bytes, {k} values need {8 + k}",
+            )
+        scale = np.frombuffer(payload, dtype="<f4", count=1, offset=4)
+        _check_scales(self.name, scale)
+        q = np.frombuffer(payload, dtype=np.int8, count=k, offset=8)
+        _check_levels(self.name, q)
+        index = self._indices(payload, 8 + k, k, n)
+        out[:] = 0
+        with np.errstate(over="ignore"):  # a product past float32: non_finite, after the hash
+            out[index] = q.astype(np.float32) * scale[0]
+
+
+def _gaps(index: npt.NDArray[np.int64]) -> bytes:
+    """The varints of increasing indices' gaps: the first index, then each index
+    minus the previous one minus 1."""
+    return varints(np.diff(index, prepend=np.int64(-1)) - 1)
 
 
 #: A varint holds at most this many bytes (a gap below 2^32).
@@ -565,7 +661,10 @@ def read_varints(data: npt.NDArray[np.uint8], count: int) -> npt.NDArray[np.uint
 # --------------------------------------------------------------------------- registry
 
 #: The lossy codecs by the base name a task spec chooses (``compression.codec``).
-LOSSY_BASES: Final = ("f16", "bf16", "int8", "int8c", "topk")
+LOSSY_BASES: Final = ("f16", "bf16", "int8", "int8c", "topk", "topk8")
+#: The lossy codecs whose encoder may round stochastically, and those that keep top-k.
+STOCHASTIC_BASES: Final = ("int8", "int8c", "topk8")
+TOPK_BASES: Final = ("topk", "topk8")
 #: Codecs whose decoding gives back exactly what was encoded.
 LOSSLESS_CODECS: Final = frozenset({"raw", "zstd"})
 
@@ -579,16 +678,20 @@ def lossy_codec(
 ) -> Codec:
     """The encoder of lossy codec ``base`` (``+zstd`` with ``zstd``) with the
     encoder-only choices; EncodeError for an unknown base or a choice it lacks."""
-    if stochastic and base not in ("int8", "int8c"):
-        raise EncodeError(f"stochastic rounding is int8's and int8c's, not {base!r}'s")
-    if topk_fraction is not None and base != "topk":
-        raise EncodeError(f"a top-k fraction is topk's, not {base!r}'s")
+    if stochastic and base not in STOCHASTIC_BASES:
+        raise EncodeError(f"stochastic rounding is int8's, int8c's and topk8's, not {base!r}'s")
+    if topk_fraction is not None and base not in TOPK_BASES:
+        raise EncodeError(f"a top-k fraction is topk's and topk8's, not {base!r}'s")
     if base in ("f16", "bf16"):
         return HalfCodec("f16" if base == "f16" else "bf16", zstd)
     if base in ("int8", "int8c"):
         return Int8Codec(per_channel=base == "int8c", zstd=zstd, stochastic=stochastic)
-    if base == "topk":
-        codec = TopKCodec(topk_fraction, zstd)
+    if base in TOPK_BASES:
+        codec = (
+            TopKCodec(topk_fraction, zstd)
+            if base == "topk"
+            else TopK8Codec(topk_fraction, zstd, stochastic=stochastic)
+        )
         codec.keep(1)  # refuses a missing or out-of-range fraction now
         return codec
     raise EncodeError(f"no lossy codec {base!r}; one of {', '.join(LOSSY_BASES)}")
@@ -608,6 +711,7 @@ CODECS: Final[dict[str, Codec]] = {
                 Int8Codec(zstd=zstd),
                 Int8Codec(per_channel=True, zstd=zstd),
                 TopKCodec(zstd=zstd),
+                TopK8Codec(zstd=zstd),
             )
         ),
     )

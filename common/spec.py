@@ -397,13 +397,15 @@ class CompressionSpec(_Spec):
 
     - ``codec``: ``f16`` (IEEE half), ``bf16`` (bfloat16), ``int8`` (one float32 scale
       per tensor, one byte per value), ``int8c`` (one scale per row of the first
-      dimension) or ``topk`` (only the ``topk_fraction`` largest-magnitude entries of
-      each tensor, zeros elsewhere). Only float32 tensors are compressed.
+      dimension), ``topk`` (only the ``topk_fraction`` largest-magnitude entries of
+      each tensor, zeros elsewhere) or ``topk8`` (those entries as int8 levels of one
+      float32 scale per tensor). Only float32 tensors are compressed.
     - ``lossless``: ``zstd`` compresses the lossy payload too (wire codec
       ``<codec>+zstd``); None: it is sent as it is.
-    - ``stochastic_rounding``: ``int8`` and ``int8c`` round down or up at random
-      (unbiased) instead of to the nearest level; the decoding is the same.
-    - ``topk_fraction``: ``topk``'s share of each tensor's entries kept, in (0, 1].
+    - ``stochastic_rounding``: ``int8``, ``int8c`` and ``topk8`` round down or up at
+      random (unbiased) instead of to the nearest level; the decoding is the same.
+    - ``topk_fraction``: ``topk``'s and ``topk8``'s share of each tensor's entries
+      kept, in (0, 1].
     - ``error_feedback``: each bank adds what compression lost from its previous
       update (its residual: the delta plus the previous residual minus what the
       aggregator decodes) to its next delta before compressing it. The residual is
@@ -414,7 +416,7 @@ class CompressionSpec(_Spec):
     integers: the two exclude each other.
     """
 
-    codec: Literal["f16", "bf16", "int8", "int8c", "topk"]
+    codec: Literal["f16", "bf16", "int8", "int8c", "topk", "topk8"]
     lossless: Literal["zstd"] | None = None
     stochastic_rounding: bool = False
     topk_fraction: float | None = Field(default=None, gt=0, le=1)
@@ -422,13 +424,17 @@ class CompressionSpec(_Spec):
 
     @model_validator(mode="after")
     def _options_fit(self) -> Self:
-        if self.codec == "topk" and self.topk_fraction is None:
-            raise ValueError("compression.codec 'topk' needs compression.topk_fraction")
-        if self.codec != "topk" and self.topk_fraction is not None:
-            raise ValueError(f"compression.topk_fraction is topk's, not {self.codec!r}'s")
-        if self.stochastic_rounding and self.codec not in ("int8", "int8c"):
+        topk = self.codec in ("topk", "topk8")
+        if topk and self.topk_fraction is None:
+            raise ValueError(f"compression.codec {self.codec!r} needs compression.topk_fraction")
+        if not topk and self.topk_fraction is not None:
             raise ValueError(
-                f"compression.stochastic_rounding is int8's and int8c's, not {self.codec!r}'s"
+                f"compression.topk_fraction is topk's and topk8's, not {self.codec!r}'s"
+            )
+        if self.stochastic_rounding and self.codec not in ("int8", "int8c", "topk8"):
+            raise ValueError(
+                "compression.stochastic_rounding is int8's, int8c's and topk8's, "
+                f"not {self.codec!r}'s"
             )
         return self
 

@@ -32,6 +32,7 @@ from common.codecs import (
     LOSSLESS_CODECS,
     Codec,
     Int8Codec,
+    TopK8Codec,
     TopKCodec,
     accepted_codecs,
     get_codec,
@@ -64,7 +65,7 @@ from participant.compression import Compressor
 from participant.worker import ParticipantWorker, WorkerConfig
 
 LOSSY = sorted(name for name in CODECS if name not in LOSSLESS_CODECS)
-BASES = ("f16", "bf16", "int8", "int8c", "topk")
+BASES = ("f16", "bf16", "int8", "int8c", "topk", "topk8")
 
 
 def _encoder(name: str, *, fraction: float = 0.1, stochastic: bool = False) -> Codec:
@@ -73,7 +74,7 @@ def _encoder(name: str, *, fraction: float = 0.1, stochastic: bool = False) -> C
         base,
         zstd=bool(zstd),
         stochastic=stochastic,
-        topk_fraction=fraction if base == "topk" else None,
+        topk_fraction=fraction if base in ("topk", "topk8") else None,
     )
 
 
@@ -150,7 +151,7 @@ def test_encoding_and_decoding_are_deterministic(name: str) -> None:
     assert all(_bits(a.tensors[k]) == _bits(b.tensors[k]) for k in params)
 
 
-@pytest.mark.parametrize("name", ["int8", "int8c", "int8+zstd"])
+@pytest.mark.parametrize("name", ["int8", "int8c", "int8+zstd", "topk8", "topk8+zstd"])
 def test_stochastic_rounding_is_seeded_at_the_encoder_only(name: str) -> None:
     params = _sample(2)
     one = _encode(params, name, seed=5, stochastic=True)
@@ -283,6 +284,82 @@ def test_the_longest_topk_payloads_fit_the_zstd_bound(fraction: float) -> None:
     assert torch.equal(env.tensors["w"], decoded["w"])
 
 
+def _topk8_parts(body: bytes) -> tuple[int, float, list[int], bytes]:
+    """(k, S, levels, varint bytes) of the first tensor's topk8 payload."""
+    payload = msgpack.unpackb(body)["ts"][0]["b"]
+    k, scale = struct.unpack_from("<If", payload)
+    levels = list(struct.unpack_from(f"<{k}b", payload, 8))
+    return k, scale, levels, payload[8 + k :]
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.1, 0.5, 1.0])
+def test_topk8_keeps_topks_entries_each_within_half_a_step(
+    fraction: float, stochastic: bool
+) -> None:
+    w = torch.randn(123, 45)
+    n = w.numel()
+    k = min(n, max(1, round(fraction * n)))
+    body, _, _ = _encode({"w": w}, "topk8", fraction=fraction, stochastic=stochastic)
+    got = decode_update(body).tensors["w"]
+    exact = decode_update(_encode({"w": w}, "topk", fraction=fraction)[0]).tensors["w"]
+    kept = exact != 0  # topk's k entries: the same ones, in the same order
+    count, scale, levels, gaps = _topk8_parts(body)
+    assert count == k and len(levels) == k and -128 not in levels
+    assert (
+        gaps
+        == msgpack.unpackb(_encode({"w": w}, "topk", fraction=fraction)[0])["ts"][0]["b"][
+            4 + 4 * k :
+        ]
+    )
+    assert scale == float(torch.tensor(float(w[kept].abs().max())) / INT8_LEVELS)
+    assert bool((got[~kept] == 0).all())
+    assert torch.equal(got[kept], torch.tensor(levels, dtype=torch.float32) * scale)
+    error = (got[kept] - w[kept]).abs()
+    # Half a level (a whole one when rounding stochastically), plus float32 rounding.
+    step = scale if stochastic else scale / 2
+    assert bool((error <= step + 2 * torch.finfo(torch.float32).eps * w[kept].abs()).all())
+    assert max(abs(q) for q in levels) == INT8_LEVELS  # the largest kept value is +-127
+
+
+def test_topk8_payload_is_count_scale_levels_then_gap_varints() -> None:
+    w = torch.zeros(20_000)
+    w[[5, 6, 300, 19_999]] = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    body, _, decoded = _encode({"w": w}, "topk8", fraction=4 / 20_000)
+    payload = msgpack.unpackb(body)["ts"][0]["b"]
+    scale = struct.unpack("<f", struct.pack("<f", 4.0 / 127))[0]
+    # 1.0 / S = 31.75 -> 32, -2.0 / S = -63.5 -> -64 (a tie, to even), 0.5 / S = 15.875 -> 16
+    assert payload == struct.pack("<If4b", 4, scale, 32, -64, 16, 127) + bytes(
+        [0x05, 0x00, 0xA5, 0x02, 0xF2, 0x99, 0x01]  # gaps 5, 0, 293, 19698, as topk's
+    )
+    assert len(payload) == 4 + 4 + 4 + 7
+    assert decoded["w"][[5, 6, 300, 19_999]].tolist() == [
+        struct.unpack("<f", struct.pack("<f", q * scale))[0] for q in (32, -64, 16, 127)
+    ]
+
+
+def test_topk8_of_zeros_keeps_zeros_with_a_zero_scale() -> None:
+    body, digest, _ = _encode({"w": torch.zeros(10), "e": torch.zeros(0)}, "topk8")
+    assert _topk8_parts(body) == (1, 0.0, [0], b"\x00")
+    env = decode_update(body)
+    assert env.content_hash == digest
+    assert _bits(env.tensors["w"]) == bytes(40)  # +0.0 everywhere
+    assert msgpack.unpackb(body)["ts"][1]["b"] == bytes(8)  # k 0, S +0.0
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1e-9])
+def test_the_longest_topk8_payloads_fit_the_zstd_bound(fraction: float) -> None:
+    w = torch.zeros(5000)
+    w[4999] = 1.0  # k = 1: one gap of 4999 (2 bytes); k = n: n gaps of 0 (8 + 2n bytes)
+    w[:4999] = torch.linspace(-0.5, 0.5, 4999)
+    body, digest, decoded = _encode({"w": w}, "topk8+zstd", fraction=fraction)
+    content = zstandard.ZstdDecompressor().decompress(msgpack.unpackb(body)["ts"][0]["b"])
+    assert len(content) == (8 + 2 * 5000 if fraction == 1.0 else 8 + 1 + 2)
+    env = decode_update(body)
+    assert env.content_hash == digest
+    assert torch.equal(env.tensors["w"], decoded["w"])
+
+
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 16383, 16384, 2**21, 2**28, 2**32 - 1])
 def test_varints_round_trip_in_the_shortest_form(value: int) -> None:
     data = varints(np.array([value, 3], dtype=np.int64))
@@ -336,11 +413,27 @@ def _frame(content: bytes, *, size: bool = True) -> bytes:
             Refusal.CODEC_ERROR,
         ),
         ("topk", struct.pack("<If", 1, 1.0) + bytes(60), Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<I", 1) + b"\x00\x00\x80", Refusal.SIZE_MISMATCH),
+        ("topk8", struct.pack("<If", 33, 1.0), Refusal.CODEC_ERROR),  # more than 32 entries
+        ("topk8", struct.pack("<If", 2**32 - 1, 1.0), Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 2, 1.0) + b"\x01", Refusal.SIZE_MISMATCH),
+        ("topk8", struct.pack("<If", 1, math.nan) + b"\x01\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 1, math.inf) + b"\x01\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 1, -1.0) + b"\x01\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 1, -0.0) + b"\x01\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 2, 1.0) + b"\x01\x80\x00\x01", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 2, 1.0) + b"\x01\x02\x1f\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 2, 1.0) + b"\x01\x02\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 1, 1.0) + b"\x01\x80\x00", Refusal.CODEC_ERROR),
+        ("topk8", struct.pack("<If", 1, 1.0) + b"\x01" + bytes(60), Refusal.CODEC_ERROR),
         ("int8+zstd", _frame(bytes(100)), Refusal.SIZE_MISMATCH),
         ("f16+zstd", b"junk", Refusal.CODEC_ERROR),
         ("bf16+zstd", _frame(bytes(64)) + _frame(b""), Refusal.CODEC_ERROR),
         ("topk+zstd", _frame(bytes(4 + 5 * 32 + 1)), Refusal.SIZE_MISMATCH),
         ("topk+zstd", _frame(bytes(4 + 5 * 32 + 1), size=False), Refusal.SIZE_MISMATCH),
+        ("topk8+zstd", _frame(bytes(8 + 2 * 32 + 1)), Refusal.SIZE_MISMATCH),
+        ("topk8+zstd", _frame(bytes(8 + 2 * 32 + 1), size=False), Refusal.SIZE_MISMATCH),
+        ("topk8+zstd", _frame(struct.pack("<If", 2, 1.0) + b"\x01"), Refusal.SIZE_MISMATCH),
         ("int9", bytes(36), Refusal.UNKNOWN_CODEC),
     ],
 )
@@ -353,6 +446,16 @@ def test_garbage_is_refused_with_its_reason(codec: str, payload: bytes, reason: 
     [
         ("f16", struct.pack("<e", math.inf) + bytes(62), [math.inf] + [0.0] * 31),
         ("topk", struct.pack("<If", 1, math.nan) + b"\x01", [0.0, math.nan] + [0.0] * 30),
+        (
+            "topk8",
+            struct.pack("<Ifb", 1, 3.4028235e38, 127) + b"\x02",  # 127 x the largest float
+            [0.0, 0.0, math.inf] + [0.0] * 29,
+        ),
+        (
+            "int8",
+            struct.pack("<f", 3.4028235e38) + bytes([127] + [0] * 31),
+            [math.inf] + [0.0] * 31,
+        ),
         ("bf16", struct.pack("<H", 0xFF80) + bytes(62), [-math.inf] + [0.0] * 31),
     ],
 )
@@ -371,7 +474,11 @@ def test_a_bomb_is_refused_before_it_is_expanded() -> None:
     huge = zstandard.ZstdCompressor().compressobj()
     chunk = bytes(1 << 20)
     frame = b"".join(huge.compress(chunk) for _ in range(512)) + huge.flush()
-    for codec, payload in (("topk+zstd", frame), ("int8+zstd", _frame(bytes(1 << 26)))):
+    for codec, payload in (
+        ("topk+zstd", frame),
+        ("topk8+zstd", frame),
+        ("int8+zstd", _frame(bytes(1 << 26))),
+    ):
         tracemalloc.start()
         try:
             reason = _refused(_with_payload(codec, payload))
@@ -398,11 +505,20 @@ def test_a_lossy_codec_never_reaches_a_model_envelope() -> None:
 def test_encoder_settings_are_checked() -> None:
     with pytest.raises(EncodeError, match="fraction"):
         encode_tensors({"w": torch.ones(3)}, "topk")  # the registry's topk has no fraction
-    for bad in (0.0, 1.5, None):
-        with pytest.raises(EncodeError, match="fraction"):
-            lossy_codec("topk", topk_fraction=bad)
-    with pytest.raises(EncodeError, match="stochastic"):
-        lossy_codec("f16", stochastic=True)
+    for base in ("topk", "topk8"):
+        for bad in (0.0, 1.5, None):
+            with pytest.raises(EncodeError, match="fraction"):
+                lossy_codec(base, topk_fraction=bad)
+    with pytest.raises(EncodeError, match="fraction"):
+        encode_tensors({"w": torch.ones(3)}, "topk8+zstd")
+    for base in ("f16", "topk"):
+        with pytest.raises(EncodeError, match="stochastic"):
+            lossy_codec(base, stochastic=True)
+    with pytest.raises(EncodeError, match="top-k fraction is topk's and topk8's"):
+        lossy_codec("int8", topk_fraction=0.1)
+    chosen = lossy_codec("topk8", zstd=True, stochastic=True, topk_fraction=0.1)
+    assert chosen == TopK8Codec(0.1, zstd=True, stochastic=True)
+    assert chosen.name == "topk8+zstd"
     with pytest.raises(EncodeError, match="no lossy codec"):
         lossy_codec("int4")
     encoded = encode_tensors({"w": torch.ones(3)}, "int8")
@@ -421,6 +537,7 @@ def test_lossless_codecs_keep_their_hashes_and_bytes() -> None:
     assert not any(get_codec(name).lossless for name in LOSSY)
     assert isinstance(get_codec("int8c+zstd"), Int8Codec)
     assert isinstance(get_codec("topk"), TopKCodec)
+    assert isinstance(get_codec("topk8+zstd"), TopK8Codec)
 
 
 # --------------------------------------------------------------------------- error feedback
@@ -449,6 +566,35 @@ def test_error_feedback_keeps_what_compression_lost() -> None:
         arrived = torch.stack([s[key] for s in sent]).sum(0)
         assert torch.allclose(arrived + compressor.residual[key], total, atol=1e-6), key
         assert not torch.allclose(arrived, total, atol=1e-3), key
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_topk8_error_feedback_keeps_the_quantization_error_too(stochastic: bool) -> None:
+    spec = CompressionSpec(codec="topk8", topk_fraction=0.1, stochastic_rounding=stochastic)
+    compressor = Compressor(spec)
+    g = torch.Generator().manual_seed(4)
+    deltas = [{"w": torch.randn(30, 20, generator=g)} for _ in range(4)]
+    sent: list[torch.Tensor] = []
+    for i, delta in enumerate(deltas):
+        target = compressor.with_residual(delta)["w"]
+        encoded, residual = compressor.compress(delta, seed=i)
+        assert encoded.codec == "topk8" and encoded.decoded is not None
+        decoded = encoded.decoded["w"]
+        assert torch.equal(residual["w"], target - decoded)
+        kept = decoded != 0
+        assert int(kept.sum()) == 60  # no kept value is this small: none decodes to 0
+        # Where an entry was sent, the residual is its quantization error: at most a
+        # step (half a step rounding to nearest), and not nothing as for topk.
+        scale = float(target[kept].abs().max()) / INT8_LEVELS
+        step = scale if stochastic else scale / 2
+        assert float(residual["w"][kept].abs().max()) <= step * (1 + 1e-5)
+        assert bool((residual["w"][kept] != 0).any())
+        assert torch.equal(residual["w"][~kept], target[~kept])
+        compressor.keep(residual)
+        sent.append(decoded)
+    total = torch.stack([d["w"] for d in deltas]).sum(0)
+    arrived = torch.stack(sent).sum(0)
+    assert torch.allclose(arrived + compressor.residual["w"], total, atol=1e-5)
 
 
 def test_error_feedback_off_keeps_no_residual() -> None:
@@ -559,6 +705,16 @@ def test_a_spec_without_compression_keeps_its_canonical_json() -> None:
         ({"codec": "int8c", "lossless": "zstd"}, "int8c+zstd"),
         ({"codec": "topk", "topk_fraction": 1.0}, "topk"),
         ({"codec": "topk", "topk_fraction": 0.01, "lossless": "zstd"}, "topk+zstd"),
+        ({"codec": "topk8", "topk_fraction": 0.05}, "topk8"),
+        (
+            {
+                "codec": "topk8",
+                "topk_fraction": 0.05,
+                "lossless": "zstd",
+                "stochastic_rounding": True,
+            },
+            "topk8+zstd",
+        ),
     ],
 )
 def test_valid_compression_names_its_wire_codec(compression: dict[str, object], wire: str) -> None:
@@ -572,6 +728,10 @@ def test_valid_compression_names_its_wire_codec(compression: dict[str, object], 
     ("compression", "message"),
     [
         ({"codec": "topk"}, "needs compression.topk_fraction"),
+        ({"codec": "topk8"}, "'topk8' needs compression.topk_fraction"),
+        ({"codec": "topk8", "topk_fraction": 0.0}, "greater than 0"),
+        ({"codec": "int8c", "topk_fraction": 0.1}, "topk_fraction is topk's and topk8's"),
+        ({"codec": "topk", "topk_fraction": 0.1, "stochastic_rounding": True}, "not 'topk''s"),
         ({"codec": "topk", "topk_fraction": 0.0}, "greater than 0"),
         ({"codec": "topk", "topk_fraction": 1.5}, "less than or equal to 1"),
         ({"codec": "int8", "topk_fraction": 0.1}, "topk_fraction is topk's"),
@@ -649,6 +809,7 @@ def _update(spec: TaskSpec, codec: str) -> bytes:
         (None, {"raw", "zstd"}),
         ({"codec": "int8", "lossless": "zstd"}, {"raw", "zstd", "int8+zstd"}),
         ({"codec": "topk", "topk_fraction": 0.1}, {"raw", "zstd", "topk"}),
+        ({"codec": "topk8", "topk_fraction": 0.1}, {"raw", "zstd", "topk8"}),
     ],
 )
 async def test_the_aggregator_accepts_lossless_codecs_and_the_tasks_own(
@@ -712,8 +873,9 @@ async def _federation(
     [
         {"codec": "topk", "topk_fraction": 0.2, "lossless": "zstd"},
         {"codec": "int8c", "stochastic_rounding": True},
+        {"codec": "topk8", "topk_fraction": 0.1, "stochastic_rounding": True},
     ],
-    ids=["topk+zstd", "int8c-stochastic"],
+    ids=["topk+zstd", "int8c-stochastic", "topk8-stochastic"],
 )
 async def test_a_compressed_federation_replays_bit_for_bit(compression: dict[str, object]) -> None:
     prep = prepare(SimulationConfig(participants=3))

@@ -232,7 +232,8 @@ def encode_update(
 
 # ----------------------------------------------------------------- lossy codecs (6.1)
 
-LOSSY_BASES: Final = ("f16", "bf16", "int8", "int8c", "topk")
+LOSSY_BASES: Final = ("f16", "bf16", "int8", "int8c", "topk", "topk8")
+TOPK_BASES: Final = ("topk", "topk8")
 LOSSY: Final = tuple(b + z for z in ("", "+zstd") for b in LOSSY_BASES)
 
 
@@ -256,7 +257,7 @@ def int8c_rows(base: str, shape: Sequence[int]) -> int:
 
 
 def payload_size(base: str, shape: Sequence[int]) -> int | None:
-    """The exact size of ``P``, or None for topk."""
+    """The exact size of ``P``, or None for topk and topk8."""
     n = math.prod(shape)
     if base in ("f16", "bf16"):
         return 2 * n
@@ -296,7 +297,7 @@ def write_varints(values: Sequence[int]) -> bytes:
 
 
 def zstd_content(payload: bytes, bound: int) -> bytes:
-    """Section 6.1: one zstd frame of at most ``bound`` bytes (topk+zstd)."""
+    """Section 6.1: one zstd frame of at most ``bound`` bytes (topk+zstd, topk8+zstd)."""
     try:
         declared = int(zstandard.frame_content_size(payload))
     except zstandard.ZstdError as e:
@@ -326,7 +327,7 @@ def decode_lossy(payload: bytes, codec: str, dtype: str, shape: Sequence[int]) -
             raise Refused("size_mismatch")
         p = payload
     elif size is None:
-        p = zstd_content(payload, 4 + 5 * n)
+        p = zstd_content(payload, 4 + 5 * n if base == "topk" else 8 + 2 * n)
     else:
         p = decode_payload(payload, "zstd", size)
         if base in ("f16", "bf16"):  # the byte planes back in place
@@ -352,6 +353,8 @@ def decode_values(base: str, p: bytes, shape: Sequence[int]) -> list[float]:
             raise Refused("codec_error")
         per_row = n // r if n else 1
         return [to_f32(q[i] * scales[i // per_row]) for i in range(n)]
+    if base == "topk8":
+        return decode_topk8(p, n)
     # topk
     if len(p) < 4:
         raise Refused("size_mismatch")
@@ -361,14 +364,38 @@ def decode_values(base: str, p: bytes, shape: Sequence[int]) -> list[float]:
     if len(p) < 4 + 4 * k:
         raise Refused("size_mismatch")
     kept = struct.unpack(f"<{k}f", p[4 : 4 + 4 * k])
+    return scatter(kept, p[4 + 4 * k :], n)
+
+
+def scatter(kept: Sequence[float], varints: bytes, n: int) -> list[float]:
+    """``kept[j]`` at index ``x[j]``: ``x[0] = g[0]``, ``x[j] = x[j-1] + 1 + g[j]``; 0
+    (+0.0) everywhere else."""
     out = [0.0] * n
     index = -1
-    for value, gap in zip(kept, read_varints(p[4 + 4 * k :], k), strict=True):
+    for value, gap in zip(kept, read_varints(varints, len(kept)), strict=True):
         index += 1 + gap
         if index >= n:
             raise Refused("codec_error")
         out[index] = value
     return out
+
+
+def decode_topk8(p: bytes, n: int) -> list[float]:
+    """``k`` (u32), ``S`` (binary32), ``k`` values ``q`` (i8), ``k`` varints; the
+    refusals in the document's order."""
+    if len(p) < 8:
+        raise Refused("size_mismatch")
+    k, scale = struct.unpack("<If", p[:8])
+    if k > n:
+        raise Refused("codec_error")
+    if len(p) < 8 + k:
+        raise Refused("size_mismatch")
+    if not math.isfinite(scale) or math.copysign(1.0, scale) < 0:
+        raise Refused("codec_error")
+    q = struct.unpack(f"<{k}b", p[8 : 8 + k])
+    if -128 in q:
+        raise Refused("codec_error")
+    return scatter([to_f32(level * scale) for level in q], p[8 + k :], n)
 
 
 def encode_lossy(raw: bytes, base: str, shape: Sequence[int], fraction: float = 0.5) -> bytes:
@@ -395,8 +422,14 @@ def encode_lossy(raw: bytes, base: str, shape: Sequence[int], fraction: float = 
         return struct.pack(f"<{r}f", *scales) + struct.pack(f"<{n}b", *q)
     k = min(n, max(1, round(fraction * n))) if n else 0
     index = sorted(sorted(range(n), key=lambda i: (-abs(x[i]), i))[:k])
-    gaps = [i - prev - 1 for prev, i in zip([-1, *index], index, strict=False)]
-    return struct.pack(f"<I{k}f", k, *(x[i] for i in index)) + write_varints(gaps)
+    gaps = write_varints([i - prev - 1 for prev, i in zip([-1, *index], index, strict=False)])
+    kept = [x[i] for i in index]
+    if base == "topk":
+        return struct.pack(f"<I{k}f", k, *kept) + gaps
+    # topk8: int8's rule over the kept values
+    s = to_f32(max((abs(v) for v in kept), default=0.0) / 127)
+    q = [0 if s == 0 else max(-127, min(127, round(to_f32(v / s)))) for v in kept]
+    return struct.pack("<If", k, s) + struct.pack(f"<{k}b", *q) + gaps
 
 
 def encode_lossy_payload(raw: bytes, codec: str, dtype: str, shape: Sequence[int]) -> bytes:
@@ -876,7 +909,7 @@ def _fedq_encoded(
     spec = CompressionSpec(
         codec=base,
         lossless="zstd" if zstd else None,
-        topk_fraction=fraction if base == "topk" else None,
+        topk_fraction=fraction if base in TOPK_BASES else None,
         stochastic_rounding=stochastic,
         error_feedback=False,
     )
@@ -926,6 +959,21 @@ def test_documented_topk_vector_with_a_two_byte_varint() -> None:
     )
 
 
+def test_documented_topk8_vector_rounds_a_tie_to_even() -> None:
+    v = _v_tensor()
+    payload = bytes.fromhex(CODEC_VECTORS["v topk8 payload"])
+    assert payload[8:].hex() == "408120" + "00c70162"  # q 64, -127, 32; gaps 0, 199, 98
+    assert encode_lossy(raw_of(v), "topk8", (300,), fraction=0.01) == payload
+    decoded = from_raw("f32", decode_lossy(payload, "topk8", "f32", (300,)))
+    stated = [float(x) for x in CODEC_VECTORS["v topk8 decoded at 0, 200, 299"].split()]
+    assert [decoded[0], decoded[200], decoded[299]] == stated
+    assert sum(1 for x in decoded if x != 0) == 3
+    digest = content_hash([Tensor("v", "f32", (300,), to_raw("f32", decoded))])
+    assert digest.hex() == CODEC_VECTORS["v topk8 hash"]
+    encoded = _fedq_encoded({"v": v}, "topk8", fraction=0.01)
+    assert (encoded.entries[0]["b"], encoded.digest) == (payload, digest)
+
+
 def _lossy_sample() -> dict[str, torch.Tensor]:
     """float32 tensors of several shapes (ties, zeros, a scalar, an empty one, a large
     value) and tensors of other dtypes, which lossy codecs carry exactly."""
@@ -941,6 +989,7 @@ def _lossy_sample() -> dict[str, torch.Tensor]:
         "big": torch.tensor([70000.0, -1e6, 1.5]),
         "sparse": sparse,
         "scalar": torch.tensor(0.375),
+        "zeros": torch.zeros(3),  # topk8: a kept 0.0 and a scale of 0
         "empty": torch.zeros(0, 4),
         "double": torch.tensor([math.pi, -1e300], dtype=torch.float64),
         "steps": torch.tensor([-(2**63), 2**63 - 1], dtype=torch.int64),
@@ -950,7 +999,7 @@ def _lossy_sample() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("codec", "stochastic"),
-    [(c, False) for c in LOSSY] + [(c, True) for c in LOSSY if c.startswith("int8")],
+    [(c, False) for c in LOSSY] + [(c, True) for c in LOSSY if c.startswith(("int8", "topk8"))],
 )
 def test_fedq_lossy_update_decodes_with_independent_decoder(codec: str, stochastic: bool) -> None:
     params = _lossy_sample()
@@ -1029,6 +1078,8 @@ def _zstd_frame(content: bytes) -> bytes:
 
 _TOPK_W = _w_payload("topk")  # k 3, values -1.25 3.0 7.5, gaps 01 00 02
 _TOPK_HEAD = _TOPK_W[:16]
+_TOPK8_W = _w_payload("topk8")  # k 3, S 7.5/127, q -21 51 127, gaps 01 00 02
+_TOPK8_HEAD = _TOPK8_W[:11]
 
 
 @pytest.mark.parametrize(
@@ -1053,10 +1104,23 @@ _TOPK_HEAD = _TOPK_W[:16]
         ("topk", _TOPK_HEAD + b"\x01\x00\x80\x80\x80\x80\x80\x01", "codec_error"),
         ("topk", _TOPK_HEAD + b"\x01\x00\xff\xff\xff\xff\x1f", "codec_error"),  # >= 2^32
         ("topk", _TOPK_HEAD + b"\x01\x00\x03", "codec_error"),  # index 6 of 6
+        ("topk8", _TOPK8_W[:7], "size_mismatch"),  # no whole scale
+        ("topk8", struct.pack("<If", 7, 1.0) + bytes(20), "codec_error"),  # k above n = 6
+        ("topk8", _TOPK8_W[:10], "size_mismatch"),  # 3 values need 3 bytes after S
+        ("topk8", struct.pack("<If", 3, math.nan) + _TOPK8_W[8:], "codec_error"),
+        ("topk8", struct.pack("<If", 3, math.inf) + _TOPK8_W[8:], "codec_error"),
+        ("topk8", struct.pack("<If", 3, -0.0) + _TOPK8_W[8:], "codec_error"),  # sign bit
+        ("topk8", _TOPK8_W[:8] + b"\x80" + _TOPK8_W[9:], "codec_error"),  # q = -128
+        ("topk8", _TOPK8_HEAD + b"\x01\x00", "codec_error"),  # 2 varints, not 3
+        ("topk8", _TOPK8_HEAD + b"\x01\x00\x02\x00", "codec_error"),  # one left over
+        ("topk8", _TOPK8_HEAD + b"\x01\x00\x82\x00", "codec_error"),  # not the shortest
+        ("topk8", _TOPK8_HEAD + b"\x01\x00\x03", "codec_error"),  # index 6 of 6
         ("int8+zstd", _zstd_frame(_w_payload("int8")[:-1]), "size_mismatch"),
         ("f16+zstd", _zstd_frame(bytes(14)), "size_mismatch"),
         ("topk+zstd", _zstd_frame(bytes(4 + 5 * 6 + 1)), "size_mismatch"),  # over 4 + 5n
         ("topk+zstd", _zstd_frame(_TOPK_W) + b"\x00", "codec_error"),
+        ("topk8+zstd", _zstd_frame(bytes(8 + 2 * 6 + 1)), "size_mismatch"),  # over 8 + 2n
+        ("topk8+zstd", _zstd_frame(_TOPK8_W[:10]), "size_mismatch"),
         ("int8+zstd", _w_payload("int8"), "codec_error"),  # not a frame
     ],
 )
