@@ -115,11 +115,14 @@ VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 #: Base versions kept in memory (with the head): every version admission still admits
 #: (``max_staleness`` in rounds may span hundreds of versions), within BASE_BYTES of
 #: float32 parameters; older ones are read from the store on demand. When the store
-#: prunes parameters (``keep_blobs``, ``checkpoint_every``) at least BASE_CACHE are kept,
-#: since a pruned base is rebuilt from the nearest checkpoint; a strategy that reads no
-#: base keeps the head only (a 100M-parameter head is 400 MB).
+#: prunes parameters (``keep_blobs``, ``checkpoint_every``) up to BASE_CACHE are kept
+#: within PRUNED_BASE_BYTES, since a pruned base is rebuilt from the nearest checkpoint.
+#: Never fewer than 2 (the head and one base), whatever the model's size; a strategy
+#: that reads no base keeps the head only (a 100M-parameter head is 400 MB). See
+#: :func:`base_budget`.
 BASE_CACHE = 32
 BASE_BYTES = 64 * 1024**2
+PRUNED_BASE_BYTES = 4 * BASE_BYTES
 
 #: The model stream's retention in bytes at least (TaskTopology's default); more for a
 #: model larger than a quarter of it.
@@ -137,6 +140,21 @@ RESTORE_BATCH = 256
 APPLIED_VERSIONS = 256
 
 _T = TypeVar("_T")
+
+
+def base_budget(numel: int, *, uses_base: bool, prunes: bool) -> int:
+    """Versions of parameters (the head included) the service keeps in memory for a
+    model of ``numel`` float32 parameters: 1 when the strategy reads no base; else
+    what BASE_BYTES holds, and with a pruning store up to BASE_CACHE within
+    PRUNED_BASE_BYTES; never fewer than 2. Bounded by bytes at every size: over 2
+    versions, never more than max(BASE_BYTES, PRUNED_BASE_BYTES) of parameters."""
+    if not uses_base:
+        return 1
+    size = max(1, 4 * numel)
+    by_bytes = BASE_BYTES // size
+    if prunes:
+        by_bytes = max(by_bytes, min(BASE_CACHE, PRUNED_BASE_BYTES // size))
+    return max(2, by_bytes)
 
 
 class _Conflict(FedqError):
@@ -251,14 +269,8 @@ class AggregatorService:
         expected = model_specs = tensor_specs(model_tensors(build_task_model(spec)))
         numel = sum(_numel(t.shape) for t in expected.values())
         self._inline = numel < self.config.inline_below
-        by_bytes = BASE_BYTES // max(1, 4 * numel)
         prunes = store.config.keep_blobs is not None or store.config.checkpoint_every is not None
-        if not self.strategy.uses_base:
-            self._base_budget = 1
-        elif prunes:
-            self._base_budget = max(BASE_CACHE, by_bytes)
-        else:
-            self._base_budget = max(2, by_bytes)
+        self._base_budget = base_budget(numel, uses_base=self.strategy.uses_base, prunes=prunes)
         # Buffered updates stay unacked until their commit: the prefetch must exceed
         # what the strategy holds, or the broker stops delivering.
         by_bytes = max(1, self.config.prefetch_bytes // max(1, 4 * numel))

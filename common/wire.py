@@ -73,7 +73,7 @@ def limits_for(
     expected: Mapping[str, TensorSpec], base: DecodeLimits = DEFAULT_LIMITS
 ) -> DecodeLimits:
     """``base`` raised to let a task's own messages through: an update or a model of
-    ``expected`` tensors (raw, plus 1/64 and 1 MiB for the envelope and any codec's
+    ``expected`` tensors (raw, plus 1/64 and 64 KiB for the envelope and any codec's
     overhead), its tensors decoded. A model larger than the broker's message limit
     travels in chunks (docs/chunking.md) and is decoded whole; nothing larger than the
     task's model is ever accepted beyond ``base``."""
@@ -83,7 +83,7 @@ def limits_for(
     total = sum(sizes)
     return replace(
         base,
-        max_message_bytes=max(base.max_message_bytes, total + total // 64 + (1 << 20)),
+        max_message_bytes=max(base.max_message_bytes, total + total // 64 + (64 << 10)),
         max_tensor_bytes=max(base.max_tensor_bytes, total),
     )
 

@@ -30,21 +30,37 @@ if TYPE_CHECKING:
     from aggregator.audit.contributions import ContributionReport
     from aggregator.audit.replay import ReplayReport
     from aggregator.store import RedisModelStore
+    from common.spec import TaskSpec
+    from common.transport import Chunking
 
 store_option = redis_option("The model store (read-only access is enough).")
 
 
-async def audit_stream(amqp_url: str, task: str, name: str) -> AsyncGenerator[bytes, None]:
+async def audit_stream(
+    amqp_url: str, task: str, name: str, spec: TaskSpec | None = None
+) -> AsyncGenerator[bytes, None]:
     """The task's audit stream, oldest first; the broker is reached only once it is read
-    (a command that may not need it never connects)."""
+    (a command that may not need it never connects). With ``spec``, chunk sets as large
+    as the task's own updates are reassembled (:func:`fedq.services.chunking_for`)."""
     from common.transport.amqp import AmqpTransport
 
-    transport = await AmqpTransport.connect(amqp_url, name=name)
+    transport = await AmqpTransport.connect(
+        amqp_url, name=name, chunking=_chunking(spec) if spec is not None else None
+    )
     try:
         async for body in transport.read_audit(task):
             yield body
     finally:
         await transport.close()
+
+
+def _chunking(spec: TaskSpec) -> Chunking:
+    """The chunking of a transport that reads the task's audit stream: its largest
+    body is the task's largest update (a 100M-parameter model's is 400 MB), not the
+    64 MiB default."""
+    from fedq.services import chunking_for
+
+    return chunking_for(spec)
 
 
 @asynccontextmanager
@@ -136,7 +152,9 @@ async def _replay(
 
     console = Console(stderr=as_json)
     async with _store(redis_url) as store:
-        transport = await AmqpTransport.connect(amqp_url, name="fedq-replay")
+        transport = await AmqpTransport.connect(
+            amqp_url, name="fedq-replay", chunking=_chunking(await store.get_spec(task))
+        )
         try:
             bodies = [b async for b in transport.read_audit(task)]
         finally:
@@ -436,7 +454,9 @@ async def _contributions(
             spec = spec.model_copy(update={"target": TargetSpec(name=target, positive=positive)})
         x, y = encode(load_table(data), spec)
         holdout = Holdout(spec, x, y, "auc" if metric == "auc" else "loss")
-        transport = await AmqpTransport.connect(amqp_url, name="fedq-contributions")
+        transport = await AmqpTransport.connect(
+            amqp_url, name="fedq-contributions", chunking=_chunking(spec)
+        )
         try:
             bodies = [b async for b in transport.read_audit(task)]
         finally:
@@ -578,7 +598,7 @@ def export(task: str, version: int | None, out: Path, amqp_url: str, redis_url: 
             v = version if version is not None else await store.head(task)
             if v is None:
                 raise FedqError(f"task {task!r} has no versions")
-            stream = audit_stream(amqp_url, task, "fedq-export")
+            stream = audit_stream(amqp_url, task, "fedq-export", await store.get_spec(task))
             try:
                 return await export_version(store, task, v, out, updates=stream)
             finally:

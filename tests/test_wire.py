@@ -422,7 +422,7 @@ def test_limits_for_a_task_let_its_own_model_through_and_nothing_larger() -> Non
         decode_update(body, small, expected)
     assert err.value.reason is Refusal.TOO_LARGE
     limits = limits_for(expected, small)
-    assert limits.max_tensor_bytes == 4100 and limits.max_message_bytes >= 4100 + (1 << 20)
+    assert limits.max_tensor_bytes == 4100 and limits.max_message_bytes == 4100 + 64 + (64 << 10)
     assert torch.equal(decode_update(body, limits, expected).tensors["w"], tensors["w"])
     assert limits_for({}, small) == small
     assert limits_for({"w": TensorSpec((2,), "f32")}) == DEFAULT_LIMITS  # never lowered

@@ -134,6 +134,10 @@ _MAX_REWINDS = 8
 T = TypeVar("T")
 
 
+#: How long the audit reader waits for each message the stream held when asked.
+AUDIT_WAIT_S = 60.0
+
+
 class AmqpTransport:
     """A connection to RabbitMQ for one party (a participant or the aggregator)."""
 
@@ -476,23 +480,31 @@ class AmqpTransport:
         return merge_dead_letters(await self._guard(f"reading {dead_queue(task)}", take))
 
     async def read_audit(self, task: str, *, idle_s: float = 1.0) -> AsyncIterator[bytes]:
-        """Read the audit stream from its first retained offset (a stream consumer)."""
+        """Read the audit stream from its first retained offset (a stream consumer):
+        the messages it held when asked (as far as the broker's count, which lags
+        fresh publishes by a moment, says), waiting up to ``AUDIT_WAIT_S`` for each (a
+        stream of large chunked updates takes the broker a while to read from disk);
+        then whatever comes until ``idle_s`` passes without a message."""
         try:
             ch = await self._conn.channel()
             await ch.set_qos(prefetch_count=256)
             queue = await ch.declare_queue(audit_stream(task), passive=True)
         except _RETRYABLE as e:
             raise TransportError(f"reading {audit_stream(task)}: {e!r}") from e
+        held = queue.declaration_result.message_count or 0
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         joiner = StreamJoiner(self.chunking.limits)
         try:
             tag = await queue.consume(inbox.put, arguments={"x-stream-offset": "first"})
+            read = 0
             while True:
+                wait = max(idle_s, AUDIT_WAIT_S) if read < held else idle_s
                 try:
-                    async with asyncio.timeout(idle_s):
+                    async with asyncio.timeout(wait):
                         msg = await inbox.get()
                 except TimeoutError:
                     break
+                read += 1
                 await msg.ack()
                 body, sender = msg.body, msg.user_id
                 del msg  # a chunk's bytes are copied into its set's buffer, not kept
