@@ -29,7 +29,8 @@ backlog of the same bodies from a quorum queue with manual acks.
 The aggregator runs as shipped: the updates' codec is the participant's default
 (``WorkerConfig.codec``), the store's blob codec ``StoreConfig()``'s default, the
 prefetch ``ServiceConfig()``'s default (``--codec``, ``--blob-codec``, ``--prefetch``
-set others), logging configured as ``fedq`` does (``configure_logging``: info, JSON
+set others; a lossy ``--codec`` such as ``int8`` or ``topk8+zstd`` becomes the task's
+``compression``, top-k keeping ``TOPK_FRACTION``, or the aggregator would refuse it), logging configured as ``fedq`` does (``configure_logging``: info, JSON
 lines on a non-terminal stderr; ``FEDQ_LOG_LEVEL`` / ``FEDQ_LOG_FORMAT`` as for the
 CLI). On purpose, unlike ``fedq aggregator run``: the sender check is off (the bench
 publishes every bank's updates as one broker user), ``keep_blobs`` is 4 (bounded
@@ -97,11 +98,26 @@ from _common import (
 from _profile import py_spy, render, summarize
 
 from aggregator.stats import Stages
+from common.codecs import lossy_codec
 from common.models import build_task_model, model_tensors
-from common.spec import AsyncSettings, ModelSpec, NumericFeature, TargetSpec, TaskSpec
+from common.spec import (
+    AsyncSettings,
+    CompressionSpec,
+    ModelSpec,
+    NumericFeature,
+    TargetSpec,
+    TaskSpec,
+)
 from common.transport import TaskTopology, names
 from common.transport.amqp import AmqpTransport
-from common.wire import UpdateEnvelope, decode_update, encode_update
+from common.wire import (
+    TensorSpec,
+    UpdateEnvelope,
+    decode_update,
+    encode_tensors,
+    encode_update,
+    limits_for,
+)
 
 #: Participants named in the task (receipt queues are declared for each).
 N_PARTICIPANTS = 5
@@ -163,7 +179,26 @@ def shipped_defaults() -> dict[str, Any]:
     }
 
 
-def make_spec(size: Size, strategy: str, tag: str) -> TaskSpec:
+#: The share of entries ``topk`` and ``topk8`` keep when ``--codec`` names them.
+TOPK_FRACTION = 0.05
+
+
+def compression_of(codec: str) -> CompressionSpec | None:
+    """The task's ``compression`` for an update codec: None for the lossless ones; a
+    lossy one (``int8``, ``topk8+zstd``, ...) must be the task's choice or it is refused."""
+    base, _, lossless = codec.partition("+")
+    if base in ("raw", "zstd"):
+        return None
+    return CompressionSpec.model_validate(
+        {
+            "codec": base,
+            "lossless": lossless or None,
+            "topk_fraction": TOPK_FRACTION if base in ("topk", "topk8") else None,
+        }
+    )
+
+
+def make_spec(size: Size, strategy: str, tag: str, codec: str = "raw") -> TaskSpec:
     model = ModelSpec(kind="mlp", hidden=size.hidden) if size.hidden else ModelSpec()
     return TaskSpec(
         task_id=f"bench-ingest-{size.label}-{strategy}-{tag}",
@@ -173,6 +208,7 @@ def make_spec(size: Size, strategy: str, tag: str) -> TaskSpec:
         mode="async",
         async_=AsyncSettings(strategy=strategy, buffer_size=FEDBUFF_K),
         participants=tuple(f"bank-{i:02d}" for i in range(N_PARTICIPANTS)),
+        compression=compression_of(codec),
     )
 
 
@@ -206,8 +242,15 @@ def make_bodies(
     shapes = {k: v.shape for k, v in model_tensors(build_task_model(spec)).items()}
     gen = torch.Generator().manual_seed(7)
     templates: list[dict[str, Any]] = []
+    c = spec.compression
+    encoder = (
+        None
+        if c is None
+        else lossy_codec(c.codec, zstd=c.lossless == "zstd", topk_fraction=c.topk_fraction)
+    )
     for j in range(4):
         delta = {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()}
+        encoded = None if encoder is None else encode_tensors(delta, encoder, seed=j)
         body, _ = encode_update(
             UpdateEnvelope(
                 task=spec.task_id,
@@ -220,7 +263,8 @@ def make_bodies(
                 metrics={"train_loss": 0.5},
                 codec=codec,
                 created_at=time.time(),
-            )
+            ),
+            encoded=encoded,
         )
         templates.append(msgpack.unpackb(body, raw=False))
     out = []
@@ -230,7 +274,9 @@ def make_bodies(
         update_id = uuid.uuid4().hex
         doc.update(p=participant, id=update_id, bv=base(i))
         out.append((participant, update_id, msgpack.packb(doc, use_bin_type=True)))
-    decode_update(out[-1][2])  # the re-packed body is a valid update
+    codecs = None if c is None else frozenset({"raw", "zstd", c.wire_codec})
+    specs = {k: TensorSpec(tuple(s), "f32") for k, s in shapes.items()}
+    decode_update(out[-1][2], limits_for(specs), specs, codecs=codecs)  # a valid update
     return out
 
 
@@ -738,7 +784,7 @@ async def bench_size(
 ) -> tuple[list[Row], dict[str, Any]]:
     """The ceiling before and after (mean of the two), the aggregator per strategy between."""
     tag = uuid.uuid4().hex[:8]
-    spec0 = make_spec(size, "fedasync", tag)
+    spec0 = make_spec(size, "fedasync", tag, args.codec)
     params = n_params(spec0)
     print(f"\n== {size.label} ({size.title}): {params:,} parameters, {n} updates", flush=True)
     bodies = [
@@ -849,7 +895,7 @@ async def bench_strategy(
 ) -> tuple[dict[str, Any], float, int]:
     """Publish a backlog of n updates through fedq, then drain it with the service."""
     tag = tag if threads == "default" else f"{tag}-t{threads}"
-    spec = make_spec(size, strategy, tag)
+    spec = make_spec(size, strategy, tag, args.codec)
     updates = await asyncio.to_thread(make_bodies, spec, n, base_of(strategy), args.codec)
     total_bytes = sum(len(b) for _, _, b in updates)
     prefix = f"fedqbench-{tag}-{strategy}"
