@@ -30,8 +30,9 @@ The aggregator runs as shipped: the updates' codec is the participant's default
 (``WorkerConfig.codec``), the store's blob codec ``StoreConfig()``'s default, the
 prefetch ``ServiceConfig()``'s default (``--codec``, ``--blob-codec``, ``--prefetch``
 set others; a lossy ``--codec`` such as ``int8`` or ``topk8+zstd`` becomes the task's
-``compression``, top-k keeping ``TOPK_FRACTION``, or the aggregator would refuse it), logging configured as ``fedq`` does (``configure_logging``: info, JSON
-lines on a non-terminal stderr; ``FEDQ_LOG_LEVEL`` / ``FEDQ_LOG_FORMAT`` as for the
+``compression``, top-k keeping ``TOPK_FRACTION``, or the aggregator would refuse it),
+logging configured as ``fedq`` does (``configure_logging``: info, JSON lines on a
+non-terminal stderr; ``FEDQ_LOG_LEVEL`` / ``FEDQ_LOG_FORMAT`` as for the
 CLI). On purpose, unlike ``fedq aggregator run``: the sender check is off (the bench
 publishes every bank's updates as one broker user), ``keep_blobs`` is 4 (bounded
 memory on a shared Redis; the pruning rides in the commit's own transaction) and no

@@ -105,3 +105,32 @@ def test_an_import_that_breaks_the_layer_rule_fails(
     assert f"{CONTRACT} BROKEN" in out
     assert f"{package} is not allowed to import {imported.split('.')[0]}" in out
     assert f"{package} -> {imported} (l.{line})" in out, out
+
+
+@pytest.mark.parametrize("failing", ["ruff", "mypy", "lint-imports"])
+def test_scripts_test_stops_when_a_check_fails(tmp_path: Path, failing: str) -> None:
+    """Each check's failure fails the README's test command before pytest runs: under
+    ``set -e`` a command inside ``a && b`` may fail without stopping the script (ruff's
+    errors once went unnoticed that way). The real scripts/test runs with stub tools
+    and a stub bootstrap that keeps its ``set -euo pipefail``."""
+    scripts, stubs = tmp_path / "scripts", tmp_path / "bin"
+    scripts.mkdir()
+    stubs.mkdir()
+    shutil.copy(ROOT / "scripts" / "test", scripts / "test")
+    (scripts / "bootstrap.sh").write_text(
+        f'set -euo pipefail\nFEDQ_ROOT="{tmp_path}"\nPATH="{stubs}:$PATH"\n'
+    )
+    for tool in ("ruff", "mypy", "lint-imports", "python"):
+        code = 1 if tool == failing else 0
+        (stubs / tool).write_text(f'#!/bin/sh\necho ran {tool} "$@"\nexit {code}\n')
+        (stubs / tool).chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(scripts / "test")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f"ran {failing}" in done.stdout
+    assert "ran python" not in done.stdout  # pytest never started
