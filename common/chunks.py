@@ -188,13 +188,17 @@ class ChunkLimits:
     max_chunks: int = 4096
     #: Most sets incomplete at once (each holds a buffer of its total length).
     max_incomplete: int = 16
+    #: ... and of one sender: a bank that opens sets and never finishes them (one small
+    #: chunk opens a buffer of the whole length) holds at most this many buffers and
+    #: cannot take the other banks' room.
+    max_per_sender: int = 2
     #: A set that received no new chunk for this long (seconds) fails (``chunks_incomplete``).
     timeout_s: float = 300.0
     #: Completed sets remembered (their header only) to recognise late copies.
     recent: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_total < 1 or self.max_chunks < 1 or self.max_incomplete < 1:
+        if min(self.max_total, self.max_chunks, self.max_incomplete, self.max_per_sender) < 1:
             raise ValueError("chunk limits must be positive")
         if not self.timeout_s > 0:
             raise ValueError("the chunk timeout must be positive")
@@ -488,6 +492,12 @@ class Reassembler(Generic[H]):
                 Refusal.CHUNKS_INCOMPLETE,
                 f"chunk set {h.id!r} refused: {limits.max_incomplete} sets are incomplete already",
             )
+        if self.held_by(key[0]) >= limits.max_per_sender:
+            raise ChunkError(
+                Refusal.CHUNKS_INCOMPLETE,
+                f"chunk set {h.id!r} refused: its sender has {limits.max_per_sender} sets "
+                "incomplete already",
+            )
         held: _Set[H] = _Set(h.shape, bytearray(h.total), last=self._clock())
         self._sets[key] = held
         return held
@@ -508,11 +518,18 @@ class Reassembler(Generic[H]):
         stale = [k for k, s in self._sets.items() if now - s.last >= limit]
         return [self._fail(k, f"no chunk for {limit:g}s") for k in stale]
 
-    def evict_oldest(self) -> Failed[H] | None:
-        """Give up the set idle longest (``chunks_incomplete``); None if none is held."""
-        if not self._sets:
+    def held_by(self, sender: str | None) -> int:
+        """Sets of ``sender`` incomplete now."""
+        return sum(1 for who, _ in self._sets if who == (sender or ""))
+
+    def evict_oldest(self, sender: str | None = None) -> Failed[H] | None:
+        """Give up the set idle longest (``chunks_incomplete``), of ``sender`` when it
+        holds as many as it may (else of anyone); None if none is held."""
+        mine = [k for k in self._sets if k[0] == (sender or "")]
+        keys = mine if len(mine) >= self.limits.max_per_sender else list(self._sets)
+        if not keys:
             return None
-        return self._fail(next(iter(self._sets)), "evicted to make room for another set")
+        return self._fail(keys[0], "evicted to make room for another set")
 
     def drain(self) -> list[Failed[H]]:
         """Give up every incomplete set (``chunks_incomplete``), oldest first."""

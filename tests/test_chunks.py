@@ -280,6 +280,35 @@ def test_bounds_on_size_chunks_and_open_sets() -> None:
     assert len(r) == 2
 
 
+def test_one_sender_cannot_hold_more_than_its_share_of_open_sets() -> None:
+    """A hostile bank sends the first chunk of set after set (each small chunk opens a
+    buffer of the whole length): past ``max_per_sender`` its sets are refused, and the
+    other banks' sets still open and complete."""
+    r = _reassembler(max_incomplete=16, max_per_sender=2)
+    for n in range(2):
+        r.add(parse(_messages(_body(500, n), set_id=f"junk-{n}")[0]), n, "hostile")
+    with pytest.raises(ChunkError) as caught:
+        r.add(parse(_messages(_body(500, 9), set_id="junk-9")[0]), 9, "hostile")
+    assert caught.value.reason is Refusal.CHUNKS_INCOMPLETE
+    assert "its sender has 2 sets" in caught.value.detail
+    assert r.held_by("hostile") == 2 and r.held_bytes == 1000
+    honest = _body(300, 5)
+    assert getattr(_add_all(r, _messages(honest), "bank-a")[-1], "body", None) == honest
+
+
+def test_the_stream_joiner_gives_up_the_crowding_senders_own_set() -> None:
+    """Reading the audit stream, a sender over its share loses its own oldest set, not
+    another bank's."""
+    joiner = StreamJoiner(ChunkLimits(max_incomplete=16, max_per_sender=1))
+    honest = _messages(_body(250, 1), set_id="a")
+    junk = [_messages(_body(250, 10 + n), set_id=f"junk-{n}")[0] for n in range(2)]
+    assert joiner.feed(honest[0], "bank-a") == []
+    assert joiner.feed(junk[0], "hostile") == []
+    assert joiner.feed(junk[1], "hostile") == [junk[0]]  # its own, as it was sent
+    out = [x for m in honest[1:] for x in joiner.feed(m, "bank-a")]
+    assert out == [_body(250, 1)]
+
+
 def test_an_idle_set_expires_with_its_reason_and_handles() -> None:
     clock = Clock()
     r = _reassembler(clock, timeout_s=10.0)

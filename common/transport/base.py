@@ -386,7 +386,8 @@ class StreamJoiner:
 
     A set is returned where it completes; a later copy of one of its chunks is left
     out. A message that is no valid chunk, and the messages of a set that fails (its
-    hash, too many sets open at once: the one idle longest is given up) or that is
+    hash, too many sets open at once: the one idle longest is given up, the sender's
+    own when it holds as many as it may) or that is
     still incomplete at :meth:`finish`, are returned as they were sent. Sets never time
     out here: reading history, the next message may be a long time later.
     """
@@ -410,7 +411,7 @@ class StreamJoiner:
                 if e.failed is not None:
                     return out + e.failed.messages()
                 if e.reason is Refusal.CHUNKS_INCOMPLETE:  # too many sets open: make room
-                    evicted = self._reasm.evict_oldest()
+                    evicted = self._reasm.evict_oldest(sender)
                     if evicted is not None:
                         out += evicted.messages()
                         continue
