@@ -57,7 +57,6 @@ from aggregator.store import (
 from aggregator.strategies import AcceptedUpdate, Step, Strategy, strategy_for
 from aggregator.strategies.base import server_optimizer
 from aggregator.weighting import Remembering
-from common.dtypes import itemsize
 from common.errors import (
     BlobPrunedError,
     CommitConflictError,
@@ -96,6 +95,7 @@ from common.wire import (
     first_non_finite,
     limits_for,
     peek_kind,
+    raw_bytes,
     sign_model,
 )
 
@@ -289,13 +289,13 @@ class AggregatorService:
             expected = {k: TensorSpec(v.shape, "i64") for k, v in expected.items()}
             self.prefetch += len(spec.participants)
         limits = limits_for(expected, self.config.limits)
-        update_bytes = _raw_bytes(expected)
+        update_bytes = raw_bytes(expected)
         #: The largest update expected (its tensors, the envelope's share): sizes the broker
         #: prefetch of chunked updates (common/transport/base.py Chunking).
         self._update_bytes = update_bytes + update_bytes // 64 + 64 * 1024
         #: The model stream keeps at least 4 models (a late reader finds the last one's
         #: first chunk), and never less than the default.
-        self._models_max_bytes = max(MODELS_MAX_BYTES, 4 * _raw_bytes(model_specs))
+        self._models_max_bytes = max(MODELS_MAX_BYTES, 4 * raw_bytes(model_specs))
         self.admission = Admission(
             spec,
             AdmissionConfig(limits, self.config.require_sender_match),
@@ -1616,11 +1616,6 @@ def _context(record: VersionRecord) -> dict[str, object]:
         e = record.lineage[0]
         return {"update_id": e.update_id, "participant": e.participant, "version": record.version}
     return {"version": record.version}
-
-
-def _raw_bytes(specs: Mapping[str, TensorSpec]) -> int:
-    """Bytes of tensors of these shapes and dtypes, raw."""
-    return sum(_numel(t.shape) * itemsize(t.dtype) for t in specs.values())
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -69,6 +69,11 @@ class DecodeLimits:
 DEFAULT_LIMITS: Final = DecodeLimits()
 
 
+def raw_bytes(expected: Mapping[str, TensorSpec]) -> int:
+    """Bytes of tensors of these shapes and dtypes, raw."""
+    return sum(math.prod(t.shape) * itemsize(t.dtype) for t in expected.values())
+
+
 def limits_for(
     expected: Mapping[str, TensorSpec], base: DecodeLimits = DEFAULT_LIMITS
 ) -> DecodeLimits:
@@ -77,10 +82,9 @@ def limits_for(
     overhead), its tensors decoded. A model larger than the broker's message limit
     travels in chunks (docs/chunking.md) and is decoded whole; nothing larger than the
     task's model is ever accepted beyond ``base``."""
-    sizes = [math.prod(t.shape) * itemsize(t.dtype) for t in expected.values()]
-    if not sizes:
+    if not expected:
         return base
-    total = sum(sizes)
+    total = raw_bytes(expected)
     return replace(
         base,
         max_message_bytes=max(base.max_message_bytes, total + total // 64 + (64 << 10)),
