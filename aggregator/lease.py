@@ -6,6 +6,10 @@ takes the lease (waiting as a standby while another writer holds it), renews it,
 takes it again when it merely expired (Redis restarted and nobody else took it),
 and reports when it was lost to another writer (fenced) or when its token went
 backwards (the store lost data).
+
+While it waits, a standby says so in Redis (``Keys.standbys``: its owner, until a
+time a TTL ahead, refreshed on every try), so /status can name every standby; the
+lease itself names its holder. Neither is ever needed to take or keep the lease.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
+import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from aggregator.retry import store_retry
 from aggregator.store import Lease, RedisModelStore
 from common.errors import FedqError, StoreRegressedError, StoreUnavailableError
 
 log = structlog.get_logger("fedq.aggregator")
+
+
+#: Where a keeper stands: before its first try, waiting, holding, lost, given back.
+LeaseState = Literal["starting", "standby", "active", "lost", "released"]
 
 
 class FencedOutError(FedqError):
@@ -54,7 +65,18 @@ class WriterLease:
         #: Set when the lease is lost for good: ``error`` says why.
         self.lost = asyncio.Event()
         self.error: FedqError | None = None
+        self._state: LeaseState = "starting"
         self.log = log.bind(task=task)
+
+    @property
+    def state(self) -> LeaseState:
+        """Where this keeper stands (``lost`` as soon as a commit was fenced, too)."""
+        return "lost" if self.lost.is_set() and self._state == "active" else self._state
+
+    @property
+    def held(self) -> bool:
+        """Whether this keeper holds the lease now (``fedq_lease_held``)."""
+        return self.state == "active"
 
     @property
     def ttl_ms(self) -> int:
@@ -72,23 +94,32 @@ class WriterLease:
         None if ``stop`` was set first.
         """
         announced = False
-        while not stop.is_set():
-            try:
-                lease = await self.store.acquire_lease(self.task, self.config.owner, self.ttl_ms)
-            except StoreUnavailableError as e:
-                self.log.warning("store unavailable; waiting", error=str(e))
-                lease = None
-            if lease is not None:
-                self.log.info("writer lease acquired", owner=lease.owner, fence=lease.token)
-                self.current = lease
-                return lease
-            if not announced:
-                self.log.info("standby: another aggregator holds the writer lease")
-                announced = True
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.ttl_s / 3):
-                    await stop.wait()
-        return None
+        try:
+            while not stop.is_set():
+                try:
+                    lease = await self.store.acquire_lease(
+                        self.task, self.config.owner, self.ttl_ms
+                    )
+                except StoreUnavailableError as e:
+                    self.log.warning("store unavailable; waiting", error=str(e))
+                    lease = None
+                if lease is not None:
+                    self.log.info("writer lease acquired", owner=lease.owner, fence=lease.token)
+                    self.current = lease
+                    self._state = "active"
+                    return lease
+                if not announced:
+                    self.log.info("standby: another aggregator holds the writer lease")
+                    announced = True
+                self._state = "standby"
+                await self._present(waiting=True)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.ttl_s / 3):
+                        await stop.wait()
+            return None
+        finally:
+            if announced:
+                await self._present(waiting=False)
 
     async def keep(self) -> None:
         """Renew every third of the TTL until lost (then ``lost`` is set) or cancelled."""
@@ -131,10 +162,53 @@ class WriterLease:
         """Give the lease up on a clean stop (never after it was lost)."""
         if self.current is None or self.lost.is_set():
             return
+        self._state = "released"
         try:
             await self.store.release_lease(self.current, self.task)
         except FedqError as e:
             self.log.warning("lease not released; it expires by itself", error=str(e))
+
+    async def holder(self) -> Lease | None:
+        """The lease as Redis holds it now: its holder and fencing token (None: free).
+
+        Raises StoreUnavailableError when Redis does not answer."""
+        try:
+            raw = await _client(self.store).get(self.store.keys.lease(self.task))
+        except RedisError as e:
+            raise StoreUnavailableError(f"reading the writer lease: {e}") from e
+        if raw is None:
+            return None
+        owner, _, token = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition(":")
+        return Lease(owner, int(token)) if token.isdigit() else None
+
+    async def standbys(self) -> list[str]:
+        """The aggregators waiting for this task's lease now, sorted (see the module).
+
+        Raises StoreUnavailableError when Redis does not answer."""
+        key = self.store.keys.standbys(self.task)
+        r = _client(self.store)
+        try:
+            now = await _now_ms(r)
+            await r.zremrangebyscore(key, "-inf", now)
+            members = await r.zrangebyscore(key, now, "+inf")
+        except RedisError as e:
+            raise StoreUnavailableError(f"reading the standbys: {e}") from e
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+    async def _present(self, *, waiting: bool) -> None:
+        """Say in Redis that this keeper waits for the lease (until a TTL from now), or
+        no longer does. Best effort: the lease never depends on it."""
+        key, owner = self.store.keys.standbys(self.task), self.config.owner
+        r = _client(self.store)
+        try:
+            if waiting:
+                until = await _now_ms(r) + self.ttl_ms
+                await r.zadd(key, {owner: until})
+                await r.pexpire(key, 3 * self.ttl_ms)
+            else:
+                await r.zrem(key, owner)
+        except RedisError as e:
+            self.log.info("standby presence not recorded", error=str(e))
 
     def _take(self, fresh: Lease | None, before: Lease | None) -> None:
         if fresh is None:
@@ -147,4 +221,16 @@ class WriterLease:
 
     def _lose(self, error: FedqError) -> None:
         self.error = error
+        self._state = "lost"
         self.lost.set()
+
+
+def _client(store: RedisModelStore) -> aioredis.Redis:
+    """The store's Redis client: the presence keys are no model data (Keys.standbys)."""
+    return store._r
+
+
+async def _now_ms(r: aioredis.Redis) -> int:
+    """Redis's clock in milliseconds: every aggregator compares against the same one."""
+    seconds, micros = await r.time()
+    return int(seconds) * 1000 + int(micros) // 1000

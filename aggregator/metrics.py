@@ -57,6 +57,32 @@ class AggregatorMetrics:
         self.queue_depth = Gauge(
             "fedq_queue_depth", "Updates waiting in the work queue", ["task"], registry=r
         )
+        self.participant_updates = Counter(
+            "fedq_participant_updates",
+            "Updates the aggregator settled, per participant: accepted into a committed "
+            "version, or refused (reason: the refusal's reason; empty when accepted)",
+            ["task", "participant", "outcome", "reason"],
+            registry=r,
+        )
+        self.participant_last_update = Gauge(
+            "fedq_participant_last_update_timestamp_seconds",
+            "Unix time at which the aggregator last settled one of the participant's updates",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.store_regressed = Gauge(
+            "fedq_store_regressed",
+            "1 when the aggregator found the store behind its own commits or announcements "
+            "(it stops), else 0",
+            ["task"],
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "fedq_lease_held",
+            "1 while this process holds the task's writer lease, 0 while it waits as standby",
+            ["task"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -598,7 +598,7 @@ def aggregator() -> None:
     show_default=True,
     envvar="FEDQ_HTTP_PORT",
     type=click.IntRange(0, 65535),
-    help="/healthz and /metrics.",
+    help="/healthz, /metrics and /status (fedq status).",
 )
 @signing_key_option
 def aggregator_run(
@@ -895,8 +895,10 @@ def _declared(text: str) -> dict[str, int]:
 def _register_audit_commands() -> None:
     from fedq.cli_audit import audit, export, replay
     from fedq.cli_keys import keys
+    from fedq.cli_status import status
 
     main.add_command(keys)
+    main.add_command(status)
     main.add_command(replay)
     main.add_command(audit)
     main.add_command(export)

@@ -2,7 +2,8 @@
 # torch goes in first, pinned to the CPU build 2.13.0, so that installing the
 # project (torch>=2.2,<3) never pulls a multi-gigabyte CUDA build.
 # Override with FEDQ_VENV (where), PYTHON (which interpreter), FEDQ_TORCH (torch spec),
-# FEDQ_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu on a Linux laptop).
+# FEDQ_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu on a Linux laptop),
+# FEDQ_EXTRAS (the project's extras, default all,dev; the Dockerfile's image: all).
 set -euo pipefail
 FEDQ_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FEDQ_VENV=${FEDQ_VENV:-$FEDQ_ROOT/.venv}
@@ -28,7 +29,7 @@ if [ ! -f "$stamp" ] || [ "$FEDQ_ROOT/pyproject.toml" -nt "$stamp" ]; then
   fi
   # all: the aggregator, simulation and participant extras (a bank alone needs only
   # `pip install "fedq[participant]"`); dev: the test, lint and type-check tools.
-  "$FEDQ_VENV/bin/python" -m pip install "${pip_args[@]}" -e "$FEDQ_ROOT[all,dev]"
+  "$FEDQ_VENV/bin/python" -m pip install "${pip_args[@]}" -e "$FEDQ_ROOT[${FEDQ_EXTRAS:-all,dev}]"
   touch "$stamp"
 fi
 export PATH="$FEDQ_VENV/bin:$PATH"

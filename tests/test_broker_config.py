@@ -31,7 +31,7 @@ VHOST = "fedq"
 AGGREGATOR = "fedq-aggregator"
 ADMIN = "fedq-admin"
 AUDITOR = "fedq-auditor"
-BANKS = ("bank-a", "bank-b")
+BANKS = ("bank-a", "bank-b", "bank-c")
 EXCHANGES = ("fedq.updates", "fedq.models", "fedq.dlx", "fedq.receipts")
 TASKS = ("credit", "fraud-v2")
 

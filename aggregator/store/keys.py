@@ -31,6 +31,12 @@ class Keys:
         """The writer lease: ``owner:token`` with a TTL (one active aggregator per task)."""
         return f"{self.prefix}:{{{task}}}:lease"
 
+    def standbys(self, task: str) -> str:
+        """Sorted set: aggregators waiting for the writer lease, each scored with the Unix
+        time in milliseconds until which it counts as waiting (refreshed while it waits;
+        see aggregator/lease.py). Read by /status; the writer never depends on it."""
+        return f"{self.prefix}:{{{task}}}:standbys"
+
     def fence(self, task: str) -> str:
         """Counter issuing fencing tokens: each new lease gets a larger one."""
         return f"{self.prefix}:{{{task}}}:fence"
