@@ -25,6 +25,7 @@ from aggregator.strategies import AcceptedUpdate
 from common.codecs import accepted_codecs
 from common.errors import DecodeError, EncodeError
 from common.refusals import Refusal
+from common.segments import Owned
 from common.signing import SIGNATURE_BYTES, PublicKey
 from common.spec import StalenessUnit, TaskSpec
 from common.staleness import exceeds, in_unit, versions_within
@@ -142,7 +143,9 @@ class Admission:
             self.max_staleness, self.unit, self.updates_per_version, self.participants
         )
 
-    async def admit(self, body: bytes, sender: str | None, state: AdmissionState) -> Outcome:
+    async def admit(
+        self, body: bytes | Owned, sender: str | None, state: AdmissionState
+    ) -> Outcome:
         """Every rule, in order; the first that fails refuses the update."""
         try:
             # The signature is verified with the decode (off the event loop for large
@@ -263,7 +266,7 @@ class Admission:
             return self._refused(env, Refusal.TOO_STALE, self._too_stale(staleness))
         return None
 
-    def _decode(self, body: bytes) -> tuple[UpdateEnvelope, bool | None]:
+    def _decode(self, body: bytes | Owned) -> tuple[UpdateEnvelope, bool | None]:
         """Decode, and verify the signature when there is one and a key to check it."""
         env = decode_update(body, self.config.limits, self.expected, codecs=self.codecs)
         key = self.keys.get(env.participant)

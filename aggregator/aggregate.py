@@ -19,7 +19,7 @@ tensors have the head's names, shapes and floating dtypes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from common.wire import Tensors
 __all__ = [
     "buffer_weights",
     "mix",
+    "mix_into",
     "mixing_weight",
     "normalised",
     "rescaled",
@@ -37,22 +38,66 @@ __all__ = [
 ]
 
 
+#: Elements per block of a large tensor's float64 arithmetic: the temporaries stay at
+#: 2 MB each whatever the tensor's size. Every element's arithmetic is the same in a
+#: block as in the whole (elementwise operations), so blocks change no bit.
+BLOCK = 1 << 18
+
+
 def mix(head: Tensors, base: Tensors, delta: Tensors, a_t: float) -> Tensors:
     """``(1 - a_t) * head + a_t * (base + delta)`` per tensor, float64, cast back once."""
-    keep = 1.0 - a_t
     params: Tensors = {}
     for name, h in head.items():
-        # In place, one float64 buffer per operand; each operation is rounded alone
-        # (no fused multiply-add), so the result is the same bit for bit as
-        # keep * head + a_t * (base + delta) computed out of place.
-        w_new = base[name].to(torch.float64, copy=True)
-        w_new.add_(delta[name].to(torch.float64))
-        w_new.mul_(a_t)
-        mixed = h.to(torch.float64, copy=True)
-        mixed.mul_(keep)
-        mixed.add_(w_new)
-        params[name] = mixed.to(h.dtype)
+        if h.numel() <= BLOCK:
+            params[name] = _mixed(h, base[name], delta[name], a_t).to(h.dtype)
+            continue
+        out = torch.empty(h.shape, dtype=h.dtype)
+        flat = out.view(-1)
+        for s, m in _mixed_blocks(h, base[name], delta[name], a_t):
+            flat[s].copy_(m)
+        params[name] = out
     return params
+
+
+def mix_into(head: Tensors, base: Tensors, delta: Tensors, a_t: float) -> Tensors | None:
+    """:func:`mix`, bit for bit, written over ``delta``'s tensors (contiguous, the
+    head's dtypes), which the caller gives up: no second model in memory. Two passes:
+    the first only checks that every result is finite; if one is not, nothing is
+    written and None is returned (``delta`` unchanged, for :func:`mix` and the caller's
+    refusal)."""
+    for name, h in head.items():
+        for _, m in _mixed_blocks(h, base[name], delta[name], a_t):
+            if not bool(torch.isfinite(m.to(h.dtype)).all()):
+                return None
+    for name, h in head.items():
+        flat = delta[name].view(-1)
+        for s, m in _mixed_blocks(h, base[name], delta[name], a_t):
+            flat[s].copy_(m)
+    return delta
+
+
+def _mixed(h: torch.Tensor, b: torch.Tensor, d: torch.Tensor, a_t: float) -> torch.Tensor:
+    """The float64 result for one tensor (or one block of it)."""
+    # In place, one float64 buffer per operand; each operation is rounded alone
+    # (no fused multiply-add), so the result is the same bit for bit as
+    # keep * head + a_t * (base + delta) computed out of place.
+    w_new = b.to(torch.float64, copy=True)
+    w_new.add_(d.to(torch.float64))
+    w_new.mul_(a_t)
+    mixed = h.to(torch.float64, copy=True)
+    mixed.mul_(1.0 - a_t)
+    mixed.add_(w_new)
+    return mixed
+
+
+def _mixed_blocks(
+    h: torch.Tensor, b: torch.Tensor, d: torch.Tensor, a_t: float
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The flat tensor's float64 results, BLOCK elements at a time."""
+    hf, bf, df = h.reshape(-1), b.reshape(-1), d.reshape(-1)
+    for i in range(0, hf.numel(), BLOCK):
+        s = slice(i, i + BLOCK)
+        yield s, _mixed(hf[s], bf[s], df[s], a_t)
 
 
 def weighted_sum(head: Tensors, deltas: Sequence[Tensors], weights: Sequence[float]) -> Tensors:

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 import structlog
 
 from common.hooks import Stages, untimed
+from common.segments import Segments
 from common.transport import Transport
 
 log = structlog.get_logger("fedq.aggregator")
 
 
 #: An announcement's body, or how to make it (signed when sent, for the newest only).
-Body = bytes | Callable[[], bytes]
+#: A model announcement (common/segments.py: a large model's bytes are not joined), or
+#: how to make it when it is sent.
+Body = bytes | Segments | Callable[[], bytes | Segments]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,9 @@ class Announcer:
     def announce(self, version: int, blob: Body, version_hash: bytes) -> None:
         """Queue a version, replacing one not yet sent."""
         self._slot = _Slot(version, blob, version_hash)
+        # The version announced before is not repeated any more: let it go now (a large
+        # model's parameters are not held for it while the next one is made and sent).
+        self._last = None
         self._wake.set()
 
     def start(self) -> None:

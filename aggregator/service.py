@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import mmap
 import os
 import socket
 import time
@@ -47,6 +48,7 @@ from aggregator.receipts import ReceiptSender
 from aggregator.retry import store_retry
 from aggregator.secagg import UNMASK_ROUNDS, Decision, OpenCohort, secure_step
 from aggregator.stats import ServiceStats, Stages, untimed
+from aggregator.status import StatusTracker
 from aggregator.store import (
     CommitOutcome,
     GroupCommitResult,
@@ -70,8 +72,10 @@ from common.errors import (
     StoreUnavailableError,
 )
 from common.hashing import LineageEntry
-from common.models import build_task_model, model_tensors, tensor_specs
+from common.model_segments import pack_model_segments
+from common.models import initial_tensors, task_tensor_specs
 from common.refusals import Refusal
+from common.segments import Owned, Segments
 from common.signing import MAX_ANCESTORS, PublicKey, SigningKey
 from common.spec import TaskSpec
 from common.transport import (
@@ -96,7 +100,7 @@ from common.wire import (
     limits_for,
     peek_kind,
     raw_bytes,
-    sign_model,
+    sign_model_segments,
 )
 
 __all__ = [
@@ -117,9 +121,10 @@ VersionHook = Callable[[VersionRecord, Tensors], Awaitable[None]]
 #: float32 parameters; older ones are read from the store on demand. When the store
 #: prunes parameters (``keep_blobs``, ``checkpoint_every``) up to BASE_CACHE are kept
 #: within PRUNED_BASE_BYTES, since a pruned base is rebuilt from the nearest checkpoint.
-#: Never fewer than 2 (the head and one base), whatever the model's size; a strategy
-#: that reads no base keeps the head only (a 100M-parameter head is 400 MB). See
-#: :func:`base_budget`.
+#: The head and one base at least, unless two versions exceed PRUNED_BASE_BYTES (a
+#: 100M-parameter version is 400 MB): then the head only, and a stale update's base is
+#: read from the store when it comes. A strategy that reads no base keeps the head
+#: only. See :func:`base_budget`.
 BASE_CACHE = 32
 BASE_BYTES = 64 * 1024**2
 PRUNED_BASE_BYTES = 4 * BASE_BYTES
@@ -146,11 +151,14 @@ def base_budget(numel: int, *, uses_base: bool, prunes: bool) -> int:
     """Versions of parameters (the head included) the service keeps in memory for a
     model of ``numel`` float32 parameters: 1 when the strategy reads no base; else
     what BASE_BYTES holds, and with a pruning store up to BASE_CACHE within
-    PRUNED_BASE_BYTES; never fewer than 2. Bounded by bytes at every size: over 2
-    versions, never more than max(BASE_BYTES, PRUNED_BASE_BYTES) of parameters."""
+    PRUNED_BASE_BYTES; at least 2, unless 2 exceed PRUNED_BASE_BYTES (then 1: the
+    head). Bounded by bytes at every size: beyond the head, never more than
+    max(BASE_BYTES, PRUNED_BASE_BYTES) of parameters."""
     if not uses_base:
         return 1
     size = max(1, 4 * numel)
+    if 2 * size > PRUNED_BASE_BYTES:
+        return 1  # a base other than the head is read from the store when needed
     by_bytes = BASE_BYTES // size
     if prunes:
         by_bytes = max(by_bytes, min(BASE_CACHE, PRUNED_BASE_BYTES // size))
@@ -266,15 +274,18 @@ class AggregatorService:
                 f"robustness.aggregator {spec.robustness.aggregator!r} is built into fedbuff "
                 f"and sync rounds; strategy {self.strategy.name!r} does not take it"
             )
-        expected = model_specs = tensor_specs(model_tensors(build_task_model(spec)))
+        expected = model_specs = task_tensor_specs(spec)
         numel = sum(_numel(t.shape) for t in expected.values())
         self._inline = numel < self.config.inline_below
         prunes = store.config.keep_blobs is not None or store.config.checkpoint_every is not None
         self._base_budget = base_budget(numel, uses_base=self.strategy.uses_base, prunes=prunes)
         # Buffered updates stay unacked until their commit: the prefetch must exceed
-        # what the strategy holds, or the broker stops delivering.
+        # what the strategy holds, or the broker stops delivering. A model so large
+        # that two updates exceed prefetch_bytes gets no update beyond what the
+        # strategy needs at once (FedAsync: the one in hand; a buffer: its K).
         by_bytes = max(1, self.config.prefetch_bytes // max(1, 4 * numel))
-        self.prefetch = max(min(self.config.prefetch, by_bytes), self.strategy.capacity + 1)
+        needs = self.strategy.capacity + (1 if by_bytes > 1 else 0)
+        self.prefetch = max(min(self.config.prefetch, by_bytes), needs)
         #: Secure aggregation (aggregator/secagg.py): the open cohort, the answers'
         #: deliveries held until the commit, the banks' keys that sign the answers.
         self.secure = spec.secure_aggregation is not None
@@ -323,6 +334,11 @@ class AggregatorService:
             metrics=self.metrics,
         )
         self.stats = ServiceStats.for_task(spec, flag_after=self.config.flag_after)
+        #: Per-bank activity and the version rate, for /status (aggregator/status.py).
+        self.activity = StatusTracker(self.task, self.metrics)
+        self.activity.watch(
+            lease_held=lambda: self.lease.held, regressed=lambda: self.failure is not None
+        )
         #: The head in memory: ahead of the store's by the versions staged for the group
         #: commit (the committed head is :attr:`head_version`).
         self.tip_version = -1
@@ -399,8 +415,9 @@ class AggregatorService:
                     f"{announced.version} was announced"
                 )
             await self.store.register_task(self.spec)
-            genesis = model_tensors(build_task_model(self.spec))
+            genesis = initial_tensors(self.spec)
             await self.store.create_genesis(self.task, genesis, info={"strategy": "genesis"})
+            del genesis  # not held while the head is read back
             self.log.info("version 0 created", seed=self.spec.seed)
         else:
             if self.privacy is not None:
@@ -411,7 +428,15 @@ class AggregatorService:
         await self._load_head(record)
         if self.secure:
             await self._open_cohort(record.version)
-        blob = await self.store.get_blob(self.task, record.version)
+        # The head's blob made again from the parameters in memory (byte for byte the
+        # stored one: the same codec; tests/test_model_segments.py), not read twice.
+        blob, _ = pack_model_segments(
+            self.task,
+            record.version,
+            record.version_hash,
+            self.head_params,
+            self.store.config.blob_codec,
+        )
         await self.announcer.send_now(
             record.version, self._announcement(record, blob), record.version_hash
         )
@@ -465,17 +490,22 @@ class AggregatorService:
             version=record.version,
         )
 
-    def _announcement(self, record: VersionRecord, blob: bytes) -> Callable[[], bytes]:
+    def _announcement(
+        self, record: VersionRecord, blob: bytes | Owned | Segments
+    ) -> Callable[[], Segments]:
         """How to make ``record``'s announcement: the stored blob with the spec hash, the
-        ancestors' version hashes (newest first) and the signature appended (section 15).
-        Called when the announcement is sent, so only the newest version is signed."""
+        ancestors' version hashes (newest first) and the signature appended (section 15),
+        as segments (a large model's tensors are neither copied nor joined). Called when
+        the announcement is sent, so only the newest version is signed."""
+        if isinstance(blob, bytes | bytearray | mmap.mmap):
+            blob = (memoryview(blob),)
         newest_first = list(reversed(self._chain))
         if newest_first and newest_first[0] == record.version_hash:
             newest_first = newest_first[1:]  # at start the head is in the chain: not its own
         ancestors = tuple(newest_first[: min(record.version, MAX_ANCESTORS)])
         key = self.config.signing_key
         return functools.partial(
-            sign_model,
+            sign_model_segments,
             blob,
             task=self.task,
             version=record.version,
@@ -701,8 +731,22 @@ class AggregatorService:
         ):
             await self._offer(delivery, outcome)
 
+    @property
+    def _spares(self) -> bool:
+        """Whether an update's delta may be overwritten by its step: nothing reads the
+        deltas after the step (no bank-level DP recomputing it, no server optimizer
+        state, no secure aggregation)."""
+        return self.privacy is None and self.server is None and not self.secure
+
     async def _offer(self, delivery: UpdateDelivery, admitted: Admitted) -> None:
         update = admitted.update
+        if isinstance(delivery.body, bytearray | mmap.mmap) and self._spares:
+            # Reassembled from chunks: its tensors are views into the delivery's own
+            # buffer, which the step may overwrite with the new version (one model
+            # fewer in memory). Nothing dead-letters it after its step: a result that
+            # is not finite is never written there (aggregate.mix_into), and
+            # _applied_long_ago returns such a delivery to the queue instead.
+            update = dataclasses.replace(update, spare=True)
         if self.secure:
             await self._offer_masked(delivery, admitted)
             return
@@ -827,6 +871,7 @@ class AggregatorService:
         reason = refused.reason
         await delivery.dead_letter(reason.value, refused.detail)
         self.metrics.refused.labels(self.task, reason.value).inc()
+        self.activity.refused(refused.participant, reason.value)
         await self.receipts.refused(
             reason=reason.value,
             detail=refused.detail,
@@ -864,7 +909,7 @@ class AggregatorService:
                     participant=refused.participant,
                     update_id=refused.update_id,
                     message_id=delivery.message_id,
-                    body=delivery.body,
+                    body=memoryview(delivery.body),
                 ),
                 self.log,
             )
@@ -1068,6 +1113,7 @@ class AggregatorService:
         # Shares and low-weight flags once per group: each pass visits every bank.
         self._count_weights(lineage)
         self.metrics.accepted.labels(self.task).inc(len(deliveries))
+        self.activity.accepted(lineage, len(records))
         self.metrics.commit_seconds.labels(self.task).observe(elapsed)
         self.announcer.announce(
             last.version, self._announcement(last, result.blobs[-1]), last.version_hash
@@ -1114,6 +1160,10 @@ class AggregatorService:
             if entry is None or held is None:
                 continue
             self._suspects.add(entry.participant)
+            if held[1].spare:
+                # Its body now holds the staged version: it goes back to the queue with
+                # the subscription, and its copy is refused as a duplicate on arrival.
+                continue
             await self._refuse(
                 held[0],
                 Refused(
@@ -1187,7 +1237,7 @@ class AggregatorService:
                     records = await self.store.get_versions(self.task, range(parent + 1, top + 1))
                     if [e.update_id for e in records[-1].lineage] == last_ids:
                         blob = await self.store.get_blob(self.task, top)
-                        blobs = (b"",) * (len(records) - 1) + (blob,)
+                        blobs = ((b"",),) * (len(records) - 1) + ((blob,),)
                         return GroupCommitResult(
                             CommitOutcome.COMMITTED, tuple(records), blobs, head=top
                         )
@@ -1607,6 +1657,10 @@ class AggregatorService:
                 self._depth = depth
                 self.metrics.queue_depth.labels(self.task).set(depth)
             await asyncio.sleep(self.config.depth_poll_s)
+
+    async def status(self) -> dict[str, object]:
+        """What /status reports (aggregator/status.py, docs/status.md)."""
+        return await self.activity.snapshot(self, self._depth if self._consuming else None)
 
 
 def _context(record: VersionRecord) -> dict[str, object]:

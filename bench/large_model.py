@@ -38,6 +38,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -128,11 +129,13 @@ def task_queues(spec: TaskSpec) -> list[str]:
 
 
 async def publish(
-    amqp_url: str, spec: TaskSpec, n: int, chunk_size: int | None
+    amqp_url: str, spec: TaskSpec, n: int, chunk_size: int | None, staleness: int
 ) -> list[dict[str, Any]]:
     """Declare the topology, then encode and publish ``n`` signed updates one at a
     time (one 400 MB body in memory at once). Update i is based on version
-    ``max(0, i - 1)``: staleness 1 from the second on (the service reads a base)."""
+    ``max(0, i - staleness)``: with 0, every update is based on the head it meets (a
+    bank that trained on the newest model); with 1, from the second on the service
+    reads a base other than the head."""
     from common.wire import UpdateEnvelope, encode_update
 
     shapes = {k: v.shape for k, v in model_tensors(build_task_model(spec)).items()}
@@ -159,7 +162,7 @@ async def publish(
                     task=spec.task_id,
                     participant=participant,
                     update_id=update_id,
-                    base_version=max(0, i - 1),
+                    base_version=max(0, i - staleness),
                     num_samples=100,
                     tensors=delta,
                     spec_hash=spec.spec_hash(),
@@ -229,6 +232,9 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
 
     configure_logging(os.environ.get("FEDQ_LOG_LEVEL", "warning"), "json")
     spec = TaskSpec.from_json(cfg["spec"])
+    from fedq.services import tune_memory
+
+    tuned = tune_memory(spec)  # as `fedq aggregator run` does
     rss_start = rss_mib()
     store = RedisModelStore(
         connect_redis(cfg["redis_url"]),
@@ -258,6 +264,16 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
         on_version=on_version,
     )
     t_start = time.perf_counter()
+    samples: list[tuple[float, float]] = []
+    sampling = threading.Event()
+
+    def sample() -> None:  # the RSS over time: where the peak is
+        while not sampling.is_set():
+            samples.append((time.perf_counter() - t_start, rss_mib()))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     runner = asyncio.create_task(service.run(stop))
     ready = asyncio.create_task(service.ready.wait())
     await asyncio.wait([runner, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -274,6 +290,9 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
     t_end = time.perf_counter()
     stop.set()
     await runner
+    sampling.set()
+    sampler.join()
+    top = max(samples, key=lambda x: x[1]) if samples else (0.0, 0.0)
     await transport.close()
     await store.close()
     per_version = []
@@ -291,9 +310,13 @@ async def child_main(cfg: dict[str, Any]) -> dict[str, Any]:
         "prefetch": service.prefetch,
         "base_budget": service._base_budget,
         "rss_start_mib": rss_start,
+        "malloc_tuned": tuned,
         "rss_ready_mib": rss_ready,
         "peak_rss_ready_mib": hwm_ready,
         "peak_rss_mib": peak_rss_mib(),
+        "sampled_peak": {"t_s": top[0], "rss_mib": top[1], "ready_at_s": t0 - t_start},
+        "rss_timeline": [(round(t, 2), round(m)) for t, m in samples[::5]],
+        "versions_at_s": [t["t"] - t_start for t in times],
     }
 
 
@@ -441,7 +464,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         t0 = time.perf_counter()
-        published = await publish(args.amqp_url, spec, n, chunk_size)
+        published = await publish(args.amqp_url, spec, n, chunk_size, args.staleness)
         t_publish = time.perf_counter() - t0
         print(f"published in {t_publish:.1f} s; main process peak RSS {peak_rss_mib():,.0f} MiB")
         child = await asyncio.to_thread(
@@ -466,7 +489,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         received = await receive_model(args.amqp_url, args.redis_url, prefix, spec, chunk_size)
         print(f"participant: {received}", flush=True)
-        replayed = replay(args.amqp_url, args.redis_url, prefix, spec.task_id)
+        replayed = (
+            {"skipped": True}
+            if args.skip_replay
+            else replay(args.amqp_url, args.redis_url, prefix, spec.task_id)
+        )
         print(f"replay: {json.dumps(replayed)[:600]}", flush=True)
     finally:
         await delete_queues(args.amqp_url, task_queues(spec))
@@ -477,6 +504,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "model_bytes": model_bytes,
         "updates": n,
         "strategy": "fedasync",
+        "staleness": args.staleness,
         "keep_blobs": KEEP_BLOBS,
         "chunk_size": chunk_size or Chunking().chunk_size,
         "published": published,
@@ -507,6 +535,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
                 ["parameters", f"{f['parameters']:,}"],
                 ["model (float32)", f"{f['model_bytes'] / 1e6:,.1f} MB"],
                 ["strategy / updates", f"{f['strategy']} / {f['updates']}"],
+                ["staleness of each update", str(f.get("staleness", 1))],
                 ["bytes per update", f"{f['published'][0]['body_bytes']:,}"],
                 ["chunks per update", f"{f['published'][0]['chunks']} x {f['chunk_size']:,} B"],
                 ["publish (encode + sign + publish), all", f"{f['publish_s']:.1f} s"],
@@ -519,6 +548,12 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
                 ["aggregator peak RSS (VmHWM)", f"{a['peak_rss_mib']:,.0f} MiB"],
                 ["... over the model's size", f"{f['aggregator_peak_rss_over_model']:.2f} x"],
                 ["aggregator RSS when ready", f"{a['rss_ready_mib']:,.0f} MiB"],
+                [
+                    "... sampled peak (s from start; ready; versions)",
+                    f"{a['sampled_peak']['rss_mib']:,.0f} MiB at {a['sampled_peak']['t_s']:.1f} s; "
+                    f"{a['sampled_peak']['ready_at_s']:.1f} s; "
+                    + ", ".join(f"{t:.1f}" for t in a["versions_at_s"]),
+                ],
                 ["base cache budget (versions)", str(a["base_budget"])],
                 [
                     "participant receive / decode",
@@ -565,6 +600,15 @@ def main() -> None:
         type=parse_hidden,
         default=FULL_HIDDEN,
         help="hidden sizes: comma-separated, or WIDTHxLAYERS (default 4096x7)",
+    )
+    p.add_argument(
+        "--staleness",
+        type=int,
+        default=0,
+        help="update i is based on version i - STALENESS (0: on the head it meets)",
+    )
+    p.add_argument(
+        "--skip-replay", action="store_true", help="no replay step (a run to look at memory)"
     )
     p.add_argument("--timeout", type=float, default=1200.0)
     p.add_argument("--out", type=Path, default=None)

@@ -76,6 +76,7 @@ from _profile import summarize
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig, VersionRecord, connect_redis
 from common.logging import configure_logging
+from common.segments import Segments
 from common.spec import AsyncSettings, ModelSpec, NumericFeature, TargetSpec, TaskSpec
 from common.transport import TaskTopology, Transport, names
 from common.transport.amqp import AmqpTransport
@@ -190,7 +191,9 @@ class TimedTransport:
         with self._timed("last_announcement"):
             return await self._inner.last_announcement(task)
 
-    async def announce_model(self, task: str, version: int, body: bytes, **kw: Any) -> None:
+    async def announce_model(
+        self, task: str, version: int, body: bytes | Segments, **kw: Any
+    ) -> None:
         with self._timed("announce_model"):
             await self._inner.announce_model(task, version, body, **kw)
         self._timers["announce_model_calls"] = self._timers.get("announce_model_calls", 0) + 1

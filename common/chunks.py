@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -38,8 +39,10 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgpack
 
+from common import segments
 from common.errors import FedqError
 from common.refusals import Refusal
+from common.segments import Owned, Segments
 
 #: The first 12 bytes of every chunk message: msgpack ``fixarray(9)``, ``fixstr(10)``
 #: and ``"fedq-chunk"``.
@@ -127,7 +130,7 @@ class Part(Generic[H]):
     start: int
     end: int
 
-    def message(self, buffer: bytes | bytearray) -> bytes:
+    def message(self, buffer: bytes | Owned) -> bytes:
         """The message's body: its prefix and its slice of ``buffer``."""
         if (
             not self.prefix
@@ -147,7 +150,8 @@ class Complete(Generic[H]):
     """A set reassembled and verified: the whole body and every message it took."""
 
     key: SetKey
-    body: bytes
+    #: The set's own buffer (no copy): the receiver holds the only reference.
+    body: Owned
     parts: list[Part[H]]
 
 
@@ -158,7 +162,7 @@ class Failed(Generic[H]):
     key: SetKey
     reason: Refusal
     detail: str
-    buffer: bytes | bytearray
+    buffer: bytes | Owned
     parts: list[Part[H]]
 
     def messages(self) -> list[bytes]:
@@ -209,15 +213,43 @@ class ChunkLimits:
 # ------------------------------------------------------------------ format
 
 
+#: A set of more bytes than this is reassembled in an anonymous memory map, not a
+#: ``bytearray``: a bytearray is zero-filled (all its memory taken) when the first chunk
+#: arrives, while the set's other chunks may still be queued in the client, each its own
+#: copy; a map's pages take memory as chunks are copied in and those copies are dropped.
+LAZY_ABOVE: Final = 1 << 20
+
+
+class _Map(mmap.mmap):
+    """An anonymous memory map that compares equal to bytes of the same content, as a
+    ``bytearray`` does."""
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a bytearray
+
+    def __eq__(self, other: object) -> bool:
+        try:
+            return memoryview(self) == memoryview(other)  # type: ignore[arg-type]
+        except TypeError:
+            return NotImplemented
+
+
+def _buffer(size: int) -> Owned:
+    """A set's buffer of ``size`` bytes (zeros)."""
+    return _Map(-1, size) if size > LAZY_ABOVE else bytearray(size)
+
+
 def is_chunk(body: bytes | bytearray | memoryview) -> bool:
     """Whether ``body`` is a chunk message (it begins with :data:`MAGIC`)."""
     return bytes(body[: len(MAGIC)]) == MAGIC
 
 
-def needs_chunks(body: bytes, chunk_size: int) -> bool:
-    """Whether ``body`` must travel as chunks: longer than ``chunk_size``, or beginning
-    with :data:`MAGIC` (sent whole, it would be taken for a chunk)."""
-    return len(body) > chunk_size or is_chunk(body)
+def needs_chunks(body: bytes | Segments, chunk_size: int) -> bool:
+    """Whether ``body`` (bytes, or segments: common/segments.py) must travel as chunks:
+    longer than ``chunk_size``, or beginning with :data:`MAGIC` (sent whole, it would
+    be taken for a chunk)."""
+    if isinstance(body, bytes):
+        return len(body) > chunk_size or is_chunk(body)
+    return segments.total(body) > chunk_size or is_chunk(next(segments.pieces(body, 16), b""))
 
 
 def chunk_count(total: int, size: int) -> int:
@@ -225,20 +257,20 @@ def chunk_count(total: int, size: int) -> int:
     return max(1, math.ceil(total / size))
 
 
-def split(body: bytes, *, id: str, chunk_size: int) -> Iterator[bytes]:
-    """The chunk messages of ``body``, in order, made one at a time (only the chunk
-    being sent is copied). Raises ValueError for a bad id or chunk size."""
+def split(body: bytes | Segments, *, id: str, chunk_size: int) -> Iterator[bytes]:
+    """The chunk messages of ``body`` (bytes, or segments: common/segments.py, whose
+    join is never made), in order, made one at a time (only the chunk being sent is
+    copied). Raises ValueError for a bad id or chunk size."""
     _check_id(id)
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, not {chunk_size}")
-    if not body:
+    parts: Segments = (body,) if isinstance(body, bytes) else body
+    total = segments.total(parts)
+    if not total:
         raise ValueError("an empty body is never chunked")
-    total = len(body)
     count = chunk_count(total, chunk_size)
-    whole = hashlib.sha256(body).digest()
-    view = memoryview(body)
-    for index in range(count):
-        data = view[index * chunk_size : min((index + 1) * chunk_size, total)]
+    whole = segments.sha256(parts)
+    for index, data in enumerate(segments.pieces(parts, chunk_size)):
         header: bytes = msgpack.packb(
             [
                 "fedq-chunk",
@@ -321,7 +353,7 @@ def join(messages: Iterable[bytes]) -> bytes:
     for message in messages:
         done = reassembler.add(parse(message), None)
         if isinstance(done, Complete):
-            return done.body
+            return bytes(done.body)
     raise ChunkError(Refusal.CHUNKS_INCOMPLETE, "the chunk messages do not make a whole set")
 
 
@@ -373,7 +405,7 @@ def _header(fields: list[object]) -> ChunkHeader:
 @dataclass(slots=True)
 class _Set(Generic[H]):
     shape: tuple[int, int, int, bytes]
-    buffer: bytearray
+    buffer: Owned
     #: The chunk hash of each index received (missing: not received yet).
     hashes: dict[int, bytes] = field(default_factory=dict)
     parts: list[Part[H]] = field(default_factory=list)
@@ -383,10 +415,10 @@ class _Set(Generic[H]):
 class Reassembler(Generic[H]):
     """Chunk sets being reassembled, each into one buffer of its whole length.
 
-    Memory: one ``bytearray`` per incomplete set (at most ``max_incomplete`` of at most
-    ``max_total`` bytes), 32 bytes per chunk received and the chunks' small prefixes; no
-    chunk's data. A completed set's body is copied out of its buffer once (``bytes``)
-    and the buffer is released.
+    Memory: one buffer per incomplete set (at most ``max_incomplete`` of at most
+    ``max_total`` bytes; a memory map above LAZY_ABOVE, whose pages are taken as chunks
+    arrive), 32 bytes per chunk received and the chunks' small prefixes; no chunk's
+    data. A completed set's body is its buffer itself (no copy), handed to the caller.
     """
 
     def __init__(
@@ -406,7 +438,7 @@ class Reassembler(Generic[H]):
         """Bytes of the buffers held (the sum of the incomplete sets' totals)."""
         return sum(len(s.buffer) for s in self._sets.values())
 
-    def buffers(self) -> list[bytearray]:
+    def buffers(self) -> list[Owned]:
         """The buffers held, one per incomplete set (for inspection)."""
         return [s.buffer for s in self._sets.values()]
 
@@ -473,7 +505,7 @@ class Reassembler(Generic[H]):
             )
             raise ChunkError(failed.reason, failed.detail, failed)
         self._remember(key, h.shape)
-        return Complete(key, bytes(held.buffer), held.parts)
+        return Complete(key, held.buffer, held.parts)
 
     def _open(self, key: SetKey, h: ChunkHeader) -> _Set[H]:
         limits = self.limits
@@ -498,7 +530,7 @@ class Reassembler(Generic[H]):
                 f"chunk set {h.id!r} refused: its sender has {limits.max_per_sender} sets "
                 "incomplete already",
             )
-        held: _Set[H] = _Set(h.shape, bytearray(h.total), last=self._clock())
+        held: _Set[H] = _Set(h.shape, _buffer(h.total), last=self._clock())
         self._sets[key] = held
         return held
 

@@ -56,7 +56,9 @@ class Codec(Protocol):
         encoder's own randomness (stochastic rounding); decoding never needs it."""
         ...
 
-    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+    def decode_tensor_into(
+        self, data: bytes | memoryview, dtype: str, shape: Shape, out: memoryview
+    ) -> None:
         """Decode ``data`` into ``out``, the tensor's raw bytes (exactly the size the
         dtype and shape need).
 
@@ -79,7 +81,7 @@ class RawCodec:
     def encode(self, raw: bytes | memoryview) -> bytes:
         return bytes(raw)
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
         if len(data) != len(out):
             raise DecodeError(
                 Refusal.SIZE_MISMATCH, f"raw payload has {len(data)} bytes, shape needs {len(out)}"
@@ -95,7 +97,9 @@ class RawCodec:
     ) -> bytes:
         return self.encode(raw)
 
-    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+    def decode_tensor_into(
+        self, data: bytes | memoryview, dtype: str, shape: Shape, out: memoryview
+    ) -> None:
         self.decode_into(data, out)
 
 
@@ -121,7 +125,7 @@ class ZstdCodec:
         except zstandard.ZstdError as e:  # pragma: no cover - zstd does not fail on bytes
             raise EncodeError(f"zstd compression failed: {e}") from e
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
         expected = len(out)
         try:
             declared = zstandard.frame_content_size(data)
@@ -151,11 +155,13 @@ class ZstdCodec:
     ) -> bytes:
         return self.encode(raw)
 
-    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+    def decode_tensor_into(
+        self, data: bytes | memoryview, dtype: str, shape: Shape, out: memoryview
+    ) -> None:
         self.decode_into(data, out)
 
 
-def _check_one_frame(data: bytes) -> None:
+def _check_one_frame(data: bytes | memoryview) -> None:
     """CODEC_ERROR unless ``data`` is exactly one whole zstd frame."""
     size = _frame_size(data)
     if size != len(data):
@@ -166,7 +172,7 @@ def _check_one_frame(data: bytes) -> None:
         )
 
 
-def _read_frame(data: bytes, out: memoryview) -> tuple[int, bool]:
+def _read_frame(data: bytes | memoryview, out: memoryview) -> tuple[int, bool]:
     """Decompress one frame into ``out``, never more than it holds; returns the bytes
     written and whether the frame holds more than that."""
     got = 0
@@ -188,7 +194,7 @@ def _read_frame(data: bytes, out: memoryview) -> tuple[int, bool]:
     return got, bool(extra)
 
 
-def _frame_size(data: bytes) -> int:
+def _frame_size(data: bytes | memoryview) -> int:
     """Compressed size of the zstd frame at the start of ``data``; -1 if it is cut short.
 
     Walks the block headers (RFC 8878, 3.1.1.2): 3 bytes each, last-block bit,
@@ -253,7 +259,9 @@ class _Lossy:
             return payload
         return _ZSTD.encode(self._shuffle(payload))
 
-    def decode_tensor_into(self, data: bytes, dtype: str, shape: Shape, out: memoryview) -> None:
+    def decode_tensor_into(
+        self, data: bytes | memoryview, dtype: str, shape: Shape, out: memoryview
+    ) -> None:
         if dtype != "f32":
             (_ZSTD if self.zstd else _RAW).decode_into(data, out)
             return
@@ -261,7 +269,9 @@ class _Lossy:
         payload = self._unwrap(data, shape, n)
         self._decode_f32(payload, shape, n, np.frombuffer(out, dtype=np.float32))
 
-    def _unwrap(self, data: bytes, shape: Shape, n: int) -> bytes | bytearray:
+    def _unwrap(
+        self, data: bytes | memoryview, shape: Shape, n: int
+    ) -> bytes | bytearray | memoryview:
         """The quantized payload: ``data`` itself, or the content of its zstd frame."""
         size = self._payload_size(shape, n)
         if not self.zstd:
@@ -281,7 +291,9 @@ class _Lossy:
     def _encode_f32(self, x: F32, shape: Shape, rng: np.random.Generator | None) -> bytes:
         raise NotImplementedError  # pragma: no cover
 
-    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+    def _decode_f32(
+        self, payload: bytes | bytearray | memoryview, shape: Shape, n: int, out: F32
+    ) -> None:
         raise NotImplementedError  # pragma: no cover
 
     def _payload_size(self, shape: Shape, n: int) -> int | None:
@@ -299,7 +311,7 @@ class _Lossy:
         return payload
 
 
-def _zstd_upto(data: bytes, bound: int) -> bytes:
+def _zstd_upto(data: bytes | memoryview, bound: int) -> bytes:
     """The content of one zstd frame of at most ``bound`` bytes (CODEC_ERROR or
     SIZE_MISMATCH otherwise, checked before and while decompressing)."""
     try:
@@ -357,7 +369,9 @@ class HalfCodec(_Lossy):
         half[over] = (half[over] & np.uint16(0x8000)) | np.uint16(0x7F7F)
         return half.astype("<u2").tobytes()
 
-    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+    def _decode_f32(
+        self, payload: bytes | bytearray | memoryview, shape: Shape, n: int, out: F32
+    ) -> None:
         if self.kind == "f16":
             out[:] = np.frombuffer(payload, dtype="<f2")
         else:
@@ -444,7 +458,9 @@ class Int8Codec(_Lossy):
         q = _int8_levels(grid, scale[:, None], self.stochastic, rng)
         return scale.astype("<f4").tobytes() + q.tobytes()
 
-    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+    def _decode_f32(
+        self, payload: bytes | bytearray | memoryview, shape: Shape, n: int, out: F32
+    ) -> None:
         rows = self.rows(shape, n)
         scale = np.frombuffer(payload, dtype="<f4", count=rows)
         _check_scales(self.name, scale)
@@ -508,7 +524,7 @@ class TopKCodec(_Lossy):
         return np.sort(np.concatenate((above, ties))).astype(np.int64)
 
     def _indices(
-        self, payload: bytes | bytearray, offset: int, k: int, n: int
+        self, payload: bytes | bytearray | memoryview, offset: int, k: int, n: int
     ) -> npt.NDArray[np.int64]:
         """The ``k`` indices the varints from ``offset`` to the end give (CODEC_ERROR
         unless exactly ``k`` varints whose last index is below ``n``)."""
@@ -520,7 +536,9 @@ class TopKCodec(_Lossy):
         index: npt.NDArray[np.int64] = np.cumsum(gaps.astype(np.int64) + 1) - 1
         return index
 
-    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+    def _decode_f32(
+        self, payload: bytes | bytearray | memoryview, shape: Shape, n: int, out: F32
+    ) -> None:
         if len(payload) < 4:
             raise DecodeError(Refusal.SIZE_MISMATCH, f"{self.name} payload has no count")
         (k,) = struct.unpack_from("<I", payload)
@@ -575,7 +593,9 @@ class TopK8Codec(TopKCodec):
             + _gaps(index)
         )
 
-    def _decode_f32(self, payload: bytes | bytearray, shape: Shape, n: int, out: F32) -> None:
+    def _decode_f32(
+        self, payload: bytes | bytearray | memoryview, shape: Shape, n: int, out: F32
+    ) -> None:
         if len(payload) < 8:
             raise DecodeError(Refusal.SIZE_MISMATCH, f"{self.name} payload has no count and scale")
         (k,) = struct.unpack_from("<I", payload)

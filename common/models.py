@@ -18,19 +18,8 @@ def build_model(spec: ModelSpec, input_dim: int, seed: int) -> nn.Sequential:
     Weights are drawn from a private generator, so building a model neither reads
     nor changes torch's global random state.
     """
-    if input_dim < 1:
-        raise ValueError("input_dim must be at least 1")
-    layers: list[nn.Module] = []
-    width = input_dim
-    for h in spec.hidden:
-        layers.append(nn.Linear(width, h, device="meta"))
-        layers.append(nn.ReLU() if spec.activation == "relu" else nn.Tanh())
-        if spec.dropout:
-            layers.append(nn.Dropout(spec.dropout))
-        width = h
-    layers.append(nn.Linear(width, 1, device="meta"))
     # Built on the meta device (no default init, no global RNG), then filled below.
-    model = nn.Sequential(*layers).to_empty(device="cpu")
+    model = _meta_model(spec, input_dim).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model:
@@ -54,6 +43,34 @@ def forward(spec: ModelSpec, params: Tensors, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(out) if spec.activation == "relu" else torch.tanh(out)
         index += 3 if spec.dropout else 2
     return nn.functional.linear(out, params[f"{index}.weight"], params[f"{index}.bias"])
+
+
+def _meta_model(spec: ModelSpec, input_dim: int) -> nn.Sequential:
+    """The network's layers on the meta device: shapes and dtypes, no memory."""
+    if input_dim < 1:
+        raise ValueError("input_dim must be at least 1")
+    layers: list[nn.Module] = []
+    width = input_dim
+    for h in spec.hidden:
+        layers.append(nn.Linear(width, h, device="meta"))
+        layers.append(nn.ReLU() if spec.activation == "relu" else nn.Tanh())
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    layers.append(nn.Linear(width, 1, device="meta"))
+    return nn.Sequential(*layers)
+
+
+def task_tensor_specs(task: TaskSpec) -> dict[str, TensorSpec]:
+    """The task's model's tensor names, shapes and wire dtypes, in state_dict order,
+    without allocating its parameters (a 100M-parameter model is 400 MB)."""
+    return tensor_specs(dict(_meta_model(task.model, task.input_dim).state_dict()))
+
+
+def initial_tensors(task: TaskSpec) -> Tensors:
+    """Version 0's parameters (the task's model with the task's seed), taken from the
+    model without a copy: the model itself is dropped."""
+    return {k: v.detach() for k, v in build_task_model(task).state_dict().items()}
 
 
 def build_task_model(task: TaskSpec) -> nn.Sequential:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-from typing import Final
+from types import ModuleType
+from typing import TYPE_CHECKING, Final
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+if TYPE_CHECKING:
+    from dp_accounting.rdp import RdpAccountant
 
 from common.errors import ConfigError
 
@@ -46,7 +47,18 @@ ACCOUNTANT: Final = (
 )
 
 
+def _dp() -> ModuleType:
+    """dp-accounting, imported when a privacy cost is first computed: it brings scipy
+    (about 70 MB resident), which a task without differential privacy never needs."""
+    import dp_accounting
+
+    module: ModuleType = dp_accounting
+    return module
+
+
 def _accountant() -> RdpAccountant:
+    from dp_accounting.rdp import RdpAccountant
+
     return RdpAccountant(orders=list(ORDERS))
 
 
@@ -54,10 +66,9 @@ def dpsgd_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta
     """Epsilon after ``steps`` Poisson-sampled Gaussian steps (0 steps: 0)."""
     if steps <= 0:
         return 0.0
+    dp = _dp()
     acc = _accountant()
-    event = dp_accounting.PoissonSampledDpEvent(
-        sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-    )
+    event = dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(noise_multiplier))
     acc.compose(event, steps)
     return float(acc.get_epsilon(delta))
 
@@ -66,8 +77,9 @@ def gaussian_epsilon(noise_multiplier: float, count: int, delta: float) -> float
     """Epsilon after ``count`` Gaussian mechanisms of multiplier ``noise_multiplier``."""
     if count <= 0:
         return 0.0
+    dp = _dp()
     acc = _accountant()
-    acc.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count)
+    acc.compose(dp.GaussianDpEvent(noise_multiplier), count)
     return float(acc.get_epsilon(delta))
 
 
@@ -80,16 +92,17 @@ def laplace_epsilon(per_release: float, count: int) -> float:
 def calibrate_dpsgd(target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
     """The smallest noise multiplier whose ``steps`` steps cost at most the target."""
     _check_target(target_epsilon, delta)
+    dp = _dp()
     return float(
-        dp_accounting.calibrate_dp_mechanism(
+        dp.calibrate_dp_mechanism(
             _accountant,
-            lambda s: dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(s)),
+            lambda s: dp.SelfComposedDpEvent(
+                dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(s)),
                 max(1, steps),
             ),
             target_epsilon,
             delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            bracket_interval=dp.LowerEndpointAndGuess(1e-3, 1.0),
         )
     )
 
@@ -98,15 +111,14 @@ def calibrate_gaussian(target_epsilon: float, count: int, delta: float) -> float
     """The smallest noise multiplier whose ``count`` Gaussian mechanisms cost at most the
     target."""
     _check_target(target_epsilon, delta)
+    dp = _dp()
     return float(
-        dp_accounting.calibrate_dp_mechanism(
+        dp.calibrate_dp_mechanism(
             _accountant,
-            lambda z: dp_accounting.SelfComposedDpEvent(
-                dp_accounting.GaussianDpEvent(z), max(1, count)
-            ),
+            lambda z: dp.SelfComposedDpEvent(dp.GaussianDpEvent(z), max(1, count)),
             target_epsilon,
             delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            bracket_interval=dp.LowerEndpointAndGuess(1e-3, 1.0),
         )
     )
 

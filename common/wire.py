@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import struct
 import sys
 from collections.abc import Collection, Mapping, Sequence
@@ -25,7 +26,9 @@ from common.dtypes import FLOAT_WIRE_DTYPES, WIRE_DTYPES, itemsize, wire_name
 from common.errors import DecodeError, EncodeError, NonFiniteError
 from common.hashing import HASH_SIZE, TensorHasher
 from common.ids import MAX_COHORT, is_name, is_update_id
+from common.msgpack_views import unpackb_views
 from common.refusals import Refusal
+from common.segments import Owned, Segments
 from common.signing import (
     MAX_ANCESTORS,
     PublicKey,
@@ -282,6 +285,33 @@ def sign_model(
 ) -> bytes:
     """A stored model envelope turned into an announcement: ``sh``, ``anc`` and (with a
     key) ``sg`` appended to its map, the tensors' bytes untouched (section 15)."""
+    return b"".join(
+        sign_model_segments(
+            (blob,),
+            task=task,
+            version=version,
+            version_hash=version_hash,
+            content_hash=content_hash,
+            spec_hash=spec_hash,
+            ancestors=ancestors,
+            signing_key=signing_key,
+        )
+    )
+
+
+def sign_model_segments(
+    blob: Segments,
+    *,
+    task: str,
+    version: int,
+    version_hash: bytes,
+    content_hash: bytes,
+    spec_hash: bytes,
+    ancestors: Sequence[bytes],
+    signing_key: SigningKey | None,
+) -> list[bytes | bytearray | memoryview]:
+    """:func:`sign_model` for a blob held as segments (common/segments.py), as
+    segments: the tensors' bytes are neither copied nor joined."""
     if len(ancestors) > MAX_ANCESTORS:
         raise EncodeError(f"at most {MAX_ANCESTORS} ancestors")
     extra: dict[str, Any] = {"sh": bytes(spec_hash), "anc": [bytes(a) for a in ancestors]}
@@ -299,15 +329,19 @@ def sign_model(
     return _append_entries(blob, extra)
 
 
-def _append_entries(packed: bytes, extra: Mapping[str, Any]) -> bytes:
-    """A packed msgpack map with ``extra`` entries added at its end (keys must be new)."""
-    first = packed[0]
-    if 0x80 <= first <= 0x8F:
-        count, body = first & 0x0F, packed[1:]
-    elif first == 0xDE:
-        count, body = int.from_bytes(packed[1:3], "big"), packed[3:]
-    elif first == 0xDF:
-        count, body = int.from_bytes(packed[1:5], "big"), packed[5:]
+def _append_entries(
+    packed: Segments, extra: Mapping[str, Any]
+) -> list[bytes | bytearray | memoryview]:
+    """A packed msgpack map (as segments, its header in the first) with ``extra``
+    entries added at its end (keys must be new): a new header, the rest as it was."""
+    first = memoryview(packed[0]).cast("B") if packed else memoryview(b"")
+    lead = first[0] if len(first) else -1
+    if 0x80 <= lead <= 0x8F:
+        count, skip = lead & 0x0F, 1
+    elif lead == 0xDE and len(first) >= 3:
+        count, skip = int.from_bytes(first[1:3], "big"), 3
+    elif lead == 0xDF and len(first) >= 5:
+        count, skip = int.from_bytes(first[1:5], "big"), 5
     else:
         raise EncodeError("not a packed msgpack map")
     total = count + len(extra)
@@ -318,7 +352,7 @@ def _append_entries(packed: bytes, extra: Mapping[str, Any]) -> bytes:
     else:  # pragma: no cover - envelopes have a dozen fields
         header = b"\xdf" + total.to_bytes(4, "big")
     tail = b"".join(_pack_value(k) + _pack_value(v) for k, v in extra.items())
-    return header + body + tail
+    return [header, first[skip:], *packed[1:], tail]
 
 
 def _pack_value(value: Any) -> bytes:
@@ -552,7 +586,7 @@ _TENSOR_KEYS: Final = frozenset({"n", "d", "s", "b"})
 
 
 def decode_update(
-    data: bytes,
+    data: bytes | Owned,
     limits: DecodeLimits = DEFAULT_LIMITS,
     expected: Mapping[str, TensorSpec] | None = None,
     *,
@@ -615,7 +649,7 @@ def _get_digest(doc: Mapping[str, Any], key: str) -> bytes:
 
 
 def decode_model(
-    data: bytes,
+    data: bytes | Owned,
     limits: DecodeLimits = DEFAULT_LIMITS,
     expected: Mapping[str, TensorSpec] | None = None,
 ) -> ModelEnvelope:
@@ -664,27 +698,43 @@ def peek_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> dict[str,
     return {k: v for k, v in doc.items() if k != "ts" and not isinstance(v, bytes | list)}
 
 
-def _unpack_any(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
-    if not isinstance(data, bytes | bytearray | memoryview):
+def _unpack_any(data: bytes | Owned, limits: DecodeLimits) -> dict[str, Any]:
+    """The envelope's map. A body of its own (``Owned``: a reassembled chunk set, a blob
+    read from the store) is read by :func:`common.msgpack_views.unpackb_views`: its large
+    byte strings (tensor payloads) are views into it, not copies."""
+    if not isinstance(data, bytes | bytearray | memoryview | mmap.mmap):
         raise DecodeError(Refusal.MALFORMED, f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_message_bytes:
         raise DecodeError(
             Refusal.TOO_LARGE, f"message has {len(data)} bytes, limit {limits.max_message_bytes}"
         )
+    max_bin, max_str = limits.max_message_bytes, 64 * 1024
+    # One above our own limits, so the first count over them gets its own reason.
+    max_array = max(limits.max_tensors, limits.max_ndim, 1024) + 1
+    max_map = max(limits.max_metrics, MAX_COHORT) + 1
     try:
-        doc = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_bin_len=limits.max_message_bytes,
-            max_str_len=64 * 1024,
-            # One above our own limits, so the first count over them gets its own reason.
-            max_array_len=max(limits.max_tensors, limits.max_ndim, 1024) + 1,
-            max_map_len=max(limits.max_metrics, MAX_COHORT) + 1,
-            max_ext_len=0,
-            object_pairs_hook=_unique_keys,
-        )
+        if isinstance(data, bytearray | mmap.mmap):
+            doc = unpackb_views(
+                data,
+                max_bin_len=max_bin,
+                max_str_len=max_str,
+                max_array_len=max_array,
+                max_map_len=max_map,
+                object_pairs_hook=_unique_keys,
+            )
+        else:
+            doc = msgpack.unpackb(
+                data,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_bin_len=max_bin,
+                max_str_len=max_str,
+                max_array_len=max_array,
+                max_map_len=max_map,
+                max_ext_len=0,
+                object_pairs_hook=_unique_keys,
+            )
     except Exception as e:  # msgpack raises many types on bad input; convert them all
         raise DecodeError(
             Refusal.MALFORMED, f"not a msgpack document: {type(e).__name__}: {e}"
@@ -704,7 +754,7 @@ def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 
 def _unpack(
-    data: bytes,
+    data: bytes | Owned,
     limits: DecodeLimits,
     kind: str,
     allowed: frozenset[str],
@@ -807,7 +857,7 @@ def _decode_tensors(
     return tensors, digest
 
 
-_Header = tuple[str, str, tuple[int, ...], bytes]
+_Header = tuple[str, str, tuple[int, ...], bytes | memoryview]
 
 
 def _tensor_headers(
@@ -870,6 +920,17 @@ def _decode_payloads(headers: list[_Header], codec: Codec) -> tuple[Tensors, byt
     hasher = TensorHasher()
     tensors: Tensors = {}
     for name, dtype, shape, payload in headers:
+        if codec.name == "raw" and isinstance(payload, memoryview) and not payload.readonly:
+            # A view into a writable body of its own: the tensor is that memory.
+            if len(payload) != math.prod(shape) * itemsize(dtype):
+                raise DecodeError(
+                    Refusal.SIZE_MISMATCH,
+                    f"tensor {name!r}: raw payload has {len(payload)} bytes, "
+                    f"shape needs {math.prod(shape) * itemsize(dtype)}",
+                )
+            hasher.add(name, dtype, shape, payload)
+            tensors[name] = _view_tensor(payload, dtype, shape)
+            continue
         t = torch.empty(shape, dtype=WIRE_DTYPES[dtype])
         buf = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         try:
@@ -881,9 +942,17 @@ def _decode_payloads(headers: list[_Header], codec: Codec) -> tuple[Tensors, byt
     return tensors, hasher.digest()
 
 
+def _view_tensor(payload: memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``payload``'s memory (raw little-endian bytes; any alignment)."""
+    if not len(payload):
+        return torch.empty(shape, dtype=WIRE_DTYPES[dtype])
+    flat = torch.frombuffer(payload, dtype=torch.uint8)
+    return flat.view(WIRE_DTYPES[dtype]).reshape(shape)
+
+
 def _tensor_header(
     i: int, entry: object, limits: DecodeLimits
-) -> tuple[str, str, tuple[int, ...], bytes]:
+) -> tuple[str, str, tuple[int, ...], bytes | memoryview]:
     if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
         raise DecodeError(Refusal.INVALID_TENSOR, f"tensor #{i}: not a map with keys n, d, s, b")
     name, dtype, shape, payload = entry["n"], entry["d"], entry["s"], entry["b"]
@@ -903,7 +972,7 @@ def _tensor_header(
             raise DecodeError(
                 Refusal.BAD_SHAPE, f"tensor {name!r}: dimension {d!r} is not an int in [0, 2^32)"
             )
-    if not isinstance(payload, bytes):
+    if not isinstance(payload, bytes | memoryview):
         raise DecodeError(Refusal.INVALID_TENSOR, f"tensor {name!r}: payload is not a byte string")
     return name, dtype, tuple(shape), payload
 
@@ -1167,7 +1236,7 @@ class UnmaskAnswer:
         )
 
 
-def peek_kind(data: bytes) -> str | None:
+def peek_kind(data: bytes | Owned) -> str | None:
     """The envelope's kind (``k``) without unpacking its other values; None when the
     message is not a msgpack map with a string ``k`` (the full decoder then says why)."""
     try:
@@ -1257,7 +1326,7 @@ def encode_unmask_answer(answer: UnmaskAnswer, signing_key: SigningKey | None = 
     return _pack(doc)
 
 
-def decode_unmask_answer(data: bytes, limits: DecodeLimits = UNMASK_LIMITS) -> UnmaskAnswer:
+def decode_unmask_answer(data: bytes | Owned, limits: DecodeLimits = UNMASK_LIMITS) -> UnmaskAnswer:
     """Decode and validate an unmask answer (its signature is returned, not checked)."""
     doc = _unpack(data, limits, KIND_UNMASK_ANSWER, _ANSWER_KEYS, _ANSWER_REQUIRED)
     answer_id = doc["id"]

@@ -26,7 +26,7 @@ import torch
 from common.errors import ConfigError, DecodeError, SecAggError, TransportError
 from common.evaluation import evaluate
 from common.hooks import Stages, untimed
-from common.models import build_task_model, model_tensors, tensor_specs
+from common.models import task_tensor_specs
 from common.refusals import Refusal
 from common.signing import SigningKey
 from common.spec import TaskSpec
@@ -144,7 +144,7 @@ class ParticipantWorker:
         train_idx, val_idx = train_val_split(len(x), config.val_fraction, config.seed)
         self.x_train, self.y_train = x[train_idx], y[train_idx]
         self.x_val, self.y_val = x[val_idx], y[val_idx]
-        self.expected = tensor_specs(model_tensors(build_task_model(spec)))
+        self.expected = task_tensor_specs(spec)
         self.stats = WorkerStats()
         self.log = log.bind(task=spec.task_id, participant=config.participant)
         self.spec_hash = spec.spec_hash()
@@ -206,6 +206,8 @@ class ParticipantWorker:
             # declared one where the spec has it.
             self.public_rows = spec.declared_samples.get(config.participant, self.public_rows)
         self.ledger = PrivacyLedger(spec, self.public_rows, config.privacy_ledger)
+        self.metrics.info.info({"task": spec.task_id, "participant": config.participant})
+        self._privacy_metrics()
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Work until ``stop`` is set or ``max_updates`` are published, counting receipts.
@@ -264,12 +266,25 @@ class ParticipantWorker:
             await sub.close()  # a held model goes back to the queue for the next start
         return self.stats
 
+    def _privacy_metrics(self) -> None:
+        """The ledger's spending, budget and exhaustion as gauges (a task with a local
+        privacy mechanism only)."""
+        ledger, m = self.ledger, self.metrics
+        if not ledger.active:
+            return
+        mechanism = "record" if ledger.record is not None else "laplace"
+        m.privacy_epsilon.labels(mechanism).set(ledger.epsilon)
+        if ledger.budget is not None:
+            m.privacy_epsilon_budget.labels(mechanism).set(ledger.budget)
+        m.privacy_budget_exhausted.labels(mechanism).set(1 if ledger.exhausted else 0)
+
     def _budget_spent(self) -> bool:
         """True (once said in the log) when one more update would pass the budget."""
         if not self.ledger.exhausted:
             return False
         if not self.stats.budget_exhausted:
             self.stats.budget_exhausted = True
+            self._privacy_metrics()
             self.stats.budget_note = (
                 f"privacy budget spent: epsilon {self.ledger.epsilon:.4g} of "
                 f"{self.ledger.budget:.4g}; this bank publishes no more updates"
@@ -352,6 +367,10 @@ class ParticipantWorker:
         self._val_metrics = await asyncio.to_thread(
             evaluate, self.spec, model.tensors, self.x_val, self.y_val
         )
+        self.metrics.model_version.set(model.version)
+        auc = self._val_metrics.get("auc")
+        if auc is not None and math.isfinite(auc):
+            self.metrics.validation_auc.set(auc)
 
     async def _subscribe(self, stop: asyncio.Event) -> Subscription[ModelDelivery] | None:
         """Subscribe to the task's model stream; until the aggregator has declared it,
@@ -453,6 +472,7 @@ class ParticipantWorker:
         seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
         started = time.perf_counter()
         delta, train_metrics, steps = await asyncio.to_thread(self._train, model, seed)
+        self.metrics.training_seconds.observe(time.perf_counter() - started)
         if cfg.delay_s > 0:
             await asyncio.sleep(cfg.delay_s)
         if not await asyncio.to_thread(_finite, delta):
@@ -525,6 +545,7 @@ class ParticipantWorker:
         if self.ledger.active:
             self.ledger.spend(steps)  # counted once it has left the bank
             self.stats.dp_epsilon = self.ledger.epsilon
+            self._privacy_metrics()
         self.metrics.published.inc()
         self.stats.published_ids.append(update_id)
         self.log.info(

@@ -9,6 +9,7 @@ with their reasons, and replay from the audit stream reproduces every version.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -267,3 +268,91 @@ def test_a_task_larger_than_the_default_body_limit_gets_chunking_and_retention_f
 
     assert service(big)._models_max_bytes == 4 * raw
     assert service(small)._models_max_bytes == MODELS_MAX_BYTES
+
+
+def _at_version(service: AggregatorService, version: int) -> bool:
+    return service.head_version == version
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("real", marks=pytest.mark.real)])
+async def test_a_copy_whose_buffer_became_a_version_is_dead_lettered_intact(kind: str) -> None:
+    """A chunked update's tensors are views into its reassembled buffer, and FedAsync
+    writes the new version over them (``AcceptedUpdate.spare``). A bank re-sends an old
+    update id on a newer base beyond the ids kept in memory: the commit script refuses
+    the group after the step. The copy is not dead-lettered from its buffer (the AMQP
+    transport rebuilds dead letters from it): it goes back to the queue, comes again
+    and is refused as a duplicate with the bytes the bank sent."""
+    spec = TaskSpec(
+        task_id=f"chk{uuid.uuid4().hex[:10]}",
+        model=ModelSpec(kind="mlp", hidden=(8192,)),  # a 96 KiB weight: decoded as a view
+        features=tuple(NumericFeature(name=f"x{i}") for i in range(3)),
+        target=TargetSpec(name="y"),
+        participants=("bank-a", "bank-b"),
+        **{"async": AsyncSettings.model_validate({"max_staleness": 50})},
+    )
+    chunking = Chunking(chunk_size=32 * 1024)
+    prefix = f"fedqtest-{uuid.uuid4().hex[:8]}"
+    if kind == "memory":
+        broker = MemoryBroker()
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        agg: Transport = MemoryTransport(broker, "fedq-aggregator", chunking=chunking)
+        bank: Transport = MemoryTransport(broker, "bank-a", chunking=chunking)
+    else:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        agg = await AmqpTransport.connect(AMQP_URL, name="spare-agg", chunking=chunking)
+        bank = await AmqpTransport.connect(AMQP_URL, name="spare-bank", chunking=chunking)
+    store = RedisModelStore(client, StoreConfig(prefix=prefix))
+    service = AggregatorService(
+        spec, store, agg, ServiceConfig(applied_memory=1, require_sender_match=False)
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    task = spec.task_id
+
+    def body(uid: str, base: int, seed: int) -> bytes:
+        g = torch.Generator().manual_seed(seed)
+        delta = {
+            k: torch.randn(v.shape, generator=g) * 0.01
+            for k, v in model_tensors(build_task_model(spec)).items()
+        }
+        out, _ = encode_update(
+            UpdateEnvelope(
+                task=task,
+                participant="bank-a",
+                update_id=uid,
+                base_version=base,
+                num_samples=10,
+                tensors=delta,
+                spec_hash=spec.spec_hash(),
+                codec="raw",  # what a worker sends by default: views into the buffer
+            )
+        )
+        return out
+
+    try:
+        await wait_for(lambda: service.ready.is_set(), 30)
+        for i in range(3):
+            await bank.publish_update(task, "bank-a", body(f"old{i}", i, i), message_id=f"o{i}")
+            await wait_for(functools.partial(_at_version, service, i + 1), 30)
+        assert service._applied.get("old0") is None  # only the newest version's ids
+        replayed = body("old0", 3, 50)
+        await bank.publish_update(task, "bank-a", replayed, message_id="again")
+        await bank.publish_update(task, "bank-a", body("new1", 3, 51), message_id="new1")
+        await wait_for(lambda: service.head_version == 4, 30)
+        dead = await _dead(agg, task, 1)
+        assert [(d.reason, d.detail) for d in dead] == [
+            (Refusal.DUPLICATE.value, "already applied in version 1")
+        ]
+        assert dead[0].body == replayed  # the bytes the bank sent, not a version
+        assert (await store.applied_in(task, ["old0", "new1"])) == {"old0": 1, "new1": 4}
+    finally:
+        stop.set()
+        await running
+        await agg.close()
+        await bank.close()
+        if kind == "real":
+            await delete_queues(task, spec.participants)
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
+        await store.close()

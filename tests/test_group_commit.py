@@ -18,7 +18,15 @@ from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore, StoreConfig
 from common.models import build_task_model, model_tensors
 from common.refusals import Refusal
-from common.spec import AsyncSettings, NumericFeature, RobustnessSpec, TargetSpec, TaskSpec
+from common.spec import (
+    AsyncSettings,
+    ModelSpec,
+    NumericFeature,
+    RobustnessSpec,
+    TargetSpec,
+    TaskSpec,
+)
+from common.transport import Chunking
 from common.transport.memory import MemoryBroker, MemoryTransport
 from common.wire import UpdateEnvelope, encode_update
 from tests.helpers import wait_for
@@ -41,10 +49,13 @@ class Delivery:
         self.settled.append(f"dead:{reason}")
 
 
-def _spec(task_id: str, robust: bool = False, **async_kw: object) -> TaskSpec:
+def _spec(
+    task_id: str, robust: bool = False, model: ModelSpec | None = None, **async_kw: object
+) -> TaskSpec:
     settings = {"max_staleness": 50, "staleness_unit": "versions", **async_kw}
     return TaskSpec(
         task_id=task_id,
+        model=model or ModelSpec(),
         features=tuple(NumericFeature(name=f"x{i}") for i in range(3)),
         target=TargetSpec(name="y"),
         participants=BANKS,
@@ -192,23 +203,33 @@ async def test_a_copy_of_an_applied_update_is_refused_from_memory() -> None:
     assert asked == []  # neither the copy nor the fresh one cost a store read
 
 
-async def test_an_old_id_resent_on_a_newer_base_is_refused_by_the_store_and_nothing_is_lost() -> (
-    None
-):
+@pytest.mark.parametrize("chunk_size", [None, 16384])
+async def test_an_old_id_resent_on_a_newer_base_is_refused_by_the_store_and_nothing_is_lost(
+    chunk_size: int | None,
+) -> None:
     """Beyond the ids kept in memory, a bank re-sends the id of an update applied in
     version 1, now claiming a recent base: the commit script refuses the group, the
     copy is dead-lettered as a duplicate, the service reloads from the store and takes
-    the rest again; that bank's ids are asked of the store from then on."""
-    spec = _spec(f"grp{uuid.uuid4().hex[:8]}")
+    the rest again; that bank's ids are asked of the store from then on.
+
+    With chunked updates (``chunk_size``) the step wrote the new version over the copy's
+    own reassembled buffer (``AcceptedUpdate.spare``; an MLP whose first weight is
+    large enough to be decoded as a view into it): the copy goes back to the queue with
+    the others and is refused when it comes again, its body intact."""
+    model = ModelSpec(kind="mlp", hidden=(8192,)) if chunk_size else None
+    spec = _spec(f"grp{uuid.uuid4().hex[:8]}", model=model)
     broker = MemoryBroker()
     store = RedisModelStore(
         fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()),
         StoreConfig(prefix=f"g{uuid.uuid4().hex[:6]}"),
     )
-    service = AggregatorService(
-        spec, store, MemoryTransport(broker, "agg"), ServiceConfig(applied_memory=1)
-    )
-    bank = MemoryTransport(broker, "bank-a")
+    chunking = Chunking(chunk_size=chunk_size) if chunk_size else None
+
+    def transport(user: str) -> MemoryTransport:
+        return MemoryTransport(broker, user, chunking=chunking)
+
+    service = AggregatorService(spec, store, transport("agg"), ServiceConfig(applied_memory=1))
+    bank = transport("bank-a")
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
     await wait_for(lambda: service.ready.is_set())
@@ -216,7 +237,7 @@ async def test_an_old_id_resent_on_a_newer_base_is_refused_by_the_store_and_noth
     for i in range(5):
         who = BANKS[i % 3]
         body = _body(spec, who, i, i, uid=f"old{i}")
-        await MemoryTransport(broker, who).publish_update(task, who, body, message_id=f"old{i}")
+        await transport(who).publish_update(task, who, body, message_id=f"old{i}")
         await wait_for(functools.partial(_at, service, i + 1))
     assert service._applied.get("old0") is None  # only the newest version's ids are kept
     replayed = _body(spec, "bank-a", 5, 50, uid="old0")
@@ -228,6 +249,7 @@ async def test_an_old_id_resent_on_a_newer_base_is_refused_by_the_store_and_noth
     assert [(d.reason, d.detail) for d in dead] == [
         (Refusal.DUPLICATE.value, "already applied in version 1")
     ]
+    assert dead[0].body == replayed  # the bytes the bank sent, not the version made in them
     assert (await store.applied_in(task, ["old0", "new1"])) == {"old0": 1, "new1": 6}
     assert "bank-a" in service._suspects
     stop.set()

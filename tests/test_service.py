@@ -18,6 +18,7 @@ from aggregator.store import RedisModelStore, StoreConfig, VersionRecord
 from aggregator.strategies import FedAsync
 from common.errors import TransportError
 from common.refusals import Refusal
+from common.segments import Segments
 from common.spec import TaskSpec
 from common.transport import DeadLetter, Transport
 from common.transport.amqp import AmqpTransport
@@ -317,7 +318,7 @@ class FlakyAnnouncer(MemoryTransport):
         self,
         task: str,
         version: int,
-        body: bytes,
+        body: bytes | Segments,
         *,
         fence: int | None = None,
         version_hash: bytes | None = None,

@@ -30,6 +30,7 @@ from aggregator.store import (
     VersionRecord,
 )
 from common.errors import StoreError
+from common.segments import Segments
 from common.spec import ServerOptimizerSpec, TaskSpec
 from tests.helpers import CREDIT_TASK, init_task, lineage_entry, model_params
 
@@ -92,8 +93,9 @@ def _versions(task_spec: TaskSpec, first: int, n: int, tag: str = "g") -> list[N
 
 async def _one_by_one(
     store: RedisModelStore, parent: int, versions: Sequence[NewVersion]
-) -> tuple[list[VersionRecord], list[bytes]]:
-    records, blobs = [], []
+) -> tuple[list[VersionRecord], list[Segments]]:
+    records: list[VersionRecord] = []
+    blobs: list[Segments] = []
     for k, v in enumerate(versions):
         result = await store.commit(
             CREDIT_TASK,

@@ -193,7 +193,7 @@ class TestTransport:
         await sub.close()  # m1, m2 were never acked
         sub = await pair.agg.consume_updates(pair.task, prefetch=10)
         again = [await _within(sub.get()) for _ in range(2)]
-        assert sorted(d.body for d in again) == [b"m1", b"m2"]
+        assert sorted(bytes(d.body) for d in again) == [b"m1", b"m2"]
         assert all(d.redelivered for d in again)
         for d in again:
             await d.ack()
@@ -263,7 +263,7 @@ class TestTransport:
         with pytest.raises(TimeoutError):
             await _within(second.get(), 0.5)
         await first.close()  # both unacked go back; the standby takes over
-        got = sorted([(await _within(second.get())).body for _ in range(2)])
+        got = sorted([bytes((await _within(second.get())).body) for _ in range(2)])
         assert got == [b"one", b"two"]
         await second.close()
 

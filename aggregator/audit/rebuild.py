@@ -51,7 +51,7 @@ from common.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from common.models import build_task_model, model_tensors, tensor_specs
+from common.models import task_tensor_specs
 from common.wire import (
     KIND_UNMASK_ANSWER,
     Tensors,
@@ -143,7 +143,7 @@ async def rebuild(
         by_id,
         by_answer,
         Identities(await store.spec_history(task), spec),
-        tensor_specs(model_tensors(build_task_model(spec))),
+        task_tensor_specs(spec),
         _load_pruned,
     )
     report = ReplayReport(task, start.record.version, version)

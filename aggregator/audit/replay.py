@@ -77,7 +77,7 @@ from common.errors import (
     StoreError,
 )
 from common.hashing import LineageEntry, lineage_bytes, version_hash
-from common.models import build_task_model, model_tensors, tensor_specs
+from common.models import task_tensor_specs
 from common.secagg import Cohort
 from common.signing import PublicKey
 from common.spec import IdentitySpec, TaskSpec
@@ -287,7 +287,7 @@ async def replay(
     start = await _replay_start(store, updates, answers, task, from_version, report)
     if start is None:
         return report
-    expected = tensor_specs(model_tensors(build_task_model(spec)))
+    expected = task_tensor_specs(spec)
     identities = Identities(await store.spec_history(task), spec)
     records = [await store.get_version(task, v) for v in range(from_version + 1, last + 1)]
     if left:

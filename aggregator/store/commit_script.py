@@ -22,11 +22,25 @@ ARGV::
                                kept), meta JSON, lineage JSON, m (its accepted
                                updates), then m times: the update id and the f field
                                values of its decision
+    then, per version k:       the blob's further pieces: their count x, then x
+                               pieces; the same for the state blob
+
+A blob or state blob is the concatenation of its slot and its further pieces. One of
+at most ``blob_io.SEGMENTED_ABOVE`` bytes is its slot alone (x = 0); a larger one is
+cut into pieces of a few MiB (``blob_io.arg_pieces``: views of the tensors' memory,
+so the aggregator never joins a large model into one buffer; the connection sends
+them a piece at a time, aggregator/store/piecewise.py), written here into one string
+of their total length: DEL, SETRANGE of the last piece at its offset (which allocates
+the whole string once), then SETRANGE of each other piece (one copy; a concatenation
+in Lua would copy a large blob several times over and keep Redis busy for seconds). A
+script is not rolled back when a command in it fails, so a blob SETRANGE would refuse
+(over Redis's 512 MiB string limit) is refused before the call
+(``blob_io.MAX_BLOB_BYTES``), as one argument of that size always was.
 
 Checks, in this order: the lease (``GET lease == ARGV[3]``, else ``{"fenced"}``), the
 head (``head == parent``, else ``{"lost_race", head}``, head ``-1`` when there is
 none), the update ids (none in the applied hash, else ``{"duplicate", head, id1, v1,
-id2, v2, ...}``). Then: SET every kept blob and state (retention,
+id2, v2, ...}``). Then: write every kept blob and state (retention,
 :meth:`~aggregator.store.StoreConfig.keeps`: a version of the group that would be
 pruned at the new head is not written at all), every meta and lineage; HSET each
 update id to its version and XADD its decision; DEL the keys to prune (the blobs and
@@ -45,10 +59,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from aggregator.store.blob_io import Arg, arg_pieces
 from aggregator.store.keys import Keys
 from aggregator.store.records import CommitOutcome, GroupCommitResult
 from common.errors import StoreError
 from common.hashing import LineageEntry
+from common.segments import Segments
 
 __all__ = [
     "COMMIT_LUA",
@@ -122,12 +138,36 @@ for k = 1, n do
 end
 if #dups > 2 then return dups end
 
+-- SET a blob: its slot, and its further pieces (their count x at ARGV[p], then the
+-- pieces), written in place into one string of their total length: the last piece
+-- first (SETRANGE allocates the whole string once), then the others at their
+-- offsets. "" with no pieces: not written. Returns where the next blob's count is.
+local function put(key, slot, p)
+  local x = tonumber(ARGV[p])
+  if x == 0 then
+    if ARGV[slot] ~= '' then redis.call('SET', key, ARGV[slot]) end
+    return p + 1
+  end
+  local last = #ARGV[slot]
+  for j = p + 1, p + x - 1 do last = last + #ARGV[j] end
+  redis.call('DEL', key)
+  redis.call('SETRANGE', key, last, ARGV[p + x])
+  redis.call('SETRANGE', key, 0, ARGV[slot])
+  local at = #ARGV[slot]
+  for j = p + 1, p + x - 1 do
+    redis.call('SETRANGE', key, at, ARGV[j])
+    at = at + #ARGV[j]
+  end
+  return p + 1 + x
+end
+
+local p = i
 i = first
 for k = 1, n do
   local base = 4 + 4 * (k - 1)
   local version = tostring(parent + k)
-  if ARGV[i] ~= '' then redis.call('SET', KEYS[base + 1], ARGV[i]) end
-  if ARGV[i + 1] ~= '' then redis.call('SET', KEYS[base + 2], ARGV[i + 1]) end
+  p = put(KEYS[base + 1], i, p)
+  p = put(KEYS[base + 2], i + 1, p)
   redis.call('SET', KEYS[base + 3], ARGV[i + 2])
   redis.call('SET', KEYS[base + 4], ARGV[i + 3])
   local m = tonumber(ARGV[i + 4])
@@ -154,11 +194,12 @@ class ScriptVersion:
     """What the script writes for one version of the group."""
 
     version: int
-    #: The parameters as stored, or None when retention does not keep them (not written).
-    blob: bytes | None
+    #: The parameters as stored (a model envelope, whole or as segments), or None when
+    #: retention does not keep them (not written).
+    blob: Segments | bytes | None
     #: The server optimizer state as stored, or None when the version has none (or
     #: retention does not keep it).
-    state_blob: bytes | None
+    state_blob: Segments | bytes | None
     meta: bytes
     lineage: bytes
     entries: tuple[LineageEntry, ...]
@@ -169,7 +210,7 @@ class ScriptCall:
     """The KEYS and ARGV of one call of :data:`COMMIT_LUA`."""
 
     keys: list[str]
-    args: list[bytes | str]
+    args: list[Arg | str]
 
 
 def commit_call(
@@ -187,7 +228,7 @@ def commit_call(
     under ``lease`` (None: no lease check), deleting the blobs and states of the
     versions ``drop`` (retention); decisions are stamped ``at``."""
     names = [keys.head(task), keys.applied(task), keys.lease(task), keys.decisions(task)]
-    args: list[bytes | str] = [
+    args: list[Arg | str] = [
         str(parent),
         "0" if lease is None else "1",
         lease or "",
@@ -196,6 +237,7 @@ def commit_call(
         str(len(DECISION_FIELDS)),
         *DECISION_FIELDS,
     ]
+    further: list[Arg | str] = []  # each blob's pieces after its first, in order
     for v in versions:
         names += [
             keys.blob(task, v.version),
@@ -203,12 +245,21 @@ def commit_call(
             keys.meta(task, v.version),
             keys.lineage(task, v.version),
         ]
-        args += [v.blob or b"", v.state_blob or b"", v.meta, v.lineage, str(len(v.entries))]
+        blob, state = _pieces(v.blob), _pieces(v.state_blob)
+        args += [blob[0], state[0], v.meta, v.lineage, str(len(v.entries))]
         for e in v.entries:
             args += [e.update_id, *_decision(e, v.version, at)]
+        further += [str(len(blob) - 1), *blob[1:], str(len(state) - 1), *state[1:]]
+    args += further
     for old in drop:
         names += [keys.blob(task, old), keys.state(task, old)]
     return ScriptCall(names, args)
+
+
+def _pieces(blob: Segments | bytes | None) -> list[Arg]:
+    """A blob as script arguments: its slot, then its further pieces (none for a
+    small blob); ``[b""]`` when it is not written."""
+    return [b""] if blob is None else arg_pieces(blob)
 
 
 def _decision(e: LineageEntry, version: int, at: float) -> list[bytes | str]:

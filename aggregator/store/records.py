@@ -11,6 +11,7 @@ from typing import Any
 from aggregator.server_opt import ServerState
 from common.errors import StoreError
 from common.hashing import LineageEntry, optimizer_bytes
+from common.segments import Segments
 from common.spec import ServerOptimizerSpec
 from common.wire import Tensors
 
@@ -146,8 +147,10 @@ class CommitResult:
     head: int | None = None
     #: update id -> version it was already applied in (DUPLICATE).
     duplicates: Mapping[str, int] = field(default_factory=dict)
-    #: The committed version's parameters as stored: a model envelope, ready to announce.
-    blob: bytes = b""
+    #: The committed version's parameters as stored: a model envelope, ready to announce,
+    #: as segments (``common.segments``; join them for one byte string). Its ``raw``
+    #: payloads view the committed tensors' memory: valid while those are unchanged.
+    blob: Segments = ()
 
     @property
     def committed(self) -> bool:
@@ -173,8 +176,9 @@ class GroupCommitResult:
     outcome: CommitOutcome
     #: The committed versions' records, oldest first (COMMITTED).
     records: tuple[VersionRecord, ...] = ()
-    #: Their parameters as stored (model envelopes, ready to announce), in the same order.
-    blobs: tuple[bytes, ...] = ()
+    #: Their parameters as stored (model envelopes, ready to announce), in the same
+    #: order, each as segments (see :attr:`CommitResult.blob`).
+    blobs: tuple[Segments, ...] = ()
     #: The head after the commit (COMMITTED), or the head seen when it was refused
     #: (LOST_RACE, DUPLICATE; None when the task has no head). None when FENCED.
     head: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,7 +20,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-import fakeredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -29,8 +29,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aggregator.server_opt import ServerState
 from aggregator.stats import Stages, untimed
+from aggregator.store.blob_io import arg_pieces, read_blob
 from aggregator.store.commit_script import COMMIT_LUA, ScriptVersion, commit_call, read_reply
 from aggregator.store.keys import Keys
+from aggregator.store.piecewise import use_piecewise_connections
 from aggregator.store.records import (
     CommitResult,
     GroupCommitResult,
@@ -55,17 +57,12 @@ from common.hashing import (
     optimizer_bytes,
     version_hash,
 )
+from common.model_segments import pack_model_segments
+from common.segments import Segments
 from common.spec import TaskSpec
 from common.tls import url_problem
 from common.urls import redact_url
-from common.wire import (
-    DecodeLimits,
-    ModelEnvelope,
-    Tensors,
-    decode_model,
-    encode_tensors,
-    pack_model,
-)
+from common.wire import DecodeLimits, ModelEnvelope, Tensors, decode_model, tensors_hash
 
 #: Blobs are our own, written by us: allow large models, keep every other check.
 _BLOB_LIMITS = DecodeLimits(max_message_bytes=4 * 1024**3, max_tensor_bytes=16 * 1024**3)
@@ -141,6 +138,8 @@ def connect_redis(url: str) -> aioredis.Redis:
     the server's certificate is always verified (common/tls.py).
     """
     if url.startswith("memory://"):
+        import fakeredis  # only embedded runs need it
+
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     problem = url_problem(url)
     if problem is not None:
@@ -152,7 +151,7 @@ def connect_redis(url: str) -> aioredis.Redis:
         if url.lower().startswith("rediss://"):
             # The host name too, whatever the installed redis-py's default is.
             tls = {"ssl_check_hostname": True, "ssl_cert_reqs": "required"}
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             url,
             **tls,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
@@ -161,6 +160,9 @@ def connect_redis(url: str) -> aioredis.Redis:
         )
     except (ValueError, RedisError) as e:
         raise StoreError(f"invalid Redis URL {redact_url(url)!r}: {e}") from e
+    # A large model's commit goes out a piece at a time (aggregator/store/piecewise.py).
+    use_piecewise_connections(client)
+    return client
 
 
 @asynccontextmanager
@@ -180,11 +182,13 @@ async def _redis_errors(action: str) -> AsyncIterator[None]:
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     version: int
-    blob: bytes
+    #: The parameters as stored: a model envelope as segments (common/model_segments.py),
+    #: whose raw payloads view the version's tensors.
+    blob: Segments
     param_hash: bytes
     version_hash: bytes
     #: The server optimizer state as stored (a model envelope) and its hash, if any.
-    state_blob: bytes | None = None
+    state_blob: Segments | None = None
     state_hash: bytes | None = None
 
 
@@ -322,10 +326,13 @@ class RedisModelStore:
             raise NotFoundError(f"task {task!r} has no versions")
         return await self.get_version(task, head)
 
-    async def get_blob(self, task: str, version: int) -> bytes:
-        """A version's parameters as stored: a model envelope (docs/wire-format.md)."""
+    async def get_blob(self, task: str, version: int) -> bytes | bytearray:
+        """A version's parameters as stored: a model envelope (docs/wire-format.md).
+
+        A blob over ``blob_io.READ_PIECE_BYTES`` is read in pieces into one bytearray
+        (aggregator/store/blob_io.py): the only copy of it in this process."""
         async with _redis_errors("reading parameters"):
-            blob = await self._r.get(self.keys.blob(task, version))
+            blob = await read_blob(self._r, self.keys.blob(task, version))
             if blob is None:
                 exists = await self._r.exists(self.keys.meta(task, version))
         if blob is None:
@@ -334,7 +341,7 @@ class RedisModelStore:
                     f"parameters of {task!r} version {version} were dropped by retention"
                 )
             raise NotFoundError(f"task {task!r} has no version {version}")
-        return _as_bytes(blob)
+        return blob
 
     async def kept_below(self, task: str, version: int, *, batch: int = 64) -> int | None:
         """The newest version up to ``version`` whose parameters are stored (not pruned
@@ -356,19 +363,19 @@ class RedisModelStore:
             top -= batch
         return None
 
-    async def get_state_blob(self, task: str, version: int) -> bytes | None:
+    async def get_state_blob(self, task: str, version: int) -> bytes | bytearray | None:
         """A version's server optimizer state as stored (a model envelope of float64
         tensors); None when the version has none (made without a stateful optimizer)."""
         record = await self.get_version(task, version)
         if record.state_hash is None:
             return None
         async with _redis_errors("reading an optimizer state"):
-            blob = await self._r.get(self.keys.state(task, version))
+            blob = await read_blob(self._r, self.keys.state(task, version))
         if blob is None:
             raise BlobPrunedError(
                 f"optimizer state of {task!r} version {version} was dropped by retention"
             )
-        return _as_bytes(blob)
+        return blob
 
     async def get_state(self, task: str, version: int) -> ServerState | None:
         """A version's server optimizer state, checked against its recorded hash; None
@@ -389,7 +396,8 @@ class RedisModelStore:
             ) from e
 
     async def get_params(self, task: str, version: int) -> ModelEnvelope:
-        """A version's parameters, decoded and checked against their content hash."""
+        """A version's parameters, decoded and checked against their content hash (the
+        tensors of a large one view the bytearray it was read into: no second copy)."""
         blob = await self.get_blob(task, version)
         try:
             return await asyncio.to_thread(decode_model, blob, _BLOB_LIMITS)
@@ -637,44 +645,68 @@ class RedisModelStore:
         lineage: tuple[LineageEntry, ...],
         state: ServerState | None = None,
     ) -> _Prepared:
-        """Encode and hash one version (CPU work: in a thread unless it is small)."""
-        encoded = encode_tensors(params, self.config.blob_codec)
-        param_hash = encoded.digest
-        opt: bytes | None = None
-        state_encoded = None
-        if state is not None:
-            # float64 as computed, raw: a restart or a replay continues bit for bit.
-            state_encoded = encode_tensors(state.tensors(), "raw")
-            o = state.spec
-            opt = optimizer_bytes(
-                kind=o.kind,
-                lr=o.lr,
-                beta1=o.beta1,
-                beta2=o.beta2,
-                tau=o.tau,
-                state_hash=state_encoded.digest,
-            )
-        vh = version_hash(
-            task=task,
-            version=version,
-            parent_hash=parent_hash,
-            param_hash=param_hash,
-            lineage=lineage_bytes(lineage),
-            optimizer=opt,
-        )
-        blob = pack_model(task, version, vh, encoded)
-        if state_encoded is None:
-            return _Prepared(version, blob, param_hash, vh)
-        state_blob = pack_model(task, version, vh, state_encoded)
-        return _Prepared(version, blob, param_hash, vh, state_blob, state_encoded.digest)
+        """Encode and hash one version (CPU work: in a thread unless it is small).
 
-    def _queue_version(
-        self, pipe: Any, record: VersionRecord, blob: bytes, state_blob: bytes | None = None
-    ) -> None:
+        The blobs are segments (common/model_segments.py): with the ``raw`` codec their
+        payloads view ``params`` (and the state's tensors), nothing is copied. The
+        version hash binds the parameter hash and the state hash: the last blob packed
+        computes it from its own content hash as it is packed."""
+        codec = self.config.blob_codec
+
+        def chain(param_hash: bytes, state_hash: bytes | None) -> bytes:
+            opt = None
+            if state is not None and state_hash is not None:
+                o = state.spec
+                opt = optimizer_bytes(
+                    kind=o.kind,
+                    lr=o.lr,
+                    beta1=o.beta1,
+                    beta2=o.beta2,
+                    tau=o.tau,
+                    state_hash=state_hash,
+                )
+            return version_hash(
+                task=task,
+                version=version,
+                parent_hash=parent_hash,
+                param_hash=param_hash,
+                lineage=lineage_bytes(lineage),
+                optimizer=opt,
+            )
+
+        if state is None:
+            blob, param_hash = pack_model_segments(
+                task, version, lambda h: chain(h, None), params, codec
+            )
+            return _Prepared(version, blob, param_hash, chain(param_hash, None))
+        # The parameters' hash first (a second pass over them, the smaller: the state
+        # is float64), then the state packed, float64 as computed, raw: a restart or a
+        # replay continues bit for bit.
+        param_hash = tensors_hash(params)
+        state_blob, state_hash = pack_model_segments(
+            task, version, lambda h: chain(param_hash, h), state.tensors(), "raw"
+        )
+        vh = chain(param_hash, state_hash)
+        blob, digest = pack_model_segments(task, version, vh, params, codec)
+        if digest != param_hash:  # pragma: no cover - one function of the same tensors
+            raise StoreError("the parameters changed while they were stored")
+        return _Prepared(version, blob, param_hash, vh, state_blob, state_hash)
+
+    def _queue_version(self, pipe: Any, record: VersionRecord, blob: Segments) -> None:
+        """Queue a version's writes in a transaction. A large blob goes in pieces
+        (blob_io.arg_pieces: views, not a copy), written in place as the commit script
+        writes them: the last piece first (SETRANGE allocates the string once), then
+        each other one at its offset."""
         k, task, v = self.keys, record.task, record.version
-        pipe.set(k.blob(task, v), blob)
-        if state_blob is not None:
-            pipe.set(k.state(task, v), state_blob)
+        pieces = arg_pieces(blob)
+        if len(pieces) == 1:
+            pipe.set(k.blob(task, v), pieces[0])
+        else:
+            offsets = list(itertools.accumulate((len(p) for p in pieces), initial=0))
+            pipe.delete(k.blob(task, v))
+            pipe.setrange(k.blob(task, v), offsets[-2], pieces[-1])
+            for at, piece in zip(offsets[:-2], pieces[:-1], strict=True):
+                pipe.setrange(k.blob(task, v), at, piece)
         pipe.set(k.meta(task, v), record.meta_json())
         pipe.set(k.lineage(task, v), VersionRecord.lineage_json(record.lineage))
         pipe.set(k.head(task), v)
@@ -696,7 +728,7 @@ class RedisModelStore:
         participant: str | None = None,
         update_id: str | None = None,
         message_id: str | None = None,
-        body: bytes = b"",
+        body: bytes | bytearray | memoryview = b"",
     ) -> None:
         """Record that an update was refused while ``head`` was the head (for audits)."""
         fields: dict[str, object] = {
@@ -860,6 +892,6 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def compute_blob_digest(blob: bytes) -> bytes:
+def compute_blob_digest(blob: bytes | bytearray) -> bytes:
     """SHA-256 of an undecodable blob's bytes (only to propagate damage along the chain)."""
     return hashlib.sha256(blob).digest()

@@ -50,6 +50,10 @@ class AcceptedUpdate:
     #: The local model minus the base version's parameters.
     delta: Tensors
     content_hash: bytes
+    #: The delta's tensors belong to this update alone and nothing reads them after
+    #: its step: a step may write its result over them (:func:`aggregate.mix_into`),
+    #: so that a large model is not held twice. The service sets it.
+    spare: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +230,9 @@ def mix_step(head: Tensors, base: Tensors, update: AcceptedUpdate, a_t: float) -
 
     The lineage records ``a_t``; replay recomputes the step from that recorded weight.
     """
-    params = aggregate.mix(head, base, update.delta, a_t)
+    params = aggregate.mix_into(head, base, update.delta, a_t) if update.spare else None
+    if params is None:  # not spare, or its result is not finite (the delta untouched)
+        params = aggregate.mix(head, base, update.delta, a_t)
     return Step(params=params, lineage=(entry(update, a_t),))
 
 

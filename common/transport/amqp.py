@@ -40,6 +40,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from common import segments
 from common.chunks import (
     Added,
     ChunkError,
@@ -54,10 +55,12 @@ from common.chunks import (
     split,
 )
 from common.errors import PublishRefusedError, TransportError
+from common.segments import Owned, Segments
 from common.tls import url_problem
 from common.transport.base import (
     SENDER_HEADER,
     Announcement,
+    Body,
     Chunking,
     DeadLetter,
     StreamJoiner,
@@ -389,7 +392,7 @@ class AmqpTransport:
         self,
         task: str,
         version: int,
-        body: bytes,
+        body: bytes | Segments,
         *,
         fence: int | None = None,
         version_hash: bytes | None = None,
@@ -413,16 +416,17 @@ class AmqpTransport:
             )
             await self._publish_confirmed(MODELS_EXCHANGE, model_key(task), message)
 
-    def _pieces(self, body: bytes, set_id: str) -> Iterator[bytes]:
+    def _pieces(self, body: bytes | Segments, set_id: str) -> Iterator[bytes]:
         """``body`` as the messages that carry it: itself, or its chunk messages (made
         one at a time, as they are published)."""
         size = self.chunking.chunk_size
         if not needs_chunks(body, size):
-            return iter((body,))
+            return iter((body if isinstance(body, bytes) else segments.join(body),))
         try:
             return split(body, id=set_id, chunk_size=size)
         except ValueError as e:
-            raise TransportError(f"cannot split a body of {len(body)} bytes: {e}") from e
+            n = len(body) if isinstance(body, bytes) else segments.total(body)
+            raise TransportError(f"cannot split a body of {n} bytes: {e}") from e
 
     async def last_announcement(self, task: str) -> Announcement | None:
         async def peek() -> Announcement | None:
@@ -1043,8 +1047,8 @@ class _UpdateDelivery:
         sub: _AmqpUpdateSubscription,
         ledger: _Ledger,
         parts: list[Part[AbstractIncomingMessage]],
-        body: bytes,
-        buffer: bytes | bytearray,
+        body: Body,
+        buffer: bytes | Owned,
         refusal: TransportRefusal | None = None,
     ) -> None:
         self._sub, self._t, self._task, self._ledger = sub, sub._transport, sub.task, ledger
@@ -1059,7 +1063,7 @@ class _UpdateDelivery:
         return self.parts[0].handle.delivery_tag or 0
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> Body:
         return self._body
 
     @property
@@ -1127,7 +1131,7 @@ class _ModelDelivery:
     def __init__(
         self,
         msg: AbstractIncomingMessage | None,
-        body: bytes,
+        body: Body,
         version: int,
         refusal: TransportRefusal | None = None,
     ) -> None:
@@ -1139,7 +1143,7 @@ class _ModelDelivery:
         return cls(msg, msg.body, _version(msg))
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> Body:
         return self._body
 
     @property

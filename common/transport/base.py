@@ -27,6 +27,7 @@ from common.chunks import (
 )
 from common.errors import FedqError
 from common.refusals import Refusal
+from common.segments import Owned, Segments
 from common.transport.names import RECEIPT_QUEUE_MAX_LENGTH
 
 #: Header of a dead letter naming the broker user that sent the update.
@@ -34,6 +35,10 @@ SENDER_HEADER = "x-fedq-user-id"
 
 T_co = TypeVar("T_co", covariant=True)
 T = TypeVar("T")
+
+#: A message body as received: ``bytes``, or one reassembled from chunks (common/segments.py
+#: ``Owned``: a bytearray or a memory map of its own).
+Body = bytes | Owned
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +125,11 @@ class UpdateDelivery(Protocol):
     """An update handed to the aggregator, to be acked or dead-lettered exactly once."""
 
     @property
-    def body(self) -> bytes: ...
+    def body(self) -> Body:
+        """The update's bytes: ``Owned`` when reassembled from chunks (its own
+        memory: a decoder may hand out views into it)."""
+        ...
+
     @property
     def user_id(self) -> str | None:
         """The sender as the broker validated it (AMQP ``user_id``)."""
@@ -153,7 +162,7 @@ class ModelDelivery(Protocol):
     a model stream never redelivers, a new consumer starts at the last announcement)."""
 
     @property
-    def body(self) -> bytes: ...
+    def body(self) -> Body: ...
     @property
     def version(self) -> int:
         """The version named in the announcement's header (-1 if absent)."""
@@ -255,7 +264,7 @@ class Transport(Protocol):
         self,
         task: str,
         version: int,
-        body: bytes,
+        body: bytes | Segments,
         *,
         fence: int | None = None,
         version_hash: bytes | None = None,
@@ -417,7 +426,7 @@ class StreamJoiner:
                         continue
                 return [*out, body]
             if isinstance(added, Complete):
-                out.append(added.body)
+                out.append(bytes(added.body))  # the audit stream's readers take bytes
             return out
 
     def finish(self) -> list[bytes]:

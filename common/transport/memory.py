@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from common import segments
 from common.chunks import (
     Added,
     ChunkError,
@@ -35,9 +36,11 @@ from common.chunks import (
     split,
 )
 from common.errors import TransportError
+from common.segments import Segments
 from common.transport.base import (
     SENDER_HEADER,
     Announcement,
+    Body,
     Chunking,
     DeadLetter,
     StreamJoiner,
@@ -287,7 +290,7 @@ class _UpdateDelivery:
         self,
         sub: _UpdateSubscription,
         parts: list[Part[_Message]],
-        body: bytes,
+        body: Body,
         refusal: TransportRefusal | None = None,
     ) -> None:
         self._sub, self.parts, self._body, self.refusal = sub, parts, body, refusal
@@ -295,7 +298,7 @@ class _UpdateDelivery:
         self.settling = False
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> Body:
         return self._body
 
     @property
@@ -512,7 +515,7 @@ class _ModelDelivery:
     def __init__(
         self,
         sub: _ModelSubscription,
-        body: bytes,
+        body: Body,
         version: int,
         refusal: TransportRefusal | None = None,
     ) -> None:
@@ -520,7 +523,7 @@ class _ModelDelivery:
         self.token = next(_ids)
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> Body:
         return self._body
 
     @property
@@ -596,21 +599,22 @@ class MemoryTransport:
         self._subs.append(sub)  # type: ignore[arg-type]
         return sub
 
-    def _pieces(self, body: bytes, set_id: str) -> list[bytes]:
+    def _pieces(self, body: bytes | Segments, set_id: str) -> list[bytes]:
         """``body`` as the messages that carry it: itself, or its chunk messages."""
         size = self.chunking.chunk_size
         if not needs_chunks(body, size):
-            return [body]
+            return [body if isinstance(body, bytes) else segments.join(body)]
         try:
             return list(split(body, id=set_id, chunk_size=size))
         except ValueError as e:
-            raise TransportError(f"cannot split a body of {len(body)} bytes: {e}") from e
+            n = len(body) if isinstance(body, bytes) else segments.total(body)
+            raise TransportError(f"cannot split a body of {n} bytes: {e}") from e
 
     async def announce_model(
         self,
         task: str,
         version: int,
-        body: bytes,
+        body: bytes | Segments,
         *,
         fence: int | None = None,
         version_hash: bytes | None = None,
