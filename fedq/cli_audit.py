@@ -522,6 +522,99 @@ def _print_contributions(console: Console, report: ContributionReport) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
+@audit.command("report")
+@task_option
+@click.option(
+    "--version", "version", default=None, type=click.IntRange(min=0), help="Default: the head."
+)
+@file_option(
+    "--data",
+    help="The auditor's labelled holdout CSV or Parquet (the task's features and target): "
+    "the ROC, PR and calibration curves, KS and the banks' contribution values are "
+    "computed on it. Without it the page has no evaluation.",
+)
+@target_options(
+    "With --data: the target column, if not the task's.", "With --target: the value of class 1."
+)
+@click.option(
+    "--contributions/--no-contributions",
+    default=True,
+    show_default=True,
+    help="With --data: each bank's leave-one-out and Shapley value over replayed "
+    "coalitions (as fedq audit contributions; exact up to 5 banks).",
+)
+@file_option("--out", required=True, help="The page to write (report.html).")
+@amqp_option("The broker holding the audit stream.")
+@store_option
+def audit_report(
+    task: str,
+    version: int | None,
+    data: Path | None,
+    target: str | None,
+    positive: str | None,
+    contributions: bool,
+    out: Path,
+    amqp_url: str,
+    redis_url: str,
+) -> None:
+    """One self-contained HTML page for a model-risk reviewer (docs/report.md).
+
+    The task spec and its hash, the lineage (versions, updates per bank, refusals by
+    reason), replay and signature verification, per-bank contributions and reported
+    metrics, evaluation on --data (ROC, PR, calibration, KS), privacy cost, settings.
+    """
+    from fedq.report_html import render
+
+    report = asyncio.run(
+        _gather_report(task, version, (data, target, positive), contributions, amqp_url, redis_url)
+    )
+    try:
+        out.write_text(render(report), encoding="utf-8")
+    except OSError as err:
+        raise FedqError(f"cannot write {str(out)!r}: {err.strerror or err}") from err
+    v = report.verification
+    status = "verified" if v.ok else "NOT verified"
+    auc = report.evaluation.risk.get("auc") if report.evaluation else None
+    Console().print(
+        f"{out}: {task} version {report.version}, replay {status}"
+        + (f", holdout AUC {auc:.4f}" if auc is not None else "")
+    )
+
+
+async def _gather_report(
+    task: str,
+    version: int | None,
+    evaluation: tuple[Path | None, str | None, str | None],
+    contributions: bool,
+    amqp_url: str,
+    redis_url: str,
+) -> Any:
+    from fedq.report import HoldoutData, ReportError, gather
+
+    data, target, positive = evaluation
+    async with _store(redis_url) as store:
+        head = await store.head(task)
+        if head is None:
+            raise ReportError(f"task {task!r} has no versions in the store")
+        if version is not None and version > head:
+            raise ReportError(f"task {task!r} has no version {version} (versions 0..{head})")
+        spec = await store.get_spec(task)
+        holdout = None
+        if data is not None:
+            from common.spec import TargetSpec
+            from participant.data import encode, load_table
+
+            if target is not None:
+                spec = spec.model_copy(
+                    update={"target": TargetSpec(name=target, positive=positive)}
+                )
+            x, y = encode(load_table(data), spec)
+            holdout = HoldoutData(str(data), x, y)
+        stream = audit_stream(amqp_url, task, "fedq-report", spec)
+        bodies = [b async for b in stream]
+        return await gather(store, task, version, bodies, holdout, contributions=contributions)
+
+
 def _privacy_line(p: dict[str, Any]) -> str:
     """``audit show``'s bank-level DP lines: the cumulative epsilon and the mechanism."""
     clip = f"clip bound {p['clip']:.6g}"
@@ -579,32 +672,55 @@ def _failed_lines(failed: Any) -> str:
     "--version", "version", default=None, type=click.IntRange(min=0), help="Default: the head."
 )
 @file_option(
-    "--out", required=True, help="model.safetensors (the spec goes to model.spec.json beside it)."
+    "--out",
+    required=True,
+    help="model.safetensors, or model.onnx (the spec goes to model.spec.json beside it).",
 )
 @amqp_option(
     "The broker holding the audit stream: read only to rebuild a version whose "
     "parameters retention pruned (checkpoints)."
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "onnx"]),
+    default="safetensors",
+    show_default=True,
+    help="onnx: one model with the spec's preprocessing inside (docs/export.md).",
+)
 @store_option
-def export(task: str, version: int | None, out: Path, amqp_url: str, redis_url: str) -> None:
-    """Export a version for serving: safetensors plus the spec to rebuild the module.
+def export(
+    task: str, version: int | None, out: Path, fmt: str, amqp_url: str, redis_url: str
+) -> None:
+    """Export a version for serving: safetensors plus the spec to rebuild the module,
+    or (``--format onnx``) an ONNX model that takes the raw columns.
 
     A version whose parameters were pruned (``--checkpoint-every``) is rebuilt from the
     nearest kept version and the retained updates, every version checked."""
     from aggregator.audit.export import export_version, spec_path
 
-    async def run() -> dict[str, str]:
+    async def run(path: Path) -> dict[str, str]:
         async with _store(redis_url) as store:
             v = version if version is not None else await store.head(task)
             if v is None:
                 raise FedqError(f"task {task!r} has no versions")
             stream = audit_stream(amqp_url, task, "fedq-export", await store.get_spec(task))
             try:
-                return await export_version(store, task, v, out, updates=stream)
+                return await export_version(store, task, v, path, updates=stream)
             finally:
                 await stream.aclose()
 
-    meta = asyncio.run(run())
+    if fmt == "onnx":
+        import tempfile
+
+        from fedq.onnx_export import write_onnx
+
+        with tempfile.TemporaryDirectory(prefix="fedq-export-") as staging:
+            staged = Path(staging) / "model.safetensors"
+            asyncio.run(run(staged))
+            meta = write_onnx(staged, out)
+    else:
+        meta = asyncio.run(run(out))
     Console().print(
         f"{out} and {spec_path(out)}: {task} version {meta['version']}, "
         f"version hash {meta['version_hash'][:16]}"

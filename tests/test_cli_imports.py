@@ -18,7 +18,7 @@ from common.spec import NumericFeature, TargetSpec, TaskSpec
 
 #: What the aggregator, the auditor's commands or the simulation need, never a bank.
 #: (prometheus_client is a core dependency: a participant serves its own /metrics.)
-SERVER_SIDE = frozenset({"redis", "fakeredis", "aiohttp", "matplotlib"})
+SERVER_SIDE = frozenset({"redis", "fakeredis", "aiohttp", "matplotlib", "onnx", "onnxruntime"})
 #: Not for --help either; running the worker imports it (common/evaluation.py, ROC AUC).
 HELP_ALSO = frozenset({"sklearn"})
 

@@ -31,7 +31,15 @@ SHIPPED = ("fedq", "common", "aggregator", "participant")
 BUILD_FILES = ("pyproject.toml", "README.md")
 # Never installed, never imported by the participant: the aggregator's and the plot's.
 # prometheus_client is a core dependency: the participant serves /metrics too.
-NOT_FOR_BANKS = ("redis", "fakeredis", "aiohttp", "safetensors", "matplotlib")
+NOT_FOR_BANKS = (
+    "redis",
+    "fakeredis",
+    "aiohttp",
+    "safetensors",
+    "matplotlib",
+    "onnx",
+    "onnxruntime",
+)
 DATA = ROOT / "fedq" / "data" / "german_credit.csv"
 
 
