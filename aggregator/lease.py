@@ -19,9 +19,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
 
 from aggregator.retry import store_retry
 from aggregator.store import Lease, RedisModelStore
@@ -172,42 +170,23 @@ class WriterLease:
         """The lease as Redis holds it now: its holder and fencing token (None: free).
 
         Raises StoreUnavailableError when Redis does not answer."""
-        try:
-            raw = await _client(self.store).get(self.store.keys.lease(self.task))
-        except RedisError as e:
-            raise StoreUnavailableError(f"reading the writer lease: {e}") from e
-        if raw is None:
-            return None
-        owner, _, token = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition(":")
-        return Lease(owner, int(token)) if token.isdigit() else None
+        return await self.store.lease_holder(self.task)
 
     async def standbys(self) -> list[str]:
         """The aggregators waiting for this task's lease now, sorted (see the module).
 
         Raises StoreUnavailableError when Redis does not answer."""
-        key = self.store.keys.standbys(self.task)
-        r = _client(self.store)
-        try:
-            now = await _now_ms(r)
-            await r.zremrangebyscore(key, "-inf", now)
-            members = await r.zrangebyscore(key, now, "+inf")
-        except RedisError as e:
-            raise StoreUnavailableError(f"reading the standbys: {e}") from e
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        return await self.store.standbys(self.task)
 
     async def _present(self, *, waiting: bool) -> None:
         """Say in Redis that this keeper waits for the lease (until a TTL from now), or
         no longer does. Best effort: the lease never depends on it."""
-        key, owner = self.store.keys.standbys(self.task), self.config.owner
-        r = _client(self.store)
         try:
             if waiting:
-                until = await _now_ms(r) + self.ttl_ms
-                await r.zadd(key, {owner: until})
-                await r.pexpire(key, 3 * self.ttl_ms)
+                await self.store.mark_standby(self.task, self.config.owner, self.ttl_ms)
             else:
-                await r.zrem(key, owner)
-        except RedisError as e:
+                await self.store.clear_standby(self.task, self.config.owner)
+        except FedqError as e:
             self.log.info("standby presence not recorded", error=str(e))
 
     def _take(self, fresh: Lease | None, before: Lease | None) -> None:
@@ -223,14 +202,3 @@ class WriterLease:
         self.error = error
         self._state = "lost"
         self.lost.set()
-
-
-def _client(store: RedisModelStore) -> aioredis.Redis:
-    """The store's Redis client: the presence keys are no model data (Keys.standbys)."""
-    return store._r
-
-
-async def _now_ms(r: aioredis.Redis) -> int:
-    """Redis's clock in milliseconds: every aggregator compares against the same one."""
-    seconds, micros = await r.time()
-    return int(seconds) * 1000 + int(micros) // 1000

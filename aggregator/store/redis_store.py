@@ -285,7 +285,7 @@ class RedisModelStore:
         """Registered task ids, sorted."""
         async with _redis_errors("listing tasks"):
             members = await self._r.smembers(self.keys.tasks())
-        return sorted(_as_bytes(m).decode() for m in members)
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
     # ------------------------------------------------------------------ reads
 
@@ -635,6 +635,43 @@ class RedisModelStore:
                     await pipe.execute()
             except WatchError:
                 pass
+
+    async def lease_holder(self, task: str) -> Lease | None:
+        """The task's writer lease as Redis holds it now (None: free)."""
+        async with _redis_errors("reading the writer lease"):
+            raw = await self._r.get(self.keys.lease(task))
+        if raw is None:
+            return None
+        owner, _, token = _as_bytes(raw).decode().rpartition(":")
+        return Lease(owner, int(token)) if token.isdigit() else None
+
+    async def standbys(self, task: str) -> list[str]:
+        """The aggregators waiting for the task's lease now (their presence not expired
+        by Redis's clock), sorted."""
+        key = self.keys.standbys(task)
+        async with _redis_errors("reading the standbys"):
+            now = await self._now_ms()
+            await self._r.zremrangebyscore(key, "-inf", now)
+            members = await self._r.zrangebyscore(key, now, "+inf")
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+    async def mark_standby(self, task: str, owner: str, ttl_ms: int) -> None:
+        """Record that ``owner`` waits for the task's lease, until ``ttl_ms`` from now."""
+        key = self.keys.standbys(task)
+        async with _redis_errors("recording a standby"):
+            until = await self._now_ms() + ttl_ms
+            await self._r.zadd(key, {owner: until})
+            await self._r.pexpire(key, 3 * ttl_ms)
+
+    async def clear_standby(self, task: str, owner: str) -> None:
+        """``owner`` no longer waits for the task's lease."""
+        async with _redis_errors("clearing a standby"):
+            await self._r.zrem(self.keys.standbys(task), owner)
+
+    async def _now_ms(self) -> int:
+        """Redis's clock in milliseconds: every aggregator compares against the same one."""
+        seconds, micros = await self._r.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def _prepare(
         self,
