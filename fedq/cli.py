@@ -20,6 +20,7 @@ from fedq.cli_common import (
     amqp_option,
     async_options,
     class_weight_option,
+    compression_options,
     file_option,
     limit_option,
     log_options,
@@ -337,6 +338,7 @@ def _sim_spec(spec_field: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
 @async_options(simulation=True)
 @server_options(simulation=True)
 @robustness_options(simulation=True)
+@compression_options(simulation=True)
 @model_options(simulation=True)
 @_sim_spec("training.epochs", "--epochs", type=click.IntRange(min=1))
 @_sim_spec("training.lr", "--lr", type=click.FloatRange(min=0.0, min_open=True))
@@ -726,6 +728,7 @@ def task() -> None:
 @async_options(simulation=False)
 @server_options(simulation=False)
 @robustness_options(simulation=False)
+@compression_options(simulation=False)
 @click.option(
     "--max-samples",
     type=click.IntRange(min=1),

@@ -234,6 +234,11 @@ def spec_overrides(ctx: click.Context) -> dict[str, Any]:
     model = out.get("model", {})
     if model.get("kind", "logreg") != "mlp":
         model.pop("hidden", None)
+    compression = out.pop("compression", {})
+    if compression.get("codec") is not None:
+        out["compression"] = {k: v for k, v in compression.items() if v is not None}
+    elif compression.get("topk_fraction") is not None:
+        raise click.UsageError("--topk-fraction needs --compression topk or topk8")
     # The staleness function and its bound apply to late updates in sync rounds too
     # (``--late stale``).
     for key in ("staleness", "max_staleness"):
@@ -429,6 +434,32 @@ def underscored(_ctx: click.Context, _param: click.Parameter, value: str | None)
     """A choice spelled with hyphens on the command line (``trimmed-mean``) as the
     spec's value (``trimmed_mean``)."""
     return None if value is None else value.replace("-", "_")
+
+
+def compression_options(*, simulation: bool) -> Callable[[F], F]:
+    """Lossy compression of the banks' updates (``common.spec.CompressionSpec``)."""
+    codec = spec_option(
+        "compression.codec",
+        "--compression",
+        simulation=simulation,
+        default=None,
+        type=click.Choice(["f16", "bf16", "int8", "int8c", "topk", "topk8"]),
+        help="Banks send lossy updates in this codec (docs/wire-format.md, section 6; "
+        "with error feedback) [default: exact float32].",
+    )
+    fraction = spec_option(
+        "compression.topk_fraction",
+        "--topk-fraction",
+        simulation=simulation,
+        default=None,
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        help="With --compression topk or topk8: the share of each tensor's entries kept.",
+    )
+
+    def both(f: F) -> F:
+        return codec(fraction(f))
+
+    return both
 
 
 def robustness_options(*, simulation: bool) -> Callable[[F], F]:
