@@ -577,7 +577,9 @@ def aggregator() -> None:
     "--audit-max-age",
     default="90D",
     show_default=True,
-    help="Retention of the audit stream by age (RabbitMQ units: Y, M, D, h, m, s).",
+    help="Retention of the audit stream by age (RabbitMQ units: Y, M, D, h, m, s), "
+    "set when the task's stream is first declared; an existing stream's retention is "
+    "changed with a RabbitMQ policy (docs/operations.md).",
 )
 @click.option(
     "--audit-max-bytes",
