@@ -7,12 +7,14 @@ pieces, serves the health probe, and turns SIGTERM / SIGINT into a clean drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import signal
 import tomllib
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -42,6 +44,48 @@ def load_spec(path: Path) -> TaskSpec:
         except tomllib.TOMLDecodeError as e:
             raise SpecError(f"{path} is not valid TOML: {e}") from e
     return TaskSpec.from_json(text)
+
+
+#: After SIGTERM, how long a service may take to drain (the commit in flight, what it
+#: holds returned to the queue) before it is stopped where it is: a server that does
+#: not answer must not keep a stopped process alive. Nothing is lost by it: what was
+#: not acked goes back to the queue, and a commit is one atomic script.
+DRAIN_S = 30.0
+#: Then how long closing each connection may take.
+CLOSE_S = 10.0
+
+_T = TypeVar("_T")
+
+
+async def drained(work: Coroutine[Any, Any, _T], stop: asyncio.Event, what: str) -> _T | None:
+    """``work``'s result; once ``stop`` is set it has DRAIN_S to finish, after which it
+    is cancelled (logged) and None is returned."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            try:
+                async with asyncio.timeout(DRAIN_S):
+                    return await asyncio.shield(task)
+            except TimeoutError:
+                log.error("did not stop in time after the signal; stopped", what=what, s=DRAIN_S)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+        return task.result()
+    finally:
+        stopping.cancel()
+
+
+async def _closed(close: Coroutine[Any, Any, object], what: str) -> None:
+    """Close a connection, for at most CLOSE_S (a server that does not answer)."""
+    try:
+        async with asyncio.timeout(CLOSE_S):
+            await close
+    except TimeoutError:
+        log.warning("closing took too long; left", what=what, s=CLOSE_S)
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -132,11 +176,11 @@ async def run_aggregator(config: AggregatorRunConfig) -> None:
     )
     log.info("health probe listening", port=config.http_port, task=config.spec.task_id)
     try:
-        await service.run(stop)
+        await drained(service.run(stop), stop, "the aggregator")
     finally:
-        await runner.cleanup()
-        await transport.close()
-        await store.close()
+        await _closed(runner.cleanup(), "the health probe")
+        await _closed(transport.close(), "the broker connection")
+        await _closed(store.close(), "the store connection")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +216,9 @@ async def run_participant(config: ParticipantRunConfig) -> int:
 
             start_http_server(config.metrics_port, registry=worker.metrics.registry)
             log.info("metrics listening", port=config.metrics_port)
-        stats = await worker.run(stop)
+        await drained(worker.run(stop), stop, "the participant")
+        stats = worker.stats
     finally:
-        await transport.close()
+        await _closed(transport.close(), "the broker connection")
     log.info("participant stopped", published=stats.published, last_version=stats.last_version)
     return stats.published
