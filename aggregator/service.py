@@ -430,7 +430,8 @@ class AggregatorService:
             await self._open_cohort(record.version)
         # The head's blob made again from the parameters in memory (byte for byte the
         # stored one: the same codec; tests/test_model_segments.py), not read twice.
-        blob, _ = pack_model_segments(
+        blob, _ = await asyncio.to_thread(  # a hash of the whole model: off the loop
+            pack_model_segments,
             self.task,
             record.version,
             record.version_hash,

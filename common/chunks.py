@@ -235,7 +235,7 @@ class _Map(mmap.mmap):
 
 def _buffer(size: int) -> Owned:
     """A set's buffer of ``size`` bytes (zeros)."""
-    return _Map(-1, size) if size > LAZY_ABOVE else bytearray(size)
+    return _Map(-1, size, flags=mmap.MAP_PRIVATE) if size > LAZY_ABOVE else bytearray(size)
 
 
 def is_chunk(body: bytes | bytearray | memoryview) -> bool:

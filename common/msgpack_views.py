@@ -4,10 +4,11 @@
 model envelope would hold the message and a second copy of its tensors. This reader
 accepts exactly what ``msgpack.unpackb(data, raw=False, use_list=True,
 strict_map_key=True, max_ext_len=0, object_pairs_hook=...)`` accepts under the same
-length limits (nesting deeper than MAX_DEPTH aside) and builds the same objects,
-except that a ``bin`` of ``view_min`` bytes or more is a ``memoryview`` of ``data``
-(no copy): the caller keeps ``data`` alive and unchanged while it uses them.
-tests/test_msgpack_views.py compares the two on generated and malformed documents.
+length limits (nesting deeper than MAX_DEPTH and more than MAX_VALUES values aside)
+and builds the same objects, except that a ``bin`` of ``view_min`` bytes or more is a
+``memoryview`` of ``data`` (no copy): the caller keeps ``data`` alive and unchanged
+while it uses them. tests/test_msgpack_views.py compares the two on generated and
+malformed documents.
 
 Used for the bodies that are large by construction (a reassembled chunk set, a blob
 read from the store in pieces); ``msgpack.unpackb`` (C) stays the reader of everything
@@ -26,6 +27,11 @@ from common.errors import FedqError
 #: The deepest nesting accepted. msgpack's own unpacker stops at 1024; Python's
 #: recursion would stop first, and an envelope nests 4 deep: deeper is refused here.
 MAX_DEPTH = 256
+#: The most values (arrays, maps and their items) one document may hold. msgpack has no
+#: such bound; an envelope holds a few thousand. Without it a body of nested empty
+#: arrays from any bank (up to the task's largest message) kept this reader busy for
+#: minutes and built gigabytes of Python objects; refused before they are built.
+MAX_VALUES = 1 << 20
 
 _F32 = struct.Struct(">f")
 _F64 = struct.Struct(">d")
@@ -66,7 +72,17 @@ def unpackb_views(
 
 
 class _Reader:
-    __slots__ = ("buf", "hook", "max_array", "max_bin", "max_map", "max_str", "pos", "view_min")
+    __slots__ = (
+        "budget",
+        "buf",
+        "hook",
+        "max_array",
+        "max_bin",
+        "max_map",
+        "max_str",
+        "pos",
+        "view_min",
+    )
 
     def __init__(
         self,
@@ -82,6 +98,13 @@ class _Reader:
         self.max_bin, self.max_str = max_bin, max_str
         self.max_array, self.max_map = max_array, max_map
         self.hook, self.view_min = hook, view_min
+        self.budget = MAX_VALUES
+
+    def spend(self, n: int) -> None:
+        """Count ``n`` more values, before any is built."""
+        self.budget -= n
+        if self.budget < 0:
+            raise UnpackError(f"more than {MAX_VALUES} values in one document")
 
     def take(self, n: int) -> memoryview:
         end = self.pos + n
@@ -153,11 +176,13 @@ class _Reader:
     def array(self, n: int, depth: int) -> list[Any]:
         if n > self.max_array:
             raise UnpackError(f"array of {n} items over the limit of {self.max_array}")
+        self.spend(n + 1)
         return [self.value(depth + 1) for _ in range(n)]
 
     def map(self, n: int, depth: int) -> Any:
         if n > self.max_map:
             raise UnpackError(f"map of {n} entries over the limit of {self.max_map}")
+        self.spend(2 * n + 1)
         pairs: list[tuple[Any, Any]] = []
         for _ in range(n):
             key = self.value(depth + 1)

@@ -204,3 +204,22 @@ def test_a_corrupt_bytearray_body_is_refused_with_a_reason() -> None:
     with pytest.raises(DecodeError) as e2:
         decode_update(bytearray(_update(50_000))[:-5])
     assert e2.value.reason.value == "malformed"
+
+
+def test_a_document_of_too_many_values_is_refused_before_they_are_built() -> None:
+    # 2M nested empty arrays in arrays of 16: msgpack would build them all (gigabytes of
+    # Python objects for a body of a bank's largest size); refused at the budget.
+    from common.msgpack_views import MAX_VALUES
+
+    leaf = b"\x9f" + b"\x90" * 15  # an array of 15 empty arrays
+    count = MAX_VALUES // 16 + 10
+    data = b"\xdd" + count.to_bytes(4, "big") + leaf * count
+    with pytest.raises(UnpackError, match="values in one document"):
+        unpackb_views(
+            bytearray(data),
+            object_pairs_hook=_pairs,
+            max_bin_len=1 << 30,
+            max_str_len=64,
+            max_array_len=1 << 30,
+            max_map_len=16,
+        )

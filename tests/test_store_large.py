@@ -410,3 +410,87 @@ async def test_large_versions_survive_a_sigkill_and_read_back_as_the_auditor(
         assert report.ok, report.reason
     finally:
         await auditor.close()
+
+
+@pytest.mark.real
+@pytest.mark.timeout(60)
+def test_a_full_redis_refuses_a_large_commit_as_it_refuses_a_small_one(tmp_path: Any) -> None:
+    """``maxmemory-policy noeviction`` (broker_config/redis.conf): a full Redis refuses
+    the commit script, whose first write is the one Redis checks. A blob written in
+    pieces starts with a SET of its first piece: with a DEL first (never refused) every
+    later write went through, 20 MiB past the limit and the head moved."""
+    import subprocess
+    import time
+
+    import redis as sync_redis
+
+    from aggregator.store.commit_script import COMMIT_LUA, ScriptVersion, commit_call
+    from aggregator.store.keys import Keys
+    from tests.servers import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--maxmemory",
+            "3mb",
+            "--maxmemory-policy",
+            "noeviction",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        r = sync_redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except sync_redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        full = False
+        for i in range(10_000):
+            try:
+                r.set(f"fill{i}", b"x" * 100_000)
+            except sync_redis.exceptions.ResponseError:
+                full = True
+                break
+        assert full
+        keys = Keys(prefix="oom")
+
+        def commit(size: int) -> None:
+            blob = [b"\x88" + b"z" * (size - 1)]
+            version = ScriptVersion(1, blob, None, b"{}", b"[]", ())
+            call = commit_call(
+                keys,
+                "t1",
+                parent=0,
+                versions=[version],
+                lease=None,
+                max_decisions=100,
+                drop=[],
+                at=0.0,
+            )
+            r.eval(COMMIT_LUA, len(call.keys), *call.keys, *call.args)
+
+        r.config_set("maxmemory", "0")
+        r.set(keys.head("t1"), 0)
+        r.config_set("maxmemory", "3mb")
+        for size in (1 << 20, 20 << 20):  # one SET; pieces of 8 MiB
+            with pytest.raises(sync_redis.exceptions.ResponseError, match="maxmemory"):
+                commit(size)
+            assert r.get(keys.head("t1")) == b"0"
+            assert r.exists(keys.blob("t1", 1)) == 0
+        r.close()
+    finally:
+        server.terminate()
+        server.wait(10)

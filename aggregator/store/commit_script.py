@@ -30,8 +30,10 @@ at most ``blob_io.SEGMENTED_ABOVE`` bytes is its slot alone (x = 0); a larger on
 cut into pieces of a few MiB (``blob_io.arg_pieces``: views of the tensors' memory,
 so the aggregator never joins a large model into one buffer; the connection sends
 them a piece at a time, aggregator/store/piecewise.py), written here into one string
-of their total length: DEL, SETRANGE of the last piece at its offset (which allocates
-the whole string once), then SETRANGE of each other piece (one copy; a concatenation
+of their total length: SET of the first piece (the script's first write, which a full
+Redis refuses under ``noeviction``: after it Redis lets a script's writes through),
+SETRANGE of the last piece at its offset (which grows the string to its whole length
+once), then SETRANGE of each other piece (one copy; a concatenation
 in Lua would copy a large blob several times over and keep Redis busy for seconds). A
 script is not rolled back when a command in it fails, so a blob SETRANGE would refuse
 (over Redis's 512 MiB string limit) is refused before the call
@@ -139,9 +141,10 @@ end
 if #dups > 2 then return dups end
 
 -- SET a blob: its slot, and its further pieces (their count x at ARGV[p], then the
--- pieces), written in place into one string of their total length: the last piece
--- first (SETRANGE allocates the whole string once), then the others at their
--- offsets. "" with no pieces: not written. Returns where the next blob's count is.
+-- pieces), written in place into one string of their total length: the first piece
+-- (SET), the last at its offset (SETRANGE grows the string to its length once), then
+-- the others at their offsets. "" with no pieces: not written. Returns where the
+-- next blob's count is.
 local function put(key, slot, p)
   local x = tonumber(ARGV[p])
   if x == 0 then
@@ -150,9 +153,10 @@ local function put(key, slot, p)
   end
   local last = #ARGV[slot]
   for j = p + 1, p + x - 1 do last = last + #ARGV[j] end
-  redis.call('DEL', key)
+  -- SET first: the script's first write is the one a full Redis refuses (noeviction),
+  -- and Redis lets every later write of a script through (DEL is never refused).
+  redis.call('SET', key, ARGV[slot])
   redis.call('SETRANGE', key, last, ARGV[p + x])
-  redis.call('SETRANGE', key, 0, ARGV[slot])
   local at = #ARGV[slot]
   for j = p + 1, p + x - 1 do
     redis.call('SETRANGE', key, at, ARGV[j])
