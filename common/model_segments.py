@@ -14,12 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Final
 
-import msgpack
 import torch
 
 from common.codecs import get_codec
-from common.dtypes import FLOAT_WIRE_DTYPES
-from common.errors import DecodeError, EncodeError, NonFiniteError
+from common.errors import DecodeError, EncodeError
 from common.hashing import HASH_SIZE, TensorHasher
 from common.segments import Segments
 from common.wire import (
@@ -29,9 +27,8 @@ from common.wire import (
     _check_count,
     _check_exact,
     _check_name,
-    _raw_view,
-    _wire_dtype,
-    all_finite,
+    _checked_tensor,
+    _pack_value,
 )
 
 __all__ = ["pack_model_segments"]
@@ -70,16 +67,18 @@ def pack_model_segments(
         raise EncodeError(f"{len(tensors)} tensors, the wire carries at most {most}")
     entries = bytearray(_array_header(len(tensors)))  # the msgpack since the last payload
     for name, t in tensors.items():
-        dtype, shape, raw = _checked(name, t)
+        dtype, shape, raw = _checked_tensor(name, t)
         payload: bytes | memoryview = (
-            raw if chosen.name == "raw" else chosen.encode_tensor(raw, dtype, tuple(shape))
+            raw if chosen.name == "raw" else chosen.encode_tensor(raw, dtype, shape)
         )
         hasher.add(name, dtype, shape, raw)
         size = memoryview(payload).nbytes
         if size > _MAX_BIN:
             raise EncodeError(f"cannot encode envelope: tensor {name!r} is over 4 GiB encoded")
-        entries += b"\x84" + _packb("n") + _packb(name) + _packb("d") + _packb(dtype)
-        entries += _packb("s") + _packb(shape) + _packb("b") + _bin_header(size)
+        entries += (
+            b"\x84" + _pack_value("n") + _pack_value(name) + _pack_value("d") + _pack_value(dtype)
+        )
+        entries += _pack_value("s") + _pack_value(shape) + _pack_value("b") + _bin_header(size)
         if size:
             segments += [bytes(entries), payload]
             entries = bytearray()
@@ -93,42 +92,24 @@ def pack_model_segments(
         raise EncodeError("version_hash must be empty or a 32-byte SHA-256 digest")
     # {"fv", "k", "t", "v", "vh", "c", "ts", "h"}: the map, as pack_model orders it.
     head = bytearray(b"\x88")
-    head += _packb("fv") + _packb(FORMAT_VERSION) + _packb("k") + _packb(KIND_MODEL)
-    head += _packb("t") + _packb(task) + _packb("v") + _packb(version)
-    head += _packb("vh") + _packb(bytes(version_hash)) + _packb("c") + _packb(chosen.name)
-    head += _packb("ts")
-    tail = entries + _packb("h") + _packb(digest)
+    head += (
+        _pack_value("fv") + _pack_value(FORMAT_VERSION) + _pack_value("k") + _pack_value(KIND_MODEL)
+    )
+    head += _pack_value("t") + _pack_value(task) + _pack_value("v") + _pack_value(version)
+    head += (
+        _pack_value("vh")
+        + _pack_value(bytes(version_hash))
+        + _pack_value("c")
+        + _pack_value(chosen.name)
+    )
+    head += _pack_value("ts")
+    tail = entries + _pack_value("h") + _pack_value(digest)
     if segments:
         segments[0] = bytes(head) + segments[0]
         segments.append(bytes(tail))
     else:
         segments.append(bytes(head + tail))
     return segments, digest
-
-
-def _checked(name: object, t: torch.Tensor) -> tuple[str, list[int], memoryview]:
-    """encode_tensors' checks of one tensor; its wire dtype, shape and raw bytes."""
-    limits = DEFAULT_LIMITS
-    if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
-        raise EncodeError(f"tensor names must be strings of 1-{limits.max_name_len} chars")
-    try:
-        name.encode()
-    except UnicodeEncodeError as e:
-        raise EncodeError(f"tensor name {name!r} is not valid UTF-8 text") from e
-    dtype = _wire_dtype(name, t)
-    if t.dim() > limits.max_ndim:
-        raise EncodeError(f"tensor {name!r} has {t.dim()} dims, at most {limits.max_ndim}")
-    if dtype in FLOAT_WIRE_DTYPES and not all_finite(t):
-        raise NonFiniteError(name)
-    return dtype, [int(d) for d in t.shape], _raw_view(t)
-
-
-def _packb(value: object) -> bytes:
-    try:
-        packed: bytes = msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise EncodeError(f"cannot encode envelope: {e}") from e
-    return packed
 
 
 def _array_header(n: int) -> bytes:

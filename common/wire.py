@@ -451,19 +451,7 @@ def _encode_tensors(
     hasher = TensorHasher()
     out: list[dict[str, Any]] = []
     for name, t in tensors.items():
-        if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
-            raise EncodeError(f"tensor names must be strings of 1-{limits.max_name_len} chars")
-        try:
-            name.encode()
-        except UnicodeEncodeError as e:
-            raise EncodeError(f"tensor name {name!r} is not valid UTF-8 text") from e
-        dtype = _wire_dtype(name, t)
-        if t.dim() > limits.max_ndim:
-            raise EncodeError(f"tensor {name!r} has {t.dim()} dims, at most {limits.max_ndim}")
-        if dtype in FLOAT_WIRE_DTYPES and not all_finite(t):
-            raise NonFiniteError(name)
-        shape = tuple(int(d) for d in t.shape)
-        raw = _raw_view(t)
+        dtype, shape, raw = _checked_tensor(name, t)
         payload = codec.encode_tensor(raw, dtype, shape, rng)
         if lossy:
             # The hash covers what a decoder rebuilds: decode our own payload.
@@ -473,6 +461,24 @@ def _encode_tensors(
         hasher.add(name, dtype, shape, raw)
         out.append({"n": name, "d": dtype, "s": list(shape), "b": payload})
     return out, hasher.digest(), decoded if lossy else None
+
+
+def _checked_tensor(name: object, t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
+    """The encoder's checks of one tensor (name, dtype, dimensions, finite values); its
+    wire dtype, shape and raw bytes (a view, no copy, when it is contiguous on CPU)."""
+    limits = DEFAULT_LIMITS
+    if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
+        raise EncodeError(f"tensor names must be strings of 1-{limits.max_name_len} chars")
+    try:
+        name.encode()
+    except UnicodeEncodeError as e:
+        raise EncodeError(f"tensor name {name!r} is not valid UTF-8 text") from e
+    dtype = _wire_dtype(name, t)
+    if t.dim() > limits.max_ndim:
+        raise EncodeError(f"tensor {name!r} has {t.dim()} dims, at most {limits.max_ndim}")
+    if dtype in FLOAT_WIRE_DTYPES and not all_finite(t):
+        raise NonFiniteError(name)
+    return dtype, tuple(int(d) for d in t.shape), _raw_view(t)
 
 
 def _decoded(
