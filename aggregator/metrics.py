@@ -84,6 +84,64 @@ class AggregatorMetrics:
             registry=r,
         )
 
+        # Monitoring (docs/drift.md): the newest summary of each bank.
+        self.drift_psi = Gauge(
+            "fedq_drift_psi",
+            "PSI of a bank's recent rows against the task's reference, per feature (and "
+            "'score': its model's scores against its own training rows)",
+            ["task", "participant", "feature"],
+            registry=r,
+        )
+        self.drift_ks = Gauge(
+            "fedq_drift_ks",
+            "KS statistic of a bank's recent rows, per numeric feature and 'score'",
+            ["task", "participant", "feature"],
+            registry=r,
+        )
+        self.drift_over = Gauge(
+            "fedq_drift_over_threshold",
+            "How many of a bank's features (and its score) drift above the task's "
+            "psi_threshold in its newest summary (0 with fewer than min_rows recent rows)",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.drift_rows = Gauge(
+            "fedq_drift_rows",
+            "Recent rows in a bank's newest drift summary",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.drift_last = Gauge(
+            "fedq_drift_last_summary_timestamp_seconds",
+            "Unix time at which the aggregator took a bank's newest drift summary",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.retrain_signals = Counter(
+            "fedq_retrain_signals",
+            "Retraining signals recorded: a bank's summary drifted above the threshold",
+            ["task", "participant"],
+            registry=r,
+        )
+        self.evaluation = Gauge(
+            "fedq_bank_evaluation",
+            "A bank's newest evaluation of the version it holds, per metric",
+            ["task", "participant", "metric"],
+            registry=r,
+        )
+        self.reports_refused = Counter(
+            "fedq_reports_refused",
+            "Drift summaries and evaluations refused, by reason",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.training_paused = Gauge(
+            "fedq_training_paused",
+            "1 while the task's training is paused (fedq task pause), else 0",
+            ["task"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)

@@ -45,6 +45,7 @@ from aggregator.lease import FencedOutError, LeaseConfig, WriterLease, check_fen
 from aggregator.metrics import AggregatorMetrics
 from aggregator.privacy import BankAggregation, VersionPrivacy
 from aggregator.receipts import ReceiptSender
+from aggregator.reports import ReportDesk
 from aggregator.retry import store_retry
 from aggregator.secagg import UNMASK_ROUNDS, Decision, OpenCohort, secure_step
 from aggregator.stats import ServiceStats, Stages, untimed
@@ -90,6 +91,7 @@ from common.transport import (
 from common.wire import (
     DEFAULT_LIMITS,
     KIND_UNMASK_ANSWER,
+    REPORT_KINDS,
     DecodeLimits,
     Tensors,
     TensorSpec,
@@ -206,6 +208,8 @@ class ServiceConfig:
     limits: DecodeLimits = DEFAULT_LIMITS
     #: How often the work queue's depth is sampled for metrics (seconds).
     depth_poll_s: float = 5.0
+    #: How often the task's training pause (``fedq task pause``) is read (seconds).
+    pause_poll_s: float = 1.0
     #: Writer lease: one active aggregator per task; a standby waits for it.
     lease_ttl_s: float = 10.0
     #: Who this aggregator is, in the lease and in each version's info.
@@ -375,6 +379,20 @@ class AggregatorService:
         self._last_delivery = time.monotonic()
         self._handling_since: float | None = None
         self._depth = 0
+        #: The banks' drift summaries and evaluations (a task with monitoring only).
+        self.reports = (
+            ReportDesk(
+                spec,
+                store,
+                self.metrics,
+                self.admission.keys,
+                require_sender_match=self.config.require_sender_match,
+            )
+            if spec.monitoring is not None
+            else None
+        )
+        #: The task's training pause as last read from the store (None: training).
+        self.paused: dict[str, Any] | None = None
         self.log = log.bind(task=self.task)
 
     @property
@@ -597,7 +615,9 @@ class AggregatorService:
                 self.task, prefetch=self.prefetch, update_bytes=self._update_bytes
             )
             self._consuming = True
+            await self._read_pause()
             poller = asyncio.create_task(self._poll_depth(halt))
+            pauses = asyncio.create_task(self._poll_pause(halt))
             self.announcer.start()
             self.receipts.start()
             try:
@@ -627,6 +647,7 @@ class AggregatorService:
                 self._consuming = False
                 self._sub = None
                 poller.cancel()
+                pauses.cancel()
                 await self.announcer.close()
                 await self.receipts.close()
         finally:
@@ -714,6 +735,9 @@ class AggregatorService:
         if self.secure and peek_kind(delivery.body) == KIND_UNMASK_ANSWER:
             await self._take_answer(delivery)
             return
+        if self.reports is not None and peek_kind(delivery.body) in REPORT_KINDS:
+            await self._take_report(delivery)
+            return
         with self.stages("admit"):
             outcome = await self.admission.admit(delivery.body, delivery.user_id, self._tip)
         if isinstance(outcome, Redelivered):
@@ -727,6 +751,12 @@ class AggregatorService:
             await self._refuse(delivery, outcome)
             return
         update = outcome.update
+        if self.paused is not None:
+            since = self.paused.get("version")
+            detail = f"the task's training is paused (at version {since}); send it again later"
+            paused = Refused(Refusal.TRAINING_PAUSED, detail, update.participant, update.update_id)
+            await self._refuse(delivery, paused)
+            return
         with structlog.contextvars.bound_contextvars(
             update_id=update.update_id, participant=update.participant
         ):
@@ -1658,6 +1688,35 @@ class AggregatorService:
                 self._depth = depth
                 self.metrics.queue_depth.labels(self.task).set(depth)
             await asyncio.sleep(self.config.depth_poll_s)
+
+    async def _take_report(self, delivery: UpdateDelivery) -> None:
+        """A bank's drift summary or evaluation (aggregator/reports.py); a retraining
+        signal that resumed a pause takes effect at once."""
+        assert self.reports is not None
+        await self._flush()  # its version check reads the store: commit what is staged
+        reports = self.reports
+        await store_retry(
+            "saving a report", lambda: reports.take(delivery, self.head_version), self.log
+        )
+        if self.paused is not None and reports.resumed:
+            reports.resumed = False
+            await self._read_pause()
+
+    async def _poll_pause(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._read_pause()
+            await asyncio.sleep(self.config.pause_poll_s)
+
+    async def _read_pause(self) -> None:
+        try:
+            paused = await self.store.monitoring.paused(self.task)
+        except FedqError as e:
+            self.log.warning("training pause unreadable; kept as it was", error=str(e))
+            return
+        if (paused is None) != (self.paused is None):
+            self.log.warning("training paused" if paused else "training resumed", pause=paused)
+        self.paused = paused
+        self.metrics.training_paused.labels(self.task).set(0 if paused is None else 1)
 
     async def status(self) -> dict[str, object]:
         """What /status reports (aggregator/status.py, docs/status.md)."""

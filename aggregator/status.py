@@ -141,6 +141,7 @@ class StatusTracker:
                 waiting = await service.transport.queue_depth(service.task)
             except FedqError:
                 waiting = None
+        monitoring, drift = await _monitoring(service)
         privacy = service.privacy
         return build_status(
             task=service.task,
@@ -167,7 +168,32 @@ class StatusTracker:
             bank_dp=privacy.head if privacy is not None else None,
             bank_dp_on=privacy is not None,
             error=service.failure,
+            monitoring=monitoring,
+            drift=drift,
         )
+
+
+async def _monitoring(
+    service: AggregatorService,
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The task's monitoring settings, pause and signals, and each bank's newest drift
+    summary, as the store holds them (None and {} without monitoring or Redis)."""
+    spec = service.spec.monitoring
+    if spec is None:
+        return None, {}
+    out: dict[str, Any] = {
+        "psi_threshold": spec.psi_threshold,
+        "on_drift": spec.on_drift,
+        "paused": service.paused,
+        "retrain_signals": None,
+    }
+    try:
+        store = service.store.monitoring
+        drift = await store.drift(service.task)
+        out["retrain_signals"] = len(await store.retrain_signals(service.task))
+    except FedqError:
+        return out, {}
+    return out, drift
 
 
 def build_status(
@@ -196,6 +222,8 @@ def build_status(
     bank_dp: VersionPrivacy | None,
     bank_dp_on: bool,
     error: str | None,
+    monitoring: dict[str, Any] | None = None,
+    drift: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The /status document (docs/status.md). A standby (``stats`` None) lists no bank:
     it has settled nothing; the lease holder's /status has them."""
@@ -213,9 +241,9 @@ def build_status(
         flags = stats.flag_reasons
         epsilon = privacy["epsilon"] if privacy is not None else None
         for name in sorted(set(participants) | set(stats.banks) | set(activity)):
-            banks.append(
-                _bank(name, stats.banks.get(name), activity.get(name), flags, epsilon, now)
-            )
+            bank = _bank(name, stats.banks.get(name), activity.get(name), flags, epsilon, now)
+            bank["drift"] = _drift(drift.get(name) if drift else None, now)
+            banks.append(bank)
     return {
         "schema": SCHEMA,
         "service": SERVICE,
@@ -235,6 +263,7 @@ def build_status(
         if stats is None
         else {"accepted": stats.accepted, "refused": dict(sorted(stats.refused.items()))},
         "privacy": {"bank": privacy},
+        "monitoring": monitoring,
         "banks": banks,
         "error": error,
     }
@@ -266,4 +295,20 @@ def _bank(
         "flagged": name in flags,
         "flag_reasons": list(flags.get(name, [])),
         "epsilon": epsilon,
+    }
+
+
+def _drift(summary: Mapping[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """A bank's newest drift summary in brief: what is over the threshold, the largest
+    feature PSI, the score's PSI, its rows, version and age (None: none yet)."""
+    if summary is None:
+        return None
+    features = summary.get("features", {})
+    return {
+        "drifted": list(summary.get("drifted", [])),
+        "max_feature_psi": max((f["psi"] for f in features.values()), default=None),
+        "score_psi": summary.get("score", {}).get("psi"),
+        "rows": summary.get("rows"),
+        "version": summary.get("version"),
+        "age_s": max(0.0, now - float(summary.get("at", now))),
     }

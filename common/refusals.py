@@ -48,6 +48,8 @@ class Refusal(StrEnum):
     TOO_STALE = "too_stale"
     DUPLICATE = "duplicate"
     BASE_UNAVAILABLE = "base_unavailable"
+    #: The task's training is paused (``fedq task pause``): sent again once it resumes.
+    TRAINING_PAUSED = "training_paused"
     # --- after admission: the strategy or the aggregate
     INVALID_UPDATE = "invalid_update"
     NON_FINITE_RESULT = "non_finite_result"
@@ -70,9 +72,9 @@ class Refusal(StrEnum):
 #: update from the same worker, code, data and spec) is refused again. A participant
 #: that receives one in a receipt stops publishing (docs/wire-format.md, "Receipts").
 #: The others (too_stale, future_base, stale_round, duplicate, duplicate_in_round,
-#: base_unavailable, outlier, over_cap, invalid_update, non_finite_result, cohort_closed,
-#: delivery_limit) depend on
-#: timing, the head or this one update's values: the next update may pass.
+#: base_unavailable, training_paused, outlier, over_cap, invalid_update,
+#: non_finite_result, cohort_closed, delivery_limit) depend on timing, the head or this
+#: one update's values: the next update may pass.
 PERMANENT: frozenset[Refusal] = frozenset(
     {
         # Decoding: the worker's encoder produced bytes this aggregator cannot read;

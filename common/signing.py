@@ -58,6 +58,8 @@ DOMAIN_MODEL: Final = b"fedq-model-sig-v1\x00"
 DOMAIN_RECEIPT: Final = b"fedq-receipt-sig-v1\x00"
 DOMAIN_UNMASK_REQUEST: Final = b"fedq-unmask-request-sig-v1\x00"
 DOMAIN_UNMASK_ANSWER: Final = b"fedq-unmask-answer-sig-v1\x00"
+DOMAIN_DRIFT: Final = b"fedq-drift-sig-v1\x00"
+DOMAIN_EVALUATION: Final = b"fedq-evaluation-sig-v1\x00"
 #: The most ancestor version hashes a model announcement carries (newest first).
 MAX_ANCESTORS: Final = 64
 
@@ -341,5 +343,57 @@ def unmask_answer_message(
             _u64(cohort),
             _digest(spec_hash, "spec hash"),
             _digest(body_digest, "answer digest"),
+        )
+    )
+
+
+def drift_message(
+    *,
+    task: str,
+    participant: str,
+    summary_id: str,
+    version: int,
+    spec_hash: bytes,
+    rows: int,
+    body_digest: bytes,
+) -> bytes:
+    """What a bank signs for its drift summary (docs/drift.md)."""
+    return b"".join(
+        (
+            DOMAIN_DRIFT,
+            _text(task),
+            _text(participant),
+            _text(summary_id),
+            _u64(version),
+            _digest(spec_hash, "spec hash"),
+            _u64(rows),
+            _digest(body_digest, "drift digest"),
+        )
+    )
+
+
+def evaluation_message(
+    *,
+    task: str,
+    participant: str,
+    evaluation_id: str,
+    version: int,
+    version_hash: bytes,
+    spec_hash: bytes,
+    rows: int,
+    metrics: Mapping[str, float],
+) -> bytes:
+    """What a bank signs for its evaluation of a version (docs/drift.md)."""
+    return b"".join(
+        (
+            DOMAIN_EVALUATION,
+            _text(task),
+            _text(participant),
+            _text(evaluation_id),
+            _u64(version),
+            _digest(version_hash, "version hash"),
+            _digest(spec_hash, "spec hash"),
+            _u64(rows),
+            metrics_digest(metrics),
         )
     )

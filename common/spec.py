@@ -8,6 +8,7 @@ built, so a bad spec fails with a reason at the edge, never deep in a run.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -444,6 +445,54 @@ class CompressionSpec(_Spec):
         return self.codec + (f"+{self.lossless}" if self.lossless else "")
 
 
+class FeatureReference(_Spec):
+    """One feature's distribution in the reference sample, as :func:`fedq task init`
+    recorded it (``--monitoring``): what each bank's recent rows are compared with.
+
+    Numeric: ``edges`` are the ascending inner bin edges in raw units (a value ``x``
+    falls in the first bin whose upper edge is ``>= x``; above the last edge, the last
+    bin); ``proportions`` has ``len(edges) + 2`` entries: the bins, then missing cells.
+    Categorical: no edges; ``proportions`` has one entry per vocabulary value, in
+    vocabulary order, then 'unknown' (values outside the vocabulary and missing cells,
+    as the encoding puts them). Proportions are shares of the sample's rows.
+    """
+
+    name: str = Field(min_length=1)
+    edges: tuple[float, ...] = ()
+    proportions: tuple[Annotated[float, Field(ge=0, le=1)], ...] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> Self:
+        if any(not math.isfinite(e) for e in self.edges) or any(
+            b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)
+        ):
+            raise ValueError(f"reference of {self.name!r}: edges must be finite and increasing")
+        if abs(math.fsum(self.proportions) - 1.0) > 1e-6:
+            raise ValueError(f"reference of {self.name!r}: proportions must sum to 1")
+        return self
+
+
+class MonitoringSpec(_Spec):
+    """Drift monitoring at each bank and federated evaluation (docs/drift.md).
+
+    Each bank's worker, given its recent rows, compares them with ``reference`` (one
+    entry per feature, in the features' order) every ``interval_s`` seconds and
+    publishes only the summary: the population stability index (PSI) of each feature
+    and of its model's scores, and KS statistics; with labelled recent rows also the
+    metrics of the model version it holds. A bank whose recent window holds at least
+    ``min_rows`` rows and whose PSI of some feature, or of the score, is above
+    ``psi_threshold`` raises a retraining signal, which the aggregator records; with
+    ``on_drift = "resume"`` it also resumes training when it was paused
+    (``fedq task pause``).
+    """
+
+    reference: tuple[FeatureReference, ...] = Field(min_length=1)
+    psi_threshold: float = Field(default=0.25, gt=0)
+    interval_s: float = Field(default=3600.0, gt=0)
+    min_rows: int = Field(default=100, ge=1)
+    on_drift: Literal["record", "resume"] = "record"
+
+
 #: ``--class-weight auto`` weighs positives only below this positive rate.
 AUTO_WEIGHT_BELOW = 0.1
 
@@ -499,6 +548,9 @@ class TaskSpec(_Spec):
     #: Lossy compression of the updates; None: the banks choose a lossless codec. Left
     #: out of the canonical JSON when None (see :meth:`_without_unset`).
     compression: CompressionSpec | None = None
+    #: Drift monitoring and federated evaluation at the banks; None: off. Left out of
+    #: the canonical JSON when None, as ``compression`` is.
+    monitoring: MonitoringSpec | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     #: The largest sample count (``n``) any update may claim: FedAvg weighs by it.
     max_samples: int = Field(default=1_000_000, ge=1, lt=2**63)
@@ -517,11 +569,12 @@ class TaskSpec(_Spec):
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Every field, except ``compression`` when it is None: a spec that does not
-        use it keeps the canonical JSON, and the spec hash, it had before it existed."""
+        """Every field, except ``compression`` and ``monitoring`` when None: a spec that
+        uses neither keeps the canonical JSON, and the spec hash, it had before it existed."""
         data: dict[str, Any] = handler(self)
-        if self.compression is None:
-            data.pop("compression", None)
+        for optional in ("compression", "monitoring"):
+            if getattr(self, optional) is None:
+                data.pop(optional, None)
         return data
 
     @model_validator(mode="after")
@@ -617,6 +670,33 @@ class TaskSpec(_Spec):
             raise ValueError(
                 f"compression.codec {self.compression.codec!r} is lossy and secure_aggregation "
                 "masks exact integers: choose one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _monitoring_fits(self) -> Self:
+        monitoring = self.monitoring
+        if monitoring is None:
+            return self
+        if [r.name for r in monitoring.reference] != [f.name for f in self.features]:
+            raise ValueError("monitoring.reference must name every feature, in their order")
+        for ref, feature in zip(monitoring.reference, self.features, strict=True):
+            if isinstance(feature, NumericFeature):
+                if len(ref.proportions) != len(ref.edges) + 2:
+                    raise ValueError(
+                        f"monitoring.reference of {ref.name!r}: a numeric feature needs "
+                        "len(edges) + 2 proportions (the bins, then missing)"
+                    )
+            elif ref.edges or len(ref.proportions) != len(feature.vocabulary) + 1:
+                raise ValueError(
+                    f"monitoring.reference of {ref.name!r}: a categorical feature needs no "
+                    "edges and one proportion per vocabulary value, then 'unknown'"
+                )
+        local_dp = self.privacy.record is not None or self.privacy.laplace is not None
+        if local_dp or self.secure_aggregation is not None:
+            raise ValueError(
+                "monitoring publishes per-bank summaries of the rows that no noise or mask "
+                "covers: it cannot be combined with privacy at the bank or secure_aggregation"
             )
         return self
 

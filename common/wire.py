@@ -33,6 +33,8 @@ from common.signing import (
     MAX_ANCESTORS,
     PublicKey,
     SigningKey,
+    drift_message,
+    evaluation_message,
     model_message,
     receipt_message,
     unmask_answer_message,
@@ -50,6 +52,11 @@ KIND_MODEL: Final = "m"
 #: the survivor's answer.
 KIND_UNMASK_REQUEST: Final = "ur"
 KIND_UNMASK_ANSWER: Final = "ua"
+#: Monitoring (docs/drift.md): a bank's drift summary and its evaluation of a version.
+KIND_DRIFT: Final = "ds"
+KIND_EVALUATION: Final = "ev"
+#: Kinds a bank publishes besides updates (through the same exchange, as answers are).
+REPORT_KINDS: Final = frozenset({KIND_DRIFT, KIND_EVALUATION})
 
 #: An ordered mapping of tensor name to tensor, like a module's state_dict.
 Tensors = dict[str, torch.Tensor]
@@ -1425,3 +1432,230 @@ def _get_signature(doc: Mapping[str, Any], limits: DecodeLimits) -> bytes | None
 def _signed_text(value: str) -> bytes:
     raw = value.encode()
     return struct.pack("<H", len(raw)) + raw
+
+
+# --------------------------------------------------------------------------- monitoring
+
+_DRIFT_KEYS: Final = frozenset({"fv", "k", "t", "p", "id", "sh", "v", "n", "f", "s", "at", "sg"})
+_DRIFT_REQUIRED: Final = _DRIFT_KEYS - {"sg"}
+_EVAL_KEYS: Final = frozenset({"fv", "k", "t", "p", "id", "sh", "v", "vh", "n", "m", "at", "sg"})
+_EVAL_REQUIRED: Final = _EVAL_KEYS - {"sg"}
+#: The most features a drift summary may name.
+MAX_DRIFT_FEATURES: Final = 4096
+#: A drift summary or an evaluation: small documents (a few numbers per feature).
+REPORT_LIMITS: Final = DecodeLimits(
+    max_message_bytes=1 << 20, max_tensors=0, max_metrics=MAX_DRIFT_FEATURES
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureDrift:
+    """One feature's (or the score's) drift: PSI, and a KS statistic where one exists."""
+
+    psi: float
+    ks: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSummary:
+    """A bank's recent rows against the task's reference (docs/drift.md): ``rows``
+    recent rows, one entry per feature, and the score of the version ``version`` it
+    holds on them against its own training rows. No row leaves the bank."""
+
+    task: str
+    participant: str
+    summary_id: str
+    spec_hash: bytes
+    version: int
+    rows: int
+    features: Mapping[str, FeatureDrift]
+    score: FeatureDrift
+    created_at: float
+    signature: bytes | None = None
+
+    def body_digest(self) -> bytes:
+        h = hashlib.sha256(struct.pack("<I", len(self.features)))
+        for name in sorted(self.features, key=str.encode):
+            h.update(_signed_text(name) + _drift_bytes(self.features[name]))
+        h.update(_drift_bytes(self.score))
+        return h.digest()
+
+    def signing_message(self) -> bytes:
+        return drift_message(
+            task=self.task,
+            participant=self.participant,
+            summary_id=self.summary_id,
+            version=self.version,
+            spec_hash=self.spec_hash,
+            rows=self.rows,
+            body_digest=self.body_digest(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """A bank's metrics of version ``version`` (hash ``version_hash``) on ``rows`` of its
+    own recent labelled rows (docs/drift.md). No row leaves the bank."""
+
+    task: str
+    participant: str
+    evaluation_id: str
+    spec_hash: bytes
+    version: int
+    version_hash: bytes
+    rows: int
+    metrics: Mapping[str, float]
+    created_at: float
+    signature: bytes | None = None
+
+    def signing_message(self) -> bytes:
+        return evaluation_message(
+            task=self.task,
+            participant=self.participant,
+            evaluation_id=self.evaluation_id,
+            version=self.version,
+            version_hash=self.version_hash,
+            spec_hash=self.spec_hash,
+            rows=self.rows,
+            metrics=self.metrics,
+        )
+
+
+def _drift_bytes(d: FeatureDrift) -> bytes:
+    if d.ks is None:
+        return struct.pack("<dB", d.psi, 0)
+    return struct.pack("<dBd", d.psi, 1, d.ks)
+
+
+def _check_drift(what: str, d: FeatureDrift) -> dict[str, float]:
+    if not math.isfinite(d.psi) or d.psi < 0:
+        raise EncodeError(f"{what}: psi must be a finite number >= 0")
+    if d.ks is not None and not (math.isfinite(d.ks) and 0 <= d.ks <= 1):
+        raise EncodeError(f"{what}: ks must be in [0, 1]")
+    return {"psi": float(d.psi)} | ({} if d.ks is None else {"ks": float(d.ks)})
+
+
+def _report_head(task: str, participant: str, report_id: str, version: int, rows: int) -> None:
+    _check_name("task", task)
+    _check_name("participant", participant)
+    if not is_update_id(report_id):
+        raise EncodeError(f"invalid id {report_id!r}")
+    _check_count("version", version, minimum=0)
+    _check_count("rows", rows, minimum=0)
+
+
+def encode_drift(summary: DriftSummary, signing_key: SigningKey | None = None) -> bytes:
+    """Encode a drift summary, signed with ``signing_key`` when given."""
+    _report_head(
+        summary.task, summary.participant, summary.summary_id, summary.version, summary.rows
+    )
+    if len(summary.features) > MAX_DRIFT_FEATURES:
+        raise EncodeError(f"at most {MAX_DRIFT_FEATURES} features")
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_DRIFT,
+        "t": summary.task,
+        "p": summary.participant,
+        "id": summary.summary_id,
+        "sh": bytes(summary.spec_hash),
+        "v": summary.version,
+        "n": summary.rows,
+        "f": {name: _check_drift(name, d) for name, d in summary.features.items()},
+        "s": _check_drift("score", summary.score),
+        "at": float(summary.created_at),
+    }
+    if signing_key is not None:
+        doc["sg"] = signing_key.sign(summary.signing_message())
+    return _pack(doc)
+
+
+def decode_drift(data: bytes | Owned, limits: DecodeLimits = REPORT_LIMITS) -> DriftSummary:
+    """Decode and validate a drift summary (its signature is returned, not checked)."""
+    doc = _unpack(data, limits, KIND_DRIFT, _DRIFT_KEYS, _DRIFT_REQUIRED)
+    features = doc["f"]
+    if not isinstance(features, dict) or len(features) > MAX_DRIFT_FEATURES:
+        raise DecodeError(Refusal.INVALID_FIELD, "f: not a map of features")
+    parsed = {}
+    for name, value in features.items():
+        if not isinstance(name, str) or not name:
+            raise DecodeError(Refusal.INVALID_FIELD, "f: a feature name is not a string")
+        parsed[name] = _decode_drift(value, f"f.{name}")
+    return DriftSummary(
+        task=_get_name(doc, "t", "task"),
+        participant=_get_name(doc, "p", "participant"),
+        summary_id=_get_report_id(doc),
+        spec_hash=_get_digest(doc, "sh"),
+        version=_get_count(doc, "v", minimum=0),
+        rows=_get_count(doc, "n", minimum=0),
+        features=parsed,
+        score=_decode_drift(doc["s"], "s"),
+        created_at=_get_time(doc),
+        signature=_get_signature(doc, limits),
+    )
+
+
+def encode_evaluation(evaluation: Evaluation, signing_key: SigningKey | None = None) -> bytes:
+    """Encode an evaluation, signed with ``signing_key`` when given."""
+    e = evaluation
+    _report_head(e.task, e.participant, e.evaluation_id, e.version, e.rows)
+    doc: dict[str, Any] = {
+        "fv": FORMAT_VERSION,
+        "k": KIND_EVALUATION,
+        "t": e.task,
+        "p": e.participant,
+        "id": e.evaluation_id,
+        "sh": bytes(e.spec_hash),
+        "v": e.version,
+        "vh": bytes(e.version_hash),
+        "n": e.rows,
+        "m": _encode_metrics(e.metrics),
+        "at": float(e.created_at),
+    }
+    if signing_key is not None:
+        doc["sg"] = signing_key.sign(e.signing_message())
+    return _pack(doc)
+
+
+def decode_evaluation(data: bytes | Owned, limits: DecodeLimits = REPORT_LIMITS) -> Evaluation:
+    """Decode and validate an evaluation (its signature is returned, not checked)."""
+    doc = _unpack(data, limits, KIND_EVALUATION, _EVAL_KEYS, _EVAL_REQUIRED)
+    return Evaluation(
+        task=_get_name(doc, "t", "task"),
+        participant=_get_name(doc, "p", "participant"),
+        evaluation_id=_get_report_id(doc),
+        spec_hash=_get_digest(doc, "sh"),
+        version=_get_count(doc, "v", minimum=0),
+        version_hash=_get_digest(doc, "vh"),
+        rows=_get_count(doc, "n", minimum=0),
+        metrics=_get_metrics(doc["m"], DEFAULT_LIMITS),
+        created_at=_get_time(doc),
+        signature=_get_signature(doc, limits),
+    )
+
+
+def decode_report(data: bytes | Owned) -> DriftSummary | Evaluation:
+    """A drift summary or an evaluation, by its kind (DecodeError for anything else)."""
+    kind = peek_kind(data)
+    if kind == KIND_DRIFT:
+        return decode_drift(data)
+    if kind == KIND_EVALUATION:
+        return decode_evaluation(data)
+    raise DecodeError(Refusal.WRONG_KIND, f"kind {kind!r} is not a report")
+
+
+def _decode_drift(value: object, key: str) -> FeatureDrift:
+    if not isinstance(value, dict) or "psi" not in value or not set(value) <= {"psi", "ks"}:
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}: not a map of psi and ks")
+    p, ks = value["psi"], value.get("ks")
+    if not isinstance(p, float) or not math.isfinite(p) or p < 0:
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}.psi: not a finite float64 >= 0")
+    if ks is not None and (not isinstance(ks, float) or not 0 <= ks <= 1):
+        raise DecodeError(Refusal.INVALID_FIELD, f"{key}.ks: not a float64 in [0, 1]")
+    return FeatureDrift(p, ks)
+
+
+def _get_report_id(doc: Mapping[str, Any]) -> str:
+    value = doc["id"]
+    if not is_update_id(value):
+        raise DecodeError(Refusal.INVALID_FIELD, "id: not a valid id")
+    return str(value)

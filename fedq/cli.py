@@ -672,6 +672,13 @@ def participant() -> None:
     "across restarts (created if missing; keep it with the bank's data).",
 )
 @file_option(
+    "--recent",
+    envvar="FEDQ_RECENT",
+    help="With monitoring in the task spec: the bank's recent rows (CSV or Parquet, read "
+    "again at every monitoring pass). Drift summaries and, when the rows carry the target, "
+    "evaluations of the model held are published; never the rows.",
+)
+@file_option(
     "--secagg-state",
     envvar="FEDQ_SECAGG_STATE",
     help="With secure aggregation in the task spec: the file that records the unmask "
@@ -778,6 +785,41 @@ def task() -> None:
     help="With --secure-aggregation: how many banks together can remove a dropped bank's "
     "masks [default: a majority of the participants].",
 )
+@click.option(
+    "--monitoring/--no-monitoring",
+    default=False,
+    show_default=True,
+    help="Record each feature's distribution in the reference sample: the banks compare "
+    "their recent rows with it (drift) and evaluate the model (docs/drift.md).",
+)
+@click.option(
+    "--psi-threshold",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="With --monitoring: a PSI above it is drift (a retraining signal).",
+)
+@click.option(
+    "--monitor-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="With --monitoring: seconds between a bank's drift summaries.",
+)
+@click.option(
+    "--min-rows",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="With --monitoring: fewer recent rows than this never signal drift.",
+)
+@click.option(
+    "--on-drift",
+    type=click.Choice(["record", "resume"]),
+    default="record",
+    show_default=True,
+    help="With --monitoring: record a retraining signal, or also resume paused training.",
+)
 @file_option("--out", help="Write here (default: standard output).")
 def task_init(**opts: Any) -> None:
     """Derive a task spec (shared feature schema) from a reference sample."""
@@ -804,6 +846,7 @@ def task_init(**opts: Any) -> None:
             "declared_samples": _declared(opts["declared_samples"]),
             "identity": _identity(opts),
             "secure_aggregation": _secure_aggregation(opts),
+            "monitoring": _monitoring(opts, df, schema.features),
         }
     )
     warn = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -882,6 +925,21 @@ def _secagg_overrides(ctx: click.Context, secure: bool) -> dict[str, Any]:
     return overrides
 
 
+def _monitoring(opts: dict[str, Any], df: Any, features: Any) -> dict[str, Any] | None:
+    """The spec's ``monitoring`` from ``--monitoring`` and the reference sample."""
+    if not opts["monitoring"]:
+        return None
+    from participant.drift import reference_of
+
+    return {
+        "reference": [r.model_dump(mode="json") for r in reference_of(df, tuple(features))],
+        "psi_threshold": opts["psi_threshold"],
+        "interval_s": opts["monitor_interval"],
+        "min_rows": opts["min_rows"],
+        "on_drift": opts["on_drift"],
+    }
+
+
 def _declared(text: str) -> dict[str, int]:
     """``bank-a=12000,bank-b=800`` as a mapping; a usage error names the bad item."""
     out: dict[str, int] = {}
@@ -899,9 +957,13 @@ def _declared(text: str) -> dict[str, int]:
 
 def _register_audit_commands() -> None:
     from fedq.cli_audit import audit, export, replay
+    from fedq.cli_drift import drift, pause, resume
     from fedq.cli_keys import keys
     from fedq.cli_status import status
 
+    main.add_command(drift)
+    task.add_command(pause)
+    task.add_command(resume)
     main.add_command(keys)
     main.add_command(status)
     main.add_command(replay)

@@ -151,6 +151,20 @@ def header(doc: Mapping[str, Any]) -> Panel:
         )
     uptime = doc["now"] - doc["started_at"]
     lines.add_row("started", f"{_clock(doc['started_at'])} ({_ago(uptime).replace(' ago', '')})")
+    monitoring = doc.get("monitoring")
+    if monitoring is not None:
+        paused = monitoring["paused"]
+        lines.add_row(
+            "training",
+            Text(f"paused at version {paused.get('version')}", style="yellow")
+            if paused
+            else Text("running"),
+        )
+        lines.add_row(
+            "drift",
+            f"PSI threshold {monitoring['psi_threshold']:g}, on drift: {monitoring['on_drift']}, "
+            f"retraining signals {_num(monitoring['retrain_signals'], '{}')}",
+        )
     if doc.get("error"):
         lines.add_row(Text("error", style="bold red"), Text(str(doc["error"]), style="red"))
     return Panel(lines, title=f"fedq status: task {doc['task']}", title_align="left", expand=False)
@@ -169,6 +183,9 @@ def bank_table(doc: Mapping[str, Any]) -> Table:
     table.add_column("flags")
     if privacy:
         table.add_column("epsilon", justify="right")
+    monitoring = doc.get("monitoring") is not None
+    if monitoring:
+        table.add_column("drift (max PSI / score PSI)")
     for bank in doc["banks"]:
         flags = ", ".join(bank["flag_reasons"]) or ("low weight" if bank["low_weight"] else "")
         row = [
@@ -182,8 +199,19 @@ def bank_table(doc: Mapping[str, Any]) -> Table:
         ]
         if privacy:
             row.append(_num(bank["epsilon"], "{:.3f}"))
+        if monitoring:
+            row.append(_drift_cell(bank.get("drift")))
         table.add_row(*row)
     return table
+
+
+def _drift_cell(drift: Mapping[str, Any] | None) -> Text:
+    if drift is None:
+        return Text("-")
+    text = f"{_num(drift['max_feature_psi'], '{:.3f}')} / {_num(drift['score_psi'], '{:.3f}')}"
+    if drift["drifted"]:
+        return Text(f"{text}  {', '.join(drift['drifted'])}", style="red")
+    return Text(text)
 
 
 def render(doc: Mapping[str, Any], problem: str | None = None) -> RenderableType:

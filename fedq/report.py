@@ -161,6 +161,12 @@ class Report:
     #: The version's recorded bank-level DP record (cumulative epsilon), if any.
     privacy_record: dict[str, Any] | None
     settings: dict[str, Any]
+    #: The banks' own evaluations of versions up to this one (docs/drift.md), by version
+    #: then bank; empty without monitoring or before any bank reported.
+    bank_evaluations: list[dict[str, Any]] = field(default_factory=list)
+    #: Monitoring: each bank's newest drift summary, the retraining signals, the pause
+    #: and the threshold; None when the task does not monitor.
+    drift: dict[str, Any] | None = None
 
 
 async def gather(
@@ -201,6 +207,7 @@ async def gather(
             evaluation = _evaluate(spec, params, holdout)
         if contributions and evaluation is not None:
             contrib = await _contributions(store, task, v, spec, holdout, updates, answers, banks)
+    bank_evaluations, drift = await _monitoring(store, spec, v)
     rec = records[v]
     privacy = rec.info.get("privacy")
     doc = spec.model_dump(mode="json", by_alias=True)
@@ -224,7 +231,26 @@ async def gather(
         contributions=contrib,
         privacy_record=privacy if isinstance(privacy, dict) else None,
         settings={k: doc[k] for k in SETTINGS if k in doc},
+        bank_evaluations=bank_evaluations,
+        drift=drift,
     )
+
+
+async def _monitoring(
+    store: RedisModelStore, spec: TaskSpec, version: int
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The banks' evaluations of versions up to ``version`` and the drift state."""
+    if spec.monitoring is None:
+        return [], None
+    m = store.monitoring
+    evaluations = [e for e in await m.evaluations(spec.task_id) if e["version"] <= version]
+    drift = {
+        "psi_threshold": spec.monitoring.psi_threshold,
+        "banks": await m.drift(spec.task_id),
+        "retrain_signals": await m.retrain_signals(spec.task_id),
+        "paused": await m.paused(spec.task_id),
+    }
+    return evaluations, drift
 
 
 def _version_row(rec: VersionRecord) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def render(report: Report) -> str:
         _verification_section(r),
         _banks_section(r),
         _evaluation_section(r),
+        _bank_evaluation_section(r),
+        _drift_section(r),
         _privacy_section(r),
         _settings_section(r),
     ]
@@ -400,6 +402,84 @@ def _evaluation_section(r: Report) -> str:
         + "<h3>Calibration (equal-count groups by predicted probability)</h3>"
         + _table(("group", "lowest", "highest", "rows", "mean predicted", "observed"), cal_rows)
         + (f"<p>Not computed:</p><ul>{skipped}</ul>" if skipped else "")
+    )
+
+
+_BANK_METRICS = (
+    ("ROC AUC", "auc"),
+    ("PR AUC", "pr_auc"),
+    ("KS", "ks"),
+    ("log loss", "log_loss"),
+    ("Brier", "brier"),
+    ("positive rate", "positive_rate"),
+)
+
+
+def _bank_evaluation_section(r: Report) -> str:
+    title = '<h2 id="bank-evaluation">Evaluation at the banks</h2>'
+    if r.drift is None:
+        return (
+            f"{title}<p>The task does not monitor (no <code>monitoring</code> in its spec): "
+            "the banks do not evaluate versions on their own recent rows.</p>"
+        )
+    if not r.bank_evaluations:
+        return f"{title}<p>No bank has reported an evaluation of a version up to {r.version}.</p>"
+    rows = [
+        [
+            _n(e["version"], 0),
+            escape(str(e["participant"])),
+            _n(e["rows"], 0),
+            *(_n(e["metrics"].get(key)) for _, key in _BANK_METRICS),
+            escape(_when(float(e["at"]))),
+        ]
+        for e in r.bank_evaluations
+    ]
+    return (
+        f"{title}<p>Each bank scored the version it held on its own recent labelled rows and "
+        "published only these metrics, signed (docs/drift.md); the newest per version and "
+        "bank. The rows never left the banks.</p>"
+        + _table(
+            ["version", "bank", "rows", *(name for name, _ in _BANK_METRICS), "reported"],
+            rows,
+            attrs=' id="bank-evaluation-table"',
+        )
+    )
+
+
+def _drift_section(r: Report) -> str:
+    title = '<h2 id="drift">Drift at the banks</h2>'
+    d = r.drift
+    if d is None:
+        return ""
+    banks: Mapping[str, Any] = d["banks"]
+    if not banks:
+        return f"{title}<p>No bank has published a drift summary yet.</p>"
+    rows = []
+    for name, b in banks.items():
+        features = b["features"].values()
+        rows.append(
+            [
+                escape(name),
+                _n(b["rows"], 0),
+                _n(b["version"], 0),
+                _n(max((f["psi"] for f in features), default=None)),
+                _n(b["score"]["psi"]),
+                escape(", ".join(b["drifted"]) or "none"),
+            ]
+        )
+    signals = d["retrain_signals"]
+    paused = d["paused"]
+    return (
+        f"{title}<p>Population stability index of each bank's newest recent rows against the "
+        f"task's reference; above {_fmt(d['psi_threshold'])} is drift. Retraining signals "
+        f"recorded: {len(signals)}. Training is "
+        + (f"paused since version {escape(str(paused.get('version')))}" if paused else "running")
+        + ".</p>"
+        + _table(
+            ["bank", "rows", "version", "max feature PSI", "score PSI", "over the threshold"],
+            rows,
+            attrs=' id="drift-table"',
+        )
     )
 
 

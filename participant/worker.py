@@ -44,6 +44,7 @@ from participant.compression import Compressor
 from participant.data import encode, train_val_split
 from participant.identity import ModelChecker, check_participant_key
 from participant.metrics import ParticipantMetrics
+from participant.monitor import Monitor
 from participant.privacy import PrivacyLedger, laplace_release, train_dpsgd
 from participant.receipts import ReceiptTracker, aggregator_key
 from participant.secagg import Masker, Revealer
@@ -89,6 +90,14 @@ class WorkerConfig:
     #: (participant.secagg.Revealer), so that a restart never answers a second one for
     #: a cohort. None: remembered in memory only.
     secagg_state: Path | None = None
+    #: The bank's recent rows (CSV or Parquet, read again at every monitoring pass): with
+    #: ``monitoring`` in the spec the worker publishes drift summaries and, when the rows
+    #: carry the target, evaluations of the version it holds (participant/monitor.py).
+    recent: Path | None = None
+    #: After a receipt says the task's training is paused (``training_paused``), how long
+    #: the worker waits before training again on the model it holds; also the longest a
+    #: sync worker waits for a round before it looks at its receipts again.
+    paused_retry_s: float = 30.0
 
 
 @dataclass(slots=True)
@@ -121,6 +130,11 @@ class WorkerStats:
     #: Secure aggregation: unmask requests answered, and refused (participant/secagg.py).
     unmask_answered: int = 0
     unmask_refused: int = 0
+    #: Monitoring (participant/monitor.py): summaries and evaluations published, and
+    #: passes that could not read or encode the recent rows.
+    drift_published: int = 0
+    evaluations_published: int = 0
+    monitor_errors: int = 0
 
 
 class ParticipantWorker:
@@ -206,6 +220,9 @@ class ParticipantWorker:
             # declared one where the spec has it.
             self.public_rows = spec.declared_samples.get(config.participant, self.public_rows)
         self.ledger = PrivacyLedger(spec, self.public_rows, config.privacy_ledger)
+        self.monitor = self._monitor(spec, config)
+        #: training_paused refusals already acted on (see _resume_after_pause).
+        self._paused_seen = 0
         self.metrics.info.info({"task": spec.task_id, "participant": config.participant})
         self._privacy_metrics()
 
@@ -230,6 +247,9 @@ class ParticipantWorker:
         sub = await self._subscribe(stop)
         if sub is None:
             return self.stats
+        monitoring = (
+            asyncio.create_task(self._monitor_loop(stop)) if self.monitor is not None else None
+        )
         self._forget()
         # Under secure aggregation: never again for a cohort already masked for (the
         # state file remembers it across restarts).
@@ -244,8 +264,13 @@ class ParticipantWorker:
                 current = self._current
                 # Sync: train once per round, then wait for the next one. Async: if no
                 # newer version comes within wait_for_model_s, train again on this one.
-                if current is None or (sync and trained_on == current.version):
-                    wait: float | None = None
+                if self._resume_after_pause():
+                    trained_on = -1  # refused while paused: train on it again, later
+                    wait: float | None = cfg.paused_retry_s
+                elif current is None:
+                    wait = None
+                elif sync and trained_on == current.version:
+                    wait = cfg.paused_retry_s  # to look at the receipts now and then
                 elif trained_on == current.version:
                     wait = cfg.wait_for_model_s
                 else:
@@ -263,8 +288,84 @@ class ParticipantWorker:
                 if cfg.max_updates is not None and self.stats.published >= cfg.max_updates:
                     break
         finally:
+            if monitoring is not None:
+                monitoring.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitoring
             await sub.close()  # a held model goes back to the queue for the next start
         return self.stats
+
+    def _resume_after_pause(self) -> bool:
+        """Whether a receipt said training_paused since the last look (once per receipt)."""
+        paused = self.stats.refused.get(Refusal.TRAINING_PAUSED.value, 0)
+        if paused > self._paused_seen:
+            self._paused_seen = paused
+            return True
+        return False
+
+    @staticmethod
+    def _monitor(spec: TaskSpec, config: WorkerConfig) -> Monitor | None:
+        if config.recent is None:
+            return None
+        if spec.monitoring is None:
+            raise ConfigError(
+                f"task {spec.task_id!r} has no monitoring reference in its spec: recent rows "
+                "are compared with it (`fedq task init --monitoring`)"
+            )
+        if not config.recent.is_file():
+            raise ConfigError(f"recent rows {config.recent}: no such file")
+        return Monitor(spec, config.participant, config.recent, config.signing_key)
+
+    async def _monitor_loop(self, stop: asyncio.Event) -> None:
+        """Every ``monitoring.interval_s``: summarise the recent rows with the held model."""
+        assert self.spec.monitoring is not None
+        interval = self.spec.monitoring.interval_s
+        while not stop.is_set():
+            current = self._current
+            if current is not None:
+                await self._monitor_once(current)
+            wait = interval if current is not None else min(interval, 0.2)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await stop.wait()
+
+    async def _monitor_once(self, model: ModelEnvelope) -> None:
+        """One monitoring pass: publish the drift summary, then the evaluation, if any."""
+        monitor = self.monitor
+        assert monitor is not None
+        try:
+            reports = await asyncio.to_thread(monitor.reports, model, self.x_train)
+        except ConfigError as e:
+            self.stats.monitor_errors += 1
+            self.log.error("recent rows not summarised; tried again next time", error=str(e))
+            return
+        sent = [(reports.drift.summary_id, reports.drift_body, "drift")]
+        if reports.evaluation is not None and reports.evaluation_body is not None:
+            sent.append((reports.evaluation.evaluation_id, reports.evaluation_body, "evaluation"))
+        for message_id, body, what in sent:
+            try:
+                await self.transport.publish_update(
+                    self.spec.task_id, self.config.participant, body, message_id=message_id
+                )
+            except TransportError as e:
+                self.log.warning(f"{what} summary not sent; sent again next time", error=str(e))
+                return
+            if what == "drift":
+                self.stats.drift_published += 1
+            else:
+                self.stats.evaluations_published += 1
+        drifted = sorted(
+            name
+            for name, d in reports.drift.features.items()
+            if d.psi > self.spec.monitoring.psi_threshold  # type: ignore[union-attr]
+        )
+        self.log.info(
+            "drift summary published",
+            version=model.version,
+            rows=reports.drift.rows,
+            score_psi=round(reports.drift.score.psi, 4),
+            over_threshold=drifted,
+        )
 
     def _privacy_metrics(self) -> None:
         """The ledger's spending, budget and exhaustion as gauges (a task with a local

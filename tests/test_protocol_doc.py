@@ -210,6 +210,7 @@ ORDER = [
     "too_stale",
     "duplicate",
     "base_unavailable",
+    "training_paused",
     "over_cap",
     "outlier",
     "not_masked",

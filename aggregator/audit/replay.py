@@ -86,6 +86,7 @@ from common.wire import (
     KIND_RECEIPT,
     KIND_UNMASK_ANSWER,
     KIND_UNMASK_REQUEST,
+    REPORT_KINDS,
     DecodeLimits,
     Tensors,
     TensorSpec,
@@ -191,13 +192,16 @@ class ReplayReport:
 #: may be larger than a message (chunked): only the header is decoded.
 READ_LIMITS = DecodeLimits(max_message_bytes=1 << 32, max_tensor_bytes=1 << 32)
 
-_NOT_UPDATES = frozenset({KIND_UNMASK_ANSWER, KIND_UNMASK_REQUEST, KIND_MODEL, KIND_RECEIPT})
+_NOT_UPDATES = frozenset(
+    {KIND_UNMASK_ANSWER, KIND_UNMASK_REQUEST, KIND_MODEL, KIND_RECEIPT, *REPORT_KINDS}
+)
 
 
 def index_updates(bodies: Sequence[bytes]) -> dict[str, bytes]:
     """Retained updates by update id (unreadable ones are skipped: they were refused).
 
-    Unmask answers (kind ``ua``) are not updates: :func:`index_answers` indexes them.
+    Unmask answers (kind ``ua``) are not updates: :func:`index_answers` indexes them;
+    drift summaries and evaluations (``ds``, ``ev``: docs/drift.md) are skipped.
     """
     out: dict[str, bytes] = {}
     for body in bodies:

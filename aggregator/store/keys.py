@@ -74,3 +74,25 @@ class Keys:
         """A version's server optimizer state, when it has one (a model envelope of
         float64 tensors, docs/wire-format.md section 12)."""
         return f"{self.prefix}:{{{task}}}:v:{version}:state"
+
+    def drift(self, task: str) -> str:
+        """Hash: participant -> its newest drift summary as the aggregator took it (JSON;
+        docs/drift.md)."""
+        return f"{self.prefix}:{{{task}}}:drift"
+
+    def drift_log(self, task: str) -> str:
+        """Stream of every drift summary taken (capped; field ``summary``, JSON)."""
+        return f"{self.prefix}:{{{task}}}:drift_log"
+
+    def evaluations(self, task: str) -> str:
+        """Hash: ``<version>:<participant>`` -> that bank's newest evaluation of that
+        version (JSON)."""
+        return f"{self.prefix}:{{{task}}}:evaluations"
+
+    def retrain(self, task: str) -> str:
+        """Hash: drift summary id -> the retraining signal it raised (JSON)."""
+        return f"{self.prefix}:{{{task}}}:retrain"
+
+    def paused(self, task: str) -> str:
+        """The task's training pause, when paused (JSON: since, version, by)."""
+        return f"{self.prefix}:{{{task}}}:paused"

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -63,6 +63,9 @@ from common.spec import TaskSpec
 from common.tls import url_problem
 from common.urls import redact_url
 from common.wire import DecodeLimits, ModelEnvelope, Tensors, decode_model, tensors_hash
+
+if TYPE_CHECKING:
+    from aggregator.store.monitoring import MonitoringStore
 
 #: Blobs are our own, written by us: allow large models, keep every other check.
 _BLOB_LIMITS = DecodeLimits(max_message_bytes=4 * 1024**3, max_tensor_bytes=16 * 1024**3)
@@ -205,6 +208,13 @@ class RedisModelStore:
         self.stages = stages
         #: The commit: EVALSHA, loaded on NOSCRIPT (aggregator/store/commit_script.py).
         self._commit_script = redis.register_script(COMMIT_LUA)
+
+    @property
+    def monitoring(self) -> MonitoringStore:
+        """The banks' drift summaries and evaluations, and the task's pause."""
+        from aggregator.store.monitoring import MonitoringStore
+
+        return MonitoringStore(self._r, self.keys)
 
     async def close(self) -> None:
         """Close the Redis connection pool."""

@@ -1,0 +1,115 @@
+"""Drift monitoring and federated evaluation at a bank (docs/drift.md).
+
+On the task's schedule (``monitoring.interval_s``) the worker reads its recent rows
+again (the bank's pipeline replaces the file), compares them with the spec's
+reference and scores them with the model version it holds; it publishes a signed
+drift summary and, when the recent rows carry the target column, a signed evaluation
+of that version. Both are a few numbers per feature: no row, no score, no label
+leaves the bank.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.drift import score_drift
+from common.evaluation import predict_proba, risk_metrics
+from common.signing import SigningKey
+from common.spec import TaskSpec
+from common.wire import (
+    DriftSummary,
+    Evaluation,
+    FeatureDrift,
+    ModelEnvelope,
+    encode_drift,
+    encode_evaluation,
+)
+from participant.data import encode_features, encode_target, load_table
+from participant.drift import feature_drift
+
+#: The evaluation metrics a bank publishes (those ``risk_metrics`` could compute).
+EVALUATION_METRICS = ("auc", "pr_auc", "ks", "log_loss", "brier")
+
+
+@dataclass(frozen=True, slots=True)
+class Reports:
+    """What one monitoring pass publishes: the signed bodies and what they say."""
+
+    drift: DriftSummary
+    drift_body: bytes
+    evaluation: Evaluation | None
+    evaluation_body: bytes | None
+
+
+class Monitor:
+    """One bank's monitoring: its recent rows against the reference and its training rows."""
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        participant: str,
+        recent: Path,
+        signing_key: SigningKey | None,
+    ) -> None:
+        self.spec = spec
+        self.participant = participant
+        self.recent = recent
+        self.signing_key = signing_key
+        self.spec_hash = spec.spec_hash()
+
+    def reports(self, model: ModelEnvelope, x_train: torch.Tensor) -> Reports:
+        """Read the recent rows and build this pass's summaries; the score's reference is
+        ``model`` on the bank's own training rows ``x_train``. ConfigError: the file
+        cannot be read or encoded, with the reason."""
+        df = load_table(self.recent)
+        features = feature_drift(df, self.spec)
+        x = encode_features(df, self.spec)
+        with torch.no_grad():
+            reference = predict_proba(self.spec, model.tensors, x_train).double().numpy()
+            recent = predict_proba(self.spec, model.tensors, x).double().numpy()
+        reference = np.nan_to_num(reference, nan=0.5)
+        recent = np.nan_to_num(recent, nan=0.5)
+        score_psi, score_ks = score_drift(reference, recent)
+        now = time.time()
+        drift = DriftSummary(
+            task=self.spec.task_id,
+            participant=self.participant,
+            summary_id=uuid.uuid4().hex,
+            spec_hash=self.spec_hash,
+            version=model.version,
+            rows=len(df),
+            features={name: FeatureDrift(p, ks) for name, (p, ks) in features.items()},
+            score=FeatureDrift(score_psi, score_ks),
+            created_at=now,
+        )
+        evaluation = None
+        if self.spec.target.name in {str(c) for c in df.columns}:
+            y = encode_target(df, self.spec).double().numpy()
+            scored = risk_metrics(y, recent)
+            metrics = {k: float(scored[k]) for k in EVALUATION_METRICS if scored[k] is not None}
+            metrics["positive_rate"] = float(y.mean()) if len(y) else 0.0
+            evaluation = Evaluation(
+                task=self.spec.task_id,
+                participant=self.participant,
+                evaluation_id=uuid.uuid4().hex,
+                spec_hash=self.spec_hash,
+                version=model.version,
+                version_hash=model.version_hash,
+                rows=len(df),
+                metrics=metrics,
+                created_at=now,
+            )
+        return Reports(
+            drift=drift,
+            drift_body=encode_drift(drift, self.signing_key),
+            evaluation=evaluation,
+            evaluation_body=None
+            if evaluation is None
+            else encode_evaluation(evaluation, self.signing_key),
+        )

@@ -1,0 +1,262 @@
+"""Drift statistics, the monitoring reference in the spec, and the two report messages
+on the wire (docs/drift.md)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.drift import (
+    FLOOR,
+    binned_ks,
+    over_threshold,
+    psi,
+    quantile_edges,
+    score_drift,
+    shares,
+    two_sample_ks,
+)
+from common.errors import DecodeError, EncodeError, SpecError
+from common.refusals import Refusal
+from common.signing import SigningKey
+from common.spec import TaskSpec
+from common.wire import (
+    DriftSummary,
+    Evaluation,
+    FeatureDrift,
+    decode_drift,
+    decode_evaluation,
+    decode_report,
+    encode_drift,
+    encode_evaluation,
+)
+from fedq.simulate import bundled_data
+from participant.data import infer_features, load_table
+from participant.drift import feature_drift, reference_of
+
+# ----------------------------------------------------------------------- statistics
+
+
+def test_psi_is_zero_for_the_same_shares_and_the_textbook_sum_otherwise() -> None:
+    assert psi([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == 0.0
+    e, a = [0.5, 0.5], [0.9, 0.1]
+    assert psi(e, a) == pytest.approx(0.4 * math.log(0.9 / 0.5) - 0.4 * math.log(0.1 / 0.5))
+    # An empty bin is floored, never infinite.
+    assert psi([0.5, 0.5], [1.0, 0.0]) == pytest.approx(
+        0.5 * math.log(1.0 / 0.5) + (FLOOR - 0.5) * math.log(FLOOR / 0.5)
+    )
+    with pytest.raises(ValueError, match="bins"):
+        psi([0.5, 0.5], [1.0])
+
+
+def test_shares_put_an_edge_value_in_the_bin_below_and_missing_last() -> None:
+    values = np.array([0.0, 1.0, 1.5, 2.0, 3.0, np.nan])
+    assert shares(values, (1.0, 2.0)).tolist() == pytest.approx([2 / 6, 2 / 6, 1 / 6, 1 / 6])
+    assert quantile_edges(np.arange(100.0), 4) == (24.75, 49.5, 74.25)
+    # Repeated values give fewer bins; an edge at the maximum is dropped.
+    assert quantile_edges(np.array([1.0] * 95 + [2.0] * 5), 10) == (1.0,)
+    assert quantile_edges(np.array([np.nan]), 10) == ()
+
+
+def test_the_ks_statistics_match_their_definitions() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, 300), rng.normal(0.5, 1, 200)
+    grid = np.sort(np.concatenate([a, b]))
+    brute = max(abs((a <= x).mean() - (b <= x).mean()) for x in grid)
+    assert two_sample_ks(a, b) == pytest.approx(brute)
+    assert two_sample_ks(a, a) == 0.0
+    assert two_sample_ks(a, np.array([])) == 0.0
+    assert binned_ks([0.25, 0.25, 0.5], [0.5, 0.25, 0.25]) == pytest.approx(0.25)
+    psi_same, ks_same = score_drift(a, a)
+    psi_moved, ks_moved = score_drift(a, a + 2)
+    assert psi_same == ks_same == 0.0
+    assert psi_moved > 1 and ks_moved > 0.6
+
+
+def test_drift_needs_enough_rows_and_a_psi_over_the_threshold() -> None:
+    psis = {"a": 0.3, "b": 0.1, "score": 0.26}
+    assert over_threshold(psis, 0.25, rows=100, min_rows=100) == ["a", "score"]
+    assert over_threshold(psis, 0.25, rows=99, min_rows=100) == []
+    assert over_threshold(psis, 0.5, rows=100, min_rows=1) == []
+
+
+# ------------------------------------------------------------------ the spec
+
+
+def _credit() -> tuple[pd.DataFrame, TaskSpec]:
+    df = load_table(bundled_data())
+    schema = infer_features(df, "creditability")
+    spec = TaskSpec.parse(
+        {
+            "task_id": "drift",
+            "features": schema.features,
+            "target": {"name": "creditability", "positive": "bad"},
+            "participants": ["bank-a", "bank-b"],
+        }
+    )
+    return df, spec
+
+
+def _monitored(spec: TaskSpec, df: pd.DataFrame, **extra: object) -> TaskSpec:
+    doc = spec.model_dump(mode="json", by_alias=True)
+    doc["monitoring"] = {
+        "reference": [r.model_dump(mode="json") for r in reference_of(df, spec.features)],
+        **extra,
+    }
+    return TaskSpec.parse(doc)
+
+
+def test_the_reference_describes_every_feature_and_round_trips_in_the_spec() -> None:
+    df, spec = _credit()
+    monitored = _monitored(spec, df)
+    assert monitored.monitoring is not None
+    for ref, feature in zip(monitored.monitoring.reference, spec.features, strict=True):
+        assert ref.name == feature.name
+        assert math.fsum(ref.proportions) == pytest.approx(1.0, abs=1e-6)
+        if feature.kind == "numeric":
+            assert len(ref.proportions) == len(ref.edges) + 2
+        else:
+            assert len(ref.proportions) == len(feature.vocabulary) + 1
+    assert TaskSpec.from_json(monitored.to_json()) == monitored
+    # Without monitoring the canonical JSON, and so the spec hash, is what it was.
+    assert '"monitoring"' not in spec.to_json()
+    assert monitored.spec_hash() != spec.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda m: m["reference"].reverse(), "every feature, in their order"),
+        (lambda m: m["reference"][1]["proportions"].append(0.0), "proportions must sum|len"),
+        (lambda m: m["reference"][0].update(edges=[1.0]), "categorical feature needs no edges"),
+        (lambda m: m["reference"][1].update(edges=[3.0, 2.0] + [9.0] * 5), "increasing"),
+        (lambda m: m.update(psi_threshold=0), "psi_threshold"),
+    ],
+)
+def test_a_broken_reference_is_refused_with_its_reason(change: object, reason: str) -> None:
+    df, spec = _credit()
+    doc = _monitored(spec, df).model_dump(mode="json", by_alias=True)
+    change(doc["monitoring"])  # type: ignore[operator]
+    with pytest.raises(SpecError, match=reason):
+        TaskSpec.parse(doc)
+
+
+def test_monitoring_is_refused_beside_privacy_at_the_bank() -> None:
+    df, spec = _credit()
+    doc = _monitored(spec, df).model_dump(mode="json", by_alias=True)
+    doc["privacy"] = {"laplace": {"epsilon": 1.0, "clip_l1": 1.0}}
+    with pytest.raises(SpecError, match="no noise or mask covers"):
+        TaskSpec.parse(doc)
+
+
+def test_feature_drift_names_the_shifted_features_only() -> None:
+    df, spec = _credit()
+    monitored = _monitored(spec, df)
+    same = feature_drift(df, monitored)
+    assert max(p for p, _ in same.values()) < 1e-3
+    moved = df.copy()
+    moved["age_in_years"] = moved["age_in_years"] + 15
+    moved["purpose"] = "car (new)"
+    drift = feature_drift(moved, monitored)
+    assert sorted(n for n, (p, _) in drift.items() if p > 0.25) == ["age_in_years", "purpose"]
+    assert drift["purpose"][1] is None  # no KS for a categorical feature
+    assert drift["age_in_years"][1] is not None and drift["age_in_years"][1] > 0.3
+
+
+# ------------------------------------------------------------------ the wire
+
+
+def _summary(**kw: object) -> DriftSummary:
+    fields: dict[str, object] = {
+        "task": "credit",
+        "participant": "bank-a",
+        "summary_id": uuid.uuid4().hex,
+        "spec_hash": bytes(range(32)),
+        "version": 4,
+        "rows": 250,
+        "features": {"age": FeatureDrift(0.31, 0.2), "purpose": FeatureDrift(0.02)},
+        "score": FeatureDrift(0.05, 0.1),
+        "created_at": 1.5,
+    }
+    return DriftSummary(**(fields | kw))  # type: ignore[arg-type]
+
+
+def _evaluation(**kw: object) -> Evaluation:
+    fields: dict[str, object] = {
+        "task": "credit",
+        "participant": "bank-a",
+        "evaluation_id": uuid.uuid4().hex,
+        "spec_hash": bytes(range(32)),
+        "version": 4,
+        "version_hash": bytes(32),
+        "rows": 250,
+        "metrics": {"auc": 0.71, "brier": 0.2},
+        "created_at": 2.5,
+    }
+    return Evaluation(**(fields | kw))  # type: ignore[arg-type]
+
+
+def test_reports_round_trip_and_their_signatures_cover_every_number() -> None:
+    key = SigningKey.from_seed(bytes(32))
+    s = _summary()
+    got = decode_report(encode_drift(s, key))
+    assert isinstance(got, DriftSummary) and got.signature is not None
+    assert (got.features, got.score, got.rows, got.version) == (s.features, s.score, 250, 4)
+    assert key.public.verify(got.signature, got.signing_message())
+    forged = _summary(
+        summary_id=s.summary_id, features={**s.features, "age": FeatureDrift(0.01, 0.2)}
+    )
+    assert not key.public.verify(got.signature, forged.signing_message())
+    e = _evaluation()
+    back = decode_report(encode_evaluation(e, key))
+    assert isinstance(back, Evaluation) and back.signature is not None
+    assert back.metrics == e.metrics and back.version_hash == e.version_hash
+    assert key.public.verify(back.signature, back.signing_message())
+    other = _evaluation(evaluation_id=e.evaluation_id, metrics={"auc": 0.99, "brier": 0.2})
+    assert not key.public.verify(back.signature, other.signing_message())
+
+
+@pytest.mark.parametrize(
+    ("patch", "reason"),
+    [
+        ({"f": {"age": {"psi": -1.0}}}, Refusal.INVALID_FIELD),
+        ({"f": {"age": {"psi": 0.1, "ks": 1.5}}}, Refusal.INVALID_FIELD),
+        ({"f": {"age": {"psi": 1}}}, Refusal.INVALID_FIELD),
+        ({"f": [0.1, 0.2]}, Refusal.INVALID_FIELD),
+        ({"s": {"ks": 0.1}}, Refusal.INVALID_FIELD),
+        ({"id": "not an id"}, Refusal.INVALID_FIELD),
+        ({"rows": 3}, Refusal.UNKNOWN_FIELD),
+        ({"fv": 2}, Refusal.UNSUPPORTED_VERSION),
+    ],
+)
+def test_a_bad_drift_summary_is_refused_with_its_reason(
+    patch: dict[str, object], reason: Refusal
+) -> None:
+    import msgpack
+
+    doc = msgpack.unpackb(encode_drift(_summary()), raw=False)
+    doc.update(patch)
+    with pytest.raises(DecodeError) as e:
+        decode_drift(msgpack.packb(doc, use_bin_type=True))
+    assert e.value.reason == reason
+
+
+def test_an_update_is_not_a_report_and_bad_numbers_are_not_encoded() -> None:
+    import msgpack
+
+    doc = msgpack.unpackb(encode_evaluation(_evaluation()), raw=False)
+    del doc["vh"]
+    with pytest.raises(DecodeError) as e:
+        decode_evaluation(msgpack.packb(doc, use_bin_type=True))
+    assert e.value.reason == Refusal.MISSING_FIELD
+    with pytest.raises(DecodeError) as e:
+        decode_report(msgpack.packb({"fv": 1, "k": "u"}))
+    assert e.value.reason == Refusal.WRONG_KIND
+    with pytest.raises(EncodeError, match="psi"):
+        encode_drift(_summary(score=FeatureDrift(math.nan)))
+    with pytest.raises(EncodeError, match="finite"):
+        encode_evaluation(_evaluation(metrics={"auc": math.inf}))
