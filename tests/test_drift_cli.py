@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ import pytest
 from fedq.simulate import bundled_data
 from participant.data import load_table
 from tests.helpers import AMQP_URL, REDIS_URL, forget_task
-from tests.test_status import _free_port, _get
+from tests.servers import free_port
 
 BANKS = ("bank-a", "bank-b", "bank-c")
 DRIFTING = "bank-b"
@@ -84,6 +85,11 @@ def federation(tmp_path: Path) -> Iterator[_Federation]:
         asyncio.run(forget_task(fed.task, BANKS))
 
 
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return int(r.status), r.read().decode()
+
+
 def _status(url: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(_get(f"{url}/status")[1])
     return doc
@@ -122,7 +128,7 @@ def test_drift_at_one_bank_with_real_processes(federation: _Federation) -> None:
         "--out", str(spec),
     )  # fmt: skip
     assert json.loads(spec.read_text())["monitoring"]["on_drift"] == "resume"
-    port = _free_port()
+    port = free_port()
     fed.start(
         "aggregator", "aggregator", "run", "--spec", str(spec), "--no-sender-check",
         "--http-host", "127.0.0.1", "--http-port", str(port),
