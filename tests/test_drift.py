@@ -3,8 +3,14 @@ on the wire (docs/drift.md)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
+import struct
 import uuid
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -260,3 +266,99 @@ def test_an_update_is_not_a_report_and_bad_numbers_are_not_encoded() -> None:
         encode_drift(_summary(score=FeatureDrift(math.nan)))
     with pytest.raises(EncodeError, match="finite"):
         encode_evaluation(_evaluation(metrics={"auc": math.inf}))
+
+
+# ------------------------------------------------------------- the doc's test vector
+
+DRIFT_DOC = Path(__file__).resolve().parent.parent / "docs" / "drift.md"
+
+
+def _vector() -> dict[str, Any]:
+    text = DRIFT_DOC.read_text()
+    block = re.search(r"```json drift-vector\n(.*?)```", text, re.S)
+    assert block is not None, "docs/drift.md has no drift-vector block"
+    doc: dict[str, Any] = json.loads(block.group(1))
+    return doc
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _entry(d: dict[str, float]) -> bytes:
+    if "ks" in d:
+        return struct.pack("<d", d["psi"]) + b"\x01" + struct.pack("<d", d["ks"])
+    return struct.pack("<d", d["psi"]) + b"\x00"
+
+
+def test_the_doc_vector_is_what_the_formulas_and_fedq_sign() -> None:
+    vec = _vector()
+    key = SigningKey.from_seed(bytes.fromhex(vec["key_seed"]))
+    d = vec["drift"]
+    body = hashlib.sha256(struct.pack("<I", len(d["f"])))
+    for name in sorted(d["f"], key=str.encode):
+        body.update(_text(name) + _entry(d["f"][name]))
+    body.update(_entry(d["s"]))
+    message = b"".join(
+        [
+            b"fedq-drift-sig-v1\x00",
+            _text(d["t"]),
+            _text(d["p"]),
+            _text(d["id"]),
+            struct.pack("<Q", d["v"]),
+            bytes.fromhex(d["sh"]),
+            struct.pack("<Q", d["n"]),
+            body.digest(),
+        ]
+    )
+    assert hashlib.sha256(message).hexdigest() == vec["drift_message_sha256"]
+    assert key.sign(message).hex() == vec["drift_signature"]
+    summary = DriftSummary(
+        task=d["t"],
+        participant=d["p"],
+        summary_id=d["id"],
+        spec_hash=bytes.fromhex(d["sh"]),
+        version=d["v"],
+        rows=d["n"],
+        features={n: FeatureDrift(f["psi"], f.get("ks")) for n, f in d["f"].items()},
+        score=FeatureDrift(d["s"]["psi"], d["s"]["ks"]),
+        created_at=0.0,
+    )
+    assert summary.signing_message() == message
+    assert decode_drift(encode_drift(summary, key)).signature == bytes.fromhex(
+        vec["drift_signature"]
+    )
+
+    e = vec["evaluation"]
+    metrics = sorted((k.encode(), v) for k, v in e["m"].items())
+    digest = hashlib.sha256(struct.pack("<H", len(metrics)))
+    for name, value in metrics:
+        digest.update(struct.pack("<H", len(name)) + name + struct.pack("<d", value))
+    message = b"".join(
+        [
+            b"fedq-evaluation-sig-v1\x00",
+            _text(e["t"]),
+            _text(e["p"]),
+            _text(e["id"]),
+            struct.pack("<Q", e["v"]),
+            bytes.fromhex(e["vh"]),
+            bytes.fromhex(e["sh"]),
+            struct.pack("<Q", e["n"]),
+            digest.digest(),
+        ]
+    )
+    assert hashlib.sha256(message).hexdigest() == vec["evaluation_message_sha256"]
+    assert key.sign(message).hex() == vec["evaluation_signature"]
+    evaluation = Evaluation(
+        task=e["t"],
+        participant=e["p"],
+        evaluation_id=e["id"],
+        spec_hash=bytes.fromhex(e["sh"]),
+        version=e["v"],
+        version_hash=bytes.fromhex(e["vh"]),
+        rows=e["n"],
+        metrics=e["m"],
+        created_at=0.0,
+    )
+    assert evaluation.signing_message() == message
