@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from common.drift import score_drift
+from common.errors import ConfigError
 from common.evaluation import predict_proba, risk_metrics
 from common.signing import SigningKey
 from common.spec import TaskSpec
@@ -65,9 +66,19 @@ class Monitor:
 
     def reports(self, model: ModelEnvelope, x_train: torch.Tensor) -> Reports:
         """Read the recent rows and build this pass's summaries; the score's reference is
-        ``model`` on the bank's own training rows ``x_train``. ConfigError: the file
-        cannot be read or encoded, with the reason."""
+        ``model`` on the bank's own training rows ``x_train``. ConfigError, with the
+        reason: the file cannot be read or encoded, or holds fewer rows than the task's
+        ``monitoring.min_rows`` (then nothing is published)."""
         df = load_table(self.recent)
+        monitoring = self.spec.monitoring
+        assert monitoring is not None  # the worker builds a Monitor only then
+        if len(df) < monitoring.min_rows:
+            # A summary of a handful of rows describes those rows (one row: the bin of
+            # each of its values, its label): nothing leaves below the task's floor.
+            raise ConfigError(
+                f"recent rows {self.recent}: {len(df)} rows, fewer than the task's "
+                f"monitoring.min_rows {monitoring.min_rows}; nothing published"
+            )
         features = feature_drift(df, self.spec)
         x = encode_features(df, self.spec)
         with torch.no_grad():

@@ -23,7 +23,13 @@ import pandas as pd
 import structlog
 import torch
 
-from common.errors import ConfigError, DecodeError, SecAggError, TransportError
+from common.errors import (
+    ConfigError,
+    DecodeError,
+    EncodeError,
+    SecAggError,
+    TransportError,
+)
 from common.evaluation import evaluate
 from common.hooks import Stages, untimed
 from common.models import task_tensor_specs
@@ -335,7 +341,7 @@ class ParticipantWorker:
         assert monitor is not None
         try:
             reports = await asyncio.to_thread(monitor.reports, model, self.x_train)
-        except ConfigError as e:
+        except (ConfigError, EncodeError) as e:
             self.stats.monitor_errors += 1
             self.log.error("recent rows not summarised; tried again next time", error=str(e))
             return

@@ -26,7 +26,8 @@ from common.drift import (
     shares,
     two_sample_ks,
 )
-from common.errors import DecodeError, EncodeError, SpecError
+from common.errors import ConfigError, DecodeError, EncodeError, SpecError
+from common.models import initial_tensors
 from common.refusals import Refusal
 from common.signing import SigningKey
 from common.spec import TaskSpec
@@ -34,6 +35,7 @@ from common.wire import (
     DriftSummary,
     Evaluation,
     FeatureDrift,
+    ModelEnvelope,
     decode_drift,
     decode_evaluation,
     decode_report,
@@ -41,8 +43,9 @@ from common.wire import (
     encode_evaluation,
 )
 from fedq.simulate import bundled_data
-from participant.data import infer_features, load_table
+from participant.data import encode_features, infer_features, load_table
 from participant.drift import feature_drift, reference_of
+from participant.monitor import Monitor
 
 # ----------------------------------------------------------------------- statistics
 
@@ -362,3 +365,29 @@ def test_the_doc_vector_is_what_the_formulas_and_fedq_sign() -> None:
         created_at=0.0,
     )
     assert evaluation.signing_message() == message
+
+
+# ------------------------------------------------------------------ a bank's pass
+
+
+def test_a_bank_publishes_nothing_from_fewer_rows_than_the_floor(tmp_path: Path) -> None:
+    df, spec = _credit()
+    monitored = _monitored(spec, df, min_rows=50)
+    model = ModelEnvelope(
+        spec.task_id, 3, initial_tensors(monitored), version_hash=bytes(range(32))
+    )
+    x_train = encode_features(df, monitored)
+    recent = tmp_path / "recent.csv"
+    df.iloc[:49].to_csv(recent, index=False)
+    monitor = Monitor(monitored, "bank-a", recent, SigningKey.from_seed(bytes(32)))
+    floor = r"49 rows, fewer than the task.s monitoring\.min_rows 50"
+    with pytest.raises(ConfigError, match=floor):
+        monitor.reports(model, x_train)
+    df.iloc[:50].to_csv(recent, index=False)
+    reports = monitor.reports(model, x_train)
+    assert reports.drift.rows == 50 and reports.drift.version == 3
+    assert reports.evaluation is not None and reports.evaluation.version_hash == bytes(range(32))
+    assert decode_drift(reports.drift_body).summary_id == reports.drift.summary_id
+    # Without the target column: a drift summary, no evaluation.
+    df.iloc[:50].drop(columns=["creditability"]).to_csv(recent, index=False)
+    assert monitor.reports(model, x_train).evaluation is None
