@@ -10,6 +10,7 @@ recorded and, with ``monitoring.on_drift = "resume"``, ends a pause of training.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import structlog
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import RedisModelStore
-from common.drift import SCORE, over_threshold
+from common.drift import EVALUATION_METRICS, SCORE, over_threshold
 from common.errors import DecodeError, FedqError, NotFoundError
 from common.refusals import Refusal
 from common.signing import PublicKey
@@ -103,6 +104,10 @@ class ReportDesk:
             expected = sorted(f.name for f in spec.features)
             if names != expected:
                 return Refusal.INVALID_FIELD, "f: not one entry per feature of the task"
+        else:
+            unknown = sorted(set(report.metrics) - set(EVALUATION_METRICS))
+            if unknown:
+                return Refusal.INVALID_FIELD, f"m: {unknown[:3]} are not evaluation metrics"
         return None
 
     def _signature(self, report: DriftSummary | Evaluation) -> tuple[Refusal, str] | None:
@@ -133,7 +138,7 @@ class ReportDesk:
         assert monitoring is not None
         psis = {name: d.psi for name, d in s.features.items()} | {SCORE: s.score.psi}
         drifted = over_threshold(psis, monitoring.psi_threshold, s.rows, monitoring.min_rows)
-        summary = drift_record(s, drifted)
+        summary = drift_record(s, drifted, time.time())
         signal = None
         if drifted:
             signal = {
@@ -141,12 +146,16 @@ class ReportDesk:
                 "participant": s.participant,
                 "version": s.version,
                 "drifted": drifted,
-                "at": s.created_at,
+                "at": summary["at"],
                 "action": monitoring.on_drift,
             }
-        await self.store.monitoring.save_drift(
+        taken = await self.store.monitoring.save_drift(
             self.task, s.participant, summary, signal, resume=monitoring.on_drift == "resume"
         )
+        if not taken.taken:  # a redelivery of the newest summary taken: nothing changes
+            self.log.info("drift summary taken before", participant=s.participant)
+            return
+        self.resumed = self.resumed or taken.resumed
         m, who = self.metrics, (self.task, s.participant)
         for name, d in [*s.features.items(), (SCORE, s.score)]:
             m.drift_psi.labels(*who, name).set(d.psi)
@@ -154,22 +163,22 @@ class ReportDesk:
                 m.drift_ks.labels(*who, name).set(d.ks)
         m.drift_over.labels(*who).set(len(drifted))
         m.drift_rows.labels(*who).set(s.rows)
-        m.drift_last.labels(*who).set(s.created_at)
+        m.drift_last.labels(*who).set(summary["at"])
         if signal is not None:
-            self.resumed = monitoring.on_drift == "resume"
             m.retrain_signals.labels(*who).inc()
             self.log.warning(
                 "retraining signal: a bank's recent rows drifted",
                 participant=s.participant,
                 drifted=drifted,
                 action=monitoring.on_drift,
+                resumed=taken.resumed,
             )
         else:
             self.log.info("drift summary taken", participant=s.participant, rows=s.rows)
 
     async def _keep_evaluation(self, e: Evaluation) -> None:
         await self.store.monitoring.save_evaluation(
-            self.task, e.version, e.participant, evaluation_record(e)
+            self.task, e.version, e.participant, evaluation_record(e, time.time())
         )
         for name, value in e.metrics.items():
             self.metrics.evaluation.labels(self.task, e.participant, name).set(value)
@@ -186,27 +195,31 @@ class ReportDesk:
         )
 
 
-def drift_record(s: DriftSummary, drifted: list[str]) -> dict[str, Any]:
-    """A drift summary as kept in Redis and shown by ``fedq drift`` and /status."""
+def drift_record(s: DriftSummary, drifted: list[str], taken_at: float) -> dict[str, Any]:
+    """A drift summary as kept in Redis and shown by ``fedq drift`` and /status: ``at``
+    is when the aggregator took it (the bank's own time, unsigned, is ``bank_at``)."""
     return {
         "summary_id": s.summary_id,
         "participant": s.participant,
         "version": s.version,
         "rows": s.rows,
-        "at": s.created_at,
+        "at": taken_at,
+        "bank_at": s.created_at,
         "features": {n: {"psi": d.psi, "ks": d.ks} for n, d in sorted(s.features.items())},
         "score": {"psi": s.score.psi, "ks": s.score.ks},
         "drifted": drifted,
     }
 
 
-def evaluation_record(e: Evaluation) -> dict[str, Any]:
-    """An evaluation as kept in Redis and shown in the report."""
+def evaluation_record(e: Evaluation, taken_at: float) -> dict[str, Any]:
+    """An evaluation as kept in Redis and shown in the report (``at``: when the
+    aggregator took it; ``bank_at``: the bank's own time)."""
     return {
         "evaluation_id": e.evaluation_id,
         "participant": e.participant,
         "version": e.version,
         "rows": e.rows,
-        "at": e.created_at,
+        "at": taken_at,
+        "bank_at": e.created_at,
         "metrics": dict(sorted(e.metrics.items())),
     }

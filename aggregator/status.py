@@ -190,7 +190,7 @@ async def _monitoring(
     try:
         store = service.store.monitoring
         drift = await store.drift(service.task)
-        out["retrain_signals"] = len(await store.retrain_signals(service.task))
+        out["retrain_signals"] = await store.retrain_count(service.task)
     except FedqError:
         return out, {}
     return out, drift

@@ -23,6 +23,13 @@ FLOOR: Final = 1e-4
 SCORE_BINS: Final = 10
 #: The name the score's drift goes by beside the features'.
 SCORE: Final = "score"
+#: The metrics a bank's evaluation may carry (docs/drift.md section 3.2).
+EVALUATION_METRICS: Final = ("auc", "pr_auc", "ks", "log_loss", "brier", "positive_rate")
+#: What a bank publishes is rounded: every figure to 2 decimals, the row count down to a
+#: multiple of 10, so that two summaries of windows a few rows apart do not give those
+#: rows away by subtraction (docs/drift.md section 2.1).
+PUBLISHED_DECIMALS: Final = 2
+ROWS_STEP: Final = 10
 
 Floats = npt.NDArray[np.float64]
 
@@ -98,3 +105,13 @@ def over_threshold(
     if rows < min_rows:
         return []
     return sorted(name for name, value in psis.items() if value > threshold)
+
+
+def published(value: float) -> float:
+    """A figure as a bank publishes it (:data:`PUBLISHED_DECIMALS` decimals)."""
+    return round(float(value), PUBLISHED_DECIMALS) + 0.0  # no -0.0
+
+
+def published_rows(rows: int) -> int:
+    """A row count as a bank publishes it (down to a multiple of :data:`ROWS_STEP`)."""
+    return rows - rows % ROWS_STEP

@@ -489,7 +489,8 @@ class MonitoringSpec(_Spec):
     reference: tuple[FeatureReference, ...] = Field(min_length=1)
     psi_threshold: float = Field(default=0.25, gt=0)
     interval_s: float = Field(default=3600.0, gt=0)
-    min_rows: int = Field(default=100, ge=1)
+    #: At least 20: a summary of a handful of rows describes those rows.
+    min_rows: int = Field(default=100, ge=20)
     on_drift: Literal["record", "resume"] = "record"
 
 

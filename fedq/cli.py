@@ -808,10 +808,10 @@ def task() -> None:
 )
 @click.option(
     "--min-rows",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=20),
     default=100,
     show_default=True,
-    help="With --monitoring: fewer recent rows than this never signal drift.",
+    help="With --monitoring: a bank publishes nothing from fewer recent rows than this.",
 )
 @click.option(
     "--on-drift",

@@ -122,8 +122,7 @@ def pause(task: str, note: str, redis_url: str) -> None:
             head = await store.head(task)
             if head is None:
                 raise ConfigError(f"task {task!r} is not in the store")
-            info = {"since": time.time(), "version": head, "note": note}
-            return await store.monitoring.pause(task, info), head
+            return await store.monitoring.pause(task, time.time(), head, note), head
         finally:
             await store.close()
 
@@ -142,6 +141,8 @@ def resume(task: str, redis_url: str) -> None:
 
         store = RedisModelStore(connect_redis(redis_url))
         try:
+            if await store.head(task) is None:
+                raise ConfigError(f"task {task!r} is not in the store")
             return await store.monitoring.resume(task)
         finally:
             await store.close()

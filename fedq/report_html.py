@@ -66,7 +66,10 @@ def render(report: Report) -> str:
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return f"time {ts!r}"
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+import pandas as pd
 import torch
 
-from common.drift import score_drift
+from common.drift import EVALUATION_METRICS, published, published_rows, score_drift
 from common.errors import ConfigError
 from common.evaluation import predict_proba, risk_metrics
 from common.signing import SigningKey
@@ -33,9 +35,6 @@ from common.wire import (
 )
 from participant.data import encode_features, encode_target, load_table
 from participant.drift import feature_drift
-
-#: The evaluation metrics a bank publishes (those ``risk_metrics`` could compute).
-EVALUATION_METRICS = ("auc", "pr_auc", "ks", "log_loss", "brier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +93,19 @@ class Monitor:
             summary_id=uuid.uuid4().hex,
             spec_hash=self.spec_hash,
             version=model.version,
-            rows=len(df),
-            features={name: FeatureDrift(p, ks) for name, (p, ks) in features.items()},
-            score=FeatureDrift(score_psi, score_ks),
+            rows=published_rows(len(df)),
+            features={name: _rounded(p, ks) for name, (p, ks) in features.items()},
+            score=_rounded(score_psi, score_ks),
             created_at=now,
         )
         evaluation = None
-        if self.spec.target.name in {str(c) for c in df.columns}:
-            y = encode_target(df, self.spec).double().numpy()
-            scored = risk_metrics(y, recent)
-            metrics = {k: float(scored[k]) for k in EVALUATION_METRICS if scored[k] is not None}
-            metrics["positive_rate"] = float(y.mean()) if len(y) else 0.0
+        labelled = self._labelled(df)
+        if labelled is not None and labelled.sum() >= monitoring.min_rows:
+            # Rows whose outcome is not known yet (an empty target cell) are left out.
+            y = encode_target(df[labelled], self.spec).double().numpy()
+            scored = risk_metrics(y, recent[labelled])
+            scored["positive_rate"] = float(y.mean())
+            metrics = {k: published(scored[k]) for k in EVALUATION_METRICS if scored[k] is not None}
             evaluation = Evaluation(
                 task=self.spec.task_id,
                 participant=self.participant,
@@ -112,7 +113,7 @@ class Monitor:
                 spec_hash=self.spec_hash,
                 version=model.version,
                 version_hash=model.version_hash,
-                rows=len(df),
+                rows=published_rows(len(y)),
                 metrics=metrics,
                 created_at=now,
             )
@@ -124,3 +125,14 @@ class Monitor:
             if evaluation is None
             else encode_evaluation(evaluation, self.signing_key),
         )
+
+    def _labelled(self, df: pd.DataFrame) -> npt.NDArray[np.bool_] | None:
+        """Which rows carry an outcome (None: the file has no target column)."""
+        name = self.spec.target.name
+        if name not in {str(c) for c in df.columns}:
+            return None
+        return np.asarray(df[name].notna().to_numpy(), dtype=bool)
+
+
+def _rounded(psi: float, ks: float | None) -> FeatureDrift:
+    return FeatureDrift(published(psi), None if ks is None else published(ks))

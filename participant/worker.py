@@ -61,6 +61,9 @@ log = structlog.get_logger("fedq.participant")
 
 #: A worker stops after this many model announcements in a row made under another spec.
 SPEC_MISMATCHES_TO_STOP = 3
+#: The longest wait between two updates sent to a paused task (seconds): the wait starts
+#: at ``paused_retry_s`` and doubles with each training_paused receipt in a row.
+PAUSED_RETRY_MAX_S = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +104,9 @@ class WorkerConfig:
     #: carry the target, evaluations of the version it holds (participant/monitor.py).
     recent: Path | None = None
     #: After a receipt says the task's training is paused (``training_paused``), how long
-    #: the worker waits before training again on the model it holds; also the longest a
-    #: sync worker waits for a round before it looks at its receipts again.
+    #: the worker waits before training again on the model it holds (doubling with each
+    #: such receipt in a row, up to PAUSED_RETRY_MAX_S); also the longest a sync worker
+    #: waits for a round before it looks at its receipts again.
     paused_retry_s: float = 30.0
 
 
@@ -227,8 +231,11 @@ class ParticipantWorker:
             self.public_rows = spec.declared_samples.get(config.participant, self.public_rows)
         self.ledger = PrivacyLedger(spec, self.public_rows, config.privacy_ledger)
         self.monitor = self._monitor(spec, config)
-        #: training_paused refusals already acted on (see _resume_after_pause).
+        #: training_paused refusals already acted on, and how many in a row (accepted
+        #: updates end a row) with the accepted count then (see _resume_after_pause).
         self._paused_seen = 0
+        self._paused_row = 0
+        self._accepted_seen = 0
         self.metrics.info.info({"task": spec.task_id, "participant": config.participant})
         self._privacy_metrics()
 
@@ -272,7 +279,9 @@ class ParticipantWorker:
                 # newer version comes within wait_for_model_s, train again on this one.
                 if self._resume_after_pause():
                     trained_on = -1  # refused while paused: train on it again, later
-                    wait: float | None = cfg.paused_retry_s
+                    wait: float | None = min(
+                        cfg.paused_retry_s * 2 ** (self._paused_row - 1), PAUSED_RETRY_MAX_S
+                    )
                 elif current is None:
                     wait = None
                 elif sync and trained_on == current.version:
@@ -302,10 +311,15 @@ class ParticipantWorker:
         return self.stats
 
     def _resume_after_pause(self) -> bool:
-        """Whether a receipt said training_paused since the last look (once per receipt)."""
+        """Whether a receipt said training_paused since the last look (once per look),
+        counting such looks in a row until an update is accepted again."""
+        if self.stats.accepted > self._accepted_seen:
+            self._accepted_seen = self.stats.accepted
+            self._paused_row = 0
         paused = self.stats.refused.get(Refusal.TRAINING_PAUSED.value, 0)
         if paused > self._paused_seen:
             self._paused_seen = paused
+            self._paused_row += 1
             return True
         return False
 

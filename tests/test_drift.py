@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from common.drift import (
+    EVALUATION_METRICS,
     FLOOR,
     binned_ks,
     over_threshold,
@@ -391,3 +392,32 @@ def test_a_bank_publishes_nothing_from_fewer_rows_than_the_floor(tmp_path: Path)
     # Without the target column: a drift summary, no evaluation.
     df.iloc[:50].drop(columns=["creditability"]).to_csv(recent, index=False)
     assert monitor.reports(model, x_train).evaluation is None
+
+
+def test_what_a_bank_publishes_is_rounded_and_only_labelled_rows_are_evaluated(
+    tmp_path: Path,
+) -> None:
+    df, spec = _credit()
+    monitored = _monitored(spec, df, min_rows=50)
+    model = ModelEnvelope(spec.task_id, 0, initial_tensors(monitored), version_hash=bytes(32))
+    x_train = encode_features(df, monitored)
+    recent = tmp_path / "recent.csv"
+    window = df.iloc[:137].copy()
+    # Outcomes not known yet for the newest 80 rows: 57 labelled, the floor is 50.
+    window.loc[window.index[57:], "creditability"] = None
+    window.to_csv(recent, index=False)
+    reports = Monitor(monitored, "bank-a", recent, None).reports(model, x_train)
+    assert reports.drift.rows == 130  # 137 rows, published down to a multiple of 10
+    figures = [reports.drift.score.psi, reports.drift.score.ks]
+    figures += [v for f in reports.drift.features.values() for v in (f.psi, f.ks) if v is not None]
+    assert reports.evaluation is not None
+    assert reports.evaluation.rows == 50  # 57 labelled rows
+    figures += list(reports.evaluation.metrics.values())
+    assert set(reports.evaluation.metrics) <= set(EVALUATION_METRICS)
+    assert all(round(v, 2) == v for v in figures if v is not None), figures
+    expected = round(float((df.iloc[:57]["creditability"] == "bad").mean()), 2)
+    assert reports.evaluation.metrics["positive_rate"] == expected
+    # Fewer labelled rows than the floor: the drift summary only.
+    window.loc[window.index[40:], "creditability"] = None
+    window.to_csv(recent, index=False)
+    assert Monitor(monitored, "bank-a", recent, None).reports(model, x_train).evaluation is None

@@ -143,6 +143,15 @@ def test_drift_at_one_bank_with_real_processes(federation: _Federation) -> None:
             pass
         assert time.monotonic() < deadline, (tmp / "aggregator.log").read_text()[-3000:]
         time.sleep(0.3)
+    typo = subprocess.run(
+        _fedq("task", "resume", "--task", fed.task + "-typo"),
+        env=fed.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert typo.returncode == 2 and "is not in the store" in typo.stderr, typo.stderr
+    assert "Traceback" not in typo.stderr
     assert "training paused at version 0" in fed.cli("task", "pause", "--task", fed.task)
     _wait(url, lambda d: d["monitoring"]["paused"] is not None, 10, "the pause is read")
     for name in BANKS:

@@ -21,7 +21,7 @@ import pytest
 
 from aggregator.service import AggregatorService, ServiceConfig
 from aggregator.store import RedisModelStore
-from common.drift import SCORE
+from common.drift import SCORE, published_rows
 from common.refusals import Refusal
 from common.signing import SigningKey
 from common.spec import TaskSpec
@@ -208,7 +208,8 @@ async def test_one_banks_drift_is_found_there_only_and_no_row_leaves_a_bank(tmp_
             elif kind == KIND_DRIFT:
                 d = decode_drift(body)
                 assert sorted(d.features) == sorted(f.name for f in spec.features)
-                assert d.rows == len(shards[worker.config.participant])
+                assert d.rows == published_rows(len(shards[worker.config.participant]))
+                assert all(round(f.psi, 2) == f.psi for f in d.features.values())
             else:
                 e = decode_evaluation(body)
                 assert set(e.metrics) <= {
@@ -302,6 +303,12 @@ async def test_hostile_reports_are_dead_lettered_with_their_reason_and_never_kep
             encode_evaluation(evaluation(a, version_hash=bytes(32)), keys[a]),
             Refusal.INVALID_FIELD,
         ),
+        # an evaluation with a metric of the bank's own naming (a label per name)
+        (
+            a,
+            encode_evaluation(evaluation(a, metrics={"<img src=x>": 1.0}), keys[a]),
+            Refusal.INVALID_FIELD,
+        ),
         (a, b"\x81\xa1k\xa2ds", Refusal.UNSUPPORTED_VERSION),
     ]
     for sender, body, _ in hostile:
@@ -336,7 +343,7 @@ async def test_a_paused_task_refuses_updates_until_a_drift_signal_resumes_it(
     spec, shards = _spec(on_drift=on_drift)
     recent = _recent(shards, tmp_path, spec)
     store = _store()
-    assert await store.monitoring.pause(spec.task_id, {"since": 0.0, "version": 0, "note": ""})
+    assert await store.monitoring.pause(spec.task_id, 0.0, 0, "frozen for the test")
     paused = Refusal.TRAINING_PAUSED.value
 
     def banks_told(service: AggregatorService, workers: list[ParticipantWorker]) -> bool:
@@ -362,3 +369,38 @@ async def test_a_paused_task_refuses_updates_until_a_drift_signal_resumes_it(
         assert set(service.stats.refused) == {paused}  # nothing else refused, ...
         assert 3 <= service.stats.refused[paused] <= sum(w.stats.published for w in workers)
         assert service.stats.accepted == 0  # ... and nothing accepted
+
+
+async def test_a_redelivered_or_stale_signal_never_ends_a_later_pause() -> None:
+    spec, _ = _spec(on_drift="resume")
+    store = _store()
+    m, task = store.monitoring, spec.task_id
+
+    def summary(version: int, sid: str) -> dict[str, object]:
+        return {"summary_id": sid, "version": version, "at": 1.0}
+
+    def signal(sid: str) -> dict[str, object]:
+        return {"summary_id": sid, "participant": "bank-01", "at": 1.0}
+
+    assert await m.pause(task, 0.0, 3, "")
+    first = uuid.uuid4().hex
+    taken = await m.save_drift(task, "bank-01", summary(4, first), signal(first), resume=True)
+    assert (taken.taken, taken.resumed) == (True, True)
+    assert await m.paused(task) is None
+    # The operator pauses again at version 6; the same summary is delivered again.
+    assert await m.pause(task, 0.0, 6, "frozen again")
+    again = await m.save_drift(task, "bank-01", summary(4, first), signal(first), resume=True)
+    assert (again.taken, again.resumed) == (False, False)
+    # A new summary of a version before the pause: recorded, the pause stays.
+    stale = uuid.uuid4().hex
+    late = await m.save_drift(task, "bank-01", summary(5, stale), signal(stale), resume=True)
+    assert (late.taken, late.resumed) == (True, False)
+    assert (await m.paused(task) or {}).get("version") == 6
+    # Signals: one per bank kept as its newest, every one in the capped log.
+    for _ in range(30):
+        sid = uuid.uuid4().hex
+        await m.save_drift(task, "bank-01", summary(5, sid), signal(sid), resume=False)
+    assert await m.retrain_count(task) == 32
+    client = store._r
+    assert await client.hlen(store.keys.retrain(task)) == 1
+    assert await client.hlen(store.keys.drift(task)) == 1

@@ -89,10 +89,20 @@ class Keys:
         version (JSON)."""
         return f"{self.prefix}:{{{task}}}:evaluations"
 
+    def drift_ids(self, task: str) -> str:
+        """Hash: participant -> the id of its newest drift summary taken (a redelivered
+        summary is taken once)."""
+        return f"{self.prefix}:{{{task}}}:drift_ids"
+
     def retrain(self, task: str) -> str:
-        """Hash: drift summary id -> the retraining signal it raised (JSON)."""
+        """Hash: participant -> its newest retraining signal (JSON)."""
         return f"{self.prefix}:{{{task}}}:retrain"
 
+    def retrain_log(self, task: str) -> str:
+        """Stream of every retraining signal recorded (capped; field ``signal``, JSON)."""
+        return f"{self.prefix}:{{{task}}}:retrain_log"
+
     def paused(self, task: str) -> str:
-        """The task's training pause, when paused (JSON: since, version, by)."""
+        """Hash: the task's training pause, while paused: ``since`` (Unix time),
+        ``version`` (the head when paused), ``note``."""
         return f"{self.prefix}:{{{task}}}:paused"
