@@ -751,7 +751,7 @@ class AggregatorService:
             await self._refuse(delivery, outcome)
             return
         update = outcome.update
-        if self.paused is not None:
+        if self.paused is not None and not self.secure:  # (fedq task pause refuses those)
             since = self.paused.get("version")
             detail = f"the task's training is paused (at version {since}); send it again later"
             paused = Refused(Refusal.TRAINING_PAUSED, detail, update.participant, update.update_id)

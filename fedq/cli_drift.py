@@ -122,6 +122,11 @@ def pause(task: str, note: str, redis_url: str) -> None:
             head = await store.head(task)
             if head is None:
                 raise ConfigError(f"task {task!r} is not in the store")
+            if (await store.get_spec(task)).secure_aggregation is not None:
+                raise ConfigError(
+                    f"task {task!r} uses secure aggregation: its cohorts take one masked "
+                    "update per bank and cannot wait for a pause; it cannot be paused"
+                )
             return await store.monitoring.pause(task, time.time(), head, note), head
         finally:
             await store.close()

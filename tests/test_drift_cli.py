@@ -26,10 +26,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from aggregator.store import RedisModelStore, connect_redis
+from common.models import initial_tensors
+from common.spec import NumericFeature, SecureAggregationSpec, TargetSpec, TaskSpec
+from fedq.cli import main
 from fedq.simulate import bundled_data
 from participant.data import load_table
-from tests.helpers import AMQP_URL, REDIS_URL, forget_task
+from tests.helpers import AMQP_URL, REDIS_URL, forget_task, secagg_identity
 from tests.servers import free_port
 
 BANKS = ("bank-a", "bank-b", "bank-c")
@@ -203,3 +208,36 @@ def test_drift_at_one_bank_with_real_processes(federation: _Federation) -> None:
     drift_html = html[html.index('id="drift-table"') :]
     drift_html = drift_html[: drift_html.index("</table>")]
     assert "credit_amount, duration_in_month" in drift_html
+
+
+@pytest.mark.real
+def test_a_task_under_secure_aggregation_cannot_be_paused() -> None:
+    names = ("bank-01", "bank-02", "bank-03")
+    spec = TaskSpec(
+        task_id=f"drift-sa-{uuid.uuid4().hex[:8]}",
+        features=tuple(NumericFeature(name=f"x{i}") for i in range(4)),
+        target=TargetSpec(name="y"),
+        participants=names,
+        mode="sync",
+        identity=secagg_identity(names),
+        secure_aggregation=SecureAggregationSpec(),
+    )
+
+    async def register() -> None:
+        store = RedisModelStore(connect_redis(REDIS_URL))
+        try:
+            await store.register_task(spec)
+            await store.create_genesis(spec.task_id, initial_tensors(spec), info={})
+        finally:
+            await store.close()
+
+    asyncio.run(register())
+    try:
+        done = CliRunner().invoke(
+            main, ["task", "pause", "--task", spec.task_id, "--redis-url", REDIS_URL]
+        )
+        assert done.exit_code == 2, done.output
+        assert "uses secure aggregation" in done.output and "cannot be paused" in done.output
+        assert "Traceback" not in done.output
+    finally:
+        asyncio.run(forget_task(spec.task_id, names))
