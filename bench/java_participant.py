@@ -13,7 +13,8 @@ bytes either way. Both keep 20% of the rows for validation (each its own split: 
 Python one is torch's), so both train on the same number of rows.
 
 Settings: the logistic regression and an MLP (one hidden layer of 32), each with
-full-batch training (5 epochs, one step each, as tests/test_java_participant.py uses)
+full-batch training (5 epochs, one step each; tests/test_java_participant.py trains
+full batch too: 20 epochs at lr 1.0 async, 5 at lr 0.5 sync)
 and with mini-batches of 32 (2 epochs, fedq simulate's default). Medians over the
 updates after the first; ratios Java / Python.
 

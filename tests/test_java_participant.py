@@ -157,6 +157,10 @@ def _task(mode: str, task_id: str, **extra: Any) -> tuple[TaskSpec, dict[str, pd
             "declared_samples": {bank: len(shard) for bank, shard in shards.items()},
             # Full batch: every step sees every training row, so Java and Python agree.
             "training": {"epochs": epochs, "batch_size": 4096, "lr": lr},
+            # max_staleness 1000: no update is refused as stale, however the banks' paces
+            # interleave (a refusal would make the Java and Python runs differ); mixing 0.2:
+            # each update moves the model a fifth of the way, so no single bank's rows
+            # dominate the async model.
             "async": {**prep.spec.async_.model_dump(), "max_staleness": 1000, "mixing": 0.2},
             "identity": signed_identity(BANKS, AGGREGATOR).model_dump(),
             **extra,

@@ -89,6 +89,7 @@ public final class Participant {
     private Connection conn;
     private Channel modelChannel;
     private Channel publishChannel;
+    private Channel receiptChannel;
     private final Object statsLock = new Object();
     private List<Tensor> residual;
     private final long started = System.nanoTime();
@@ -224,9 +225,10 @@ public final class Participant {
             Map<String, Object> args = new HashMap<>();
             args.put("x-stream-offset", "last");
             modelChannel.basicConsume(stream, false, args, (tag, d) -> models.add(d), tag -> { });
-            Channel receiptChannel = conn.createChannel();
-            receiptChannel.basicQos(64);
-            receiptChannel.basicConsume(receipts, false, (tag, d) -> onReceipt(receiptChannel, d), tag -> { });
+            Channel rc = conn.createChannel();
+            receiptChannel = rc;
+            rc.basicQos(64);
+            rc.basicConsume(receipts, false, (tag, d) -> onReceipt(rc, d), tag -> { });
             publishChannel = openPublishChannel();
             loop();
             awaitReceipts();
@@ -247,9 +249,10 @@ public final class Participant {
     }
 
     /** Waits up to receiptWaitS until every published update has its receipt. */
-    private void awaitReceipts() {
+    private void awaitReceipts() throws FedqException {
         long until = System.nanoTime() + (long) (cfg.receiptWaitS * 1e9);
         while (permanentRefusal == null && System.nanoTime() < until) {
+            checkOpen();
             synchronized (statsLock) {
                 if (fates.keySet().containsAll(stats.publishedIds)) {
                     return;
@@ -358,17 +361,23 @@ public final class Participant {
         }
     }
 
+    /** Refuses to go on when the connection, the model channel or the receipt channel has closed. */
+    private void checkOpen() throws FedqException {
+        if (!conn.isOpen() || !modelChannel.isOpen() || !receiptChannel.isOpen()) {
+            ShutdownSignalException why = !conn.isOpen() ? conn.getCloseReason()
+                    : !modelChannel.isOpen() ? modelChannel.getCloseReason() : receiptChannel.getCloseReason();
+            throw new FedqException("lost the broker connection (" + (why == null ? "closed" : brokerReason(why))
+                    + "); a restart reads the model stream from its last announcement again");
+        }
+    }
+
     /**
      * Takes every waiting delivery (waiting up to {@code waitS} for the first), keeps the one
      * with the highest x-fedq-version (of equals the later), acks the others, and makes it the
      * model in hand when it decodes, checks and is newer. Returns whether the model changed.
      */
     private boolean settle(double waitS) throws IOException, FedqException {
-        if (!conn.isOpen() || !modelChannel.isOpen()) {
-            ShutdownSignalException why = conn.isOpen() ? modelChannel.getCloseReason() : conn.getCloseReason();
-            throw new FedqException("lost the broker connection (" + (why == null ? "closed" : brokerReason(why))
-                    + "); a restart reads the model stream from its last announcement again");
-        }
+        checkOpen();
         List<Delivery> batch = new ArrayList<>();
         try {
             Delivery first = waitS > 0 ? models.poll((long) (waitS * 1000), TimeUnit.MILLISECONDS) : models.poll();
@@ -712,7 +721,7 @@ public final class Participant {
             try {
                 r = Wire.decodeReceipt(d.getBody());
             } catch (WireException e) {
-                log("receipt does not decode: " + e.getMessage());
+                log("receipt unreadable; ignored: " + e.getMessage());
                 return;
             }
             if (aggregatorKey != null) {
@@ -749,6 +758,9 @@ public final class Participant {
                 log("update " + r.id + " refused " + r.reason + ": " + r.detail);
                 permanentRefusal = r.reason + " (" + r.detail + ")";
             }
+        } catch (RuntimeException e) {
+            // a receipt this client cannot read must not stop the consumer (the channel would close)
+            log("receipt unreadable; ignored (" + e.getClass().getSimpleName() + ")");
         } finally {
             try {
                 ch.basicAck(d.getEnvelope().getDeliveryTag(), false);

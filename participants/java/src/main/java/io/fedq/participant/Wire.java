@@ -15,8 +15,8 @@ import java.util.Set;
 import java.util.TreeMap;
 import java.util.regex.Pattern;
 import org.msgpack.core.MessageBufferPacker;
+import org.msgpack.core.MessageFormat;
 import org.msgpack.core.MessagePack;
-import org.msgpack.core.MessagePackException;
 import org.msgpack.core.MessageUnpacker;
 import org.msgpack.value.Value;
 import org.msgpack.value.ValueType;
@@ -189,13 +189,14 @@ public final class Wire {
         if (body.length > limit) {
             throw new WireException("too_large", body.length + " bytes, the limit is " + limit);
         }
+        checkLengths(body);
         Value v;
         try (MessageUnpacker up = MessagePack.newDefaultUnpacker(body)) {
             v = up.unpackValue();
             if (up.hasNext()) {
                 throw new WireException("malformed", "trailing bytes after the msgpack object");
             }
-        } catch (IOException | MessagePackException e) {
+        } catch (IOException | RuntimeException e) {
             throw new WireException("malformed", "not one msgpack object");
         }
         checkNoExt(v);
@@ -221,6 +222,83 @@ public final class Wire {
             out.put("\u0000bin-key", null);
         }
         return out;
+    }
+
+    /** How deep arrays and maps may nest in a message. */
+    static final int MAX_DEPTH = 64;
+
+    /**
+     * Walks one msgpack object by its headers, before anything is unpacked, and refuses (malformed) a
+     * str, bin or ext longer than the bytes that remain, an array or map with more entries than could
+     * fit in them, nesting deeper than {@link #MAX_DEPTH}, or trailing bytes: msgpack-core allocates
+     * whatever length a header declares.
+     */
+    static void checkLengths(byte[] body) throws WireException {
+        try (MessageUnpacker up = MessagePack.newDefaultUnpacker(body)) {
+            walk(up, body.length, 0);
+            if (up.hasNext()) {
+                throw new WireException("malformed", "trailing bytes after the msgpack object");
+            }
+        } catch (IOException | RuntimeException e) {
+            throw new WireException("malformed", "not one msgpack object");
+        }
+    }
+
+    private static void walk(MessageUnpacker up, long size, int depth) throws IOException, WireException {
+        if (depth > MAX_DEPTH) {
+            throw new WireException("malformed", "arrays or maps nested deeper than " + MAX_DEPTH);
+        }
+        if (!up.hasNext()) {
+            throw new WireException("malformed", "not one msgpack object");
+        }
+        MessageFormat f = up.getNextFormat();
+        switch (f.getValueType()) {
+            case STRING: {
+                int n = up.unpackRawStringHeader();
+                payload(up, size, n);
+                break;
+            }
+            case BINARY: {
+                int n = up.unpackBinaryHeader();
+                payload(up, size, n);
+                break;
+            }
+            case EXTENSION: {
+                int n = up.unpackExtensionTypeHeader().getLength();
+                payload(up, size, n);
+                break;
+            }
+            case ARRAY: {
+                int n = up.unpackArrayHeader();
+                if (n < 0 || n > size - up.getTotalReadBytes()) {
+                    throw new WireException("malformed", "an array declares " + n + " items, more than the message holds");
+                }
+                for (int i = 0; i < n; i++) {
+                    walk(up, size, depth + 1);
+                }
+                break;
+            }
+            case MAP: {
+                int n = up.unpackMapHeader();
+                if (n < 0 || 2L * n > size - up.getTotalReadBytes()) {
+                    throw new WireException("malformed", "a map declares " + n + " entries, more than the message holds");
+                }
+                for (int i = 0; i < 2 * n; i++) {
+                    walk(up, size, depth + 1);
+                }
+                break;
+            }
+            default:
+                up.skipValue();
+        }
+    }
+
+    private static void payload(MessageUnpacker up, long size, int n) throws IOException, WireException {
+        if (n < 0 || n > size - up.getTotalReadBytes()) {
+            throw new WireException("malformed", "a str, bin or ext declares " + Integer.toUnsignedString(n)
+                    + " bytes, more than the message holds");
+        }
+        up.readPayloadAsReference(n);
     }
 
     static void checkNoExt(Value v) throws WireException {
