@@ -23,6 +23,7 @@ import pandas as pd
 import structlog
 import torch
 
+from common.drift import SCORE, over_threshold
 from common.errors import (
     ConfigError,
     DecodeError,
@@ -374,11 +375,12 @@ class ParticipantWorker:
                 self.stats.drift_published += 1
             else:
                 self.stats.evaluations_published += 1
-        drifted = sorted(
-            name
-            for name, d in reports.drift.features.items()
-            if d.psi > self.spec.monitoring.psi_threshold  # type: ignore[union-attr]
-        )
+        monitoring = self.spec.monitoring
+        assert monitoring is not None  # a Monitor exists only then
+        s = reports.drift
+        psis = {name: d.psi for name, d in s.features.items()} | {SCORE: s.score.psi}
+        # The aggregator's own rule (common.drift.over_threshold): score and min_rows too.
+        drifted = over_threshold(psis, monitoring.psi_threshold, s.rows, monitoring.min_rows)
         self.log.info(
             "drift summary published",
             version=model.version,
